@@ -1,0 +1,11 @@
+"""Triton kernels of gpt2-engine. Each family has a launcher and a plain-torch `<name>_ref` twin
+with the same signature; the engine calls kernels only through these names."""
+from kernels.flash_attention import flash_attention, flash_attention_ref
+from kernels.fused_linear import ln_gelu_mlp, ln_gelu_mlp_ref, ln_linear, ln_linear_ref
+from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref, write_kv, write_kv_ref
+
+__all__ = [
+    "flash_attention", "flash_attention_ref",
+    "ln_linear", "ln_linear_ref", "ln_gelu_mlp", "ln_gelu_mlp_ref",
+    "write_kv", "write_kv_ref", "paged_decode_attention", "paged_decode_attention_ref",
+]

@@ -1,0 +1,173 @@
+"""Ahead-of-time GPU compile report for every shipped kernel configuration.
+
+Each kernel module exposes `aot_kernels() -> list[AotKernel]`: the exact configurations its
+launcher can pick (derived from the same heuristic tables the launcher uses). This module
+compiles each one for sm_80 (A100) and sm_90 (H100) with `triton.compile` and a `GPUTarget`
+(no GPU needed) and reads the result with the cuobjdump shipped inside triton's package:
+
+    registers      REG from `cuobjdump -res-usage`
+    spills         STACK + LOCAL bytes (must be 0: a spill means local-memory traffic in the loop)
+    shared memory  dynamic shared memory from the compiled metadata (Triton allocates it all
+                   dynamically), checked against the per-block limit of the target
+    tensor cores   HMMA (mma.sync, sm_80+) / HGMMA (wgmma, sm_90) instructions in the SASS
+
+Run it as `gpt2-engine kernels` or `python -m kernels.compile_report`; it exits non-zero when a
+configuration fails to compile, spills, exceeds shared memory, or lacks the tensor-core
+instructions it is expected to use.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+KERNEL_MODULES = ("kernels.flash_attention", "kernels.fused_linear", "kernels.paged_attention")
+TARGETS = (80, 90)
+# Largest dynamic shared memory one block may opt into: A100 163 KiB, H100 227 KiB.
+MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """One shipped configuration of a @triton.jit kernel, described for an AOT compile.
+
+    signature maps every non-constexpr parameter to its Triton type ("*fp16", "i32", "fp32");
+    constexprs maps every constexpr parameter to its value. `aligned` names the parameters the
+    launcher guarantees divisible by 16 (data pointers from torch allocations, strides of
+    GPT-2-sized tensors), as the JIT would specialise them at launch; it decides whether loads
+    vectorise, so it must describe real launches.
+    """
+
+    label: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+    aligned: tuple[str, ...] = ()
+    tensor_cores: bool = True   # the SASS must hold HMMA/HGMMA
+    wgmma_on_sm90: bool = False  # on sm_90 it must be HGMMA specifically (large-tile GEMM/attention)
+
+
+@dataclass
+class ReportRow:
+    label: str
+    target: str
+    registers: int = 0
+    spill_bytes: int = 0
+    shared_bytes: int = 0
+    tensor_core_ops: str = "-"
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found in triton's package at {path}")
+    return path
+
+
+def compile_kernel(spec: AotKernel, capability: int):
+    """Compile one configuration for sm_<capability>; returns triton's CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    names = list(spec.fn.arg_names)
+    unknown = (set(spec.signature) | set(spec.constexprs)) - set(names)
+    missing = set(names) - set(spec.signature) - set(spec.constexprs)
+    if unknown or missing:
+        raise ValueError(f"{spec.label}: signature/constexprs mismatch: unknown {sorted(unknown)}, missing {sorted(missing)}")
+    signature = {n: ("constexpr" if n in spec.constexprs else spec.signature[n]) for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
+    src = triton.compiler.ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+
+
+def inspect_kernel(spec: AotKernel, capability: int) -> ReportRow:
+    row = ReportRow(spec.label, f"sm_{capability}")
+    try:
+        compiled = compile_kernel(spec, capability)
+    except Exception as exc:  # a compile failure is a report row, not a crash of the report
+        row.problems.append(f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return row
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(\w+):(\d+)", usage.split("Function", 1)[-1]))
+    row.registers = int(fields.get("REG", 0))
+    row.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+    row.shared_bytes = max(int(compiled.metadata.shared), int(fields.get("SHARED", 0)))
+    hgmma = len(re.findall(r"\bHGMMA\.", sass))
+    hmma = len(re.findall(r"\bHMMA\.", sass))
+    row.tensor_core_ops = f"HGMMA x{hgmma}" if hgmma else (f"HMMA x{hmma}" if hmma else "none")
+
+    if row.spill_bytes:
+        row.problems.append(f"{row.spill_bytes} bytes spilled")
+    if row.shared_bytes > MAX_SHARED_BYTES[capability]:
+        row.problems.append(f"shared memory {row.shared_bytes} > {MAX_SHARED_BYTES[capability]}")
+    if spec.tensor_cores and not (hgmma or hmma):
+        row.problems.append("no tensor-core instructions")
+    if spec.tensor_cores and spec.wgmma_on_sm90 and capability >= 90 and not hgmma:
+        row.problems.append("no HGMMA (wgmma) on sm_90")
+    return row
+
+
+def shipped_kernels(modules: tuple[str, ...] = KERNEL_MODULES) -> list[AotKernel]:
+    specs: list[AotKernel] = []
+    for name in modules:
+        specs.extend(importlib.import_module(name).aot_kernels())
+    return specs
+
+
+def build_report(specs: list[AotKernel], targets: tuple[int, ...] = TARGETS) -> list[ReportRow]:
+    return [inspect_kernel(spec, cap) for spec in specs for cap in targets]
+
+
+def format_table(rows: list[ReportRow]) -> str:
+    header = ("kernel", "target", "regs", "spills", "shared B", "tensor cores", "status")
+    body = [
+        (r.label, r.target, str(r.registers), str(r.spill_bytes), str(r.shared_bytes), r.tensor_core_ops,
+         "ok" if r.ok else "FAIL: " + "; ".join(r.problems))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in body)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpt2-engine kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--filter", default="", help="only configurations whose label contains this text")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    args = parser.parse_args(argv)
+    specs = [s for s in shipped_kernels() if args.filter in s.label]
+    rows = build_report(specs)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) | {"ok": r.ok} for r in rows], f, indent=2)
+    failed = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} configurations clean ({len(specs)} configurations x {len(TARGETS)} targets)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Test-wide setup. Without a CUDA GPU, Triton kernels run in Triton's CPU interpreter, which
+must be switched on before triton is first imported."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+assert "triton" not in sys.modules, "triton was imported before conftest could choose the interpreter"
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# The real GPT-2 BPE files live beside every checkout (and in CI) at ../shared/gpt2-tokenizer.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = Path(os.environ.get("GPT2_TOKENIZER_DIR", REPO_ROOT.parent / "shared" / "gpt2-tokenizer"))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def tokenizer_dir():
+    if not (TOKENIZER_DIR / "encoder.json").exists():
+        pytest.fail(f"GPT-2 BPE files not found at {TOKENIZER_DIR} (set GPT2_TOKENIZER_DIR)")
+    return TOKENIZER_DIR
