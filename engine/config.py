@@ -1,0 +1,90 @@
+"""GPT-2 model configuration: a frozen dataclass, the four OpenAI presets, and HF config.json parsing."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+SUPPORTED_ACTIVATIONS = ("gelu_new",)  # GPT-2's tanh-approximated GELU
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
+        if self.activation_function not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"GPT2Config.activation_function must be one of {SUPPORTED_ACTIVATIONS}, got {self.activation_function!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count with the LM head tied to wte (as GPT-2 stores it)."""
+        c, layers = self.n_embd, self.n_layer
+        per_layer = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c)
+        return self.vocab_size * c + self.n_positions * c + layers * per_layer + 2 * c
+
+    @classmethod
+    def preset(cls, name: str) -> "GPT2Config":
+        key = name.removeprefix("openai-community/")
+        if key not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[key]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPT2Config":
+        """Build from an HF GPT-2 config dict (extra HF keys are ignored; n_ctx is a legacy alias)."""
+        model_type = values.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"config model_type must be 'gpt2', got {model_type!r}")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known and v is not None}
+        if "n_positions" not in kwargs and "n_ctx" in values:
+            kwargs["n_positions"] = values["n_ctx"]
+        if isinstance(kwargs.get("eos_token_id"), list):  # HF allows a list; the model-level default is its first
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "GPT2Config":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(values)
+
+    def to_hf_dict(self) -> dict:
+        """The fields transformers' GPT2Config takes (used to build a reference HF model)."""
+        return asdict(self) | {"model_type": "gpt2", "n_ctx": self.n_positions}
+
+
+PRESETS = {
+    "gpt2": GPT2Config(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+}
