@@ -1,0 +1,102 @@
+"""engine.sampling against transformers' logits processors, plus statistical checks of the draw."""
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import (
+    MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper,
+)
+
+from engine.sampling import SamplingParams, make_generator, sample_next_tokens
+
+
+@dataclass
+class State:
+    params: SamplingParams
+    token_ids: list
+    num_generated: int = 0
+    generator: torch.Generator | None = None
+
+
+def _states(params, histories, index_offset=0):
+    return [State(params, h, generator=make_generator(params, i + index_offset, "cpu")) for i, h in enumerate(histories)]
+
+
+def test_greedy_is_argmax_after_repetition_penalty_like_transformers():
+    logits = torch.randn(4, 50)
+    histories = [torch.randint(0, 50, (9,)).tolist() for _ in range(4)]
+    params = SamplingParams(repetition_penalty=1.7, output_scores=True)
+    tokens, scores = sample_next_tokens(logits, _states(params, histories))
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor(histories), logits.clone())
+    torch.testing.assert_close(scores, expected)
+    assert torch.equal(tokens, expected.argmax(-1))
+
+
+def test_min_new_tokens_masks_every_eos_until_reached():
+    logits = torch.zeros(2, 10)
+    logits[:, 3] = 10.0  # eos would win
+    params = SamplingParams(min_new_tokens=2, eos_token_ids=(3, 5), output_scores=True)
+    states = _states(params, [[1, 2], [1, 2]])
+    states[1].num_generated = 2
+    tokens, scores = sample_next_tokens(logits, states)
+    hf = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=2, min_new_tokens=2, eos_token_id=[3, 5])
+    torch.testing.assert_close(scores[0], hf(torch.tensor([[1, 2]]), logits[:1].clone())[0])
+    assert tokens[0] != 3 and tokens[1] == 3
+    assert scores[0, 5] == float("-inf") and scores[1, 5] == 0
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.8), (1.3, 7, 0.6)])
+def test_warpers_match_transformers(temperature, top_k, top_p):
+    logits = torch.randn(3, 40) * 3
+    params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, output_scores=True, seed=1)
+    _, scores = sample_next_tokens(logits, _states(params, [[0]] * 3))
+    expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    torch.testing.assert_close(scores, expected)
+
+
+def test_top_k_1_sampling_equals_greedy():
+    logits = torch.randn(6, 300)
+    sampled, _ = sample_next_tokens(logits, _states(SamplingParams(do_sample=True, top_k=1, seed=3), [[0]] * 6))
+    assert torch.equal(sampled, logits.argmax(-1))
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    logits = torch.randn(1, 1000)
+    params = SamplingParams(do_sample=True, seed=1234)
+    alone = [sample_next_tokens(logits, _states(params, [[0]]))[0].item() for _ in range(3)]
+    # The same sequence (index 0) in a batch with other rows in front of and behind it.
+    batch_logits = torch.cat([torch.randn(2, 1000), logits, torch.randn(1, 1000)])
+    other = SamplingParams(do_sample=True, seed=99)
+    states = _states(other, [[0], [0]]) + _states(params, [[0]]) + _states(other, [[0]], index_offset=2)
+    in_batch = sample_next_tokens(batch_logits, states)[0][2].item()
+    assert alone[0] == alone[1] == alone[2] == in_batch
+    draws = {sample_next_tokens(logits, _states(SamplingParams(do_sample=True, seed=s), [[0]]))[0].item() for s in range(20)}
+    assert len(draws) > 5  # different seeds explore the distribution
+
+
+def test_sampled_frequencies_match_softmax_chi_square():
+    probs = torch.tensor([0.05, 0.1, 0.2, 0.25, 0.4])
+    logits = probs.log()[None]
+    draws = 20_000
+    state = _states(SamplingParams(do_sample=True, seed=7), [[0]])
+    counts = torch.zeros(5)
+    for _ in range(draws):
+        counts[sample_next_tokens(logits, state)[0].item()] += 1
+    expected = probs * draws
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < 18.47, (chi_square, counts)  # 99.9% quantile of chi-square with 4 degrees of freedom
+
+
+@pytest.mark.parametrize("bad", [
+    dict(max_new_tokens=0), dict(min_new_tokens=-1), dict(temperature=0.0), dict(top_k=-2),
+    dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0.0),
+])
+def test_invalid_parameters_raise_naming_the_field(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**bad)
