@@ -54,10 +54,19 @@ class GPT2Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPT2Config":
-        """Build from an HF GPT-2 config dict (extra HF keys are ignored; n_ctx is a legacy alias)."""
+        """Build from an HF GPT-2 config dict (n_ctx is a legacy alias). HF options this engine does not
+        implement raise when set to a value that changes the math; other HF keys are ignored."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a GPT-2 config must be a JSON object, got {type(values).__name__}")
         model_type = values.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ValueError(f"config model_type must be 'gpt2', got {model_type!r}")
+        for option, neutral in UNSUPPORTED_HF_OPTIONS.items():
+            if values.get(option, neutral) != neutral:
+                raise ValueError(f"config option {option}={values[option]!r} is not supported by gpt2-engine (only {neutral!r})")
+        n_inner = values.get("n_inner")
+        if n_inner is not None and n_inner != 4 * values.get("n_embd", 768):
+            raise ValueError(f"config option n_inner={n_inner} is not supported (the MLP width must be 4 * n_embd)")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known and v is not None}
         if "n_positions" not in kwargs and "n_ctx" in values:
@@ -81,6 +90,9 @@ class GPT2Config:
         """The fields transformers' GPT2Config takes (used to build a reference HF model)."""
         return asdict(self) | {"model_type": "gpt2", "n_ctx": self.n_positions}
 
+
+# HF GPT-2 options that change the computation, with the only value this engine implements.
+UNSUPPORTED_HF_OPTIONS = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
 
 PRESETS = {
     "gpt2": GPT2Config(n_embd=768, n_layer=12, n_head=12),
