@@ -1,26 +1,359 @@
 """Paged KV cache: KV write and split-K paged decode attention.
 
-(Triton kernels and launchers: in progress.) The references below fix the contract.
+Cache layout: k_cache, v_cache `[num_blocks, block_size, H, D]` (last dim contiguous, the
+(block, offset) dims collapsible so that token slot s = block * block_size + offset lives at
+s * stride(1)); block_tables int32 `[B, max_blocks]` lists each sequence's blocks in order;
+context_lens int32 `[B]` counts its cached tokens (>= 1, including the current one, whose K/V
+are already written). Entries of a table row past the sequence's last used block may hold
+anything (-1, stale ids): the kernel never reads them.
 
-Cache layout: k_cache, v_cache `[num_blocks, block_size, H, D]`; token slot s lives at
-block s // block_size, offset s % block_size. block_tables int32 `[B, max_blocks]` lists each
-sequence's blocks in order; context_lens int32 `[B]` counts its cached tokens (>= 1, including
-the current one, whose K/V are already written).
+write_kv: one program per token copies its `[H, D]` K and V rows (16-byte vectors along D) to
+cache slot slot_mapping[t]; a negative slot (padding) is skipped.
+
+paged_decode_attention (flash-decoding): one query token per sequence. Grid (B, H, S): program
+(b, h, s) owns head h of sequence b and split s of its context. The context is cut into tiles of
+BLOCK_N tokens (a multiple of block_size, so every tile is whole cache blocks: the tile's block
+ids are read from the table and its K/V rows gathered, 16 bytes per load along D) and the
+sequence's n_tiles = cdiv(context_len, BLOCK_N) tiles are dealt to the S splits in contiguous
+runs of cdiv(n_tiles, S). Each program streams its run with an online softmax in fp32, base 2
+(q is prescaled by sm_scale * log2(e), so p = exp2(s - m)):
+
+    m' = max(m, max_j s_j);  l' = l * 2^(m - m') + sum_j 2^(s_j - m');  a' = a * 2^(m - m') + sum_j 2^(s_j - m') v_j
+
+Each of the tile's BLOCK_N rows keeps its own (m, l, a) over the tokens it sees (no cross-warp
+reduction inside the loop); the rows' states are combined once after the loop with the merge
+below. With S == 1 the program writes a / l straight to the output (one launch). With S > 1 it writes
+its partial (m_s, l_s, a_s) to fp32 workspaces and a merge kernel, one program per (b, h),
+combines them:
+
+    M = max_s m_s;  w_s = 2^(m_s - M);  out = (sum_s w_s a_s) / (sum_s w_s l_s)
+
+A split whose run is empty (a short sequence batched with long ones) leaves m = -inf, l = 0,
+a = 0, so w_s = 0 and it drops out; split 0 always holds tile 0, so M is finite and L > 0.
+
+The split count: the heuristic aims batch * heads * splits at ~4 waves of the GPU's SMs, bounded
+by the context's tile count (from block_tables' width: no host sync) and MAX_SPLITS.
+Context lengths, split counts and table widths are runtime values: nothing recompiles per length.
+
+Limits: head_dim and block_size powers of two; fp32/fp16/bf16 with q, caches and k/v of one
+dtype; values of context_lens are checked for host tensors only (on a GPU that would be a sync per call).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 32          # the merge kernel's fixed split capacity (BLOCK_S)
+MIN_BLOCK_N = 64         # tokens per K/V tile: 64 x 64 fp16 = 8 KiB of K and 8 KiB of V per step
+WAVES = 4                # split heuristic target: batch * heads * splits ~ WAVES * SMs
+# 8 warps over a 64-token tile: 2 rows of K and V per thread (16-byte loads), ~64 registers,
+# so 4 programs (32 warps) fit on an SM and keep enough K/V bytes in flight.
+DECODE_WARPS = 8
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_cs, stride_ch,
+    num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # padding token: nothing to write
+        return
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HEAD_DIM)
+    # Rows are masked per head only (constant along D), so the copies stay 16-byte vectors.
+    mask = (h < num_heads)[:, None]                                                   # [BLOCK_H, 1]
+    src_k = k_ptr + t.to(tl.int64) * stride_kt + h[:, None] * stride_kh + d[None, :]  # [BLOCK_H, HEAD_DIM]
+    src_v = v_ptr + t.to(tl.int64) * stride_vt + h[:, None] * stride_vh + d[None, :]
+    dst = slot * stride_cs + h[:, None] * stride_ch + d[None, :]                      # [BLOCK_H, HEAD_DIM]
+    tl.store(k_cache_ptr + dst, tl.load(src_k, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst, tl.load(src_v, mask=mask), mask=mask)
+
+
+@triton.jit
+def _combine_softmax_states(m, l, acc):
+    """Merge online-softmax states along axis 0 (log2 domain): m, l `[N]`, acc `[N, HEAD_DIM]` ->
+    M = max m, L = sum 2^(m - M) l, A = sum 2^(m - M) acc; a state with m = -inf (or the -1e30
+    sentinel below a finite M) gets weight 0."""
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max)                                                             # [N]
+    return m_max, tl.sum(w * l, axis=0), tl.sum(w[:, None] * acc, axis=0)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    stride_qb, stride_qh,
+    stride_cs, stride_ch,
+    stride_tb,
+    stride_ob, stride_oh,
+    qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    num_heads = tl.num_programs(1)
+    num_splits = tl.num_programs(2)
+
+    context_len = tl.load(context_lens_ptr + b)
+    n_tiles = tl.cdiv(context_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, num_splits)
+    tile_lo = s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)   # tile_lo >= tile_hi: empty split
+
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * qk_scale    # [HEAD_DIM], log2 domain
+    table_row = block_tables_ptr + b.to(tl.int64) * stride_tb
+    last_block = (context_len - 1) // BLOCK_SIZE
+    head_off = h * stride_ch + d[None, :]                                              # [1, HEAD_DIM]
+
+    # Row r of the tile runs its own online softmax over tokens r, r + BLOCK_N, ...: the loop
+    # needs no cross-warp reduction (no barrier); the BLOCK_N states are merged once at the end.
+    # -1e30 (not -inf) starts the max so that a row seeing only masked tokens keeps
+    # 2^(m - m') = 1 instead of 2^(-inf + inf) = NaN; it weighs 0 against any real score.
+    m_i = tl.full([BLOCK_N], -1e30, dtype=tl.float32)                                  # [BLOCK_N]
+    l_i = tl.zeros([BLOCK_N], dtype=tl.float32)                                        # [BLOCK_N]
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)                              # [BLOCK_N, HEAD_DIM]
+    # Block ids of the first tile. Table indices are clamped to the sequence's last used block,
+    # so every load is unmasked and in bounds: rows past context_len re-read real cache rows
+    # (L1/L2 hits) and are masked out of the softmax; entries past the last used block are
+    # never read. Each row reads its block's id (rows of one block share the address).
+    n = tile_lo * BLOCK_N + tl.arange(0, BLOCK_N)                                      # [BLOCK_N] token positions
+    block = tl.load(table_row + tl.minimum(n // BLOCK_SIZE, last_block))               # [BLOCK_N]
+    for tile in range(tile_lo, tile_hi):
+        slot = block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE                        # [BLOCK_N]
+        kv_off = slot[:, None] * stride_cs + head_off                                  # [BLOCK_N, HEAD_DIM]
+        k = tl.load(k_cache_ptr + kv_off)                                              # [BLOCK_N, HEAD_DIM]
+        v = tl.load(v_cache_ptr + kv_off)                                              # [BLOCK_N, HEAD_DIM]
+        valid = n < context_len
+        # Prefetch the next tile's block ids while this tile's K/V are in flight.
+        n += BLOCK_N
+        block = tl.load(table_row + tl.minimum(n // BLOCK_SIZE, last_block))
+
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)                         # [BLOCK_N]
+        scores = tl.where(valid, scores, -float("inf"))
+        m_new = tl.maximum(m_i, scores)                                                # [BLOCK_N]
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)                                                    # [BLOCK_N], 0 where masked
+        l_i = l_i * alpha + p
+        # where(): a row past context_len may hold stale or NaN V, and 0 * NaN = NaN.
+        pv = tl.where(valid[:, None], p[:, None] * v.to(tl.float32), 0.0)              # [BLOCK_N, HEAD_DIM]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    m, l, a = _combine_softmax_states(m_i, l_i, acc)                                   # scalar, scalar, [HEAD_DIM]
+    if SPLIT:
+        # Unnormalised partial of split s at workspace row (b, h, s); an empty split writes the
+        # neutral state (m = -inf, l = 0, a = 0).
+        row = (b * num_heads + h) * num_splits + s
+        tl.store(part_acc_ptr + row.to(tl.int64) * HEAD_DIM + d, a)
+        tl.store(part_max_ptr + row, tl.where(l > 0, m, -float("inf")))
+        tl.store(part_sum_ptr + row, l)
+    else:
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (a / l).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _split_merge_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr,
+    stride_ob, stride_oh,
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    has = s < num_splits
+    row = (b * num_heads + h) * num_splits + s                                         # [BLOCK_S]
+    m = tl.load(part_max_ptr + row, mask=has, other=-float("inf"))                     # [BLOCK_S]
+    l = tl.load(part_sum_ptr + row, mask=has, other=0.0)                               # [BLOCK_S]
+    a = tl.load(part_acc_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
+                mask=has[:, None], other=0.0)                                          # [BLOCK_S, HEAD_DIM]
+    # Split 0 is never empty, so M is finite and L > 0.
+    _, l_sum, a_sum = _combine_softmax_states(m, l, a)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (a_sum / l_sum).to(out_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _check_float(name, t, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} (all of q/k/v and the caches share one dtype)")
+
+
+def _check_caches(k_cache, v_cache):
+    _check_float("k_cache", k_cache)
+    _check_float("v_cache", v_cache, k_cache.dtype)
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, H, D], got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError(f"v_cache (shape {tuple(v_cache.shape)}, strides {v_cache.stride()}) must match k_cache "
+                         f"(shape {tuple(k_cache.shape)}, strides {k_cache.stride()})")
+    if v_cache.device != k_cache.device:
+        raise ValueError(f"v_cache is on {v_cache.device}, k_cache on {k_cache.device}")
+    _, block_size, _, head_dim = k_cache.shape
+    if k_cache.stride(3) != 1 or k_cache.stride(0) != block_size * k_cache.stride(1):
+        raise ValueError(f"k_cache/v_cache need a contiguous last dim and collapsible (block, offset) dims, "
+                         f"got strides {k_cache.stride()}")
+    for name, value in (("block_size", block_size), ("head_dim", head_dim)):
+        if value & (value - 1):
+            raise ValueError(f"k_cache {name} must be a power of two, got {value}")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    raise NotImplementedError("Triton write_kv launcher: in progress")
+    """Scatter k, v `[T, H, D]` into the caches at slot_mapping `[T]`; negative slots are skipped."""
+    _check_caches(k_cache, v_cache)
+    _, _, num_heads, head_dim = k_cache.shape
+    for name, t in (("k", k), ("v", v)):
+        _check_float(name, t, k_cache.dtype)
+        if t.dim() != 3 or tuple(t.shape[1:]) != (num_heads, head_dim):
+            raise ValueError(f"{name} must be [T, {num_heads}, {head_dim}] to match the cache, got {tuple(t.shape)}")
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} is on {t.device}, the cache on {k_cache.device}")
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"k has {k.shape[0]} tokens, v has {v.shape[0]}")
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_mapping must be an int32 or int64 tensor, got "
+                        f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must be [T] = [{k.shape[0]}], got {tuple(slot_mapping.shape)}")
+    if slot_mapping.device != k_cache.device:
+        raise ValueError(f"slot_mapping is on {slot_mapping.device}, the cache on {k_cache.device}")
+    if k.shape[0] == 0:
+        return
+    k, v, slot_mapping = _last_dim_contiguous(k), _last_dim_contiguous(v), slot_mapping.contiguous()
+    _write_kv_kernel[(k.shape[0],)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1),
+        k_cache.stride(1), k_cache.stride(2),
+        num_heads,
+        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_heads),
+        num_warps=4,
+    )
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None):
-    raise NotImplementedError("Triton paged_decode_attention launcher: in progress")
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the H100 this is tuned for (interpreter runs)
 
+
+def _block_n(block_size: int) -> int:
+    return max(MIN_BLOCK_N, block_size)
+
+
+def choose_num_splits(batch: int, num_heads: int, max_context: int, block_size: int, num_sms: int = 132) -> int:
+    """Splits so that batch * heads * splits ~ WAVES * num_sms programs, at most one per tile of
+    the longest possible context and at most MAX_SPLITS; 1 when the batch already fills the GPU."""
+    programs = batch * num_heads
+    max_tiles = max(1, -(-max_context // _block_n(block_size)))
+    return max(1, min(-(-WAVES * num_sms // programs), max_tiles, MAX_SPLITS))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None, out=None):
+    """softmax(q K^T * sm_scale) V for one query per sequence over its paged K/V; q `[B, H, D]`.
+    `out` (optional, `[B, H, D]` in q's dtype, last dim contiguous) receives the result."""
+    _check_caches(k_cache, v_cache)
+    _check_float("q", q, k_cache.dtype)
+    _, block_size, num_heads, head_dim = k_cache.shape
+    if q.dim() != 3 or tuple(q.shape[1:]) != (num_heads, head_dim):
+        raise ValueError(f"q must be [B, {num_heads}, {head_dim}] to match the cache, got {tuple(q.shape)}")
+    if q.device != k_cache.device:
+        raise ValueError(f"q is on {q.device}, the cache on {k_cache.device}")
+    batch = q.shape[0]
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype != torch.int32:
+        raise TypeError(f"block_tables must be an int32 tensor, got {getattr(block_tables, 'dtype', type(block_tables).__name__)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.shape[1] < 1:
+        raise ValueError(f"block_tables must be [B={batch}, max_blocks >= 1], got {tuple(block_tables.shape)}")
+    if not isinstance(context_lens, torch.Tensor) or context_lens.dtype != torch.int32:
+        raise TypeError(f"context_lens must be an int32 tensor, got {getattr(context_lens, 'dtype', type(context_lens).__name__)}")
+    if context_lens.shape != (batch,):
+        raise ValueError(f"context_lens must be [B] = [{batch}], got {tuple(context_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    max_context = block_tables.shape[1] * block_size
+    # Value checks read the tensor: free for host tensors, a device sync for CUDA ones, so on a GPU
+    # the range of context_lens is a precondition the runtime's block manager guarantees.
+    if batch and not context_lens.is_cuda:
+        if bool(((context_lens < 1) | (context_lens > max_context)).any()):
+            raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {max_context}], got "
+                             f"min {int(context_lens.min())}, max {int(context_lens.max())}")
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_heads, max_context, block_size, _num_sms(q.device))
+    elif not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last dim, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
+    if batch == 0:
+        return out
+
+    q = _last_dim_contiguous(q)
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    split = num_splits > 1
+    if split:
+        part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_max = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_acc = part_max = part_sum = out  # unused: SPLIT=False writes out directly
+    _paged_decode_kernel[(batch, num_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_acc, part_max, part_sum,
+        q.stride(0), q.stride(1),
+        k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        scale * LOG2E,
+        BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size), HEAD_DIM=head_dim, SPLIT=split,
+        num_warps=DECODE_WARPS,
+    )
+    if split:
+        _split_merge_kernel[(batch, num_heads)](
+            part_acc, part_max, part_sum, out,
+            out.stride(0), out.stride(1),
+            num_splits,
+            HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS,
+            num_warps=4,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# References (the contract; the CPU "torch" backend runs these)
+# ---------------------------------------------------------------------------------------------
 
 def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     """Scatter k, v `[T, H, D]` into the caches at slot_mapping `[T]`; negative slots are skipped."""
@@ -36,14 +369,71 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     block_size = k_cache.shape[1]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     num_used_blocks = -(-int(context_lens.max()) // block_size)
-    tables = block_tables[:, :num_used_blocks].clamp(min=0).long()          # [B, nb] (unused entries may be -1)
+    # Entries past a sequence's last block may be garbage (-1, stale ids): clamp them in range;
+    # the rows they fetch are masked below.
+    tables = block_tables[:, :num_used_blocks].clamp(0, k_cache.shape[0] - 1).long()   # [B, nb]
     keys = k_cache[tables].flatten(1, 2)                                     # [B, nb*bs, H, D]
     values = v_cache[tables].flatten(1, 2)
-    scores = torch.einsum("bhd,bthd->bht", q, keys) * scale                  # [B, H, nb*bs]
     positions = torch.arange(keys.shape[1], device=q.device)
-    scores = scores.masked_fill(positions[None, None, :] >= context_lens[:, None, None], float("-inf"))
+    invalid = positions[None, :] >= context_lens[:, None]                    # [B, nb*bs]
+    # Rows past context_len may hold anything (NaN in uninitialised memory): 0 * NaN = NaN.
+    values = values.masked_fill(invalid[:, :, None, None], 0)
+    scores = torch.einsum("bhd,bthd->bht", q, keys) * scale                  # [B, H, nb*bs]
+    scores = scores.masked_fill(invalid[:, None, :], float("-inf"))
     return torch.einsum("bht,bthd->bhd", scores.softmax(-1), values)
 
 
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time configurations
+# ---------------------------------------------------------------------------------------------
+
 def aot_kernels():
-    return []
+    """Every configuration the launchers pick for GPT-2 models: head_dim 64, the engine's
+    block_size 16, fp16/bf16/fp32; write_kv at BLOCK_H 16 (12 or 16 heads) and 32 (20 or 25)."""
+    from kernels.compile_report import AotKernel
+
+    specs = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        ptr = f"*{dtype}"
+        for block_h in (16, 32):
+            specs.append(AotKernel(
+                label=f"paged_write_kv_{dtype}_h{block_h}_d64",
+                fn=_write_kv_kernel,
+                signature={"k_ptr": ptr, "v_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "slot_ptr": "*i32",
+                           "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32",
+                           "stride_cs": "i32", "stride_ch": "i32", "num_heads": "i32"},
+                constexprs={"HEAD_DIM": 64, "BLOCK_H": block_h},
+                num_warps=4, num_stages=1,
+                aligned=("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr", "slot_ptr",
+                         "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cs", "stride_ch"),
+                tensor_cores=False,
+            ))
+        for split in (False, True):
+            specs.append(AotKernel(
+                label=f"paged_decode_{dtype}_bs16_d64_{'split' if split else 'nosplit'}",
+                fn=_paged_decode_kernel,
+                signature={"q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "block_tables_ptr": "*i32",
+                           "context_lens_ptr": "*i32", "out_ptr": ptr,
+                           "part_acc_ptr": "*fp32" if split else ptr, "part_max_ptr": "*fp32" if split else ptr,
+                           "part_sum_ptr": "*fp32" if split else ptr,
+                           "stride_qb": "i32", "stride_qh": "i32", "stride_cs": "i32", "stride_ch": "i32",
+                           "stride_tb": "i32", "stride_ob": "i32", "stride_oh": "i32", "qk_scale": "fp32"},
+                constexprs={"BLOCK_SIZE": 16, "BLOCK_N": _block_n(16), "HEAD_DIM": 64, "SPLIT": split},
+                num_warps=DECODE_WARPS, num_stages=1,
+                # block_tables' row stride (max_blocks) is arbitrary: not aligned.
+                aligned=("q_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "context_lens_ptr", "out_ptr",
+                         "part_acc_ptr", "part_max_ptr", "part_sum_ptr",
+                         "stride_qb", "stride_qh", "stride_cs", "stride_ch", "stride_ob", "stride_oh"),
+                tensor_cores=False,
+            ))
+        specs.append(AotKernel(
+            label=f"paged_split_merge_{dtype}_d64",
+            fn=_split_merge_kernel,
+            signature={"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": ptr,
+                       "stride_ob": "i32", "stride_oh": "i32", "num_splits": "i32"},
+            constexprs={"HEAD_DIM": 64, "BLOCK_S": MAX_SPLITS},
+            num_warps=4, num_stages=1,
+            aligned=("part_acc_ptr", "part_max_ptr", "part_sum_ptr", "out_ptr", "stride_ob", "stride_oh"),
+            tensor_cores=False,
+        ))
+    return specs
