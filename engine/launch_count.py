@@ -1,0 +1,119 @@
+"""Kernel launches in one decode step of the triton backend, counted on any machine.
+
+Triton launches are counted at `run` of triton's JITFunction (GPU) and InterpretedFunction
+(TRITON_INTERPRET=1), the entry point of `kernel[grid](...)`. Torch ops that would launch a kernel on
+a GPU are counted with a TorchDispatchMode: every aten op except views and allocations, outside the
+Triton launches (the interpreter's own host copies are not launches). `.item()`-style reads
+(_local_scalar_dense) are host syncs, reported apart. Measured at n_layer = 1 and 2, the difference
+is the per-layer count and the rest the fixed count: total(L) = fixed + L * per_layer.
+
+    python -m engine.launch_count      (set TRITON_INTERPRET=1 on a machine without a GPU)
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine.config import GPT2Config
+from engine.llm_engine import LLMEngine
+from engine.model import PagedGPT2
+from engine.sampling import SamplingParams
+from engine.weights import random_state_dict
+
+_aten = torch.ops.aten
+NOT_LAUNCHES = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.empty_like.default,
+                _aten.lift_fresh.default, _aten.detach.default, _aten.alias.default, _aten._unsafe_view.default}
+
+
+@dataclass(frozen=True)
+class LaunchCount:
+    triton: Counter      # kernel name -> launches
+    torch: Counter       # aten op -> calls
+    host_syncs: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.triton.values()) + sum(self.torch.values())
+
+
+class _TorchOpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs, self.paused = Counter(), 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            if func is _aten._local_scalar_dense.default:
+                self.syncs += 1
+            elif not func.is_view and func not in NOT_LAUNCHES:
+                self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Counts the launches made inside the block; yields a callable giving the LaunchCount."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    triton_counts, counter = Counter(), _TorchOpCounter()
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def counting(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                triton_counts[self.fn.__name__ if hasattr(self, "fn") else str(self)] += 1
+            paused, counter.paused = counter.paused, True
+            try:
+                return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                counter.paused = paused
+        return run
+
+    for cls, original in originals.items():
+        cls.run = counting(original)
+    try:
+        with counter:
+            yield lambda: LaunchCount(Counter(triton_counts), Counter(counter.ops), counter.syncs)
+    finally:
+        for cls, original in originals.items():
+            cls.run = original
+
+
+def count_decode_step(config: GPT2Config, *, batch_size: int = 2, prompt_len: int = 5, backend: str = "triton",
+                      device: str = "cpu", dtype: torch.dtype = torch.float32) -> LaunchCount:
+    """Launches of the model forward of one decode step (batch_size sequences, after their prefill)."""
+    model = PagedGPT2(config, random_state_dict(config), backend=backend, device=device, dtype=dtype)
+    engine = LLMEngine(model, num_blocks=batch_size * (-(-config.n_positions // 16)), use_cuda_graphs=False)
+    for i in range(batch_size):
+        engine.add_request([(7 * i + j) % config.vocab_size for j in range(prompt_len + i)], SamplingParams(max_new_tokens=4))
+    engine.step()                                                     # prefill
+    batch, copies = engine.scheduler.schedule()
+    assert copies == [] and all(n == 1 for n in batch.num_tokens)
+    step, _ = engine.prepare_step(batch)
+    with count_launches() as result:
+        model.forward(step, engine.kv_cache)
+    return result()
+
+
+def per_layer_report(config: GPT2Config, **kwargs) -> str:
+    one, two = (count_decode_step(GPT2Config(**{**config.__dict__, "n_layer": n}), **kwargs) for n in (1, 2))
+    lines = []
+    for name, a, b in (("triton", one.triton, two.triton), ("torch", one.torch, two.torch)):
+        per_layer = sum(b.values()) - sum(a.values())
+        fixed = sum(a.values()) - per_layer
+        lines.append(f"{name}: {per_layer} per layer + {fixed} fixed   (n_layer=2: {dict(b)})")
+    total_per_layer = two.total - one.total
+    fixed = one.total - total_per_layer
+    lines.append(f"host syncs: n_layer=1 {one.host_syncs}, n_layer=2 {two.host_syncs}")
+    lines.append(f"all launches: {total_per_layer} per layer + {fixed} fixed -> GPT-2 small (12 layers): "
+                 f"{12 * total_per_layer + fixed} (target <= 5 per layer + 3 = 63)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(per_layer_report(GPT2Config(vocab_size=211, n_positions=64, n_embd=64, n_layer=1, n_head=4)))

@@ -1,0 +1,186 @@
+"""GPT-2 forward over a packed step on the paged KV cache, through the kernel launchers.
+
+A step packs T tokens: first the prefill tokens (whole prompts or chunks of them) of some
+sequences, then one decode token of each of the others. Per layer:
+
+    qkv = ln_linear(x; ln_1, attn.c_attn)            [T, 3C]; q, k, v are strided views [T, H, D]
+    write_kv(k, v -> the layer's K/V pools at slot_mapping)
+    a   = flash_attention(prefill rows) ++ paged_decode_attention(decode rows)       [T, H, D]
+    x   = ln_linear(a; attn.c_proj) + x
+    x   = ln_gelu_mlp(x; ln_2, mlp.c_fc, mlp.c_proj)   (adds x)
+
+then ln_f and the LM head (wte^T) on the rows whose logits are needed, returned in fp32. backend
+"triton" runs the kernels' launchers, "torch" their `_ref` twins (one ops table, no per-call switch).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from engine.config import GPT2Config
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    ln_linear: Callable
+    ln_gelu_mlp: Callable
+    write_kv: Callable
+    flash_attention: Callable
+    paged_decode_attention: Callable
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "KernelOps":
+        suffixes = {"triton": "", "torch": "_ref"}
+        if backend not in suffixes:
+            raise ValueError(f"backend must be one of {sorted(suffixes)}, got {backend!r}")
+        return cls(**{f.name: getattr(kernels, f.name + suffixes[backend]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Affine:            # a LayerNorm's or a Conv1D's parameters; Conv1D weight is [in, out]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Attention:
+    c_attn: Affine
+    c_proj: Affine
+
+
+@dataclass(frozen=True)
+class MLP:
+    c_fc: Affine
+    c_proj: Affine
+
+
+@dataclass(frozen=True)
+class Block:
+    ln_1: Affine
+    attn: Attention
+    ln_2: Affine
+    mlp: MLP
+
+
+@dataclass
+class StepInputs:
+    """Device tensors of one packed step (built once per step on the host, moved in one go).
+
+    Prefill rows are 0 .. num_prefill_tokens-1, decode rows the rest."""
+    embed_indices: torch.Tensor             # int64 [2T]: (token id, vocab_size + position) per token
+    embed_offsets: torch.Tensor             # int64 [T]: 0, 2, 4, ... (embedding_bag sums each pair)
+    num_prefill_tokens: int
+    slot_mapping: torch.Tensor | None = None    # int64 [T]; None = no cache (write_kv skipped)
+    cu_seqlens_q: torch.Tensor | None = None    # int32 [P+1] prefill sequences' query rows
+    cu_seqlens_k: torch.Tensor | None = None    # int32 [P+1] their keys (cached prefix + chunk), when
+    key_slots: torch.Tensor | None = None       # int64 [sum Lk]  some chunk has a cached prefix
+    block_tables: torch.Tensor | None = None    # int32 [Bd, max_blocks] decode rows
+    context_lens: torch.Tensor | None = None    # int32 [Bd]
+    logits_indices: torch.Tensor | None = None  # int64 [N]; None = every row
+    num_splits: int | None = None               # paged attention split count (fixed for CUDA graphs)
+
+
+class PagedGPT2:
+    def __init__(self, config: GPT2Config, state_dict: dict[str, torch.Tensor], *, backend: str = "torch",
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.config, self.backend = config, backend
+        self.device, self.dtype = torch.device(device), dtype
+        self.ops = KernelOps.for_backend(backend)
+
+        def param(name: str) -> torch.Tensor:
+            if name not in state_dict:
+                raise ValueError(f"state dict has no {name!r}")
+            return state_dict[name].to(device=self.device, dtype=dtype).contiguous()
+
+        def affine(prefix: str) -> Affine:
+            return Affine(param(prefix + ".weight"), param(prefix + ".bias"))
+
+        # wte and wpe stacked in one table so that one embedding_bag computes wte[id] + wpe[pos].
+        self.embedding = torch.cat([param("wte.weight"), param("wpe.weight")])      # [V + n_positions, C]
+        self.h = [Block(affine(f"h.{i}.ln_1"), Attention(affine(f"h.{i}.attn.c_attn"), affine(f"h.{i}.attn.c_proj")),
+                        affine(f"h.{i}.ln_2"), MLP(affine(f"h.{i}.mlp.c_fc"), affine(f"h.{i}.mlp.c_proj")))
+                  for i in range(config.n_layer)]
+        self.ln_f = affine("ln_f")
+        # LM head as a [C, V] Conv1D-layout weight. On CPU a contiguous transposed copy: x @ W with
+        # W [in, out] streams about 2x faster than F.linear there. On GPU a view of the tied wte
+        # (no second copy of the largest matrix; the GEMM reads W column-major, which tl.dot handles).
+        head = param("lm_head.weight") if "lm_head.weight" in state_dict else self.embedding[:config.vocab_size]
+        self.lm_head = head.t().contiguous() if self.device.type == "cpu" else head.t()
+
+    @torch.no_grad()
+    def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:
+        """fp32 logits [N, V] for the rows in step.logits_indices (all rows when None)."""
+        ops, cfg = self.ops, self.config
+        x = F.embedding_bag(step.embed_indices, self.embedding, step.embed_offsets, mode="sum")   # [T, C]
+        num_tokens = x.shape[0]
+        for i, blk in enumerate(self.h):
+            qkv = ops.ln_linear(x, blk.ln_1.weight, blk.ln_1.bias, blk.attn.c_attn.weight, blk.attn.c_attn.bias,
+                                eps=cfg.layer_norm_epsilon)
+            # [T, 3C] -> three strided [T, H, D] views (row stride 3C), no copies
+            q, k, v = qkv.view(num_tokens, 3, cfg.n_head, cfg.head_dim).unbind(1)
+            k_cache, v_cache = (kv_cache[i, 0], kv_cache[i, 1]) if kv_cache is not None else (None, None)
+            if step.slot_mapping is not None:
+                ops.write_kv(k, v, k_cache, v_cache, step.slot_mapping)
+            a = self._attention(q, k, v, k_cache, v_cache, step)
+            x = ops.ln_linear(a.view(num_tokens, cfg.n_embd), None, None, blk.attn.c_proj.weight, blk.attn.c_proj.bias,
+                              residual=x)
+            x = ops.ln_gelu_mlp(x, blk.ln_2.weight, blk.ln_2.bias, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias,
+                                blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, eps=cfg.layer_norm_epsilon)
+        if step.logits_indices is not None:
+            x = x[step.logits_indices]
+        logits = ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self.lm_head, None, eps=cfg.layer_norm_epsilon)
+        return logits.float()
+
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """fp32 logits [L_i, V] at every position of each prompt: one packed prefill, no cache."""
+        lengths = [len(prompt) for prompt in prompts]
+        step = pack_step(self.config.vocab_size, self.device, token_ids=[t for prompt in prompts for t in prompt],
+                         positions=[p for n in lengths for p in range(n)], num_prefill_tokens=sum(lengths),
+                         cu_seqlens_q=[0, *itertools.accumulate(lengths)])
+        return list(self.forward(step, None).split(lengths))
+
+    def _attention(self, q, k, v, k_cache, v_cache, step: StepInputs) -> torch.Tensor:
+        parts, p = [], step.num_prefill_tokens
+        if p:
+            if step.key_slots is not None:
+                # chunks with a cached prefix: every prefill sequence's keys 0 .. Lk-1 read back from the
+                # cache, where this layer's write_kv has just put the chunk's own K/V
+                k, v = (cache.flatten(0, 1)[step.key_slots] for cache in (k_cache, v_cache))
+            else:
+                k, v = k[:p], v[:p]
+            parts.append(self.ops.flash_attention(q[:p], k, v, step.cu_seqlens_q, cu_seqlens_k=step.cu_seqlens_k))
+        if p < q.shape[0]:
+            parts.append(self.ops.paged_decode_attention(q[p:], k_cache, v_cache, step.block_tables, step.context_lens,
+                                                         num_splits=step.num_splits))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def pack_step(vocab_size: int, device: torch.device, *, token_ids: list[int], positions: list[int],
+              num_prefill_tokens: int, cu_seqlens_q: list[int] | None = None, slot_mapping: list[int] | None = None,
+              cu_seqlens_k: list[int] | None = None, key_slots: list[int] | None = None,
+              block_tables: list[list[int]] | None = None, context_lens: list[int] | None = None,
+              logits_indices: list[int] | None = None) -> StepInputs:
+    """StepInputs from host lists: one host-to-device copy per integer dtype, then views."""
+    embed = [i for pair in zip(token_ids, (vocab_size + p for p in positions)) for i in pair]
+    offsets = list(range(0, len(embed), 2))
+    width = max(map(len, block_tables)) if block_tables else 0
+    tables = [b for row in block_tables for b in row + [0] * (width - len(row))] if block_tables else None  # pad: block 0
+    int64 = _to_device(torch.int64, device, embed_indices=embed, embed_offsets=offsets, slot_mapping=slot_mapping,
+                       key_slots=key_slots, logits_indices=logits_indices)
+    int32 = _to_device(torch.int32, device, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                       block_tables=tables, context_lens=context_lens)
+    if tables is not None:
+        int32["block_tables"] = int32["block_tables"].view(len(block_tables), width)
+    return StepInputs(num_prefill_tokens=num_prefill_tokens, **int64, **int32)
+
+
+def _to_device(dtype: torch.dtype, device: torch.device, **lists: list[int] | None) -> dict[str, torch.Tensor | None]:
+    present = {name: values for name, values in lists.items() if values is not None}
+    flat = torch.tensor([x for values in present.values() for x in values], dtype=dtype).to(device)
+    parts = dict(zip(present, flat.split([len(values) for values in present.values()])))
+    return {name: parts.get(name) for name in lists}

@@ -1,0 +1,77 @@
+"""Property tests of the block manager: random allocate / append / fork / free sequences keep the
+refcount, table and slot invariants, and can_allocate / can_append answer exactly."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks, num_kv_blocks
+from engine.config import GPT2Config
+
+ops = st.lists(st.tuples(st.sampled_from(["allocate", "append", "fork", "free"]), st.integers(0, 10**6),
+                         st.integers(1, 40)), max_size=60)
+
+
+def check_invariants(bm: BlockManager) -> None:
+    owners = [0] * bm.num_blocks
+    for seq_id, table in bm.block_tables.items():
+        assert len(table) == bm.blocks_for(bm.num_tokens[seq_id])
+        for block in table:
+            owners[block] += 1
+    assert owners == bm.ref_counts
+    assert sorted(bm.free_blocks) == [b for b in range(bm.num_blocks) if owners[b] == 0]
+    # slots of blocks a sequence owns alone are unique across live sequences
+    exclusive = [bm.slot(s, p) for s, n in bm.num_tokens.items() for p in range(n)
+                 if bm.ref_counts[bm.block_tables[s][p // bm.block_size]] == 1]
+    assert len(exclusive) == len(set(exclusive))
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, num_blocks=st.integers(1, 12), block_size=st.sampled_from([1, 2, 4, 16]))
+def test_random_operations_keep_invariants(ops, num_blocks, block_size):
+    bm = BlockManager(num_blocks, block_size)
+    next_id = 0
+    for op, pick, num_tokens in ops:
+        live = sorted(bm.block_tables)
+        if op == "allocate":
+            needed = -(-num_tokens // block_size)
+            assert bm.can_allocate(num_tokens) == (needed <= bm.num_free_blocks)
+            if bm.can_allocate(num_tokens):
+                bm.allocate(next_id, num_tokens)
+                next_id += 1
+        elif live and op == "append":
+            seq = live[pick % len(live)]
+            n, last = bm.num_tokens[seq], bm.block_tables[seq][-1]
+            needed = 1 if n % block_size == 0 else int(bm.ref_counts[last] > 1)
+            assert bm.can_append(seq) == (needed <= bm.num_free_blocks)
+            if bm.can_append(seq):
+                copies = bm.append(seq)
+                written = bm.block_tables[seq][n // block_size]
+                assert bm.ref_counts[written] == 1          # the block being written has one owner
+                assert copies == ([(last, written)] if needed and n % block_size else [])
+        elif live and op == "fork":
+            bm.fork(live[pick % len(live)], next_id)
+            next_id += 1
+        elif live and op == "free":
+            bm.free(live[pick % len(live)])
+        check_invariants(bm)
+    for seq in list(bm.block_tables):
+        bm.free(seq)
+    assert bm.num_free_blocks == num_blocks and not any(bm.ref_counts)
+
+
+def test_copy_on_write_copies_every_layer():
+    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+    kv = allocate_kv_cache(cfg, num_blocks=4, block_size=2, dtype=torch.float32, device=torch.device("cpu"))
+    kv.normal_()
+    before = kv.clone()
+    copy_blocks(kv, [(1, 3), (0, 2)])
+    assert torch.equal(kv[:, :, 3], before[:, :, 1]) and torch.equal(kv[:, :, 2], before[:, :, 0])
+    assert torch.equal(kv[:, :, :2], before[:, :, :2])
+
+
+def test_pool_sizing_from_budget_and_cap():
+    cfg = GPT2Config(vocab_size=11, n_positions=64, n_embd=8, n_layer=2, n_head=2)
+    per_block = 2 * 2 * 16 * 8 * 4                       # K and V, layers, block_size, n_embd, fp32 bytes
+    cpu = torch.device("cpu")
+    assert num_kv_blocks(cfg, 16, torch.float32, cpu, max_num_seqs=100, budget_bytes=10 * per_block + 5) == 10
+    assert num_kv_blocks(cfg, 16, torch.float32, cpu, max_num_seqs=3) == 3 * 4   # capped at 3 full sequences
