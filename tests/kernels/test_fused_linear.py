@@ -1,0 +1,279 @@
+"""ln_linear / ln_gelu_mlp against their torch references (Triton's interpreter on CPU).
+
+Tolerances: fp32 runs exact fp32 dots, so its max error is held to 1e-5 of the reference's max
+magnitude (a normwise relative bound; measured ~2e-7 at K = 72 and ~1.5e-6 at K = 3072). fp16 by
+the 2x rule: the kernel's max error against an fp32 reference is at most twice that of the torch
+reference run in fp16, plus a floor of 1e-5 of the reference's magnitude (for the cases where the
+fp16 reference happens to be almost exact). Outputs are NaN-poisoned through `out`, so an
+unwritten element fails; NaN never passes (a NaN in the difference makes the comparison false).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels.fused_linear as fl
+from kernels.fused_linear import gelu_tanh, ln_gelu_mlp, ln_gelu_mlp_ref, ln_linear, ln_linear_ref
+
+FP32_RTOL = 1e-5
+FP16_FLOOR = 1e-5
+
+
+@pytest.fixture
+def few_sms(monkeypatch):
+    """The interpreter runs programs one by one: size the grid for an 8-SM device (the split-K
+    heuristic is the same code, it only sees a smaller GPU)."""
+    monkeypatch.setattr(fl, "_DEFAULT_NUM_SMS", 8)
+
+
+def _seed():
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    return seed
+
+
+def _inputs(M, K, N, dtype, device, *, ln=True, bias=True, residual=False):
+    """Fresh random GPT-2-like operands: a residual stream with a nonzero mean, scaled weights."""
+    x = torch.randn(M, K, device=device) * 3 + 0.5
+    args = dict(
+        x=x.to(dtype),
+        ln_weight=(1 + 0.2 * torch.randn(K, device=device)).to(dtype) if ln else None,
+        ln_bias=(0.1 * torch.randn(K, device=device)).to(dtype) if ln else None,
+        weight=(torch.randn(K, N, device=device) / K ** 0.5).to(dtype),
+        bias=(0.1 * torch.randn(N, device=device)).to(dtype) if bias else None,
+        residual=torch.randn(M, N, device=device).to(dtype) if residual else None,
+    )
+    return args
+
+
+def _f32(t):
+    return t.float() if t is not None else None
+
+
+def _poisoned(M, N, dtype, device):
+    return torch.full((M, N), float("nan"), dtype=dtype, device=device)
+
+
+def _check(y, args, *, activation, seed, ref_fn=ln_linear_ref, ref_args=None):
+    ref_args = ref_args if ref_args is not None else args
+    ref32 = ref_fn(**{k: _f32(v) for k, v in ref_args.items()}, **({"activation": activation} if activation is not None else {}))
+    assert not torch.isnan(y).any(), f"NaN in output (seed {seed})"
+    scale = ref32.abs().max().item()
+    err = (y.float() - ref32).abs().max().item()
+    if y.dtype == torch.float32:
+        assert err <= FP32_RTOL * scale, f"fp32 max err {err:.3g} > {FP32_RTOL} x {scale:.3g} (seed {seed})"
+    else:
+        ref_lo = ref_fn(**ref_args, **({"activation": activation} if activation is not None else {}))
+        err_ref = (ref_lo.float() - ref32).abs().max().item()
+        bound = 2 * err_ref + FP16_FLOOR * scale
+        assert err <= bound, f"{y.dtype} max err {err:.3g} > 2 x torch {y.dtype} err {err_ref:.3g} + floor (seed {seed})"
+    return err / scale
+
+
+VARIANTS = [  # (ln, bias, activation, residual)
+    (ln, bias, act, res)
+    for ln in (True, False) for bias in (True, False) for act in (None, "gelu_tanh") for res in (False, True)
+]
+
+
+def _variant_id(v):
+    ln, bias, act, res = v
+    return "+".join([p for p, on in (("ln", ln), ("bias", bias), ("gelu", act), ("res", res)) if on]) or "plain"
+
+
+SMALL_SHAPES = [(1, 24, 40), (3, 72, 100), (17, 72, 100), (257, 24, 40)]
+# every prologue/epilogue combination on one small shape (cycled), and the full combination on all
+VARIANT_CASES = [(v, SMALL_SHAPES[i % len(SMALL_SHAPES)]) for i, v in enumerate(VARIANTS)] + [
+    ((True, True, "gelu_tanh", True), shape) for shape in SMALL_SHAPES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("variant,shape", VARIANT_CASES, ids=[f"{_variant_id(v)}-{'x'.join(map(str, s))}" for v, s in VARIANT_CASES])
+def test_ln_linear_variants(variant, shape, dtype, device):
+    ln, bias, act, res = variant
+    M, K, N = shape
+    seed = _seed()
+    args = _inputs(M, K, N, dtype, device, ln=ln, bias=bias, residual=res)
+    y = ln_linear(**args, activation=act, out=_poisoned(M, N, dtype, device))
+    _check(y, args, activation=act, seed=seed)
+
+
+# GPT-2 widths: the engine's three shapes per layer, at decode batch sizes (1600 at M = 1 only:
+# the interpreter is slow).
+WIDTH_CASES = [(768, 3, "qkv"), (768, 1, "proj"), (1024, 1, "fc"), (1024, 3, "qkv"), (1280, 3, "proj"),
+               (1280, 1, "fc"), (1600, 1, "qkv"), (1600, 3, "proj")]
+
+
+@pytest.mark.parametrize("C,M,shape", WIDTH_CASES)
+def test_ln_linear_gpt2_widths(C, M, shape, device, few_sms):
+    K, N, kw = {"qkv": (C, 3 * C, dict(ln=True, act=None, res=False)),
+                "fc": (C, 4 * C, dict(ln=True, act="gelu_tanh", res=False)),
+                "proj": (4 * C, C, dict(ln=False, act=None, res=True))}[shape]
+    dtype = torch.float32 if C == 768 else torch.float16   # fp32 decode tiles (BLOCK_K 32) are slow here
+    seed = _seed()
+    args = _inputs(M, K, N, dtype, device, ln=kw["ln"], residual=kw["res"])
+    y = ln_linear(**args, activation=kw["act"], out=_poisoned(M, N, dtype, device))
+    _check(y, args, activation=kw["act"], seed=seed)
+
+
+@pytest.mark.parametrize("M,K,N,dtype", [(1, 3072, 96, torch.float16), (5, 1600, 200, torch.float16),
+                                         (17, 520, 72, torch.float32)])
+def test_ln_linear_split_k(M, K, N, dtype, device):
+    """Narrow N at decode: the launcher splits K (132-SM heuristic) and reduces deterministically."""
+    _, split = fl._pick_config(M, N, K, dtype, 90, 132)
+    assert split > 1
+    seed = _seed()
+    args = _inputs(M, K, N, dtype, device, residual=True)
+    y1 = ln_linear(**args, activation="gelu_tanh", out=_poisoned(M, N, dtype, device))
+    _check(y1, args, activation="gelu_tanh", seed=seed)
+    y2 = ln_linear(**args, activation="gelu_tanh")   # counters re-armed: a second launch agrees bit for bit
+    assert torch.equal(y1, y2)
+    assert int(fl._counters(y1.device).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("weight_view", ["transposed", "contiguous"])
+def test_ln_linear_lm_head_vocab(weight_view, device, few_sms):
+    """ln_f -> LM head: N = 50257 (no tile divides it), no bias, W = wte^T as a view or a copy."""
+    M, K, N = 2, 64, 50257
+    seed = _seed()
+    args = _inputs(M, K, N, torch.float32, device, bias=False)
+    wte = torch.randn(N, K, device=device) / K ** 0.5
+    args["weight"] = wte.t() if weight_view == "transposed" else wte.t().contiguous()
+    y = ln_linear(**args, out=_poisoned(M, N, torch.float32, device))
+    _check(y, args, activation=None, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ln_linear_strided_x_and_residual(dtype, device):
+    M, K, N = 17, 72, 100
+    seed = _seed()
+    args = _inputs(M, K, N, dtype, device, residual=False)
+    args["x"] = args["x"].repeat(1, 3)[:, K:2 * K]   # a slice of a wider tensor (same values)
+    args["residual"] = torch.randn(M, 2 * N, device=device).to(dtype)[:, N:]   # row stride 2N
+    assert args["x"].stride(0) == 3 * K and not args["x"].is_contiguous()
+    y = ln_linear(**args, out=_poisoned(M, N, dtype, device))
+    _check(y, args, activation=None, seed=seed)
+
+
+def test_ln_linear_out_row_strided(device):
+    M, K, N = 3, 24, 40
+    seed = _seed()
+    args = _inputs(M, K, N, torch.float32, device)
+    wide = torch.full((M, 2 * N), float("nan"), device=device)
+    y = ln_linear(**args, out=wide[:, :N])
+    _check(y, args, activation=None, seed=seed)
+    assert torch.isnan(wide[:, N:]).all()   # nothing written outside the view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,C", [(1, 256), (3, 72), (17, 24), (257, 24)])
+def test_ln_gelu_mlp(dtype, M, C, device, few_sms):
+    seed = _seed()
+    H = 4 * C
+    a = _inputs(M, C, H, dtype, device)
+    p = _inputs(M, H, C, dtype, device, ln=False)
+    args = dict(x=a["x"], ln_weight=a["ln_weight"], ln_bias=a["ln_bias"], fc_weight=a["weight"], fc_bias=a["bias"],
+                proj_weight=p["weight"], proj_bias=p["bias"])
+    y = ln_gelu_mlp(**args, out=_poisoned(M, C, dtype, device))
+    _check(y, args, activation=None, seed=seed, ref_fn=ln_gelu_mlp_ref)
+
+
+def test_large_values_no_nan(device):
+    """A residual stream with a large mean and outliers, and GELU far into both tails."""
+    M, K, N = 3, 72, 100
+    seed = _seed()
+    args = _inputs(M, K, N, torch.float32, device)
+    args["x"] = args["x"] * 100 + 1000
+    args["weight"] = args["weight"] * 50
+    y = ln_linear(**args, activation="gelu_tanh", out=_poisoned(M, N, torch.float32, device))
+    _check(y, args, activation="gelu_tanh", seed=seed)
+
+
+def test_gelu_tails():
+    y = torch.tensor([-1e4, -50.0, -5.0, 0.0, 5.0, 50.0, 1e4])
+    assert torch.allclose(gelu_tanh(y), torch.tensor([0.0, 0.0, -2.9e-7, 0.0, 5.0, 50.0, 1e4]), atol=1e-6)
+
+
+def test_bad_inputs(device):
+    M, K, N = 3, 24, 40
+    a = _inputs(M, K, N, torch.float32, device, residual=True)
+    with pytest.raises(ValueError, match="weight"):
+        ln_linear(a["x"], a["ln_weight"], a["ln_bias"], a["weight"][:-1], a["bias"])
+    with pytest.raises(TypeError, match="weight"):
+        ln_linear(a["x"], a["ln_weight"], a["ln_bias"], a["weight"].half(), a["bias"])
+    with pytest.raises(ValueError, match="activation"):
+        ln_linear(**a, activation="relu")
+    with pytest.raises(ValueError, match="ln_weight"):
+        ln_linear(a["x"], a["ln_weight"][:-1], a["ln_bias"], a["weight"], a["bias"])
+    with pytest.raises(ValueError, match="ln_bias"):
+        ln_linear(a["x"], a["ln_weight"], a["ln_bias"][:-1], a["weight"], a["bias"])
+    with pytest.raises(ValueError, match="bias"):
+        ln_linear(a["x"], a["ln_weight"], a["ln_bias"], a["weight"], a["bias"][:-1])
+    with pytest.raises(ValueError, match="residual"):
+        ln_linear(**{**a, "residual": a["residual"][:, :-1]})
+    with pytest.raises(TypeError, match="residual"):
+        ln_linear(**{**a, "residual": a["residual"].half()})
+    with pytest.raises(ValueError, match="x"):
+        ln_linear(a["x"][0], a["ln_weight"], a["ln_bias"], a["weight"])
+    with pytest.raises(TypeError, match="x"):
+        ln_linear(a["x"].to(torch.float64), None, None, a["weight"].to(torch.float64))
+    with pytest.raises(ValueError, match="out"):
+        ln_linear(**a, out=torch.empty(M, N + 1, device=device))
+    with pytest.raises(TypeError, match="out"):
+        ln_linear(**a, out=torch.empty(M, N, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="proj_weight"):
+        ln_gelu_mlp(a["x"], a["ln_weight"], a["ln_bias"], torch.randn(K, 4 * K), None, torch.randn(4 * K, K + 1), None)
+    with pytest.raises(ValueError, match="fc_weight"):
+        ln_gelu_mlp(a["x"], a["ln_weight"], a["ln_bias"], torch.randn(K + 1, 4 * K), None, torch.randn(4 * K, K), None)
+
+
+def test_empty_batch(device):
+    a = _inputs(0, 24, 40, torch.float16, device)
+    assert ln_linear(**a).shape == (0, 40)
+
+
+def test_heuristic_regimes():
+    assert fl._pick_config(1, 2304, 768, torch.float16, 90, 132) == ("decode", 3)
+    assert fl._pick_config(1, 50257, 768, torch.float16, 90, 132) == ("decode", 1)
+    assert fl._pick_config(256, 3072, 768, torch.float16, 90, 132)[0] == "small"
+    assert fl._pick_config(8192, 3072, 768, torch.float16, 90, 132) == ("prefill_sm90", 1)
+    assert fl._pick_config(8192, 3072, 768, torch.float16, 80, 108) == ("prefill", 1)
+    assert fl._pick_config(8192, 3072, 768, torch.float32, 90, 132) == ("fp32", 1)
+    used = {name for name, _ in (fl._pick_config(M, N, K, dt, cap, 132) for M in (1, 64, 65, 512, 513, 8192)
+                                 for N, K in ((768, 3072), (50257, 768)) for dt in (torch.float16, torch.float32)
+                                 for cap in (80, 90))}
+    assert used == set(fl._TILES)   # every tile in the table is reachable, and every shipped one is compiled
+    assert {s.constexprs["BLOCK_M"] for s in fl.aot_kernels()} >= {c.block_m for c in fl._TILES.values()}
+
+
+def test_compile_report_clean(tmp_path):
+    """Every shipped configuration compiles for sm_80 and sm_90 with no spills, shared memory within
+    limits, and tensor-core instructions (HGMMA on sm_90 for BLOCK_M >= 64 tiles). Runs the report in
+    a subprocess: under TRITON_INTERPRET=1 the @triton.jit functions cannot be compiled in-process."""
+    pytest.importorskip("triton.backends.nvidia")
+    specs = fl.aot_kernels()
+    assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.num_warps, s.num_stages)
+            for s in specs} == {(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in fl._TILES.values()}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_report", "--filter", "ln_linear", "--json", str(report)],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600)
+    assert report.exists(), proc.stdout + proc.stderr
+    rows = json.loads(report.read_text())
+    assert {r["label"] for r in rows} == {s.label for s in specs}
+    assert len(rows) == 2 * len(specs)
+    assert all(r["ok"] for r in rows), proc.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M,C", [(1, 768), (16, 1600), (1024, 768)])
+def test_bf16_on_gpu(M, C, device):
+    seed = _seed()
+    for K, N, act, ln, res in ((C, 4 * C, "gelu_tanh", True, False), (4 * C, C, None, False, True)):
+        args = _inputs(M, K, N, torch.bfloat16, device, ln=ln, residual=res)
+        y = ln_linear(**args, activation=act, out=_poisoned(M, N, torch.bfloat16, device))
+        _check(y, args, activation=act, seed=seed)
