@@ -14,6 +14,7 @@ then ln_f and the LM head (wte^T) on the rows whose logits are needed, returned 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from engine import cpu_linear
 from engine.config import GPT2Config
 
 
@@ -43,7 +45,7 @@ class KernelOps:
 
 @dataclass(frozen=True)
 class Affine:            # a LayerNorm's or a Conv1D's parameters; Conv1D weight is [in, out]
-    weight: torch.Tensor
+    weight: torch.Tensor | cpu_linear.PackedLinear   # packed for oneDNN on the CPU torch backend
     bias: torch.Tensor | None
 
 
@@ -91,6 +93,10 @@ class PagedGPT2:
         self.config, self.backend = config, backend
         self.device, self.dtype = torch.device(device), dtype
         self.ops = KernelOps.for_backend(backend)
+        # The CPU torch backend runs its GEMMs through oneDNN on weights packed here, once.
+        pack = backend == "torch" and cpu_linear.packing_supported(self.device, dtype)
+        if pack:
+            self.ops = dataclasses.replace(self.ops, ln_linear=cpu_linear.ln_linear, ln_gelu_mlp=cpu_linear.ln_gelu_mlp)
 
         def param(name: str) -> torch.Tensor:
             if name not in state_dict:
@@ -100,17 +106,25 @@ class PagedGPT2:
         def affine(prefix: str) -> Affine:
             return Affine(param(prefix + ".weight"), param(prefix + ".bias"))
 
+        def conv1d(prefix: str) -> Affine:
+            weight = param(prefix + ".weight")
+            return Affine(cpu_linear.PackedLinear.from_conv1d(weight) if pack else weight, param(prefix + ".bias"))
+
         # wte and wpe stacked in one table so that one embedding_bag computes wte[id] + wpe[pos].
         self.embedding = torch.cat([param("wte.weight"), param("wpe.weight")])      # [V + n_positions, C]
-        self.h = [Block(affine(f"h.{i}.ln_1"), Attention(affine(f"h.{i}.attn.c_attn"), affine(f"h.{i}.attn.c_proj")),
-                        affine(f"h.{i}.ln_2"), MLP(affine(f"h.{i}.mlp.c_fc"), affine(f"h.{i}.mlp.c_proj")))
+        self.h = [Block(affine(f"h.{i}.ln_1"), Attention(conv1d(f"h.{i}.attn.c_attn"), conv1d(f"h.{i}.attn.c_proj")),
+                        affine(f"h.{i}.ln_2"), MLP(conv1d(f"h.{i}.mlp.c_fc"), conv1d(f"h.{i}.mlp.c_proj")))
                   for i in range(config.n_layer)]
         self.ln_f = affine("ln_f")
-        # LM head as a [C, V] Conv1D-layout weight. On CPU a contiguous transposed copy: x @ W with
-        # W [in, out] streams about 2x faster than F.linear there. On GPU a view of the tied wte
-        # (no second copy of the largest matrix; the GEMM reads W column-major, which tl.dot handles).
+        # LM head as a [C, V] Conv1D-layout weight: packed for oneDNN from wte [V, C] directly; other
+        # CPU paths a contiguous transposed copy (x @ W with W [in, out] streams about 2x faster than
+        # F.linear there); on GPU a view of the tied wte (no second copy of the largest matrix; the
+        # GEMM reads W column-major, which tl.dot handles).
         head = param("lm_head.weight") if "lm_head.weight" in state_dict else self.embedding[:config.vocab_size]
-        self.lm_head = head.t().contiguous() if self.device.type == "cpu" else head.t()
+        if pack:
+            self.lm_head = cpu_linear.PackedLinear.from_out_in(head)
+        else:
+            self.lm_head = head.t().contiguous() if self.device.type == "cpu" else head.t()
 
     @torch.no_grad()
     def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:

@@ -44,6 +44,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -358,29 +359,33 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
 def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     """Scatter k, v `[T, H, D]` into the caches at slot_mapping `[T]`; negative slots are skipped."""
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    slots = slot_mapping.long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None):
-    """One query per sequence over its paged context (gather, mask, softmax; computes in q's dtype)."""
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None, out=None):
+    """One query per sequence over its paged context: gather the K/V rows, then masked SDPA."""
     batch, _, head_dim = q.shape
     block_size = k_cache.shape[1]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
-    num_used_blocks = -(-int(context_lens.max()) // block_size)
-    # Entries past a sequence's last block may be garbage (-1, stale ids): clamp them in range;
-    # the rows they fetch are masked below.
-    tables = block_tables[:, :num_used_blocks].clamp(0, k_cache.shape[0] - 1).long()   # [B, nb]
-    keys = k_cache[tables].flatten(1, 2)                                     # [B, nb*bs, H, D]
-    values = v_cache[tables].flatten(1, 2)
-    positions = torch.arange(keys.shape[1], device=q.device)
-    invalid = positions[None, :] >= context_lens[:, None]                    # [B, nb*bs]
-    # Rows past context_len may hold anything (NaN in uninitialised memory): 0 * NaN = NaN.
-    values = values.masked_fill(invalid[:, :, None, None], 0)
-    scores = torch.einsum("bhd,bthd->bht", q, keys) * scale                  # [B, H, nb*bs]
-    scores = scores.masked_fill(invalid[:, None, :], float("-inf"))
-    return torch.einsum("bht,bthd->bhd", scores.softmax(-1), values)
+    lens = context_lens.long()[:, None]                                       # [B, 1]
+    steps = torch.arange(int(context_lens.max()), device=q.device)[None, :]   # [1, L]
+    # A position past a sequence's end reads its last valid row (masked out below), so only table
+    # entries of used blocks are followed and no uninitialised row (NaN: 0 * NaN = NaN) is read.
+    positions = torch.minimum(steps, lens - 1)                                # [B, L]
+    slots = (block_tables.long().gather(1, positions // block_size) * block_size + positions % block_size).flatten()
+    # [B, H, L, D] strided views of the gathered rows (index_select: about 2x faster than indexing on CPU)
+    keys = k_cache.flatten(0, 1).index_select(0, slots).view(batch, -1, *k_cache.shape[2:]).transpose(1, 2)
+    values = v_cache.flatten(0, 1).index_select(0, slots).view(batch, -1, *v_cache.shape[2:]).transpose(1, 2)
+    visible = (steps < lens)[:, None, None, :]                                # [B, 1, 1, L]
+    result = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible, scale=scale)[:, :, 0]
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
