@@ -3,12 +3,15 @@
 Backends: "triton" runs the runtime on our kernels (default on CUDA), "torch" the same runtime on
 each kernel's torch reference (default on CPU), "eager" the plain PyTorch baseline. The runtime
 backends serve every call through one LLMEngine, so concurrent `stream()` iterators and
-`generate()` calls are batched together; each request's events are routed to its own queue.
+`generate()` calls (from one thread or several) are batched together: whichever consumer needs
+tokens steps the engine under a lock, and each request's events are routed to its own queue.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import threading
 import types
 from collections import deque
 from collections.abc import Iterator
@@ -33,11 +36,17 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+               "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
+        if dtype not in DTYPE_NAMES:
+            raise TypeError(f"dtype must be one of {sorted(DTYPE_NAMES)} or a torch dtype, got {dtype!r}")
+        dtype = DTYPE_NAMES[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     return dtype
@@ -82,6 +91,7 @@ class GPT2:
             self._engine = LLMEngine(model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens)
             self._queues: dict[int, deque] = {}
+            self._lock = threading.RLock()   # one engine, possibly several consumer threads
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -90,7 +100,12 @@ class GPT2:
         """A local HF checkpoint directory, or a hub id resolved through huggingface_hub's cache."""
         config, state_dict, directory = load_checkpoint(name_or_path, dtype=None, return_directory=True)
         gen_file = Path(directory) / "generation_config.json"
-        generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+        generation_config = None
+        if gen_file.is_file():
+            try:
+                generation_config = json.loads(gen_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{gen_file} is not valid JSON: {exc}") from exc
         return cls(config, state_dict, device=device, dtype=dtype, backend=backend, source=str(name_or_path),
                    tokenizer_path=directory, generation_config=generation_config, **runtime)
 
@@ -109,7 +124,10 @@ class GPT2:
 
     @classmethod
     def from_hf(cls, hf_model, *, backend: str = "auto", **runtime) -> "GPT2":
-        """Reuse a transformers GPT2LMHeadModel's weights (shared, not copied, when device and dtype match)."""
+        """Serve a transformers GPT2LMHeadModel's weights. The tensors are shared, not copied, when
+        device and dtype match; the runtime backends additionally prepare their own layouts once
+        (the CPU torch backend packs its GEMM weights for oneDNN), which later in-place edits of the
+        HF weights do not reach."""
         config, state_dict = load_hf_model_state(hf_model)
         first = next(iter(state_dict.values()))
         runtime.setdefault("device", first.device)
@@ -121,6 +139,11 @@ class GPT2:
         """The same weights (shared tensors) served by another backend."""
         return GPT2(self.config, self._weights, device=self.device, dtype=self.dtype, backend=backend, source=self.source,
                     tokenizer_path=self._tokenizer_path, generation_config=self.generation_config, **runtime)
+
+    @property
+    def engine(self):
+        """The LLMEngine serving this model (None on the eager backend)."""
+        return self._engine
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The canonical weights (HF GPT-2 names without `transformer.`), on the model's device and dtype."""
@@ -148,13 +171,16 @@ class GPT2:
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                  inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """transformers' generate() for the options listed in the README; others raise ValueError."""
-        if input_ids is None:
-            input_ids = inputs
+        if input_ids is not None and inputs is not None:
+            raise ValueError("pass input_ids or inputs, not both")
+        input_ids = input_ids if input_ids is not None else inputs
         if input_ids is None:
             raise ValueError("generate() needs input_ids")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__} "
+                            "(pass a generation config as generation_config=...)")
         prompts = prompts_from_batch(input_ids, attention_mask, self.config)
-        base = generation_config if generation_config is not None else self.generation_config
-        options = resolve_generate_options(self.config, input_ids.shape[-1], base, **kwargs)
+        options = resolve_generate_options(self.config, input_ids.shape[-1], self.generation_config, generation_config, **kwargs)
         check_fits_context(prompts, options, self.config)
         check_streamer(options, len(prompts))
         streamer = options.streamer
@@ -173,7 +199,7 @@ class GPT2:
             with torch.inference_mode():
                 return generate_eager(self._eager, prompts, options, on_token)
         n = options.num_return_sequences
-        request_ids = [self._add_request(p, options) for p in prompts]
+        request_ids = [self._add_request(p, options.sampling.for_prompt(row), n) for row, p in enumerate(prompts)]
         row_of = {(rid, i): r * n + i for r, rid in enumerate(request_ids) for i in range(n)}
         out = [GeneratedSequence() for _ in range(len(prompts) * n)]
         for event in self._events_of(request_ids, n):
@@ -187,9 +213,10 @@ class GPT2:
 
     # ---- the request router (runtime backends) ---------------------------------------------------
 
-    def _add_request(self, prompt: list[int], options: GenerateOptions) -> int:
-        rid = self._engine.add_request(prompt, options.sampling, n=options.num_return_sequences)
-        self._queues[rid] = deque()
+    def _add_request(self, prompt: list[int], params, n: int) -> int:
+        with self._lock:
+            rid = self._engine.add_request(prompt, params, n=n)
+            self._queues[rid] = deque()
         return rid
 
     def _events_of(self, request_ids: list[int], num_sequences: int) -> Iterator:
@@ -198,23 +225,24 @@ class GPT2:
         live = {rid: num_sequences for rid in request_ids}
         try:
             while live:
-                for rid in list(live):
-                    queue = self._queues[rid]
-                    while queue:
-                        event = queue.popleft()
-                        yield event
-                        if event.finished:
-                            live[rid] -= 1
-                    if live[rid] == 0:
-                        del live[rid]
-                        del self._queues[rid]
-                if live:
-                    for event in self._engine.step():
-                        self._queues[event.request_id].append(event)
+                with self._lock:
+                    ready = [self._queues[rid].popleft() for rid in live for _ in range(len(self._queues[rid]))]
+                    if not ready:  # nothing waiting for us: advance everyone by one step
+                        for event in self._engine.step():
+                            self._queues[event.request_id].append(event)
+                for event in ready:
+                    yield event
+                    if event.finished:
+                        live[event.request_id] -= 1
+                        if live[event.request_id] == 0:
+                            del live[event.request_id]
+                            with self._lock:
+                                del self._queues[event.request_id]
         finally:  # an abandoned iterator must not leave its requests running
-            for rid in live:
-                self._engine.abort_request(rid)
-                self._queues.pop(rid, None)
+            with self._lock:
+                for rid in live:
+                    self._engine.abort_request(rid)
+                    self._queues.pop(rid, None)
 
     # ---- text ------------------------------------------------------------------------------------
 
@@ -228,6 +256,10 @@ class GPT2:
             self._tokenizer = load_tokenizer(path)
         return self._tokenizer
 
+    @tokenizer.setter
+    def tokenizer(self, encoding) -> None:
+        self._tokenizer = encoding
+
     def _encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"prompt must be a str, got {type(text).__name__}")
@@ -237,7 +269,9 @@ class GPT2:
         return self.tokenizer.encode(text, allowed_special="all")
 
     def _text_options(self, prompts: list[list[int]], kwargs) -> GenerateOptions:
-        options = resolve_generate_options(self.config, max(len(p) for p in prompts), self.generation_config, **kwargs)
+        user_config = kwargs.pop("generation_config", None)
+        options = resolve_generate_options(self.config, max(len(p) for p in prompts), self.generation_config,
+                                           user_config, **kwargs)
         if options.streamer is not None:
             raise ValueError("streamer is a generate() option; use GPT2.stream for text streaming")
         check_fits_context(prompts, options, self.config)
@@ -256,54 +290,32 @@ class GPT2:
         return [self.tokenizer.decode([t for t in g.tokens if t not in eos]) for g in generated]
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
-        """Yield the continuation's text as its tokens arrive. Several stream() iterators consumed
-        side by side are batched together by the engine (runtime backends)."""
-        tokens = [self._encode(prompt)]
-        options = self._text_options(tokens, kwargs)
+        """An iterator of the continuation's text as its tokens arrive (arguments are checked now, not
+        at the first next()). Several stream() iterators consumed side by side, from one thread or
+        several, are batched together by the engine (runtime backends)."""
+        tokens = self._encode(prompt)
+        options = self._text_options([tokens], kwargs)
         if options.num_return_sequences != 1:
             raise ValueError("stream() yields one sequence; num_return_sequences must be 1")
-        eos = set(options.sampling.eos_token_ids)
-        decoder = IncrementalDecoder(self.tokenizer)
         if self._engine is None:
-            for seq in self._generate_tokens(tokens, options):
-                for token in seq.tokens:
-                    piece = decoder.push(token, token in eos)
-                    if piece:
-                        yield piece
-            return
-        for event in self._events_of([self._add_request(tokens[0], options)], 1):
-            piece = decoder.push(event.token_id, event.token_id in eos)
-            if piece:
-                yield piece
-        tail = decoder.flush()
+            new_tokens = iter(self._generate_tokens([tokens], options)[0].tokens)
+        else:
+            request = self._add_request(tokens, options.sampling, 1)
+            new_tokens = (event.token_id for event in self._events_of([request], 1))
+        return self._text_pieces(new_tokens, set(options.sampling.eos_token_ids))
+
+    def _text_pieces(self, tokens: Iterator[int], eos: set[int]) -> Iterator[str]:
+        """Text as tokens arrive, never splitting a UTF-8 character (its bytes may span several
+        byte-level BPE tokens); the result joins to generate_text's decode."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in tokens:
+            if token not in eos:
+                piece = decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+                if piece:
+                    yield piece
+        tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
-
-
-class IncrementalDecoder:
-    """Turns a token stream into text pieces without splitting a UTF-8 character across pieces
-    (one character's bytes may span several byte-level BPE tokens)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = b""
-
-    def push(self, token: int, skip: bool = False) -> str:
-        if skip:
-            return ""
-        self.pending += self.tokenizer.decode_single_token_bytes(token)
-        try:
-            text, self.pending = self.pending.decode("utf-8"), b""
-        except UnicodeDecodeError as exc:
-            if exc.reason != "unexpected end of data":  # invalid bytes, not a cut: emit them replaced
-                return self.flush()
-            # Everything before the incomplete character at the end is valid; hold the rest back.
-            text, self.pending = self.pending[:exc.start].decode("utf-8"), self.pending[exc.start:]
-        return text
-
-    def flush(self) -> str:
-        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
-        return text
 
 
 def optimize(hf_model, *, backend: str = "auto", **runtime):
@@ -312,9 +324,8 @@ def optimize(hf_model, *, backend: str = "auto", **runtime):
     engine_model = GPT2.from_hf(hf_model, backend=backend, **runtime)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        input_ids = kwargs.pop("input_ids", inputs)
-        attention_mask = kwargs.pop("attention_mask", None)
-        return engine_model.generate(input_ids, attention_mask, generation_config=generation_config or self.generation_config, **kwargs)
+        # transformers' signature: generate(inputs, generation_config, ..., input_ids=, attention_mask=)
+        return engine_model.generate(inputs=inputs, generation_config=generation_config, **kwargs)
 
     hf_model.gpt2_engine = engine_model
     hf_model.generate = types.MethodType(generate, hf_model)

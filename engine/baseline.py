@@ -102,26 +102,28 @@ class _EagerSequence:
 @torch.inference_mode()
 def generate_eager(model: EagerGPT2, prompts: list[list[int]], options: GenerateOptions, on_token=None) -> list[GeneratedSequence]:
     """Decode all rows in lockstep on a left-padded batch, as transformers does. Rows that hit EOS
-    keep being fed pad tokens (their outputs are ignored) until every row is done.
+    keep being fed a filler token (their outputs are ignored) until every row is done; the filler
+    is token 0 rather than pad_token_id, which may lie outside the vocabulary.
     on_token(row, token_id) is called for each new token as it is chosen."""
     n = options.num_return_sequences
     params = options.sampling
     device = model.lm_head.device
     rows = [p for p in prompts for _ in range(n)]
     width = max(len(p) for p in rows)
-    input_ids = torch.full((len(rows), width), options.pad_token_id, dtype=torch.long, device=device)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     mask = torch.zeros((len(rows), width + params.max_new_tokens), dtype=torch.long, device=device)
     for i, p in enumerate(rows):
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
         mask[i, width - len(p):width] = 1
-    seqs = [_EagerSequence(params, list(p), make_generator(params, i % n, device)) for i, p in enumerate(rows)]
+    row_params = [params.for_prompt(i // n) for i in range(len(rows))]
+    seqs = [_EagerSequence(row_params[i], list(p), make_generator(row_params[i], i % n, device)) for i, p in enumerate(rows)]
     out = [GeneratedSequence() for _ in rows]
     cache = model.new_cache(len(rows), width + params.max_new_tokens)
     logits = model(input_ids, mask[:, :width], cache)[:, -1]
     for step in range(params.max_new_tokens):
         live = [i for i, s in enumerate(seqs) if not s.finished]
         tokens, scores = sample_next_tokens(logits[live].float(), [seqs[i] for i in live])
-        next_ids = torch.full((len(rows),), options.pad_token_id, dtype=torch.long, device=device)
+        next_ids = torch.zeros((len(rows),), dtype=torch.long, device=device)
         next_ids[live] = tokens
         for j, i in enumerate(live):
             token = int(tokens[j])

@@ -9,18 +9,18 @@ def _generate(args) -> int:
     import torch
 
     from engine.api import GPT2
+    from engine.config import PRESETS
 
-    presets = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
     if args.random_weights:
-        if args.model not in presets:
-            raise SystemExit(f"--random-weights needs a preset model name ({', '.join(presets)}), got {args.model!r}")
+        if args.model not in PRESETS:
+            raise SystemExit(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {args.model!r}")
         model = GPT2.from_config(args.model, seed=args.seed, device=args.device, backend=args.backend)
     else:
         model = GPT2.from_pretrained(args.model, device=args.device, backend=args.backend)
     if args.tokenizer:
         from engine.tokenizer import load_tokenizer
 
-        model._tokenizer = load_tokenizer(args.tokenizer)
+        model.tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(args.seed)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0 or args.top_k > 0 or args.top_p < 1.0,
                "seed": args.seed}

@@ -2,10 +2,11 @@
 
 One graph per batch-size bucket (1, 2, 4, 8, ... up to max_num_seqs), captured once over static
 input buffers sized for the largest bucket. A step of B decode rows replays the smallest bucket
-b >= B: its inputs are copied into rows 0..B-1, rows B..b-1 are padding (slot -1: write_kv skips
-them; context length 1 over a valid block: the paged kernel reads one real, ignored token), and the
-first B rows of the graph's logits are copied out. The paged kernel's split count depends only on
-shapes (batch, heads, block-table width), never on tensor values, so it is fixed at capture.
+b >= B: its inputs are copied into rows 0..B-1, rows B..b-1 are padding (slot -1: the QKV GEMM's
+KV write skips them; context length 1 over a valid block: the paged kernel reads one real, ignored
+token), and the first B rows of the graph's logits are copied out. The paged kernel's split count
+depends only on shapes (batch, heads, block-table width), never on tensor values, so it is fixed at
+capture.
 """
 from __future__ import annotations
 
@@ -37,9 +38,6 @@ class DecodeGraphs:
                 self.logits[b] = model.forward(step, kv_cache)
             pool = graph.pool()
             self.graphs[b] = graph
-
-    def fits(self, batch_size: int) -> bool:
-        return batch_size <= self.buckets[-1]
 
     def run(self, step: StepInputs) -> torch.Tensor:
         """fp32 logits [B, V] of a decode-only step (every row samples)."""

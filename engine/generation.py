@@ -24,8 +24,19 @@ HF_DEFAULTS = {
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None, "seed": None,
     "output_scores": False, "return_dict_in_generate": False, "streamer": None,
 }
-# Options accepted only at the value that changes nothing here (anything else raises).
-NEUTRAL_OPTIONS = {"num_beams": 1, "output_attentions": False, "output_hidden_states": False, "early_stopping": False}
+# An explicit None means "off" for these (as in transformers), "default" for the others.
+NONE_MEANS_OFF = {"top_k": 0, "eos_token_id": ()}
+# transformers options accepted only at their neutral value (or None); any other value raises.
+NEUTRAL_OPTIONS = {
+    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "length_penalty": 1.0, "early_stopping": False,
+    "output_attentions": False, "output_hidden_states": False, "output_logits": False, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0, "renormalize_logits": False, "remove_invalid_values": False,
+    "min_p": None, "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None,
+    "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+    "sequence_bias": None, "guidance_scale": None, "assistant_model": None, "stop_strings": None,
+}
 # Options whose value never changes the result of this engine (its cache is its own).
 IGNORED_OPTIONS = {"use_cache", "cache_implementation", "bos_token_id", "transformers_version", "_from_model_config"}
 
@@ -46,6 +57,9 @@ class GenerateOutput:
     scores: tuple[torch.Tensor, ...] | None = None
 
     def __getitem__(self, key):
+        """By name like a dict, or by position over the fields that are set (transformers' ModelOutput)."""
+        if isinstance(key, int):
+            return tuple(v for v in (self.sequences, self.scores) if v is not None)[key]
         return getattr(self, key)
 
 
@@ -65,22 +79,23 @@ def _generation_config_values(generation_config) -> dict:
     raise TypeError(f"generation_config must be a transformers GenerationConfig or a dict, got {type(generation_config).__name__}")
 
 
-def resolve_generate_options(config: GPT2Config, prompt_length: int, generation_config=None, **kwargs) -> GenerateOptions:
-    """Merge defaults <- generation_config <- kwargs (transformers' precedence) and validate."""
-    values = dict(HF_DEFAULTS)
-    values["eos_token_id"] = config.eos_token_id
-    for source in (_generation_config_values(generation_config), kwargs):
+def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation_configs, **kwargs) -> GenerateOptions:
+    """transformers' precedence: defaults <- each generation config in turn (the model's, then the
+    caller's; a config sets only what it sets) <- keyword arguments. Unsupported options raise."""
+    values = dict(HF_DEFAULTS, eos_token_id=config.eos_token_id)
+    for source in (*map(_generation_config_values, generation_configs), kwargs):
         for name, value in source.items():
             if name in IGNORED_OPTIONS:
                 continue
             if name in NEUTRAL_OPTIONS:
                 if value is not None and value != NEUTRAL_OPTIONS[name]:
-                    raise ValueError(f"generate() option {name}={value!r} is not supported (only {NEUTRAL_OPTIONS[name]!r})")
+                    raise ValueError(f"generate() option {name}={value!r} is not supported by gpt2-engine")
                 continue
             if name not in HF_DEFAULTS:
                 raise ValueError(f"generate() option {name!r} is not supported by gpt2-engine")
-            if value is not None or name in ("max_new_tokens", "min_new_tokens", "seed", "pad_token_id", "streamer"):
-                values[name] = value
+            if value is None:
+                value = NONE_MEANS_OFF.get(name, HF_DEFAULTS[name])
+            values[name] = value
 
     max_new = values["max_new_tokens"]
     if max_new is None:  # max_length counts the (padded) prompt too
@@ -94,25 +109,45 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, generation_
         min_new = max(0, values["min_length"] - prompt_length)
 
     eos = values["eos_token_id"]
-    eos_ids = tuple([eos] if isinstance(eos, int) else (eos or []))
-    if not all(isinstance(e, int) for e in eos_ids):
+    eos_ids = tuple([eos] if _is_int(eos) else (eos or []))
+    if not all(_is_int(e) for e in eos_ids):
         raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+    eos_ids = tuple(int(e) for e in eos_ids)
     pad = values["pad_token_id"]
     if pad is None:  # transformers falls back to the (first) eos token
         pad = eos_ids[0] if eos_ids else 0
+    if not _is_int(pad):
+        raise ValueError(f"pad_token_id must be an int, got {pad!r}")
     num_return = values["num_return_sequences"]
-    if not isinstance(num_return, int) or num_return < 1:
+    if not _is_int(num_return) or num_return < 1:
         raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}")
-    if num_return > 1 and not values["do_sample"]:
+    do_sample = bool(values["do_sample"])
+    if num_return > 1 and not do_sample:
         raise ValueError(f"greedy decoding (do_sample=False) without beam search does not support "
                          f"num_return_sequences={num_return}, as in transformers; pass do_sample=True")
+    # Greedy decoding ignores the sampling warpers (transformers only warns), so e.g. temperature=0 is fine.
+    warpers = dict(temperature=float(values["temperature"]), top_k=int(values["top_k"]), top_p=float(values["top_p"])) \
+        if do_sample else {}
     sampling = SamplingParams(
-        max_new_tokens=max_new, min_new_tokens=min_new, do_sample=bool(values["do_sample"]),
-        temperature=float(values["temperature"]), top_k=int(values["top_k"] or 0), top_p=float(values["top_p"]),
-        repetition_penalty=float(values["repetition_penalty"]), eos_token_ids=eos_ids, seed=values["seed"],
-        output_scores=bool(values["output_scores"]),
+        max_new_tokens=_as_int("max_new_tokens", max_new), min_new_tokens=_as_int("min_new_tokens", min_new),
+        do_sample=do_sample, repetition_penalty=float(values["repetition_penalty"]), eos_token_ids=eos_ids,
+        seed=None if values["seed"] is None else _as_int("seed", values["seed"]),
+        output_scores=bool(values["output_scores"]), **warpers,
     )
-    return GenerateOptions(sampling, num_return, int(pad), bool(values["return_dict_in_generate"]), values["streamer"])
+    return GenerateOptions(sampling, int(num_return), int(pad), bool(values["return_dict_in_generate"]), values["streamer"])
+
+
+def _is_int(value) -> bool:
+    """Python, numpy and 0-d torch integers (not bools)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.dtype.is_floating_point and value.dtype != torch.bool
+    return hasattr(value, "__index__") and not isinstance(value, bool)
+
+
+def _as_int(name: str, value) -> int:
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 def prompts_from_batch(input_ids, attention_mask, config: GPT2Config) -> list[list[int]]:

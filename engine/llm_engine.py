@@ -8,6 +8,7 @@ sequence draws its own first token from the same logits with its own generator.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks, num_kv_blocks
 from engine.model import PagedGPT2, StepInputs, pack_step
 from engine.sampling import SamplingParams, make_generator, sample_next_tokens
-from engine.scheduler import ScheduledBatch, Scheduler, Sequence
+from engine.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class LLMEngine:
     def __init__(self, model: PagedGPT2, *, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, use_cuda_graphs: bool | None = None):
         self.model, cfg = model, model.config
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if num_blocks is None:
             num_blocks = num_kv_blocks(cfg, block_size, model.dtype, model.device, max_num_seqs)
         self.kv_cache = allocate_kv_cache(cfg, num_blocks, block_size, model.dtype, model.device)
@@ -44,7 +49,8 @@ class LLMEngine:
         self.graphs = None
         if use_cuda_graphs:
             from engine.cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, -(-cfg.n_positions // block_size))
+            with self._on_device():
+                self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, -(-cfg.n_positions // block_size))
 
     def _validate(self, prompt_token_ids: list[int], max_new_tokens: int = 0) -> None:
         cfg = self.model.config
@@ -85,21 +91,40 @@ class LLMEngine:
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         for prompt in prompts:
             self._validate(prompt)
-        return self.model.prompt_logits(prompts)
+        with self._on_device():
+            return self.model.prompt_logits(prompts)
 
     def step(self) -> list[TokenEvent]:
         batch, copies = self.scheduler.schedule()
         if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler can run none of its unfinished sequences (check max_num_batched_tokens)")
             return []
-        copy_blocks(self.kv_cache, copies)
-        step, samplers = self.prepare_step(batch)
-        if self.graphs is not None and step.num_prefill_tokens == 0 and self.graphs.fits(len(batch.seqs)):
-            logits = self.graphs.run(step)
-        else:
-            logits = self.model.forward(step, self.kv_cache)
+        try:
+            with self._on_device():
+                copy_blocks(self.kv_cache, copies)
+                step, samplers = self.prepare_step(batch)
+                decode_only = step.num_prefill_tokens == 0 and step.logits_indices is None
+                if self.graphs is not None and decode_only:
+                    logits = self.graphs.run(step)
+                else:
+                    logits = self.model.forward(step, self.kv_cache)
+                states, rows = self._sampling_states(samplers)
+                tokens, scores = sample_next_tokens(logits[rows] if len(rows) > len(samplers) else logits, states)
+        except BaseException:
+            # Nothing of this step is kept: its sequences give back their blocks and are recomputed
+            # later with the tokens they had, so an error (or Ctrl-C) never strands a request.
+            for seq in batch.seqs:
+                if seq.status == SequenceStatus.RUNNING:
+                    self.scheduler.preempt(seq)
+            raise
         for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += num_tokens
-        return self._sample(logits, samplers)
+        return self._commit(samplers, states, tokens, scores)
+
+    def _on_device(self):
+        """Triton launches on the current CUDA device: make it the model's (e.g. cuda:1)."""
+        return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
 
     def prepare_step(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
         """Host lists of the step, prefill chunks (> 1 token) first, then the one-token rows, which
@@ -134,19 +159,23 @@ class LLMEngine:
                          logits_indices=None if len(logits_indices) == len(ids) else logits_indices)
         return step, samplers
 
-    def _sample(self, logits: torch.Tensor, samplers: list[Sequence]) -> list[TokenEvent]:
-        """One token per sampling sequence; a request's first sample forks its other return sequences,
-        which draw from the same logits row."""
+    @staticmethod
+    def _sampling_states(samplers: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """The sequences that draw a token this step and their logits rows: a request's first sample
+        also draws for its other return sequences (not yet forked), from the same row."""
         rows, states = [], []
         for row, seq in enumerate(samplers):
-            rows.append(row)
-            states.append(seq)
+            for member in (seq, *seq.forks):
+                rows.append(row)
+                states.append(member)
+        return states, rows
+
+    def _commit(self, samplers: list[Sequence], states: list[Sequence], tokens: torch.Tensor, scores) -> list[TokenEvent]:
+        """Fork the first-sampled requests' children (copy-on-write), append the tokens, finish."""
+        for seq in samplers:
             for child in seq.forks:
                 self.scheduler.admit_fork(seq, child)
-                rows.append(row)
-                states.append(child)
             seq.forks = []
-        tokens, scores = sample_next_tokens(logits[rows] if len(rows) > len(samplers) else logits, states)
         events = []
         for row, (seq, token) in enumerate(zip(states, tokens.tolist())):
             seq.token_ids.append(token)

@@ -8,12 +8,13 @@ sequence's draws depend only on its seed and its logits, not on what else is in 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
 
-# Distinct seeds for the return sequences of one request: seed * stride + index.
+# Distinct seeds per prompt of a batch and per return sequence: seed * stride + index (mod 2^63).
 _SEED_STRIDE = 1_000_003
 
 
@@ -45,6 +46,14 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
 
 
+    def for_prompt(self, row: int) -> "SamplingParams":
+        """The parameters of the row-th prompt of a batch: with a seed, each prompt gets its own
+        random stream (the same seed for two equal prompts must not give the same samples)."""
+        if self.seed is None or row == 0:
+            return self
+        return dataclasses.replace(self, seed=(self.seed * _SEED_STRIDE + row) % 2**62)
+
+
 class SamplingState(Protocol):
     params: SamplingParams
     token_ids: list[int]          # prompt + generated so far
@@ -73,9 +82,13 @@ def apply_repetition_penalty(logits: torch.Tensor, states: Sequence[SamplingStat
 
 
 def mask_early_eos(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
+    """min_new_tokens: no EOS before it. EOS ids outside the vocabulary can never be drawn anyway."""
+    vocab = logits.shape[-1]
     for row, state in enumerate(states):
-        if state.num_generated < state.params.min_new_tokens and state.params.eos_token_ids:
-            logits[row, list(state.params.eos_token_ids)] = float("-inf")
+        if state.num_generated < state.params.min_new_tokens:
+            eos = [e for e in state.params.eos_token_ids if 0 <= e < vocab]
+            if eos:
+                logits[row, eos] = float("-inf")
 
 
 def warp_for_sampling(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

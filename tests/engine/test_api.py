@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import engine
+from engine.sampling import SamplingParams
 from tests.engine.tiny_models import left_padded_batch, tiny_hf_model
 
 BACKENDS = ["eager", "torch", "triton"]
@@ -161,7 +162,7 @@ def test_from_config_uses_seeded_random_weights_and_says_so():
 def test_generate_text_and_stream_agree(backend, tokenizer_dir):
     hf = tiny_hf_model(vocab_size=50257, n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=10, init=0.5)
     model = engine.GPT2.from_hf(hf, backend=backend)
-    model._tokenizer = engine.load_tokenizer(tokenizer_dir)
+    model.tokenizer = engine.load_tokenizer(tokenizer_dir)
     prompts = ["Hello world", "Once upon a time, émigrés 🤖"]
     texts = model.generate_text(prompts, max_new_tokens=12)
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
@@ -233,3 +234,124 @@ def test_bad_constructor_arguments_raise():
         engine.GPT2.from_config("gpt3")
     with pytest.raises(ValueError, match="empty"):
         engine.GPT2.from_hf(hf, backend="eager").generate_text("")
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_none_and_greedy_only_options_follow_transformers(backend):
+    hf = tiny_hf_model(seed=11)
+    model = engine.GPT2.from_hf(hf, backend=backend)
+    ids = torch.randint(0, 101, (1, 6))
+    greedy = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eos = int(greedy[0, 7])
+    # eos_token_id=None: no EOS at all; temperature=0 / top_p with do_sample=False: ignored (transformers warns)
+    for kwargs in (dict(eos_token_id=None), dict(temperature=0.0), dict(top_p=0.0, top_k=None)):
+        expected = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, pad_token_id=0, **kwargs), expected), kwargs
+    stopped = model.generate(ids, max_new_tokens=6, pad_token_id=0, eos_token_id=eos)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, pad_token_id=0, eos_token_id=None), greedy)
+    assert stopped.shape[1] < greedy.shape[1]
+
+
+def test_top_k_none_turns_top_k_off():
+    model = engine.GPT2.from_hf(tiny_hf_model(vocab_size=400, seed=12), backend="torch")
+    ids = torch.randint(0, 400, (1, 3))
+    out = model.generate(ids, max_new_tokens=1, do_sample=True, top_k=None, temperature=50.0, seed=1,
+                         num_return_sequences=64, output_scores=True, return_dict_in_generate=True)
+    kept = torch.isfinite(out.scores[0][0]).sum()
+    assert kept == 400  # the default top_k=50 would keep only 50 finite scores
+
+
+def test_generation_configs_layer_like_transformers():
+    from transformers import GenerationConfig
+
+    hf = tiny_hf_model(seed=13)
+    model = engine.GPT2.from_hf(hf, backend="torch")
+    model.generation_config = {"do_sample": True, "top_k": 1}    # e.g. a checkpoint's generation_config.json
+    ids = torch.randint(0, 101, (1, 5))
+    out = model.generate(ids, generation_config=GenerationConfig(max_new_tokens=4), num_return_sequences=2)
+    expected = hf.generate(ids, max_new_tokens=4, do_sample=True, top_k=1, num_return_sequences=2, pad_token_id=0)
+    assert torch.equal(out[:, :9], expected[:, :9]) and out.shape == (2, 9)
+    texts = model.generate(ids, max_new_tokens=4, generation_config=GenerationConfig(do_sample=False),
+                           return_dict_in_generate=True)
+    assert texts[0].shape == (1, 9) and torch.equal(texts[0], texts.sequences)
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_a_seed_gives_each_prompt_of_a_batch_its_own_samples(backend):
+    model = engine.GPT2.from_hf(tiny_hf_model(seed=14), backend=backend)
+    ids = torch.randint(0, 101, (1, 4)).repeat(3, 1)
+    out = model.generate(ids, max_new_tokens=12, do_sample=True, seed=0)
+    assert len({tuple(row.tolist()) for row in out}) == 3
+    assert torch.equal(out, model.generate(ids, max_new_tokens=12, do_sample=True, seed=0))
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_default_pad_outside_a_small_vocabulary_is_only_an_output_value(backend):
+    hf = tiny_hf_model(seed=15)  # config eos/pad default 50256 > vocab 101
+    model = engine.GPT2.from_hf(hf, backend=backend)
+    ids, mask = left_padded_batch([2, 6], 101)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3)
+    eos = int(first[0, 6])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, min_new_tokens=1)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, min_new_tokens=1, do_sample=False)
+    assert torch.equal(out, expected)
+
+
+def test_threads_sharing_one_model_get_their_own_tokens():
+    import threading
+
+    model = engine.GPT2.from_hf(tiny_hf_model(seed=16), backend="torch")
+    prompts = [torch.randint(0, 101, (1, 3 + i)) for i in range(6)]
+    alone = [model.generate(p, max_new_tokens=10) for p in prompts]
+    results = [None] * len(prompts)
+
+    def work(i):
+        results[i] = model.generate(prompts[i], max_new_tokens=10)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, r) for a, r in zip(alone, results))
+
+
+def test_an_error_inside_a_step_strands_no_request(monkeypatch):
+    import engine.llm_engine as llm
+
+    model = engine.GPT2.from_hf(tiny_hf_model(seed=17), backend="torch")
+    ids = torch.randint(0, 101, (1, 5))
+    expected = model.generate(ids, max_new_tokens=8)
+    # a second request in flight on the same engine, consumed after the failure
+    survivor = model._events_of([model._add_request([1, 2, 3], SamplingParams(max_new_tokens=8), 1)], 1)
+    real = llm.sample_next_tokens
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "sample_next_tokens", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(ids, max_new_tokens=8)
+    assert len(list(survivor)) == 8                      # the other request still finishes
+    assert torch.equal(model.generate(ids, max_new_tokens=8), expected)
+    assert model.engine.block_manager.num_free_blocks == model.engine.block_manager.num_blocks
+
+
+def test_argument_mistakes_raise_clearly():
+    from transformers import GenerationConfig
+
+    model = engine.GPT2.from_hf(tiny_hf_model(), backend="torch")
+    ids = torch.randint(0, 101, (1, 4))
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(ids, inputs=ids, max_new_tokens=2)
+    with pytest.raises(TypeError, match="generation_config"):
+        model.generate(ids, GenerationConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        model.stream("")  # checked when called, not at the first next()
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        engine.GPT2.from_hf(tiny_hf_model(), backend="torch", max_num_batched_tokens=0)
+    assert engine.GPT2.from_hf(tiny_hf_model(), backend="eager", dtype="bf16").dtype == torch.bfloat16
