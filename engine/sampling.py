@@ -71,14 +71,20 @@ def make_generator(params: SamplingParams, index: int, device) -> torch.Generato
 
 def apply_repetition_penalty(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
     """transformers' rule on every token seen so far (prompt included): divide positive logits by
-    the penalty, multiply negative ones by it."""
-    for row, state in enumerate(states):
-        penalty = state.params.repetition_penalty
-        if penalty == 1.0:
-            continue
-        seen = torch.tensor(sorted(set(state.token_ids)), device=logits.device, dtype=torch.long)
-        values = logits[row, seen]
-        logits[row, seen] = torch.where(values < 0, values * penalty, values / penalty)
+    the penalty, multiply negative ones by it. One padded [R, L] index upload for all rows."""
+    rows = [row for row, state in enumerate(states) if state.params.repetition_penalty != 1.0]
+    if not rows:
+        return
+    seen = [sorted(set(states[row].token_ids)) for row in rows]
+    width = max(map(len, seen))
+    # pad each row with one of its own ids: gather/scatter of a repeated id is idempotent
+    index = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in seen]).to(logits.device)
+    penalty = torch.tensor([states[row].params.repetition_penalty for row in rows])[:, None].to(logits.device)
+    rows_t = torch.tensor(rows).to(logits.device)
+    sub = logits[rows_t]
+    values = sub.gather(1, index)
+    sub.scatter_(1, index, torch.where(values < 0, values * penalty, values / penalty))
+    logits[rows_t] = sub
 
 
 def mask_early_eos(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
@@ -91,20 +97,24 @@ def mask_early_eos(logits: torch.Tensor, states: Sequence[SamplingState]) -> Non
                 logits[row, eos] = float("-inf")
 
 
-def warp_for_sampling(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on one row, as transformers' warpers do."""
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, params.top_k).values[-1]
+def warp_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus), as transformers' warpers do, on rows [R, V]
+    with per-row parameters (one batched pass, no per-row launches)."""
+    device, vocab = logits.device, logits.shape[-1]
+    logits = logits / torch.tensor([p.temperature for p in params])[:, None].to(device)
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(top_k) < vocab:
+        kth_largest = logits.sort(dim=-1, descending=True).values.gather(1, torch.tensor(top_k)[:, None].to(device) - 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if params.top_p < 1.0:
+    top_p = torch.tensor([p.top_p for p in params])
+    if bool((top_p < 1.0).any()):
         # Drop the tail whose total mass is <= 1 - top_p (ascending sort, as transformers does);
         # the most likely token always survives.
-        sorted_logits, order = torch.sort(logits)
+        sorted_logits, order = logits.sort(dim=-1)
         tail_mass = sorted_logits.softmax(-1).cumsum(-1)
-        drop = tail_mass <= 1 - params.top_p
-        drop[-1] = False
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        drop = tail_mass <= (1 - top_p)[:, None].to(device)
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
 
@@ -117,10 +127,14 @@ def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) ->
     apply_repetition_penalty(scores, states)
     mask_early_eos(scores, states)
     next_tokens = scores.argmax(-1)
-    for row, state in enumerate(states):
-        if state.params.do_sample:
-            scores[row] = warp_for_sampling(scores[row], state.params)
-            probs = scores[row].softmax(-1)
-            next_tokens[row] = torch.multinomial(probs, 1, generator=state.generator)[0]
+    sampled = [row for row, state in enumerate(states) if state.params.do_sample]
+    if sampled:
+        rows = torch.tensor(sampled).to(scores.device)
+        warped = warp_for_sampling(scores[rows], [states[row].params for row in sampled])
+        scores[rows] = warped
+        probs = warped.softmax(-1)
+        # one draw per row from its own generator: a sequence's tokens depend on its seed alone
+        draws = [torch.multinomial(probs[i], 1, generator=states[row].generator) for i, row in enumerate(sampled)]
+        next_tokens[rows] = torch.cat(draws)
     wants_scores = any(state.params.output_scores for state in states)
     return next_tokens, (scores if wants_scores else None)
