@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_linear import ln_linear_ref
+from kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
 
 # oneDNN picks its blocked weight layout for this batch size; any M works with it, and measured
 # M = 1 .. 1024 all ran at least as fast as with the plain weight.
@@ -46,10 +46,11 @@ class PackedLinear:
         return cls.from_out_in(weight_kn.t())
 
 
-def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None):
+def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None, kv_cache=None):
     """kernels.ln_linear's contract with a PackedLinear weight (a plain weight goes to the reference)."""
     if not isinstance(weight, PackedLinear):
-        return ln_linear_ref(x, ln_weight, ln_bias, weight, bias, eps=eps, activation=activation, residual=residual)
+        return ln_linear_ref(x, ln_weight, ln_bias, weight, bias, eps=eps, activation=activation, residual=residual,
+                             kv_cache=kv_cache)
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     if x.shape[-1] != weight.in_features:
@@ -57,10 +58,14 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if ln_weight is not None else x
     h = h.contiguous()
     if residual is not None and activation is None:
-        return torch.ops.mkldnn._linear_pointwise.binary(h, residual.contiguous(), weight.packed, bias, "add")
-    y = torch.ops.mkldnn._linear_pointwise(h, weight.packed, bias, "gelu" if activation else "none", [],
-                                           "tanh" if activation else "")
-    return y + residual if residual is not None else y
+        y = torch.ops.mkldnn._linear_pointwise.binary(h, residual.contiguous(), weight.packed, bias, "add")
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(h, weight.packed, bias, "gelu" if activation else "none", [],
+                                               "tanh" if activation else "")
+        y = y + residual if residual is not None else y
+    if kv_cache is not None:
+        write_kv_columns_ref(y, kv_cache)
+    return y
 
 
 def ln_gelu_mlp(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5):

@@ -3,8 +3,8 @@
 A step packs T tokens: first the prefill tokens (whole prompts or chunks of them) of some
 sequences, then one decode token of each of the others. Per layer:
 
-    qkv = ln_linear(x; ln_1, attn.c_attn)            [T, 3C]; q, k, v are strided views [T, H, D]
-    write_kv(k, v -> the layer's K/V pools at slot_mapping)
+    qkv = ln_linear(x; ln_1, attn.c_attn)            [T, 3C]; q, k, v are strided views [T, H, D];
+          the same launch writes k, v to the layer's K/V pools at slot_mapping (kv_cache=...)
     a   = flash_attention(prefill rows) ++ paged_decode_attention(decode rows)       [T, H, D]
     x   = ln_linear(a; attn.c_proj) + x
     x   = ln_gelu_mlp(x; ln_2, mlp.c_fc, mlp.c_proj)   (adds x)
@@ -31,7 +31,6 @@ from engine.config import GPT2Config
 class KernelOps:
     ln_linear: Callable
     ln_gelu_mlp: Callable
-    write_kv: Callable
     flash_attention: Callable
     paged_decode_attention: Callable
 
@@ -77,7 +76,7 @@ class StepInputs:
     embed_indices: torch.Tensor             # int64 [2T]: (token id, vocab_size + position) per token
     embed_offsets: torch.Tensor             # int64 [T]: 0, 2, 4, ... (embedding_bag sums each pair)
     num_prefill_tokens: int
-    slot_mapping: torch.Tensor | None = None    # int64 [T]; None = no cache (write_kv skipped)
+    slot_mapping: torch.Tensor | None = None    # int64 [T]; None = no cache (no KV write)
     cu_seqlens_q: torch.Tensor | None = None    # int32 [P+1] prefill sequences' query rows
     cu_seqlens_k: torch.Tensor | None = None    # int32 [P+1] their keys (cached prefix + chunk), when
     key_slots: torch.Tensor | None = None       # int64 [sum Lk]  some chunk has a cached prefix
@@ -133,13 +132,13 @@ class PagedGPT2:
         x = F.embedding_bag(step.embed_indices, self.embedding, step.embed_offsets, mode="sum")   # [T, C]
         num_tokens = x.shape[0]
         for i, blk in enumerate(self.h):
+            k_cache, v_cache = (kv_cache[i, 0], kv_cache[i, 1]) if kv_cache is not None else (None, None)
+            # the QKV GEMM's epilogue also stores this step's K/V rows into the pools (before attention reads them)
+            kv_write = (k_cache, v_cache, step.slot_mapping) if step.slot_mapping is not None else None
             qkv = ops.ln_linear(x, blk.ln_1.weight, blk.ln_1.bias, blk.attn.c_attn.weight, blk.attn.c_attn.bias,
-                                eps=cfg.layer_norm_epsilon)
+                                eps=cfg.layer_norm_epsilon, kv_cache=kv_write)
             # [T, 3C] -> three strided [T, H, D] views (row stride 3C), no copies
             q, k, v = qkv.view(num_tokens, 3, cfg.n_head, cfg.head_dim).unbind(1)
-            k_cache, v_cache = (kv_cache[i, 0], kv_cache[i, 1]) if kv_cache is not None else (None, None)
-            if step.slot_mapping is not None:
-                ops.write_kv(k, v, k_cache, v_cache, step.slot_mapping)
             a = self._attention(q, k, v, k_cache, v_cache, step)
             x = ops.ln_linear(a.view(num_tokens, cfg.n_embd), None, None, blk.attn.c_proj.weight, blk.attn.c_proj.bias,
                               residual=x)
@@ -163,7 +162,7 @@ class PagedGPT2:
         if p:
             if step.key_slots is not None:
                 # chunks with a cached prefix: every prefill sequence's keys 0 .. Lk-1 read back from the
-                # cache, where this layer's write_kv has just put the chunk's own K/V
+                # cache, where this layer's QKV GEMM has just put the chunk's own K/V
                 k, v = (cache.flatten(0, 1)[step.key_slots] for cache in (k_cache, v_cache))
             else:
                 k, v = k[:p], v[:p]

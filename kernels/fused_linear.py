@@ -6,6 +6,8 @@ What
     c_proj (+ residual, no LN), ln_f -> LM head (N = vocab = 50257, no bias, W = wte^T).
     ln_gelu_mlp = two ln_linear launches: c_fc with LN prologue and GELU epilogue writing the
     hidden activation once, then c_proj with bias + residual epilogue.
+    ln_linear(..., kv_cache=(k_cache, v_cache, slot_mapping)) on the c_attn projection also
+    stores the K and V columns into the paged KV cache (what write_kv does, without its launch).
 
 Algorithm (one @triton.jit GEMM kernel; constexpr flags select prologue / epilogue / split-K)
     Each program owns a [BLOCK_M, BLOCK_N] output tile (grouped "GROUP_M" ordering so that the
@@ -21,18 +23,19 @@ Algorithm (one @triton.jit GEMM kernel; constexpr flags select prologue / epilog
        (input_precision="ieee", no tf32) for fp32 inputs.
     3. Epilogue in fp32: + bias, GELU tanh (as y * sigmoid(2u), the same function as
        0.5 y (1 + tanh u) without a tanh instruction), + residual, cast to x's dtype, store.
+       KV write (WRITE_KV): the output is [M, 3C] = [q | k | v] with C = H * D, and the caches
+       [num_blocks, block_size, H, D] are contiguous, so token slot s's K row is the C elements
+       at s * C: output column c in [C, 2C) also goes to k_cache[s * C + c - C], c in [2C, 3C)
+       to v_cache[s * C + c - 2C], rows with slot < 0 (padding) are skipped. A column tile may
+       straddle C or 2C (C = 1600 with BLOCK_N = 128): the masks are per column.
     Decode split-K (SPLIT_K): at decode M is 1..64 and the weights are all of the traffic; a GPT-2
     projection with N = 768 has only 12 BLOCK_N = 64 column tiles, far from filling 132 SMs. The
     launcher then splits K across a second grid axis (each split >= 2 BLOCK_K). Every split stores
     its fp32 partial tile to a workspace [SPLIT, M, N]; a per-tile arrival counter
-    (atomic_add, acq_rel, gpu scope, after a CTA barrier so that all the CTA's partial stores are
-    ordered before the release) elects the last-arriving split, which sums the SPLIT partials in
-    the fixed order 0..SPLIT-1 (L2 loads, .cg), runs the epilogue and resets the counter to 0 for
-    the next launch. The sum order does not depend on arrival order, so results are bit-for-bit
-    deterministic, and there are no fp32 atomics: the only atomic is the integer counter.
-    Counters are a small zeroed int32 buffer cached per (device, stream), self-resetting, so the
-    launch is CUDA-graph capturable; two launches must not run concurrently on the same stream's
-    counters (they cannot: one stream serialises them).
+    (kernels/arrival_counter.py: the determinism and memory-ordering arguments are there) elects
+    the last-arriving split, which sums the SPLIT partials in the fixed order 0..SPLIT-1 (L2
+    loads, .cg) and runs the epilogue (KV write included). Bit-for-bit deterministic, no fp32
+    atomics, CUDA-graph capturable (the counters re-arm themselves).
 
 Weight layout decision: the HF Conv1D layout [K, N] as loaded, no packing. For a row-major [K, N]
     weight a [BLOCK_K, BLOCK_N] tile is BLOCK_K rows of BLOCK_N contiguous elements (128-256 byte
@@ -60,7 +63,8 @@ Tile table (`_TILES`, used by both the launcher heuristic `_pick_config` and `ao
                             warpgroups of 64 x 128). 128 x 256 tiles were tried and dropped: with
                             the LN prologue and the residual epilogue they spill (255 registers,
                             24-192 bytes of local memory on sm_80 and sm_90).
-    fp32     any M          16 x 64 x 32 (M <= 64) or 64 x 64 x 32, FMA dots (correctness path)
+    fp32     any M          16 x 64 x 32, 4 warps (M <= 64) or 64 x 64 x 32, 8 warps, FMA dots (correctness
+                            path; with 4 warps the 64 x 64 QKV + KV-write epilogue spilled on sm_80)
     BLOCK_M = 16 decode tiles use mma.sync (HMMA) on sm_90 too: wgmma's M is 64 per warpgroup, and
     at decode the kernel is bandwidth bound, so HMMA costs nothing there.
 
@@ -82,6 +86,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.arrival_counter import arrival_counters, last_to_arrive
+from kernels.paged_attention import check_caches, check_slot_mapping, write_kv_ref
+
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
@@ -97,8 +104,9 @@ def _gelu_tanh(y):
 
 
 @triton.jit
-def _epilogue(acc, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, offs_m, offs_n, M, N,
-              HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _epilogue(acc, bias_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_rm, stride_om,
+              offs_m, offs_n, M, N, kv_width,
+              HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_KV: tl.constexpr):
     # acc: [BLOCK_M, BLOCK_N] fp32; all math in fp32, one cast at the store.
     m_mask = offs_m < M
     n_mask = offs_n < N
@@ -110,19 +118,30 @@ def _epilogue(acc, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, offs_m, off
         acc = _gelu_tanh(acc)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + rows[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], y, mask=mask)
+    if WRITE_KV:
+        # [q | k | v] columns; K/V row of token slot s = kv_width contiguous elements at s * kv_width
+        slot = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1).to(tl.int64)                  # [BLOCK_M]
+        row_ok = mask & (slot >= 0)[:, None]                                                   # [BLOCK_M, BLOCK_N]
+        is_k = (offs_n >= kv_width) & (offs_n < 2 * kv_width)                                  # [BLOCK_N]
+        is_v = offs_n >= 2 * kv_width
+        dst = slot[:, None] * kv_width + (offs_n - kv_width)[None, :]                          # [BLOCK_M, BLOCK_N]
+        tl.store(k_cache_ptr + dst, y, mask=row_ok & is_k[None, :])
+        tl.store(v_cache_ptr + (dst - kv_width), y, mask=row_ok & is_v[None, :])
 
 
 @triton.jit
 def _ln_linear_kernel(
     x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, counter_ptr,
+    k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_xm,
     stride_wk, stride_wn,
     stride_rm,
     stride_om,
-    M, N, K, k_per_split, eps,
+    M, N, K, k_per_split, kv_width, eps,
     HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    WRITE_KV: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ---- tile coordinates: grouped ordering along M for L2 reuse of B column-panels ----------
@@ -188,18 +207,15 @@ def _ln_linear_kernel(
         # SPLIT * M * N is small and int32 offsets suffice
         tile = offs_m[:, None] * N + offs_n[None, :]                                       # [BLOCK_M, BLOCK_N]
         tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=mask)
-        tl.debug_barrier()   # every thread's partial store precedes the release below
-        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if last_to_arrive(counter_ptr + pid, num_splits):
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(0, num_splits):   # fixed order 0..SPLIT-1: deterministic
-                total += tl.load(ws_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            _epilogue(total, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, offs_m, offs_n, M, N,
-                      HAS_BIAS, APPLY_GELU, HAS_RESIDUAL)
-            tl.atomic_xchg(counter_ptr + pid, 0, sem="relaxed", scope="gpu")   # re-arm for the next launch
+                acc += tl.load(ws_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            _epilogue(acc, bias_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_rm, stride_om,
+                      offs_m, offs_n, M, N, kv_width, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
     else:
-        _epilogue(acc, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, offs_m, offs_n, M, N,
-                  HAS_BIAS, APPLY_GELU, HAS_RESIDUAL)
+        _epilogue(acc, bias_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_rm, stride_om,
+                  offs_m, offs_n, M, N, kv_width, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +238,7 @@ _TILES = {
     "prefill": TileConfig(128, 128, 64, 8, 8, 3),        # sm_80: 82 KB smem, mma.sync
     "prefill_sm90": TileConfig(128, 128, 64, 8, 8, 4),   # sm_90: two wgmma warpgroups, deeper TMA-less pipeline
     "fp32_decode": TileConfig(16, 64, 32, 8, 4, 2),
-    "fp32": TileConfig(64, 64, 32, 8, 4, 2),
+    "fp32": TileConfig(64, 64, 32, 8, 8, 2),
 }
 _DECODE_MAX_M = 64
 _SMALL_MAX_M = 512
@@ -252,8 +268,6 @@ def _pick_config(M, N, K, dtype, capability, num_sms):
 
 
 _DEVICE_INFO: dict = {}
-_COUNTERS: dict = {}
-_COUNTER_SLOTS = 4096   # split-K is only used when tiles < num_sms, so this never runs out
 
 
 def _device_info(device):
@@ -264,16 +278,6 @@ def _device_info(device):
         props = torch.cuda.get_device_properties(key)
         _DEVICE_INFO[key] = (props.major * 10 + props.minor, props.multi_processor_count)
     return _DEVICE_INFO[key]
-
-
-def _counters(device):
-    """Zeroed int32 arrival counters, one per output tile, re-armed by the kernel itself."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None:
-        buf = _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return buf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,11 +315,36 @@ def _check_matrix(name, t, shape, dtype, device):
         raise ValueError(f"{name} is on {t.device}, x is on {device}")
 
 
-def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None, out=None):
+def _check_kv_cache(kv_cache, x, N):
+    """(k_cache, v_cache, slot_mapping) for a fused [M, N = 3 H D] QKV output of x's dtype."""
+    if not (isinstance(kv_cache, tuple) and len(kv_cache) == 3):
+        raise TypeError(f"kv_cache must be a tuple (k_cache, v_cache, slot_mapping), got {type(kv_cache).__name__}")
+    k_cache, v_cache, slot_mapping = kv_cache
+    check_caches(k_cache, v_cache)
+    _, _, num_heads, head_dim = k_cache.shape
+    if not k_cache.is_contiguous():
+        raise ValueError(f"k_cache/v_cache must be contiguous for the fused KV write, got strides {k_cache.stride()}")
+    if N != 3 * num_heads * head_dim:
+        raise ValueError(f"kv_cache needs a fused QKV output of N = 3 * H * D = {3 * num_heads * head_dim} "
+                         f"columns (cache [.., H={num_heads}, D={head_dim}]), got N = {N}")
+    if k_cache.dtype != x.dtype:
+        raise TypeError(f"k_cache/v_cache dtype {k_cache.dtype} does not match x dtype {x.dtype}")
+    if k_cache.device != x.device:
+        raise ValueError(f"k_cache is on {k_cache.device}, x is on {x.device}")
+    check_slot_mapping(slot_mapping, x.shape[0], x.device)
+    return k_cache, v_cache, slot_mapping.contiguous()
+
+
+def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None, out=None,
+              kv_cache=None):
     """act(LN(x) @ weight + bias) + residual in one launch; x [M, K], weight [K, N] (any strides).
 
     ln_weight None means no LayerNorm (ln_bias None with ln_weight given means beta = 0).
     `out` (optional, [M, N], x's dtype, contiguous last dim) receives the result.
+    kv_cache (optional) = (k_cache, v_cache, slot_mapping) with contiguous caches
+    [num_blocks, block_size, H, D] in x's dtype, N = 3 H D and slot_mapping int32/int64 [M]: the
+    output's columns [C, 2C) and [2C, 3C) (C = H D) are also written to the caches at row
+    slot_mapping[m], as write_kv(k, v, k_cache, v_cache, slot_mapping) would; negative slots skip.
     """
     _check_tensor("x", x, 2)
     if x.dtype not in _DTYPES:
@@ -339,6 +368,8 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=
         raise ValueError("ln_bias given without ln_weight (ln_weight None means no LayerNorm)")
     if bias is not None:
         bias = _check_vector("bias", bias, N, device)
+    if kv_cache is not None:
+        k_cache, v_cache, slot_mapping = _check_kv_cache(kv_cache, x, N)
     if residual is not None:
         _check_matrix("residual", residual, (M, N), x.dtype, device)
         if residual.stride(1) != 1:
@@ -364,19 +395,22 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if split > 1:
         ws = torch.empty((split, M, N), dtype=torch.float32, device=device)
-        counters = _counters(device)
+        counters = arrival_counters(device, tiles)
     else:
         ws, counters = out, out   # unused (SPLIT_K=False); any valid pointer
+    if kv_cache is None:
+        k_cache = v_cache = slot_mapping = out   # unused (WRITE_KV=False)
     _ln_linear_kernel[(tiles, split)](
         x, ln_weight if ln_weight is not None else x, ln_bias if ln_bias is not None else x,
         weight, bias if bias is not None else x, residual if residual is not None else x, out, ws, counters,
+        k_cache, v_cache, slot_mapping,
         x.stride(0),
         weight.stride(0), weight.stride(1),
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
-        M, N, K, k_per_split, float(eps),
+        M, N, K, k_per_split, N // 3, float(eps),
         HAS_LN=ln_weight is not None, HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu_tanh",
-        HAS_RESIDUAL=residual is not None, SPLIT_K=split > 1,
+        HAS_RESIDUAL=residual is not None, WRITE_KV=kv_cache is not None, SPLIT_K=split > 1,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -409,15 +443,27 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-def ln_linear_ref(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None):
-    """act(LN(x) @ weight + bias) + residual in plain torch; x [M, K], weight [K, N]."""
+def ln_linear_ref(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None, kv_cache=None):
+    """act(LN(x) @ weight + bias) + residual in plain torch; x [M, K], weight [K, N]; with kv_cache,
+    the K/V columns also go to the paged caches (write_kv_columns_ref)."""
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if ln_weight is not None else x
     y = torch.addmm(bias, h, weight) if bias is not None else h @ weight
     if activation == "gelu_tanh":
         y = gelu_tanh(y)
-    return y + residual if residual is not None else y
+    y = y + residual if residual is not None else y
+    if kv_cache is not None:
+        write_kv_columns_ref(y, kv_cache)
+    return y
+
+
+def write_kv_columns_ref(qkv, kv_cache):
+    """write_kv_ref of a fused [M, 3C] QKV output's K and V columns; kv_cache = (k_cache, v_cache, slot_mapping)."""
+    k_cache, v_cache, slot_mapping = kv_cache
+    heads = k_cache.shape[2:]                                          # (H, D)
+    _, k, v = qkv.view(qkv.shape[0], 3, *heads).unbind(1)              # [M, H, D] strided views
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
 def ln_gelu_mlp_ref(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5):
@@ -433,7 +479,7 @@ def ln_gelu_mlp_ref(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj
 _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, weight_t=False, vocab=False):
+def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, kv=False, weight_t=False, vocab=False):
     """One shipped configuration, described as the JIT would specialise a real GPT-2 launch."""
     from kernels.compile_report import AotKernel
 
@@ -441,20 +487,20 @@ def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, weight_t=False,
     t = "*" + _TL_TYPES[dtype]
     signature = {
         "x_ptr": t, "ln_w_ptr": t, "ln_b_ptr": t, "w_ptr": t, "bias_ptr": t, "res_ptr": t, "out_ptr": t,
-        "ws_ptr": "*fp32", "counter_ptr": "*i32",
+        "ws_ptr": "*fp32", "counter_ptr": "*i32", "k_cache_ptr": t, "v_cache_ptr": t, "slot_ptr": "*i64",
         "stride_xm": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32",
-        "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "eps": "fp32",
+        "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "kv_width": "i32", "eps": "fp32",
     }
-    constexprs = dict(HAS_LN=ln, HAS_BIAS=bias, APPLY_GELU=gelu, HAS_RESIDUAL=residual, SPLIT_K=split,
+    constexprs = dict(HAS_LN=ln, HAS_BIAS=bias, APPLY_GELU=gelu, HAS_RESIDUAL=residual, WRITE_KV=kv, SPLIT_K=split,
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     # the JIT turns a stride of 1 into a constexpr: [K, N] contiguous -> stride_wn = 1; wte.t() -> stride_wk = 1
     unit = "stride_wk" if weight_t else "stride_wn"
     del signature[unit]
     constexprs[unit] = 1
     aligned = ["x_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr", "ws_ptr", "counter_ptr",
-               "stride_xm", "stride_rm", "K", "k_per_split"]
+               "k_cache_ptr", "v_cache_ptr", "slot_ptr", "stride_xm", "stride_rm", "K", "k_per_split"]
     if not vocab:   # GPT-2 widths (768 ... 6400) are multiples of 16; the vocabulary 50257 is not
-        aligned += ["N", "stride_om", "stride_wk" if not weight_t else "stride_wn"]
+        aligned += ["N", "kv_width", "stride_om", "stride_wk" if not weight_t else "stride_wn"]
     elif weight_t:
         aligned += ["stride_wn"]   # = K
     return AotKernel(
@@ -467,22 +513,25 @@ def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, weight_t=False,
 def aot_kernels():
     """Every tile of `_TILES` with the epilogues the engine launches on it."""
     f16, b16, f32 = torch.float16, torch.bfloat16, torch.float32
-    qkv = dict(ln=True, bias=True, gelu=False, residual=False)     # ln_1 -> c_attn
-    fc = dict(ln=True, bias=True, gelu=True, residual=False)       # ln_2 -> c_fc + GELU
-    proj = dict(ln=False, bias=True, gelu=False, residual=True)    # c_proj + residual
-    head = dict(ln=True, bias=False, gelu=False, residual=False)   # ln_f -> LM head
+    qkv = dict(ln=True, bias=True, gelu=False, residual=False, kv=True)   # ln_1 -> c_attn + KV cache write
+    fc = dict(ln=True, bias=True, gelu=True, residual=False)              # ln_2 -> c_fc + GELU
+    proj = dict(ln=False, bias=True, gelu=False, residual=True)           # c_proj + residual
+    head = dict(ln=True, bias=False, gelu=False, residual=False)          # ln_f -> LM head
     specs = []
     for dtype in (f16, b16):
         d = _TL_TYPES[dtype]
         specs += [
-            _aot(f"ln_linear decode {d} ln+bias split-k", "decode", dtype, **qkv, split=True),
+            _aot(f"ln_linear decode {d} ln+bias+kv split-k", "decode", dtype, **qkv, split=True),
             _aot(f"ln_linear decode {d} ln+bias+gelu split-k", "decode", dtype, **fc, split=True),
             _aot(f"ln_linear decode {d} bias+residual split-k", "decode", dtype, **proj, split=True),
             _aot(f"ln_linear decode {d} lm-head wte^T", "decode", dtype, **head, split=False, weight_t=True, vocab=True),
+            _aot(f"ln_linear small {d} ln+bias+kv", "small", dtype, **qkv, split=False),
             _aot(f"ln_linear small {d} ln+bias+gelu", "small", dtype, **fc, split=False),
             _aot(f"ln_linear small {d} bias+residual", "small", dtype, **proj, split=False),
+            _aot(f"ln_linear prefill {d} ln+bias+kv", "prefill", dtype, **qkv, split=False),
             _aot(f"ln_linear prefill {d} ln+bias+gelu", "prefill", dtype, **fc, split=False),
             _aot(f"ln_linear prefill {d} bias+residual", "prefill", dtype, **proj, split=False),
+            _aot(f"ln_linear prefill_sm90 {d} ln+bias+kv", "prefill_sm90", dtype, **qkv, split=False),
             _aot(f"ln_linear prefill_sm90 {d} ln+bias+gelu", "prefill_sm90", dtype, **fc, split=False),
             _aot(f"ln_linear prefill_sm90 {d} bias+residual", "prefill_sm90", dtype, **proj, split=False),
         ]
@@ -491,6 +540,8 @@ def aot_kernels():
     ]
     specs += [
         _aot("ln_linear fp32_decode fp32 ln+bias+gelu split-k", "fp32_decode", f32, **fc, split=True),
+        _aot("ln_linear fp32_decode fp32 ln+bias+kv split-k", "fp32_decode", f32, **qkv, split=True),
+        _aot("ln_linear fp32 fp32 ln+bias+kv", "fp32", f32, **qkv, split=False),
         _aot("ln_linear fp32 fp32 ln+bias+gelu", "fp32", f32, **fc, split=False),
         _aot("ln_linear fp32 fp32 bias+residual", "fp32", f32, **proj, split=False),
     ]

@@ -1,4 +1,4 @@
-"""Paged KV cache: KV write and split-K paged decode attention.
+"""Paged KV cache: KV write and single-launch split-K paged decode attention.
 
 Cache layout: k_cache, v_cache `[num_blocks, block_size, H, D]` (last dim contiguous, the
 (block, offset) dims collapsible so that token slot s = block * block_size + offset lives at
@@ -8,7 +8,8 @@ are already written). Entries of a table row past the sequence's last used block
 anything (-1, stale ids): the kernel never reads them.
 
 write_kv: one program per token copies its `[H, D]` K and V rows (16-byte vectors along D) to
-cache slot slot_mapping[t]; a negative slot (padding) is skipped.
+cache slot slot_mapping[t]; a negative slot (padding) is skipped. (The engine's decode step does
+not launch it: fused_linear's ln_linear(..., kv_cache=...) writes K/V in the QKV GEMM's epilogue.)
 
 paged_decode_attention (flash-decoding): one query token per sequence. Grid (B, H, S): program
 (b, h, s) owns head h of sequence b and split s of its context. The context is cut into tiles of
@@ -22,14 +23,17 @@ runs of cdiv(n_tiles, S). Each program streams its run with an online softmax in
 
 Each of the tile's BLOCK_N rows keeps its own (m, l, a) over the tokens it sees (no cross-warp
 reduction inside the loop); the rows' states are combined once after the loop with the merge
-below. With S == 1 the program writes a / l straight to the output (one launch). With S > 1 it writes
-its partial (m_s, l_s, a_s) to fp32 workspaces and a merge kernel, one program per (b, h),
-combines them:
+below. With S == 1 the program writes a / l straight to the output. With S > 1 it writes its
+partial (m_s, l_s, a_s) to fp32 workspaces and arrives at the (b, h) arrival counter
+(kernels/arrival_counter.py: determinism and memory ordering are argued there); the last of the
+S programs of (b, h) to arrive loads the S partials (.cg) and combines them, in the same launch:
 
     M = max_s m_s;  w_s = 2^(m_s - M);  out = (sum_s w_s a_s) / (sum_s w_s l_s)
 
 A split whose run is empty (a short sequence batched with long ones) leaves m = -inf, l = 0,
-a = 0, so w_s = 0 and it drops out; split 0 always holds tile 0, so M is finite and L > 0.
+a = 0, so w_s = 0 and it drops out; split 0 always holds tile 0, so M is finite and L > 0. The
+merge loads the S <= MAX_SPLITS partials as one [MAX_SPLITS] / [MAX_SPLITS, HEAD_DIM] block and
+reduces it with fixed-shape tl.max / tl.sum, so the result does not depend on which split merges.
 
 The split count: the heuristic aims batch * heads * splits at ~4 waves of the GPU's SMs, bounded
 by the context's tile count (from block_tables' width: no host sync) and MAX_SPLITS.
@@ -48,8 +52,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.arrival_counter import arrival_counters, last_to_arrive
+
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 32          # the merge kernel's fixed split capacity (BLOCK_S)
+MAX_SPLITS = 32          # the merge's fixed split capacity (BLOCK_S)
 MIN_BLOCK_N = 64         # tokens per K/V tile: 64 x 64 fp16 = 8 KiB of K and 8 KiB of V per step
 WAVES = 4                # split heuristic target: batch * heads * splits ~ WAVES * SMs
 # 8 warps over a 64-token tile: 2 rows of K and V per thread (16-byte loads), ~64 registers,
@@ -95,13 +101,14 @@ def _combine_softmax_states(m, l, acc):
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counter_ptr,
     stride_qb, stride_qh,
     stride_cs, stride_ch,
     stride_tb,
     stride_ob, stride_oh,
     qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -156,38 +163,29 @@ def _paged_decode_kernel(
         m_i = m_new
 
     m, l, a = _combine_softmax_states(m_i, l_i, acc)                                   # scalar, scalar, [HEAD_DIM]
+    out_row = out_ptr + b * stride_ob + h * stride_oh + d                              # [HEAD_DIM]
     if SPLIT:
         # Unnormalised partial of split s at workspace row (b, h, s); an empty split writes the
         # neutral state (m = -inf, l = 0, a = 0).
-        row = (b * num_heads + h) * num_splits + s
+        first_row = (b * num_heads + h) * num_splits
+        row = first_row + s
         tl.store(part_acc_ptr + row.to(tl.int64) * HEAD_DIM + d, a)
         tl.store(part_max_ptr + row, tl.where(l > 0, m, -float("inf")))
         tl.store(part_sum_ptr + row, l)
+        if last_to_arrive(counter_ptr + b * num_heads + h, num_splits):
+            # The last split of (b, h) to arrive merges all of them. Split 0 is never empty, so
+            # M is finite and L > 0.
+            splits = tl.arange(0, BLOCK_S)
+            has = splits < num_splits
+            rows = first_row + splits                                                  # [BLOCK_S]
+            m_s = tl.load(part_max_ptr + rows, mask=has, other=-float("inf"), cache_modifier=".cg")  # [BLOCK_S]
+            l_s = tl.load(part_sum_ptr + rows, mask=has, other=0.0, cache_modifier=".cg")           # [BLOCK_S]
+            a_s = tl.load(part_acc_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
+                          mask=has[:, None], other=0.0, cache_modifier=".cg")          # [BLOCK_S, HEAD_DIM]
+            _, l_sum, a_sum = _combine_softmax_states(m_s, l_s, a_s)
+            tl.store(out_row, (a_sum / l_sum).to(out_ptr.dtype.element_ty))
     else:
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (a / l).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _split_merge_kernel(
-    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-    stride_ob, stride_oh,
-    num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    num_heads = tl.num_programs(1)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, HEAD_DIM)
-    has = s < num_splits
-    row = (b * num_heads + h) * num_splits + s                                         # [BLOCK_S]
-    m = tl.load(part_max_ptr + row, mask=has, other=-float("inf"))                     # [BLOCK_S]
-    l = tl.load(part_sum_ptr + row, mask=has, other=0.0)                               # [BLOCK_S]
-    a = tl.load(part_acc_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
-                mask=has[:, None], other=0.0)                                          # [BLOCK_S, HEAD_DIM]
-    # Split 0 is never empty, so M is finite and L > 0.
-    _, l_sum, a_sum = _combine_softmax_states(m, l, a)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (a_sum / l_sum).to(out_ptr.dtype.element_ty))
+        tl.store(out_row, (a / l).to(out_ptr.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +201,9 @@ def _check_float(name, t, dtype=None):
         raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} (all of q/k/v and the caches share one dtype)")
 
 
-def _check_caches(k_cache, v_cache):
+def check_caches(k_cache, v_cache):
+    """The cache contract: two float [num_blocks, block_size, H, D] tensors of one dtype, shape, strides
+    and device; contiguous last dim, collapsible (block, offset) dims, block_size and D powers of two."""
     _check_float("k_cache", k_cache)
     _check_float("v_cache", v_cache, k_cache.dtype)
     if k_cache.dim() != 4:
@@ -222,13 +222,33 @@ def _check_caches(k_cache, v_cache):
             raise ValueError(f"k_cache {name} must be a power of two, got {value}")
 
 
+def check_slot_mapping(slot_mapping, num_tokens, device):
+    """slot_mapping must be an int32/int64 [num_tokens] tensor on the cache's device."""
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_mapping must be an int32 or int64 tensor, got "
+                        f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping must be [T] = [{num_tokens}], got {tuple(slot_mapping.shape)}")
+    if slot_mapping.device != device:
+        raise ValueError(f"slot_mapping is on {slot_mapping.device}, the cache on {device}")
+
+
+def _check_context_lens_values(context_lens, max_context):
+    """Value checks read the tensor: free for host tensors, a device sync for CUDA ones, so the
+    launcher runs this on host tensors only; on a GPU the range of context_lens is a precondition
+    the runtime's block manager guarantees."""
+    if bool(((context_lens < 1) | (context_lens > max_context)).any()):
+        raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {max_context}], got "
+                         f"min {int(context_lens.min())}, max {int(context_lens.max())}")
+
+
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
     """Scatter k, v `[T, H, D]` into the caches at slot_mapping `[T]`; negative slots are skipped."""
-    _check_caches(k_cache, v_cache)
+    check_caches(k_cache, v_cache)
     _, _, num_heads, head_dim = k_cache.shape
     for name, t in (("k", k), ("v", v)):
         _check_float(name, t, k_cache.dtype)
@@ -238,13 +258,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
             raise ValueError(f"{name} is on {t.device}, the cache on {k_cache.device}")
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"k has {k.shape[0]} tokens, v has {v.shape[0]}")
-    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"slot_mapping must be an int32 or int64 tensor, got "
-                        f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
-    if slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping must be [T] = [{k.shape[0]}], got {tuple(slot_mapping.shape)}")
-    if slot_mapping.device != k_cache.device:
-        raise ValueError(f"slot_mapping is on {slot_mapping.device}, the cache on {k_cache.device}")
+    check_slot_mapping(slot_mapping, k.shape[0], k_cache.device)
     if k.shape[0] == 0:
         return
     k, v, slot_mapping = _last_dim_contiguous(k), _last_dim_contiguous(v), slot_mapping.contiguous()
@@ -281,7 +295,7 @@ def choose_num_splits(batch: int, num_heads: int, max_context: int, block_size: 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None, out=None):
     """softmax(q K^T * sm_scale) V for one query per sequence over its paged K/V; q `[B, H, D]`.
     `out` (optional, `[B, H, D]` in q's dtype, last dim contiguous) receives the result."""
-    _check_caches(k_cache, v_cache)
+    check_caches(k_cache, v_cache)
     _check_float("q", q, k_cache.dtype)
     _, block_size, num_heads, head_dim = k_cache.shape
     if q.dim() != 3 or tuple(q.shape[1:]) != (num_heads, head_dim):
@@ -301,12 +315,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     max_context = block_tables.shape[1] * block_size
-    # Value checks read the tensor: free for host tensors, a device sync for CUDA ones, so on a GPU
-    # the range of context_lens is a precondition the runtime's block manager guarantees.
     if batch and not context_lens.is_cuda:
-        if bool(((context_lens < 1) | (context_lens > max_context)).any()):
-            raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {max_context}], got "
-                             f"min {int(context_lens.min())}, max {int(context_lens.max())}")
+        _check_context_lens_values(context_lens, max_context)
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_heads, max_context, block_size, _num_sms(q.device))
     elif not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
@@ -328,27 +338,20 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
         part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_max = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
+        counters = arrival_counters(q.device, batch * num_heads)
     else:
-        part_acc = part_max = part_sum = out  # unused: SPLIT=False writes out directly
+        part_acc = part_max = part_sum = counters = out  # unused: SPLIT=False writes out directly
     _paged_decode_kernel[(batch, num_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, part_acc, part_max, part_sum,
+        out, part_acc, part_max, part_sum, counters,
         q.stride(0), q.stride(1),
         k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         scale * LOG2E,
-        BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size), HEAD_DIM=head_dim, SPLIT=split,
+        BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size), HEAD_DIM=head_dim, SPLIT=split, BLOCK_S=MAX_SPLITS,
         num_warps=DECODE_WARPS,
     )
-    if split:
-        _split_merge_kernel[(batch, num_heads)](
-            part_acc, part_max, part_sum, out,
-            out.stride(0), out.stride(1),
-            num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS,
-            num_warps=4,
-        )
     return out
 
 
@@ -420,25 +423,16 @@ def aot_kernels():
                 signature={"q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "block_tables_ptr": "*i32",
                            "context_lens_ptr": "*i32", "out_ptr": ptr,
                            "part_acc_ptr": "*fp32" if split else ptr, "part_max_ptr": "*fp32" if split else ptr,
-                           "part_sum_ptr": "*fp32" if split else ptr,
+                           "part_sum_ptr": "*fp32" if split else ptr, "counter_ptr": "*i32" if split else ptr,
                            "stride_qb": "i32", "stride_qh": "i32", "stride_cs": "i32", "stride_ch": "i32",
                            "stride_tb": "i32", "stride_ob": "i32", "stride_oh": "i32", "qk_scale": "fp32"},
-                constexprs={"BLOCK_SIZE": 16, "BLOCK_N": _block_n(16), "HEAD_DIM": 64, "SPLIT": split},
+                constexprs={"BLOCK_SIZE": 16, "BLOCK_N": _block_n(16), "HEAD_DIM": 64, "SPLIT": split,
+                            "BLOCK_S": MAX_SPLITS},
                 num_warps=DECODE_WARPS, num_stages=1,
                 # block_tables' row stride (max_blocks) is arbitrary: not aligned.
                 aligned=("q_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "context_lens_ptr", "out_ptr",
-                         "part_acc_ptr", "part_max_ptr", "part_sum_ptr",
+                         "part_acc_ptr", "part_max_ptr", "part_sum_ptr", "counter_ptr",
                          "stride_qb", "stride_qh", "stride_cs", "stride_ch", "stride_ob", "stride_oh"),
                 tensor_cores=False,
             ))
-        specs.append(AotKernel(
-            label=f"paged_split_merge_{dtype}_d64",
-            fn=_split_merge_kernel,
-            signature={"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": ptr,
-                       "stride_ob": "i32", "stride_oh": "i32", "num_splits": "i32"},
-            constexprs={"HEAD_DIM": 64, "BLOCK_S": MAX_SPLITS},
-            num_warps=4, num_stages=1,
-            aligned=("part_acc_ptr", "part_max_ptr", "part_sum_ptr", "out_ptr", "stride_ob", "stride_oh"),
-            tensor_cores=False,
-        ))
     return specs

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import kernels.fused_linear as fl
+from kernels.arrival_counter import arrival_counters
 from kernels.fused_linear import gelu_tanh, ln_gelu_mlp, ln_gelu_mlp_ref, ln_linear, ln_linear_ref
+from kernels.paged_attention import write_kv_ref
 
 FP32_RTOL = 1e-5
 FP16_FLOOR = 1e-5
@@ -132,7 +134,56 @@ def test_ln_linear_split_k(M, K, N, dtype, device):
     _check(y1, args, activation="gelu_tanh", seed=seed)
     y2 = ln_linear(**args, activation="gelu_tanh")   # counters re-armed: a second launch agrees bit for bit
     assert torch.equal(y1, y2)
-    assert int(fl._counters(y1.device).abs().sum()) == 0
+    assert int(arrival_counters(y1.device, 1).abs().sum()) == 0
+
+
+def _kv_problem(M, H, D, dtype, device, *, block_size=8, num_blocks=None):
+    """NaN-poisoned caches with room for 2M tokens, and a shuffled slot per row, some negative (padding)."""
+    num_blocks = num_blocks or -(-2 * M // block_size)
+    k_cache = torch.full((num_blocks, block_size, H, D), float("nan"), dtype=dtype, device=device)
+    slots = torch.randperm(num_blocks * block_size)[:M]
+    slots[torch.arange(M) % 4 == 1] = -1
+    return k_cache, torch.full_like(k_cache, float("nan")), slots.to(device)
+
+
+# (M, H, D, dtype, split-K?): the decode tiles with split-K (fp16 and fp32), and the non-split small
+# and fp32 tiles where a BLOCK_N column tile straddles C and 2C (C = 80, 48 with BLOCK_N = 128, 64).
+KV_CASES = [(3, 8, 64, torch.float16, True), (5, 4, 64, torch.float32, True), (1, 4, 64, torch.float32, True),
+            (97, 5, 16, torch.float16, False), (70, 3, 16, torch.float32, False)]
+
+
+@pytest.mark.parametrize("M,H,D,dtype,split", KV_CASES,
+                         ids=[f"{m}x{h}x{d}-{str(dt)[6:]}-{'split' if sp else 'nosplit'}" for m, h, d, dt, sp in KV_CASES])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_ln_linear_fused_kv_write(M, H, D, dtype, split, slot_dtype, device):
+    """ln_1 -> c_attn with kv_cache: the output as without it, and the K/V columns in the caches at
+    exactly the slotted rows, bit-equal to write_kv_ref of the output's K/V views."""
+    C = H * D
+    assert (fl._pick_config(M, 3 * C, C, dtype, 90, 132)[1] > 1) == split
+    seed = _seed()
+    args = _inputs(M, C, 3 * C, dtype, device)
+    k_cache, v_cache, slots = _kv_problem(M, H, D, dtype, device)
+    slots = slots.to(slot_dtype)
+    y = ln_linear(**args, out=_poisoned(M, 3 * C, dtype, device), kv_cache=(k_cache, v_cache, slots))
+    _check(y, args, seed=seed, activation=None)
+    k_ref, v_ref = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache, float("nan"))
+    _, k, v = y.view(M, 3, H, D).unbind(1)
+    write_kv_ref(k, v, k_ref, v_ref, slots)
+    torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
+    written = torch.zeros(k_cache.shape[0] * k_cache.shape[1], dtype=torch.bool)
+    written[slots[slots >= 0].long().cpu()] = True
+    for cache in (k_cache, v_cache):
+        rows = cache.view(-1, H, D).cpu()
+        assert not rows[written].isnan().any() and rows[~written].isnan().all()
+    # the reference honours the same contract
+    k_ref.fill_(float("nan"))
+    v_ref.fill_(float("nan"))
+    y_ref = ln_linear_ref(**args, kv_cache=(k_ref, v_ref, slots))
+    torch.testing.assert_close(k_ref.isnan(), k_cache.isnan())
+    _, k, v = y_ref.view(M, 3, H, D).unbind(1)
+    assert torch.equal(k_ref.view(-1, H, D)[slots[slots >= 0].long()], k[slots >= 0])
+    assert torch.equal(v_ref.view(-1, H, D)[slots[slots >= 0].long()], v[slots >= 0])
 
 
 @pytest.mark.parametrize("weight_view", ["transposed", "contiguous"])
@@ -229,6 +280,27 @@ def test_bad_inputs(device):
         ln_gelu_mlp(a["x"], a["ln_weight"], a["ln_bias"], torch.randn(K, 4 * K), None, torch.randn(4 * K, K + 1), None)
     with pytest.raises(ValueError, match="fc_weight"):
         ln_gelu_mlp(a["x"], a["ln_weight"], a["ln_bias"], torch.randn(K + 1, 4 * K), None, torch.randn(4 * K, K), None)
+
+
+def test_bad_kv_cache(device):
+    M, H, D = 3, 2, 8
+    a = _inputs(M, H * D, 3 * H * D, torch.float32, device)
+    kc, vc, slots = _kv_problem(M, H, D, torch.float32, device)
+    with pytest.raises(TypeError, match="kv_cache must be a tuple"):
+        ln_linear(**a, kv_cache=[kc, vc, slots])
+    with pytest.raises(ValueError, match="N = 3 \\* H \\* D"):
+        ln_linear(**{**a, "weight": a["weight"][:, :-D], "bias": None}, kv_cache=(kc, vc, slots))
+    with pytest.raises(TypeError, match="k_cache/v_cache dtype"):
+        ln_linear(**a, kv_cache=(kc.half(), vc.half(), slots))
+    with pytest.raises(ValueError, match="v_cache"):
+        ln_linear(**a, kv_cache=(kc, vc[:, :4], slots))
+    kp, vp = (torch.zeros(*kc.shape[:3], 2 * D, device=device)[..., :D] for _ in range(2))   # head rows 2D apart
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ln_linear(**a, kv_cache=(kp, vp, slots))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        ln_linear(**a, kv_cache=(kc, vc, slots[:-1]))
+    with pytest.raises(TypeError, match="slot_mapping"):
+        ln_linear(**a, kv_cache=(kc, vc, slots.float()))
 
 
 def test_empty_batch(device):
