@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from engine import cpu_linear
+from engine import torch_backend
 from engine.config import GPT2Config
 
 
@@ -44,7 +44,7 @@ class KernelOps:
 
 @dataclass(frozen=True)
 class Affine:            # a LayerNorm's or a Conv1D's parameters; Conv1D weight is [in, out]
-    weight: torch.Tensor | cpu_linear.PackedLinear   # packed for oneDNN on the CPU torch backend
+    weight: torch.Tensor | torch_backend.PackedLinear   # packed for oneDNN on the CPU torch backend
     bias: torch.Tensor | None
 
 
@@ -92,10 +92,13 @@ class PagedGPT2:
         self.config, self.backend = config, backend
         self.device, self.dtype = torch.device(device), dtype
         self.ops = KernelOps.for_backend(backend)
-        # The CPU torch backend runs its GEMMs through oneDNN on weights packed here, once.
-        pack = backend == "torch" and cpu_linear.packing_supported(self.device, dtype)
+        # The torch backend builds the paged-attention gather index once per step; on CPU it runs
+        # its GEMMs through oneDNN on weights packed here, once (engine/torch_backend.py).
+        pack = backend == "torch" and torch_backend.packing_supported(self.device, dtype)
+        if backend == "torch":
+            self.ops = dataclasses.replace(self.ops, paged_decode_attention=torch_backend.PagedDecodeAttention())
         if pack:
-            self.ops = dataclasses.replace(self.ops, ln_linear=cpu_linear.ln_linear, ln_gelu_mlp=cpu_linear.ln_gelu_mlp)
+            self.ops = dataclasses.replace(self.ops, ln_linear=torch_backend.ln_linear, ln_gelu_mlp=torch_backend.ln_gelu_mlp)
 
         def param(name: str) -> torch.Tensor:
             if name not in state_dict:
@@ -107,7 +110,7 @@ class PagedGPT2:
 
         def conv1d(prefix: str) -> Affine:
             weight = param(prefix + ".weight")
-            return Affine(cpu_linear.PackedLinear.from_conv1d(weight) if pack else weight, param(prefix + ".bias"))
+            return Affine(torch_backend.PackedLinear.from_conv1d(weight) if pack else weight, param(prefix + ".bias"))
 
         # wte and wpe stacked in one table so that one embedding_bag computes wte[id] + wpe[pos].
         self.embedding = torch.cat([param("wte.weight"), param("wpe.weight")])      # [V + n_positions, C]
@@ -121,11 +124,11 @@ class PagedGPT2:
         # GEMM reads W column-major, which tl.dot handles).
         head = param("lm_head.weight") if "lm_head.weight" in state_dict else self.embedding[:config.vocab_size]
         if pack:
-            self.lm_head = cpu_linear.PackedLinear.from_out_in(head)
+            self.lm_head = torch_backend.PackedLinear.from_out_in(head)
         else:
             self.lm_head = head.t().contiguous() if self.device.type == "cpu" else head.t()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """fp32 logits [N, V] for the rows in step.logits_indices (all rows when None)."""
         ops, cfg = self.ops, self.config
