@@ -287,7 +287,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-results", help="directory for results.json, results.md, decode_tokens_per_s.png")
 
 
+def _check_arguments(args) -> None:
+    if args.batch_sizes is not None and min(args.batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    if args.prompt_len < 1:
+        raise ValueError(f"--prompt-len must be positive, got {args.prompt_len}")
+    if args.new_tokens < 3:
+        raise ValueError(f"--new-tokens must be at least 3 (decode speed is timed between steps), got {args.new_tokens}")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be positive, got {args.repeats}")
+
+
 def main(args) -> int:
+    _check_arguments(args)
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.batch_sizes = args.batch_sizes or ([1, 8, 32, 64, 128, 256] if on_gpu else [1, 8, 32])
     args.repeats = args.repeats or (3 if on_gpu else 1)

@@ -69,15 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        from engine import bench
+    try:
+        if args.command == "bench":
+            from engine import bench
 
-        return bench.main(args)
-    if args.command == "generate":
-        return _generate(args)
-    from kernels import compile_report
+            return bench.main(args)
+        if args.command == "generate":
+            return _generate(args)
+        from kernels import compile_report
 
-    return compile_report.main(["--filter", args.filter] + (["--json", args.json] if args.json else []))
+        return compile_report.main(["--filter", args.filter] + (["--json", args.json] if args.json else []))
+    except (FileNotFoundError, ValueError, TypeError) as exc:  # bad input: the message says what is wrong
+        print(f"gpt2-engine {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

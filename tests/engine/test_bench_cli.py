@@ -34,3 +34,12 @@ def test_roofline_counts_weights_once_and_kv_per_token():
     per_token_kv = decode_bytes_per_step(config, torch.float16, 1, 1) - weights_fp16
     assert per_token_kv == 2 * 12 * 768 * 2  # K and V, 12 layers, 768 wide, 2 bytes
     assert flops_per_token(config, 0) == 2 * (124_439_808 - 1024 * 768)
+
+
+def test_cli_reports_bad_input_as_an_error_line(capsys, tmp_path):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert main(["bench", "--batch-sizes", "0"]) == 2
+    assert "--batch-sizes must be positive" in capsys.readouterr().err
+    assert main(["bench", "--new-tokens", "1"]) == 2
+    assert "--new-tokens" in capsys.readouterr().err
