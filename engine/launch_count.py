@@ -56,12 +56,18 @@ class _TorchOpCounter(TorchDispatchMode):
         self.ops, self.syncs, self.paused = Counter(), 0, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if not self.paused:
             if func is _aten._local_scalar_dense.default:
                 self.syncs += 1
+            elif func.overloadpacket is _aten.to:
+                # under inference_mode a dtype conversion arrives as aten.to (a possible alias, so
+                # flagged a view): it launches a copy kernel whenever it returns a new tensor
+                if out is not args[0]:
+                    self.ops["to"] += 1
             elif not func.is_view and func not in NOT_LAUNCHES:
                 self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 @contextlib.contextmanager
