@@ -1,5 +1,11 @@
 """Triton kernels of gpt2-engine. Each family has a launcher and a plain-torch `<name>_ref` twin
 with the same signature; the engine calls kernels only through these names."""
+import os
+
+# Keep Triton 3.9's current default (fused multiply-add in kernels) explicitly: 3.10 will change it,
+# and 3.9 warns on every compile until it is set.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 from kernels.flash_attention import flash_attention, flash_attention_ref
 from kernels.fused_linear import ln_gelu_mlp, ln_gelu_mlp_ref, ln_linear, ln_linear_ref
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref, write_kv, write_kv_ref
