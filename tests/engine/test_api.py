@@ -355,3 +355,17 @@ def test_argument_mistakes_raise_clearly():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         engine.GPT2.from_hf(tiny_hf_model(), backend="torch", max_num_batched_tokens=0)
     assert engine.GPT2.from_hf(tiny_hf_model(), backend="eager", dtype="bf16").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_gpt2_small_shape_logits_match_transformers(backend):
+    import transformers
+
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()   # the real GPT-2 small shape
+    model = engine.GPT2.from_hf(hf, backend=backend)
+    ids, mask = left_padded_batch([64, 40], hf.config.vocab_size)
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask, position_ids=_positions(mask)).logits
+    diff = (model(ids, attention_mask=mask) - expected)[mask.bool()].abs().max().item()
+    assert diff < 1e-4, f"max |logit diff| {diff:.2e}"
