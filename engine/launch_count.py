@@ -118,7 +118,7 @@ def count_decode_step(config: GPT2Config, *, batch_size: int = 2, prompt_len: in
     assert copies == [] and all(n == 1 for n in batch.num_tokens)
     step, _ = engine.prepare_step(batch)
     block_size = engine.kv_cache.shape[3]
-    num_splits = step.num_splits or choose_num_splits(batch_size, config.n_head, step.block_tables.shape[1] * block_size,
+    num_splits = choose_num_splits(batch_size, config.n_head, step.block_tables.shape[1] * block_size,
                                                       block_size)
     model.forward(step, engine.kv_cache)   # warm-up, as before a CUDA-graph capture: one-time allocations
     with count_launches() as result:        # (arrival counters) happen here; the step is idempotent

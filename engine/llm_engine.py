@@ -132,7 +132,7 @@ class LLMEngine:
         bm = self.block_manager
         items = sorted(zip(batch.seqs, batch.num_tokens), key=lambda item: item[1] == 1)
         ids, positions, slots, logits_indices, samplers = [], [], [], [], []
-        cu_q, cu_k, key_slots, tables, context_lens = [0], [0], [], [], []
+        cu_q, cu_k, prefill_seqs, tables, context_lens = [0], [0], [], [], []
         has_prefix, num_prefill = False, 0
         for seq, num_tokens in items:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
@@ -143,7 +143,7 @@ class LLMEngine:
                 num_prefill += num_tokens
                 cu_q.append(cu_q[-1] + num_tokens)
                 cu_k.append(cu_k[-1] + end)
-                key_slots += (bm.slot(seq.seq_id, p) for p in range(end))
+                prefill_seqs.append((seq.seq_id, end))
                 has_prefix |= start > 0
             else:
                 tables.append(bm.block_tables[seq.seq_id])
@@ -151,10 +151,12 @@ class LLMEngine:
             if end == len(seq.token_ids):
                 logits_indices.append(len(ids) - 1)
                 samplers.append(seq)
+        # keys of every prefill sequence read back from the cache: needed only when a chunk has a prefix
+        key_slots = [bm.slot(seq_id, p) for seq_id, end in prefill_seqs for p in range(end)] if has_prefix else None
         step = pack_step(self.model.config.vocab_size, self.model.device, token_ids=ids, positions=positions,
                          num_prefill_tokens=num_prefill, slot_mapping=slots,
                          cu_seqlens_q=cu_q if num_prefill else None,
-                         cu_seqlens_k=cu_k if has_prefix else None, key_slots=key_slots if has_prefix else None,
+                         cu_seqlens_k=cu_k if has_prefix else None, key_slots=key_slots,
                          block_tables=tables or None, context_lens=context_lens or None,
                          logits_indices=None if len(logits_indices) == len(ids) else logits_indices)
         return step, samplers

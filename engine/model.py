@@ -83,7 +83,6 @@ class StepInputs:
     block_tables: torch.Tensor | None = None    # int32 [Bd, max_blocks] decode rows
     context_lens: torch.Tensor | None = None    # int32 [Bd]
     logits_indices: torch.Tensor | None = None  # int64 [N]; None = every row
-    num_splits: int | None = None               # paged attention split count (fixed for CUDA graphs)
 
 
 class PagedGPT2:
@@ -171,8 +170,7 @@ class PagedGPT2:
                 k, v = k[:p], v[:p]
             parts.append(self.ops.flash_attention(q[:p], k, v, step.cu_seqlens_q, cu_seqlens_k=step.cu_seqlens_k))
         if p < q.shape[0]:
-            parts.append(self.ops.paged_decode_attention(q[p:], k_cache, v_cache, step.block_tables, step.context_lens,
-                                                         num_splits=step.num_splits))
+            parts.append(self.ops.paged_decode_attention(q[p:], k_cache, v_cache, step.block_tables, step.context_lens))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -78,7 +78,6 @@ Limits: x [M, K] with a contiguous last dim (any row stride); weight [K, N] with
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
