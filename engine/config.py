@@ -38,6 +38,19 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def check_prompt(self, prompt_token_ids: list[int], max_new_tokens: int = 0) -> None:
+        """The one check of a prompt against the model: token ids in the vocabulary, and the
+        prompt plus max_new_tokens within the context."""
+        if len(prompt_token_ids) == 0:
+            raise ValueError("prompt is empty: give at least one token id")
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_token_ids) + max_new_tokens > self.n_positions:
+            asked = f" + max_new_tokens={max_new_tokens}" if max_new_tokens else ""
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens{asked} exceeds the model's context "
+                             f"(n_positions={self.n_positions})")
+
     @property
     def num_parameters(self) -> int:
         """Parameter count with the LM head tied to wte (as GPT-2 stores it)."""
