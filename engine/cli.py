@@ -1,4 +1,4 @@
-"""The `gpt2-engine` command: bench, generate, kernels."""
+"""The `gpt2-engine` command: bench (and bench serve), generate, serve, kernels."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", default=None, help="directory with encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json")
     gen.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
 
+    from engine.server import serve
+
+    serve_parser = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching; Ray Serve replicas)",
+                                  description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_arguments(serve_parser)
+
     kern = sub.add_parser("kernels", help="ahead-of-time compile report of every kernel for sm_80 and sm_90")
     kern.add_argument("--filter", default="", help="only configurations whose label contains this text")
     kern.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -68,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:   # the serving load generator has its own flags
+        from engine import bench_serve
+
+        return bench_serve.main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "bench":
@@ -76,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             return bench.main(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            from engine.server import serve
+
+            return serve.main(args)
         from kernels import compile_report
 
         return compile_report.main(["--filter", args.filter] + (["--json", args.json] if args.json else []))
