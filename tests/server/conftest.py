@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,17 +47,23 @@ def model(checkpoint):
 
 
 class ServerProcess:
-    """`python -m engine.cli serve ... --port 0` on 127.0.0.1; the port is read from its first line."""
+    """`python -m engine.cli serve ...` on 127.0.0.1 (by default --port 0: the port is read from the
+    line it prints). Its own session, so that stop() can end whatever it started if it hangs."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, port: int = 0):
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                       "--served-model-name", MODEL_NAME, *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT,
+                                     start_new_session=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        self.url = self._wait_listening()
+        try:
+            self.url = self._wait_listening()
+        except BaseException:
+            self.stop()
+            raise
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -72,10 +80,9 @@ class ServerProcess:
                     break
                 continue
             if "listening on " in line:
-                url = line.split("listening on ", 1)[1].strip()
+                url = line.split("listening on ", 1)[1].split()[0]
                 httpx.get(f"{url}/health", timeout=30).raise_for_status()
                 return url
-        self.stop()
         raise RuntimeError("the server did not start:\n" + "".join(self.output))
 
     def stop(self, timeout: float = 30) -> int:
@@ -84,7 +91,7 @@ class ServerProcess:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=timeout)
         return self.proc.returncode
 
@@ -94,6 +101,12 @@ def server(checkpoint):
     process = ServerProcess("--model", str(checkpoint), "--max-num-seqs", "64")
     yield process
     process.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def metric(url: str, name: str) -> float:
