@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from engine.router import RouterClosed
 from engine.server.choices import Choice
 from engine.server.metrics import ServerMetrics
 from engine.server.protocol import APIError, CompletionRequest, for_prompts, prompts_of, sampling_params
@@ -61,22 +62,28 @@ class CompletionServer:
 
     async def admit(self, prompts, params, n: int):
         """Queue the prompts as router requests, or refuse with 429 when the waiting queue is full.
-        Admissions are serialised, so concurrent requests cannot overfill the queue."""
+        With max_queue, admissions are serialised so that concurrent requests cannot overfill it."""
+        if self.max_queue is None:
+            return await asyncio.to_thread(self._add, prompts, params, n)
         async with self._admission:
-            if self.max_queue is not None:
-                stats = await asyncio.to_thread(self.router.stats)
-                if stats["num_waiting"] + n * len(prompts) > self.max_queue + max(0, self._free_seats(stats)):
-                    raise APIError(429, f"the waiting queue is full ({stats['num_waiting']} sequences waiting, "
-                                        f"max_queue={self.max_queue}); retry later", code="queue_full")
-            streams = []
-            try:
-                for prompt, p in zip(prompts, params):
-                    streams.append(await asyncio.to_thread(self.router.add, prompt.token_ids, p, n))
-            except BaseException:
-                for stream in streams:
-                    stream.close()
-                raise
-            return streams
+            stats = await asyncio.to_thread(self.router.stats)
+            if stats["num_waiting"] + n * len(prompts) > self.max_queue + max(0, self._free_seats(stats)):
+                raise APIError(429, f"the waiting queue is full ({stats['num_waiting']} sequences waiting, "
+                                    f"max_queue={self.max_queue}); retry later", code="queue_full")
+            return await asyncio.to_thread(self._add, prompts, params, n)
+
+    def _add(self, prompts, params, n: int):
+        streams = []
+        try:
+            for prompt, p in zip(prompts, params):
+                streams.append(self.router.add(prompt.token_ids, p, n))
+        except BaseException as exc:
+            for stream in streams:
+                stream.close()
+            if isinstance(exc, RouterClosed):
+                raise APIError(503, "the server is shutting down") from None
+            raise
+        return streams
 
     def _free_seats(self, stats) -> int:
         """Running slots nobody holds: a request that takes them does not wait."""
@@ -117,7 +124,8 @@ class CompletionServer:
         return [None, *chosen], [None, *top]
 
     async def pump(self, r: int, stream, n: int, choices: list[Choice], arrival: float, emit) -> None:
-        """Feed one router request's events into its choices; emit(choice_index, delta) per token.
+        """Feed one router request's events into its choices; per token emit(choice index, text delta,
+        finish_reason, new logprobs entries or None).
         Ends (closing the stream) when all its choices are finished, stop strings included."""
         last = {}
         async for event in stream:
@@ -131,7 +139,8 @@ class CompletionServer:
             choice = choices[index]
             if choice.finished:      # cut at a stop string; its sibling sequences still run
                 continue
-            emit(index, choice.push(event.token_id, event.finish_reason, event.logprob, event.top_logprobs))
+            delta = choice.push(event.token_id, event.finish_reason, event.logprob, event.top_logprobs)
+            emit(index, delta, choice.finish_reason, choice.take_logprobs())
             if all(c.finished for c in choices[r * n:(r + 1) * n]):
                 stream.close()
                 return
@@ -141,6 +150,25 @@ class CompletionServer:
         completion_tokens = sum(c.num_tokens for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _ReplicaHeader:
+    """ASGI middleware naming the process that answered (x-gpt2-engine-replica), so that clients can
+    see how Ray Serve spread them. Pure ASGI: it adds no buffering to streamed responses."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (b"x-gpt2-engine-replica", value.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -168,11 +196,7 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
         server.metrics.requests.labels(str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.middleware("http")
-    async def replica_header(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["x-gpt2-engine-replica"] = server.replica
-        return response
+    app.add_middleware(_ReplicaHeader, value=server.replica)
 
     @app.get("/health")
     async def health():
@@ -206,7 +230,7 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
         if req.stream:
             return StreamingResponse(_sse(server, request, req, head, prompts, streams, choices, arrival),
                                      media_type="text/event-stream")
-        emit = lambda index, delta: None  # noqa: E731 (the choices keep the text)
+        emit = lambda *event: None  # noqa: E731 (the choices keep the text)
         pumps = asyncio.gather(*(server.pump(r, s, req.n, choices, arrival, emit) for r, s in enumerate(streams)))
         watcher = asyncio.ensure_future(_until_disconnect(request))
         try:
@@ -235,7 +259,7 @@ async def _sse(server: CompletionServer, request: Request, req: CompletionReques
 
     async def run(r, stream):
         try:
-            await server.pump(r, stream, req.n, choices, arrival, lambda index, delta: queue.put_nowait((index, delta)))
+            await server.pump(r, stream, req.n, choices, arrival, lambda *event: queue.put_nowait(event))
             queue.put_nowait(_DONE)
         except Exception as exc:     # the request's error (e.g. the engine shut down): the client sees it
             queue.put_nowait(exc)
@@ -246,23 +270,23 @@ async def _sse(server: CompletionServer, request: Request, req: CompletionReques
     remaining = len(tasks)
     try:
         while remaining:
-            item = await queue.get()
-            if item is None:          # the client disconnected
-                return
-            if item is _DONE:
-                remaining -= 1
-                continue
-            if isinstance(item, Exception):
-                error = APIError(500, f"{type(item).__name__}: {item}")
-                yield f"data: {json.dumps(error.body())}\n\n"
-                return
-            index, delta = item
-            choice = choices[index]
-            logprobs = choice.take_logprobs()
-            if delta or choice.finished or logprobs:
-                chunk = {**head, "choices": [{"index": index, "text": delta, "logprobs": logprobs,
-                                              "finish_reason": choice.finish_reason}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
+            items = [await queue.get()]
+            while not queue.empty():       # send what has piled up in one write
+                items.append(queue.get_nowait())
+            events = []
+            for item in items:
+                if item is None:           # the client disconnected
+                    return
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    error = APIError(500, f"{type(item).__name__}: {item}")
+                    yield "".join(events) + f"data: {json.dumps(error.body())}\n\n"
+                    return
+                else:
+                    events.append(_chunk(head, *item))
+            if any(events):
+                yield "".join(events)
         if req.include_usage:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': server.usage(prompts, choices)})}\n\n"
         yield "data: [DONE]\n\n"
@@ -272,3 +296,11 @@ async def _sse(server: CompletionServer, request: Request, req: CompletionReques
             task.cancel()
         for stream in streams:
             stream.close()
+
+
+def _chunk(head: dict, index: int, delta: str, finish_reason: str | None, logprobs: dict | None) -> str:
+    """The SSE event of one token of one choice ("" when it adds nothing to send)."""
+    if not (delta or finish_reason or logprobs):
+        return ""
+    body = {**head, "choices": [{"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return f"data: {json.dumps(body)}\n\n"
