@@ -137,7 +137,7 @@ class CompletionServer:
                 self.metrics.ttft.observe(now - arrival)
             last[index] = now
             choice = choices[index]
-            if choice.finished:      # cut at a stop string; its sibling sequences still run
+            if choice.finished:      # cut at a stop string while its sibling sequences still run
                 continue
             delta = choice.push(event.token_id, event.finish_reason, event.logprob, event.top_logprobs)
             emit(index, delta, choice.finish_reason, choice.take_logprobs())

@@ -74,7 +74,10 @@ class Choice:
             offset += len(decoder.decode(self.tokenizer.decode_single_token_bytes(token_id)))
 
     def push(self, token_id: int, finish_reason: str | None, logprob=None, top_logprobs=()) -> str:
-        """Take one generated token; the text delta now safe to send (maybe empty)."""
+        """Take one generated token; the text delta now safe to send (maybe empty). Tokens after the
+        choice finished (its sibling sequences still running past a stop string) are dropped."""
+        if self.finished:
+            return ""
         self.num_tokens += 1
         if self.want_logprobs:
             self.logprobs.add(token_string(self.tokenizer, token_id), logprob, self._top_dict(top_logprobs or ()),
