@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.server.serve import int_at_least
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -44,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
-    parser.add_argument("--num-prompts", type=_positive, default=64, help="requests per concurrency level (default 64)")
-    parser.add_argument("--concurrency", type=_positive, nargs="+", default=[1, 8, 32], help="requests in flight (default 1 8 32)")
-    parser.add_argument("--input-len", type=_positive, default=128, help="prompt tokens per request (default 128)")
-    parser.add_argument("--output-len", type=_positive, default=128, help="max_tokens per request (default 128)")
-    parser.add_argument("--vocab-size", type=_positive, default=50000, help="random prompt ids are drawn below this (default 50000)")
+    parser.add_argument("--num-prompts", type=int_at_least(1), default=64, help="requests per concurrency level (default 64)")
+    parser.add_argument("--concurrency", type=int_at_least(1), nargs="+", default=[1, 8, 32], help="requests in flight (default 1 8 32)")
+    parser.add_argument("--input-len", type=int_at_least(1), default=128, help="prompt tokens per request (default 128)")
+    parser.add_argument("--output-len", type=int_at_least(1), default=128, help="max_tokens per request (default 128)")
+    parser.add_argument("--vocab-size", type=int_at_least(1), default=50000, help="random prompt ids are drawn below this (default 50000)")
     parser.add_argument("--no-ignore-eos", action="store_true",
                         help="do not send vLLM's ignore_eos=true (for servers that refuse the extension)")
     parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
@@ -56,13 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--out", default=None, help="directory for results.json and results.md")
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 async def _one_request(client, url: str, payload: dict) -> RequestResult:

@@ -196,6 +196,13 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
         server.metrics.requests.labels(str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        """A request the engine could not finish (its step failed, the engine shut down) sees why."""
+        error = APIError(503, "the server is shutting down") if isinstance(exc, RouterClosed) else \
+            APIError(500, f"{type(exc).__name__}: {exc}")
+        return await api_error(request, error)
+
     app.add_middleware(_ReplicaHeader, value=server.replica)
 
     @app.get("/health")

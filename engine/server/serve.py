@@ -22,28 +22,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default 8000)")
     parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
-    parser.add_argument("--max-num-seqs", type=_positive, default=256, help="running sequences per engine (default 256)")
-    parser.add_argument("--max-queue", type=_non_negative, default=None,
+    parser.add_argument("--max-num-seqs", type=int_at_least(1), default=256, help="running sequences per engine (default 256)")
+    parser.add_argument("--max-queue", type=int_at_least(0), default=None,
                         help="sequences allowed to wait for a running slot; beyond it requests get 429 (default: no limit)")
-    parser.add_argument("--replicas", type=_positive, default=1,
+    parser.add_argument("--replicas", type=int_at_least(1), default=1,
                         help="engines behind the endpoint; > 1 runs a Ray Serve deployment (pip install gpt2-engine[ray])")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="default: triton on CUDA, torch on CPU")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum (else argparse's one-line error, exit 2)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    parse.__name__ = "integer"      # argparse names the type in "invalid integer value"
+    return parse
 
 
 def model_spec(args) -> dict:
@@ -85,6 +82,7 @@ def main(args) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(2048)     # connections made as soon as the address is printed wait in the backlog
     host, port = sock.getsockname()[:2]
     print(f"gpt2-engine serve: listening on http://{host}:{port}", flush=True)
     # uvicorn re-raises the signal that stopped it once it has drained; ignoring it then makes a
