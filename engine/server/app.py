@@ -116,7 +116,8 @@ class CompletionServer:
         """Each prompt token's logprob under the model given the tokens before it (None for the first)."""
         logits = self.model(torch.tensor([token_ids]))[0]
         log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
-        chosen = log_probs.gather(1, torch.tensor(token_ids[1:])[:, None].to(log_probs.device))[:, 0].tolist()
+        targets = torch.tensor(token_ids[1:], dtype=torch.long, device=log_probs.device)
+        chosen = log_probs.gather(1, targets[:, None])[:, 0].tolist()
         top = [()] * len(chosen)
         if k:
             values, ids = log_probs.topk(k, dim=-1)
@@ -146,7 +147,7 @@ class CompletionServer:
                 return
 
     def usage(self, prompts, choices) -> dict:
-        prompt_tokens = sum(len(p.token_ids) for p in prompts) * (len(choices) // len(prompts))
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)     # once per prompt whatever n (as vLLM)
         completion_tokens = sum(c.num_tokens for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}

@@ -65,6 +65,7 @@ def test_prompt_list_with_n_and_seed_equals_in_process_batch(client, model):
     assert [c.index for c in response.choices] == list(range(len(prompts) * n))
     assert [c.text for c in response.choices] == expected
     assert len(set(expected[:n])) > 1           # the n sequences of a prompt are distinct draws
+    assert response.usage.prompt_tokens == sum(len(model.tokenizer.encode(p)) for p in prompts)
     token_prompts = [model.tokenizer.encode(p) for p in prompts]   # the same prompts as token ids
     again = client.completions.create(model=MODEL_NAME, prompt=token_prompts, max_tokens=8, temperature=0.8,
                                       top_p=0.9, seed=7, n=n)
