@@ -73,8 +73,10 @@ def build_from_spec(spec: dict):
 
 def main(args) -> int:
     if args.replicas > 1:
-        from engine.server.ray_serve import run_replicas
-
+        try:
+            from engine.server.ray_serve import run_replicas
+        except ImportError as exc:
+            raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install 'gpt2-engine[ray]'") from None
         return run_replicas(args)
     import uvicorn
 
