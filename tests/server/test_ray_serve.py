@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import openai
 import pytest
 
 from tests.server.conftest import MODEL_NAME, ServerProcess, free_port
@@ -33,6 +34,9 @@ def test_two_replicas_share_the_load_and_answer_as_in_process(checkpoint, model)
         for i, (_, text) in enumerate(answers):
             assert text == model.generate_text(PROMPTS[i % len(PROMPTS)], max_new_tokens=24, do_sample=True,
                                                top_k=0, seed=i)[0], f"request {i}"
+        with openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", timeout=120, max_retries=0) as client:
+            stream = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True)
+            assert "".join(chunk.choices[0].text for chunk in stream) == model.generate_text(PROMPTS[0], max_new_tokens=8)[0]
         assert process.stop(timeout=90) == 0
     finally:
         process.stop()

@@ -166,6 +166,9 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
     assert metric(server.url, "gpt2_engine_kv_blocks_used") == 0
     assert metric(server.url, "gpt2_engine_num_requests_running") == 0
     assert metric(server.url, "gpt2_engine_generation_tokens_total") < 900 * 2
+    assert metric(server.url, "gpt2_engine_kv_blocks_total") > 0
+    assert metric(server.url, "gpt2_engine_time_to_first_token_seconds_count") > 0
+    assert metric(server.url, "gpt2_engine_inter_token_latency_seconds_count") > 0
 
 
 @pytest.mark.parametrize("options, param", [
