@@ -275,7 +275,7 @@ class GPT2:
 
     def generate_text(self, prompts, **kwargs) -> list[str]:
         """Continuations (without the prompt) of each prompt, num_return_sequences per prompt."""
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, bytes, bytearray)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
