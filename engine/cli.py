@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
     except SystemExit as exit_:  # --help (0), or a usage error already printed on one line (2)
         return exit_.code
     try:
+        if unknown:  # reported here, not by the top-level parser, to name the subcommand
+            raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command == "bench":
             from engine import bench
 
