@@ -54,7 +54,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     gen.add_argument("--do-sample", action="store_true", help="sample (default: greedy decoding, as in transformers)")
     gen.add_argument("--temperature", type=float, default=None,
-                     help="sampling temperature (default 1.0); 0 means greedy decoding, even with --do-sample")
+                     help="sampling temperature (default 1.0); 0 means greedy decoding, even with --do-sample "
+                          "(--top-k and --top-p are then unused)")
     gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default 50; 0 = off)")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
     gen.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty (default 1.0 = off)")
@@ -82,7 +83,8 @@ def _generation_options(args) -> dict:
     warpers = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     if warpers and not args.do_sample:
         flags = " ".join(f"{SAMPLING_FLAGS[name]} {value}" for name, value in warpers.items())
-        raise ValueError(f"{flags} applies only when sampling: add --do-sample (or use --temperature 0 for greedy decoding)")
+        verb = "applies" if len(warpers) == 1 else "apply"
+        raise ValueError(f"{flags} {verb} only when sampling: add --do-sample (or use --temperature 0 for greedy decoding)")
     return options | warpers | {"do_sample": args.do_sample}
 
 
@@ -113,7 +115,7 @@ def _generate(args) -> int:
             tokenizer = load_tokenizer(args.tokenizer)
         except (FileNotFoundError, ValueError) as exc:
             raise type(exc)(f"--tokenizer: {exc}") from exc
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
+    prompt = args.prompt if args.prompt is not None else _read_stdin_prompt()
     model = _build_model(args)
     if tokenizer is not None:
         model.tokenizer = tokenizer
@@ -128,6 +130,12 @@ def _generate(args) -> int:
         for text in model.generate_text(prompt, **options):
             print(prompt + text)
     return 0
+
+
+def _read_stdin_prompt() -> str:
+    if sys.stdin.isatty():
+        print("gpt2-engine generate: reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+    return sys.stdin.read().removesuffix("\n")  # the newline that echo and a typed line end with
 
 
 def build_parser() -> argparse.ArgumentParser:

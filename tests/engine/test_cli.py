@@ -109,7 +109,7 @@ def test_generate_random_weights_with_no_flags_and_no_network(tmp_path):
 
 @pytest.mark.parametrize("flags, phrases", [
     (["--temperature", "-1"], ["--temperature -1.0", "--do-sample"]),   # would be ignored when greedy
-    (["--top-k", "5", "--top-p", "0.5"], ["--top-k 5 --top-p 0.5", "--do-sample"]),
+    (["--top-k", "5", "--top-p", "0.5"], ["--top-k 5 --top-p 0.5 apply only when sampling", "--do-sample"]),
     (["--do-sample", "--temperature", "-1"], ["temperature", "-1"]),
     (["--do-sample", "--temperature", "nan"], ["temperature", "nan"]),
     (["--do-sample", "--top-p", "0"], ["top_p"]),
