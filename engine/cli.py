@@ -25,20 +25,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def device_argument(value: str) -> str:
-    """argparse type of --device: cpu, cuda or cuda:N, where this machine has that device."""
-    import torch
+    """argparse type of --device: the API's rule (cpu, cuda or cuda:N, where this machine has it)."""
+    from engine.api import resolve_device
 
     try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {value!r}: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"device {value!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available on this machine ({build}); use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        resolve_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
