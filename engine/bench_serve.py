@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.cli import Parser
 from engine.server.serve import int_at_least
 
 PERCENTILES = (50, 90, 99)
@@ -42,7 +43,7 @@ class RequestResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2-engine bench serve", description=__doc__,
+    parser = Parser(prog="gpt2-engine bench serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")

@@ -43,8 +43,6 @@ def run_replicas(args) -> int:
     """Deploy, print the address, serve until SIGTERM/SIGINT, then shut Serve (and a local Ray) down."""
     import ray
 
-    if args.port == 0:
-        raise ValueError("--port 0 is not supported with --replicas (Ray Serve's proxy needs a fixed port)")
     ray.init(logging_level="warning")    # RAY_ADDRESS (if set) names an existing cluster
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

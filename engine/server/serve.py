@@ -14,6 +14,8 @@ import socket
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine.cli import add_device_argument
+
     parser.add_argument("--model", default="gpt2", help="checkpoint directory or hub id (or a preset with --random-weights)")
     parser.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences allowed to wait for a running slot; beyond it requests get 429 (default: no limit)")
     parser.add_argument("--replicas", type=int_at_least(1), default=1,
                         help="engines behind the endpoint; > 1 runs a Ray Serve deployment (pip install gpt2-engine[ray])")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="default: triton on CUDA, torch on CPU")
 
@@ -73,6 +75,8 @@ def build_from_spec(spec: dict):
 
 def main(args) -> int:
     if args.replicas > 1:
+        if args.port == 0:
+            raise ValueError("--port 0 is not supported with --replicas (Ray Serve's proxy needs a fixed port)")
         try:
             from engine.server.ray_serve import run_replicas
         except ImportError as exc:
