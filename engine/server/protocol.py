@@ -43,7 +43,7 @@ class APIError(Exception):
 
 class CompletionRequest(BaseModel):
     """OpenAI's CreateCompletionRequest; unknown fields are refused (never silently ignored)."""
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
