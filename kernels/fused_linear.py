@@ -578,6 +578,7 @@ def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, kv=False, weigh
         label=label, fn=_ln_linear_kernel, signature=signature, constexprs=constexprs,
         num_warps=tile.num_warps, num_stages=tile.num_stages, aligned=tuple(a for a in aligned if a in signature),
         tensor_cores=dtype != torch.float32, wgmma_on_sm90=dtype != torch.float32 and tile.block_m >= 64,
+        vector_store=vocab,
     )
 
 
