@@ -74,18 +74,19 @@ class _Buffers:
         self.workspace = torch.empty(0, dtype=torch.float32, device=device)
         self.kept: list[torch.Tensor] = []
 
+    def _grown(self, current: torch.Tensor, numel: int, minimum: int) -> torch.Tensor:
+        """current if it holds numel elements, else a larger zeroed buffer (current is kept alive)."""
+        if current.numel() >= numel:
+            return current
+        self.kept.append(current)
+        return torch.zeros(max(minimum, 1 << (numel - 1).bit_length()), dtype=current.dtype, device=self.device)
+
     def get_counters(self, count: int) -> torch.Tensor:
-        if self.counters.numel() < count:
-            self.kept.append(self.counters)
-            self.counters = torch.zeros(max(_MIN_COUNTERS, 1 << (count - 1).bit_length()), dtype=torch.int32,
-                                        device=self.device)
+        self.counters = self._grown(self.counters, count, _MIN_COUNTERS)
         return self.counters
 
     def get_workspace(self, numel: int) -> torch.Tensor:
-        if self.workspace.numel() < numel:
-            self.kept.append(self.workspace)
-            self.workspace = torch.empty(max(_MIN_WORKSPACE, 1 << (numel - 1).bit_length()), dtype=torch.float32,
-                                         device=self.device)
+        self.workspace = self._grown(self.workspace, numel, _MIN_WORKSPACE)
         return self.workspace
 
     def rearm(self) -> None:
