@@ -8,21 +8,19 @@ from kernels import launching
 
 
 class _Recorder:
-    def __init__(self):
-        self.calls = []
+    """Records `obj[grid](*args, **kwargs)` calls and returns `returns` from them."""
+
+    def __init__(self, returns=None):
+        self.calls, self.returns = [], returns
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs)) or self.compiled
-
-    @property
-    def compiled(self):
-        return self._compiled
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs)) or self.returns
 
 
 def test_launch_caches_the_compiled_kernel_per_key(monkeypatch):
     monkeypatch.setattr(launching, "_COMPILED", {})
-    jit, compiled = _Recorder(), _Recorder()
-    jit._compiled = compiled
+    compiled = _Recorder()
+    jit = _Recorder(returns=compiled)
     args, constexprs = ("ptr", 3, 4), {"BLOCK": 16, "FLAG": True}
     launching.launch(jit, (2, 1, 1), args, constexprs, num_warps=4, num_stages=2, key="k")
     assert jit.calls == [((2, 1, 1), args, {"BLOCK": 16, "FLAG": True, "num_warps": 4, "num_stages": 2})]
