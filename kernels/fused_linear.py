@@ -72,7 +72,7 @@ One vs two launches for the MLP: two. The hidden activation round trip is M * 4C
 Tiles (kernels/launch_plan.py, read by the launcher and by aot_kernels()):
     decode   M <= 64        16 x {32,64,128} x 64, 4 warps, 4 stages, planned split-K
     batch    64 < M <= 256  64 x {32,64,128} x 64 (same BLOCK_N / BLOCK_K / split as decode)
-    small    256 < M <= 512 64 x 128 x 64, 4 warps, 4 stages (wgmma m64 on sm_90), no split
+    small    256 < M <= 512 64 x 128 x 64, 8 warps (4 spill 8 bytes on sm_80), 4 stages, no split
     prefill  M > 512        128 x 128 x 64, 8 warps; 3 stages on sm_80, 4 on sm_90. 128 x 256 tiles
                             spill (255 registers) with the residual epilogue.
     fp32     BLOCK_K 32 in the planned tiles; 64 x 64 x 32, 8 warps above M = 256 (correctness path)

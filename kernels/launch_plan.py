@@ -73,7 +73,7 @@ class GemmPlan:
 
 # Unsplit tiles (M > SPLIT_MAX_M, and every fp32 launch above it): see fused_linear's docstring.
 UNSPLIT_TILES = {
-    "small": TileConfig(64, 128, 64, 8, 4, 4),
+    "small": TileConfig(64, 128, 64, 8, 8, 4),
     "prefill": TileConfig(128, 128, 64, 8, 8, 3),        # sm_80: 82 KB smem, mma.sync
     "prefill_sm90": TileConfig(128, 128, 64, 8, 8, 4),   # sm_90: two wgmma warpgroups
     "fp32": TileConfig(64, 64, 32, 8, 8, 2),

@@ -157,7 +157,7 @@ def _paged_decode_kernel(
     k = tl.load(k_cache_ptr + kv_off, mask=live[:, None], other=0.0)                   # [BLOCK_N, HEAD_DIM]
     v = tl.load(v_cache_ptr + kv_off, mask=live[:, None], other=0.0)
     block_next = tl.load(table_row + _table_index(n + BLOCK_N, last_block, BLOCK_SIZE))  # ids of the next tile
-    for _ in range(tile_lo, tile_hi):
+    for _tile in range(tile_lo, tile_hi):
         n_next = n + BLOCK_N
         has_next = (n_next < split_end)[:, None]                                       # [BLOCK_N, 1]
         next_off = (block_next.to(tl.int64) * BLOCK_SIZE + n_next % BLOCK_SIZE)[:, None] * stride_cs + head_off
