@@ -2,18 +2,20 @@
 
 Backends: "triton" runs the runtime on our kernels (default on CUDA), "torch" the same runtime on
 each kernel's torch reference (default on CPU), "eager" the plain PyTorch baseline. The runtime
-backends serve every call through one LLMEngine, so concurrent `stream()` iterators and
-`generate()` calls (from one thread or several) are batched together: whichever consumer needs
-tokens steps the engine under a lock, and each request's events are routed to its own queue.
+backends serve every call through one request router (engine.router) in front of one LLMEngine,
+so concurrent `stream()` iterators and `generate()` calls (from one thread or several) are batched
+together.
+
+    GPT2 / server -> RequestRouter (thread, per-request queues, abort) -> LLMEngine.step():
+    Scheduler.schedule() -> ModelRunner.run(batch) -> Scheduler.postprocess(batch, tokens)
 """
 from __future__ import annotations
 
 import codecs
 import json
 import os
-import threading
 import types
-from collections import deque
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 from engine.baseline import EagerGPT2, generate_eager
 from engine.config import GPT2Config
 from engine.generation import (
-    GeneratedSequence, GenerateOptions, assemble_output, check_fits_context, check_streamer,
+    GeneratedSequence, GenerateOptions, assemble_output, check_streamer, left_pad,
     prompts_from_batch, resolve_generate_options,
 )
 from engine.weights import load_checkpoint, load_hf_model_state, random_state_dict
@@ -30,10 +32,22 @@ from engine.weights import load_checkpoint, load_hf_model_state, random_state_di
 BACKENDS = ("auto", "triton", "torch", "eager")
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """cpu, cuda or cuda:N where this machine has that device (None: cuda when available)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine ({build}); use cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -63,14 +77,18 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class GPT2:
-    """A GPT-2 model served by gpt2-engine. Build it with from_pretrained / from_config / from_hf."""
+    """A GPT-2 model served by gpt2-engine. Build it with from_pretrained / from_config / from_hf.
+
+    It constructs, converts and delegates: options become SamplingParams at this boundary
+    (engine.generation), requests go to the request router (engine.router), which steps the one
+    LLMEngine in its own thread; the eager backend runs the baseline model in the caller's thread."""
 
     def __init__(self, config: GPT2Config, state_dict: dict[str, torch.Tensor], *, device=None, dtype=None,
                  backend: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, source: str = "",
                  tokenizer_path=None, generation_config=None):
         self.config = config
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = _resolve_backend(backend, self.device)
         self.source = source                      # where the weights came from (reported by the bench)
@@ -80,18 +98,20 @@ class GPT2:
         # .to() returns the tensor itself when device and dtype already match: from_hf shares weights.
         weights = {name: t.to(device=self.device, dtype=self.dtype) for name, t in state_dict.items()}
         self._weights = weights
+        self._eager, self._router = None, None
         if self.backend == "eager":
             self._eager = EagerGPT2(config, weights)
-            self._engine = None
         else:
             from engine.llm_engine import LLMEngine
             from engine.model import PagedGPT2
+            from engine.router import RequestRouter
 
             model = PagedGPT2(config, weights, backend=self.backend, device=self.device, dtype=self.dtype)
-            self._engine = LLMEngine(model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=max_num_batched_tokens)
-            self._queues: dict[int, deque] = {}
-            self._lock = threading.RLock()   # one engine, possibly several consumer threads
+            self._router = RequestRouter(LLMEngine(model, block_size=block_size, num_blocks=num_blocks,
+                                                   max_num_seqs=max_num_seqs,
+                                                   max_num_batched_tokens=max_num_batched_tokens))
+            # the router's thread stops when this object goes away (or at interpreter exit)
+            weakref.finalize(self, self._router.shutdown)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -142,8 +162,21 @@ class GPT2:
 
     @property
     def engine(self):
-        """The LLMEngine serving this model (None on the eager backend)."""
-        return self._engine
+        """The LLMEngine serving this model (None on the eager backend). Its router steps it; drive
+        it directly only while no generate/stream call is running (benchmarks do)."""
+        return self._router.engine if self._router is not None else None
+
+    @property
+    def router(self):
+        """The RequestRouter in front of the engine (None on the eager backend): the server's entry."""
+        return self._router
+
+    def stats(self) -> dict[str, int]:
+        """num_running, num_waiting, kv_blocks_free, kv_blocks_total, num_preemptions,
+        tokens_generated, prompt_tokens, num_requests (the server's /metrics reads the same)."""
+        if self._router is None:
+            raise ValueError("stats() describes the paged runtime; the eager backend has none")
+        return self._router.stats()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The canonical weights (HF GPT-2 names without `transformer.`), on the model's device and dtype."""
@@ -151,21 +184,20 @@ class GPT2:
 
     # ---- tensors in, tensors out ----------------------------------------------------------------
 
-    @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] in fp32, like HF's .logits with positions = cumsum(mask) - 1 (so a
-        left-padded row equals the same row unpadded). Padded positions hold zeros."""
+        left-padded row equals the same row unpadded; HF's forward without position_ids would
+        instead count the padding). Padded positions hold zeros."""
         prompts = prompts_from_batch(input_ids, attention_mask, self.config)
-        input_ids = input_ids.reshape(len(prompts), -1)
-        batch, width = input_ids.shape
-        logits = torch.zeros(batch, width, self.config.vocab_size, dtype=torch.float32, device=self.device)
-        if self._engine is None:
-            mask = attention_mask.reshape(batch, width) if attention_mask is not None else torch.ones_like(input_ids)
-            ids, mask = input_ids.to(self.device), mask.to(self.device)
-            full = self._eager(ids, mask, self._eager.new_cache(batch, width)).float()
-            return torch.where(mask.bool()[..., None], full, logits)
-        for row, rows_logits in enumerate(self._engine.prompt_logits(prompts)):
-            logits[row, width - rows_logits.shape[0]:] = rows_logits
+        batch, width = len(prompts), input_ids.shape[-1]
+        with torch.inference_mode():
+            logits = torch.zeros(batch, width, self.config.vocab_size, dtype=torch.float32, device=self.device)
+            if self._eager is not None:
+                ids, mask = left_pad(prompts, width, self.device)
+                full = self._eager(ids, mask, self._eager.new_cache(batch, width)).float()
+                return torch.where(mask.bool()[..., None], full, logits)
+            for row, rows_logits in enumerate(self._router.engine.prompt_logits(prompts)):
+                logits[row, width - rows_logits.shape[0]:] = rows_logits
         return logits
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
@@ -181,68 +213,44 @@ class GPT2:
                             "(pass a generation config as generation_config=...)")
         prompts = prompts_from_batch(input_ids, attention_mask, self.config)
         options = resolve_generate_options(self.config, input_ids.shape[-1], self.generation_config, generation_config, **kwargs)
-        check_fits_context(prompts, options, self.config)
         check_streamer(options, len(prompts))
         streamer = options.streamer
+        on_token = None
         if streamer is not None:
             streamer.put(input_ids.detach().cpu())
             on_token = lambda row, token: streamer.put(torch.tensor([token]))  # noqa: E731
-        else:
-            on_token = None
         generated = self._generate_tokens(prompts, options, on_token)
         if streamer is not None:
             streamer.end()
         return assemble_output(input_ids, generated, options)
 
     def _generate_tokens(self, prompts: list[list[int]], options: GenerateOptions, on_token=None) -> list[GeneratedSequence]:
-        if self._engine is None:
+        """Each prompt's num_return_sequences continuations; on_token(row, token) as each arrives."""
+        if self._eager is not None:
+            for prompt in prompts:
+                self.config.check_prompt(prompt, options.sampling.max_new_tokens)
             with torch.inference_mode():
                 return generate_eager(self._eager, prompts, options, on_token)
         n = options.num_return_sequences
-        request_ids = [self._add_request(p, options.sampling.for_prompt(row), n) for row, p in enumerate(prompts)]
-        row_of = {(rid, i): r * n + i for r, rid in enumerate(request_ids) for i in range(n)}
-        out = [GeneratedSequence() for _ in range(len(prompts) * n)]
-        for event in self._events_of(request_ids, n):
-            row = row_of[(event.request_id, event.index)]
-            out[row].tokens.append(event.token_id)
-            if event.scores is not None:
-                out[row].scores.append(event.scores.cpu())
-            if on_token is not None:
-                on_token(row, event.token_id)
-        return out
-
-    # ---- the request router (runtime backends) ---------------------------------------------------
-
-    def _add_request(self, prompt: list[int], params, n: int) -> int:
-        with self._lock:
-            rid = self._engine.add_request(prompt, params, n=n)
-            self._queues[rid] = deque()
-        return rid
-
-    def _events_of(self, request_ids: list[int], num_sequences: int) -> Iterator:
-        """Yield the token events of these requests as they arrive, stepping the shared engine; events
-        of other requests wait in their own queues for their consumers."""
-        live = {rid: num_sequences for rid in request_ids}
+        params = [options.sampling.for_prompt(row) for row in range(len(prompts))]
+        for prompt, row_params in zip(prompts, params):   # every prompt is checked before any is queued
+            self._router.check(prompt, row_params, n)
+        streams = []
         try:
-            while live:
-                with self._lock:
-                    ready = [self._queues[rid].popleft() for rid in live for _ in range(len(self._queues[rid]))]
-                    if not ready:  # nothing waiting for us: advance everyone by one step
-                        for event in self._engine.step():
-                            self._queues[event.request_id].append(event)
-                for event in ready:
-                    yield event
-                    if event.finished:
-                        live[event.request_id] -= 1
-                        if live[event.request_id] == 0:
-                            del live[event.request_id]
-                            with self._lock:
-                                del self._queues[event.request_id]
-        finally:  # an abandoned iterator must not leave its requests running
-            with self._lock:
-                for rid in live:
-                    self._engine.abort_request(rid)
-                    self._queues.pop(rid, None)
+            streams = [self._router.add(prompt, row_params, n) for prompt, row_params in zip(prompts, params)]
+            out = [GeneratedSequence() for _ in range(len(prompts) * n)]
+            for r, stream in enumerate(streams):
+                for event in stream:
+                    row = r * n + event.index
+                    out[row].tokens.append(event.token_id)
+                    if event.scores is not None:
+                        out[row].scores.append(event.scores.cpu())
+                    if on_token is not None:
+                        on_token(row, event.token_id)
+            return out
+        finally:   # a callback that raised, Ctrl-C: the requests still running end here
+            for stream in streams:
+                stream.close()
 
     # ---- text ------------------------------------------------------------------------------------
 
@@ -260,9 +268,10 @@ class GPT2:
     def tokenizer(self, encoding) -> None:
         self._tokenizer = encoding
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text) -> list[int]:
         if not isinstance(text, str):
-            raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+            raise TypeError(f"a prompt must be a str, got {type(text).__name__}"
+                            + (" (decode bytes first, e.g. b.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""))
         if not text:
             raise ValueError("prompt is empty")
         # As transformers' GPT-2 tokenizer does, the literal "<|endoftext|>" in text is the special token.
@@ -274,13 +283,14 @@ class GPT2:
                                            user_config, **kwargs)
         if options.streamer is not None:
             raise ValueError("streamer is a generate() option; use GPT2.stream for text streaming")
-        check_fits_context(prompts, options, self.config)
         return options
 
     def generate_text(self, prompts, **kwargs) -> list[str]:
         """Continuations (without the prompt) of each prompt, num_return_sequences per prompt."""
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, bytes, bytearray)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
         if not prompts:
             raise ValueError("prompts is empty")
         token_lists = [self._encode(p) for p in prompts]
@@ -292,30 +302,39 @@ class GPT2:
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """An iterator of the continuation's text as its tokens arrive (arguments are checked now, not
         at the first next()). Several stream() iterators consumed side by side, from one thread or
-        several, are batched together by the engine (runtime backends)."""
+        several, are batched together by the engine (runtime backends). Dropping the iterator, or
+        leaving it early, aborts the request."""
         tokens = self._encode(prompt)
         options = self._text_options([tokens], kwargs)
         if options.num_return_sequences != 1:
             raise ValueError("stream() yields one sequence; num_return_sequences must be 1")
-        if self._engine is None:
+        if self._eager is not None:
             new_tokens = iter(self._generate_tokens([tokens], options)[0].tokens)
         else:
-            request = self._add_request(tokens, options.sampling, 1)
-            new_tokens = (event.token_id for event in self._events_of([request], 1))
+            self._router.check(tokens, options.sampling)
+            request = self._router.add(tokens, options.sampling)
+            return self._text_pieces((event.token_id for event in request), set(options.sampling.eos_token_ids),
+                                     on_exit=request.close)
         return self._text_pieces(new_tokens, set(options.sampling.eos_token_ids))
 
-    def _text_pieces(self, tokens: Iterator[int], eos: set[int]) -> Iterator[str]:
+    def _text_pieces(self, tokens: Iterator[int], eos: set[int], on_exit=None) -> Iterator[str]:
         """Text as tokens arrive, never splitting a UTF-8 character (its bytes may span several
-        byte-level BPE tokens); the result joins to generate_text's decode."""
+        byte-level BPE tokens); the result joins to generate_text's decode. on_exit runs when the
+        iteration ends, however it ends (an unstarted, dropped iterator aborts through the router's
+        finalizer instead)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in tokens:
-            if token not in eos:
-                piece = decoder.decode(self.tokenizer.decode_single_token_bytes(token))
-                if piece:
-                    yield piece
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
+        try:
+            for token in tokens:
+                if token not in eos:
+                    piece = decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+                    if piece:
+                        yield piece
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield tail
+        finally:
+            if on_exit is not None:
+                on_exit()
 
 
 def optimize(hf_model, *, backend: str = "auto", **runtime):

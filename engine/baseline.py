@@ -122,22 +122,22 @@ def generate_eager(model: EagerGPT2, prompts: list[list[int]], options: Generate
     logits = model(input_ids, mask[:, :width], cache)[:, -1]
     for step in range(params.max_new_tokens):
         live = [i for i, s in enumerate(seqs) if not s.finished]
-        tokens, scores = sample_next_tokens(logits[live].float(), [seqs[i] for i in live])
-        next_ids = torch.zeros((len(rows),), dtype=torch.long, device=device)
-        next_ids[live] = tokens
-        for j, i in enumerate(live):
-            token = int(tokens[j])
+        sampled = sample_next_tokens(logits[live].float(), [seqs[i] for i in live])
+        next_ids = [0] * len(rows)
+        for i, drawn in zip(live, sampled):
+            token = drawn.token_id
+            next_ids[i] = token
             seq = seqs[i]
             seq.token_ids.append(token)
             seq.num_generated += 1
             out[i].tokens.append(token)
-            if scores is not None:
-                out[i].scores.append(scores[j].cpu())
+            if drawn.scores is not None:
+                out[i].scores.append(drawn.scores.cpu())
             if on_token is not None:
                 on_token(i, token)
             seq.finished = token in params.eos_token_ids or seq.num_generated == params.max_new_tokens
         if all(s.finished for s in seqs):
             break
         mask[:, width + step] = 1
-        logits = model(next_ids[:, None], mask[:, :width + step + 1], cache)[:, -1]
+        logits = model(torch.tensor(next_ids, device=device)[:, None], mask[:, :width + step + 1], cache)[:, -1]
     return out

@@ -97,6 +97,9 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
                 value = NONE_MEANS_OFF.get(name, HF_DEFAULTS[name])
             values[name] = value
 
+    if prompt_length >= config.n_positions:
+        raise ValueError(f"the prompt of {prompt_length} tokens fills the model's context (n_positions="
+                         f"{config.n_positions}): no room for a new token")
     max_new = values["max_new_tokens"]
     if max_new is None:  # max_length counts the (padded) prompt too
         max_new = values["max_length"] - prompt_length
@@ -109,15 +112,18 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
         min_new = max(0, values["min_length"] - prompt_length)
 
     eos = values["eos_token_id"]
+    if isinstance(eos, torch.Tensor) and eos.dim() == 1:
+        eos = eos.tolist()
     eos_ids = tuple([eos] if _is_int(eos) else (eos or []))
-    if not all(_is_int(e) for e in eos_ids):
-        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+    if not all(_is_token_id(e) for e in eos_ids):
+        raise ValueError(f"eos_token_id must be a token id (an int in [0, 2**63)) or a list of them, got {eos!r}")
     eos_ids = tuple(int(e) for e in eos_ids)
     pad = values["pad_token_id"]
     if pad is None:  # transformers falls back to the (first) eos token
         pad = eos_ids[0] if eos_ids else 0
-    if not _is_int(pad):
-        raise ValueError(f"pad_token_id must be an int, got {pad!r}")
+    if not _is_token_id(pad):
+        raise ValueError(f"pad_token_id must be a token id (an int in [0, 2**63): it is written into the int64 "
+                         f"output), got {pad!r}")
     num_return = values["num_return_sequences"]
     if not _is_int(num_return) or num_return < 1:
         raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}")
@@ -126,11 +132,12 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
         raise ValueError(f"greedy decoding (do_sample=False) without beam search does not support "
                          f"num_return_sequences={num_return}, as in transformers; pass do_sample=True")
     # Greedy decoding ignores the sampling warpers (transformers only warns), so e.g. temperature=0 is fine.
-    warpers = dict(temperature=float(values["temperature"]), top_k=int(values["top_k"]), top_p=float(values["top_p"])) \
-        if do_sample else {}
+    warpers = dict(temperature=_as_float("temperature", values["temperature"]), top_k=_as_int("top_k", values["top_k"]),
+                   top_p=_as_float("top_p", values["top_p"])) if do_sample else {}
     sampling = SamplingParams(
         max_new_tokens=_as_int("max_new_tokens", max_new), min_new_tokens=_as_int("min_new_tokens", min_new),
-        do_sample=do_sample, repetition_penalty=float(values["repetition_penalty"]), eos_token_ids=eos_ids,
+        do_sample=do_sample, repetition_penalty=_as_float("repetition_penalty", values["repetition_penalty"]),
+        eos_token_ids=eos_ids,
         seed=None if values["seed"] is None else _as_int("seed", values["seed"]),
         output_scores=bool(values["output_scores"]), **warpers,
     )
@@ -144,14 +151,31 @@ def _is_int(value) -> bool:
     return hasattr(value, "__index__") and not isinstance(value, bool)
 
 
+def _is_token_id(value) -> bool:
+    return _is_int(value) and 0 <= int(value) < 2**63
+
+
 def _as_int(name: str, value) -> int:
     if not _is_int(value):
         raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     return int(value)
 
 
+def _as_float(name: str, value) -> float:
+    if isinstance(value, bool) or not _is_real_scalar(value):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _is_real_scalar(value) -> bool:
+    """numpy and 0-d torch real numbers."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+    return hasattr(value, "__float__") and not isinstance(value, (str, bytes, complex))
+
+
 def prompts_from_batch(input_ids, attention_mask, config: GPT2Config) -> list[list[int]]:
-    """Validate a transformers-style batch and strip its left padding."""
+    """Validate a transformers-style batch (any integer dtype) and strip its left padding."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
@@ -164,11 +188,14 @@ def prompts_from_batch(input_ids, attention_mask, config: GPT2Config) -> list[li
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-    mask = attention_mask.detach().cpu().long()
-    if not bool(((mask == 0) | (mask == 1)).all()):
+    mask = attention_mask.detach().cpu()
+    if not bool(((mask == 0) | (mask == 1)).all()):     # checked before any cast: 0.5 must not become 0
         raise ValueError("attention_mask must hold only 0 and 1")
+    mask = mask.long()
     ids = input_ids.detach().cpu().long()
     prompts = []
     for row in range(ids.shape[0]):
@@ -177,22 +204,20 @@ def prompts_from_batch(input_ids, attention_mask, config: GPT2Config) -> list[li
             raise ValueError(f"row {row} of the batch is empty (attention_mask is all zeros)")
         if bool((mask[row, ids.shape[1] - length:] == 0).any()):
             raise ValueError(f"row {row} is not left-padded: pad on the left (tokenizer padding_side='left')")
-        prompt = ids[row, ids.shape[1] - length:]
-        bad = (prompt < 0) | (prompt >= config.vocab_size)
-        if bool(bad.any()):
-            raise ValueError(f"row {row} holds token id {int(prompt[bad][0])} outside the vocabulary [0, {config.vocab_size})")
-        if length > config.n_positions:
-            raise ValueError(f"row {row} has {length} tokens, longer than the context (n_positions={config.n_positions})")
-        prompts.append(prompt.tolist())
+        prompts.append(ids[row, ids.shape[1] - length:].tolist())
+    for prompt in prompts:        # vocabulary and context: the model's one prompt check
+        config.check_prompt(prompt)
     return prompts
 
 
-def check_fits_context(prompts: list[list[int]], options: GenerateOptions, config: GPT2Config) -> None:
-    longest = max(len(p) for p in prompts)
-    if longest + options.sampling.max_new_tokens > config.n_positions:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens={options.sampling.max_new_tokens} exceeds the context "
-            f"(n_positions={config.n_positions})")
+def left_pad(prompts: list[list[int]], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 input_ids [B, width] with each prompt right-aligned, and its 0/1 attention mask."""
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def check_streamer(options: GenerateOptions, num_prompts: int) -> None:
@@ -206,11 +231,12 @@ def assemble_output(input_ids: torch.Tensor, generated: list[GeneratedSequence],
     its new tokens, padded on the right with pad_token_id to the longest."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    prompts = input_ids.repeat_interleave(options.num_return_sequences, dim=0)
+    # int64 whatever the input's integer dtype, as transformers' output (uint8 prompts, 50k-token vocab)
+    prompts = input_ids.long().repeat_interleave(options.num_return_sequences, dim=0)
     width = max(len(g.tokens) for g in generated)
-    new = torch.full((len(generated), width), options.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    new = torch.full((len(generated), width), options.pad_token_id, dtype=torch.long, device=input_ids.device)
     for row, seq in enumerate(generated):
-        new[row, :len(seq.tokens)] = torch.tensor(seq.tokens, dtype=input_ids.dtype)
+        new[row, :len(seq.tokens)] = torch.tensor(seq.tokens, dtype=torch.long)
     sequences = torch.cat([prompts, new], dim=1)
     if not options.return_dict_in_generate:
         return sequences

@@ -114,14 +114,15 @@ def count_decode_step(config: GPT2Config, *, batch_size: int = 2, prompt_len: in
     for i in range(batch_size):
         engine.add_request([(7 * i + j) % config.vocab_size for j in range(prompt_len + i)], SamplingParams(max_new_tokens=4))
     engine.step()                                                     # prefill
-    batch, copies = engine.scheduler.schedule()
-    assert copies == [] and all(n == 1 for n in batch.num_tokens)
-    step, _ = engine.prepare_step(batch)
-    block_size = engine.kv_cache.shape[3]
+    batch = engine.scheduler.schedule()
+    assert batch.block_copies == [] and all(n == 1 for n in batch.num_tokens)
+    step, _ = engine.runner.prepare_step(batch)
+    kv_cache = engine.runner.kv_cache
+    block_size = kv_cache.shape[3]
     num_splits = attention_splits(step.block_tables.shape[1] * block_size, block_size)
-    model.forward(step, engine.kv_cache)   # warm-up, as before a CUDA-graph capture: one-time allocations
+    model.forward(step, kv_cache)   # warm-up, as before a CUDA-graph capture: one-time allocations
     with count_launches() as result:        # (arrival counters) happen here; the step is idempotent
-        model.forward(step, engine.kv_cache)
+        model.forward(step, kv_cache)
     return result(num_splits)
 
 

@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+MAX_LOGPROBS = 20
 # Distinct seeds per prompt of a batch and per return sequence: seed * stride + index (mod 2^63).
 _SEED_STRIDE = 1_000_003
 
@@ -30,6 +31,7 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = ()
     seed: int | None = None    # None: drawn from torch's global RNG when the request is made
     output_scores: bool = False
+    logprobs: int | None = None   # also return the sampled token's log-probability and this many top ones
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -44,7 +46,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     def for_prompt(self, row: int) -> "SamplingParams":
         """The parameters of the row-th prompt of a batch: with a seed, each prompt gets its own
@@ -52,6 +55,16 @@ class SamplingParams:
         if self.seed is None or row == 0:
             return self
         return dataclasses.replace(self, seed=(self.seed * _SEED_STRIDE + row) % 2**62)
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """One drawn token. logprob / top_logprobs are log-softmax of the model's raw logits (before
+    penalties and warpers, as vLLM reports them), present when the sequence asked for logprobs."""
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    scores: torch.Tensor | None = None     # [V] processed scores (transformers' output_scores), when asked
 
 
 class SamplingState(Protocol):
@@ -118,9 +131,8 @@ def warp_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]) ->
     return logits
 
 
-def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pick one token per row of logits [N, V] (fp32). Returns (token ids [N] int64, processed
-    scores [N, V] or None when no state asked for output_scores)."""
+def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampledToken]:
+    """Pick one token per row of logits [N, V] (fp32), one SampledToken per state."""
     if logits.shape[0] != len(states):
         raise ValueError(f"logits has {logits.shape[0]} rows for {len(states)} sequences")
     scores = logits.float().clone()
@@ -136,5 +148,35 @@ def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) ->
         # one draw per row from its own generator: a sequence's tokens depend on its seed alone
         draws = [torch.multinomial(probs[i], 1, generator=states[row].generator) for i, row in enumerate(sampled)]
         next_tokens[rows] = torch.cat(draws)
-    wants_scores = any(state.params.output_scores for state in states)
-    return next_tokens, (scores if wants_scores else None)
+    token_ids = next_tokens.tolist()     # the step's one device-to-host readback of tokens
+    logprobs = _logprobs(logits, next_tokens, states)
+    return [SampledToken(token, *logprobs.get(row, (None, None)),
+                         scores=scores[row] if state.params.output_scores else None)
+            for row, (token, state) in enumerate(zip(token_ids, states))]
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, states: Sequence[SamplingState]) -> dict:
+    """row -> (logprob of its token, its top-n (token, logprob) pairs) for the rows that ask."""
+    rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
+    if not rows:
+        return {}
+    index = torch.tensor(rows, device=logits.device)
+    log_probs = torch.log_softmax(logits[index].float(), dim=-1)
+    chosen = log_probs.gather(1, tokens[index][:, None])[:, 0].tolist()
+    width = max(states[row].params.logprobs for row in rows)
+    top_values = top_ids = [[] for _ in rows]
+    if width:
+        values, ids = log_probs.topk(width, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    return {row: (chosen[i], tuple(zip(top_ids[i], top_values[i]))[:states[row].params.logprobs])
+            for i, row in enumerate(rows)}
+
+
+def generator_states(states: Sequence[SamplingState]) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """Snapshot of the sequences' RNG states, to undo the draws of a step that fails."""
+    return [(s.generator, s.generator.get_state()) for s in states if s.generator is not None]
+
+
+def restore_generators(snapshot: list[tuple[torch.Generator, torch.Tensor]]) -> None:
+    for generator, state in snapshot:
+        generator.set_state(state)

@@ -1,20 +1,18 @@
 """Scheduler unit tests: admission order, seats, token budget, chunked prefill, preemption and
 resume, freeing."""
 from engine.block_manager import BlockManager
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler, Sequence, SequenceStatus
+from engine.sampling import SampledToken, SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
 
 
-def make_seq(seq_id: int, num_tokens: int) -> Sequence:
-    return Sequence(seq_id, seq_id, 0, list(range(num_tokens)), num_tokens, SamplingParams(), None)
+def make_seq(seq_id: int, num_tokens: int, max_new_tokens: int = 20) -> Sequence:
+    return Sequence(seq_id, seq_id, 0, list(range(num_tokens)), SamplingParams(max_new_tokens=max_new_tokens), None)
 
 
-def advance(batch, sampled_token: int = 0) -> None:
-    """What the engine does after the forward: count computed tokens, append a sampled token."""
-    for seq, n in zip(batch.seqs, batch.num_tokens):
-        seq.num_computed_tokens += n
-        if seq.num_uncomputed == 0:
-            seq.token_ids.append(sampled_token)
+def advance(scheduler, batch, sampled_token: int = 0):
+    """What the engine does after the forward: commit the step with one sampled token per draw."""
+    return scheduler.postprocess(batch, [SampledToken(sampled_token)] * len(batch.draws))
 
 
 def test_admits_first_come_first_served_within_seats():
@@ -22,7 +20,7 @@ def test_admits_first_come_first_served_within_seats():
     seqs = [make_seq(i, 5) for i in range(3)]
     for seq in seqs:
         scheduler.add(seq)
-    batch, _ = scheduler.schedule()
+    batch = scheduler.schedule()
     assert batch.seqs == seqs[:2] and batch.num_tokens == [5, 5]
     assert list(scheduler.waiting) == [seqs[2]]
 
@@ -31,36 +29,36 @@ def test_decodes_come_first_and_long_prompts_are_chunked():
     scheduler = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=6)
     first, long = make_seq(0, 3), make_seq(1, 13)
     scheduler.add(first)
-    batch, _ = scheduler.schedule()
-    advance(batch)
+    batch = scheduler.schedule()
+    advance(scheduler, batch)
     scheduler.add(long)
     chunks = []
     while long.num_uncomputed > 1 or not chunks:
-        batch, _ = scheduler.schedule()
+        batch = scheduler.schedule()
         assert batch.seqs[0] is first and batch.num_tokens[0] == 1      # the decode token, every step
         assert sum(batch.num_tokens) <= 6
         chunks.append(batch.num_tokens[1])
-        advance(batch)
+        advance(scheduler, batch)
     assert chunks == [5, 5, 3] and len(long.token_ids) == 14
 
 
 def test_preemption_requeues_the_newest_and_resume_recomputes():
     bm = BlockManager(3, 4)
     scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
-    old, new = make_seq(0, 4), make_seq(1, 4)
+    old, new = make_seq(0, 4, max_new_tokens=2), make_seq(1, 4)
     scheduler.add(old)
     scheduler.add(new)
-    batch, _ = scheduler.schedule()
-    advance(batch)                        # both have 5 tokens now, 4 computed: each needs a second block
+    batch = scheduler.schedule()
+    advance(scheduler, batch)                        # both have 5 tokens now, 4 computed: each needs a second block
     assert bm.num_free_blocks == 1
-    batch, _ = scheduler.schedule()
+    batch = scheduler.schedule()
     assert scheduler.num_preemptions == 1 and batch.seqs == [old]
     assert list(scheduler.waiting) == [new] and new.num_computed_tokens == 0 and new.status is SequenceStatus.WAITING
     assert new.token_ids == [0, 1, 2, 3, 0]                               # its generated token is kept
-    advance(batch)
-    scheduler.finish(old, "length")       # blocks come back at once, so the preempted one resumes
+    (event,) = advance(scheduler, batch)  # old's second token is its last (max_new_tokens=2)
+    assert event.finish_reason == "length" and old.status is SequenceStatus.FINISHED
     assert bm.num_free_blocks == 3
-    batch, _ = scheduler.schedule()
+    batch = scheduler.schedule()
     assert batch.seqs == [new] and batch.num_tokens == [5]                # recompute prompt + generated
 
 
@@ -70,7 +68,7 @@ def test_forked_parent_reserves_seats_for_its_children():
     parent.forks = [make_seq(2, 5), make_seq(3, 5)]
     scheduler.add(parent)
     scheduler.add(other)
-    batch, _ = scheduler.schedule()
+    batch = scheduler.schedule()
     assert batch.seqs == [parent] and list(scheduler.waiting) == [other]
 
 
@@ -78,13 +76,14 @@ def test_fork_shares_blocks_and_first_decode_copies_on_write():
     bm = BlockManager(8, 4)
     scheduler = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
     parent, child = make_seq(0, 6), make_seq(1, 6)
+    parent.forks = [child]      # a request with two return sequences
     scheduler.add(parent)
-    batch, _ = scheduler.schedule()
-    advance(batch)
-    scheduler.admit_fork(parent, child)
-    child.token_ids.append(7)
+    batch = scheduler.schedule()
+    events = advance(scheduler, batch)   # the first sample forks the child, then both draw
+    assert [(e.request_id, e.index) for e in events] == [(0, 0), (1, 0)] and not parent.forks
     assert bm.block_tables[0] == bm.block_tables[1]
-    batch, copies = scheduler.schedule()
+    batch = scheduler.schedule()
+    copies = batch.block_copies
     # the shared, partly filled last block is copied for the parent; the child then owns it alone
     assert batch.seqs == [parent, child] and copies == [(bm.block_tables[1][1], bm.block_tables[0][1])]
     assert bm.block_tables[0][0] == bm.block_tables[1][0] and bm.block_tables[0][1] != bm.block_tables[1][1]

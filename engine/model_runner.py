@@ -1,0 +1,94 @@
+"""Runs one scheduled batch on the model: owns the KV cache, applies copy-on-write block copies,
+packs the step's tokens, replays CUDA graphs for decode-only steps, and samples.
+
+    run(batch): block copies -> pack (prefill chunks first, then one-token decode rows) ->
+                forward (or graph replay) -> logits of the sampling rows -> one token per drawing
+                sequence (a request's first sample draws for all its return sequences)
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
+from engine.model import PagedGPT2, StepInputs, pack_step
+from engine.sampling import SampledToken, sample_next_tokens
+from engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: PagedGPT2, block_manager: BlockManager, *, max_num_seqs: int,
+                 use_cuda_graphs: bool | None = None):
+        self.model, cfg = model, model.config
+        self.block_manager = block_manager      # read here (tables, slots); written by the scheduler
+        self.kv_cache = allocate_kv_cache(cfg, block_manager.num_blocks, block_manager.block_size, model.dtype,
+                                          model.device)
+        if use_cuda_graphs is None:
+            use_cuda_graphs = model.device.type == "cuda" and model.backend == "triton"
+        self.graphs = None
+        if use_cuda_graphs:
+            from engine.cuda_graphs import DecodeGraphs
+            with self.on_device():
+                self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs,
+                                           -(-cfg.n_positions // block_manager.block_size))
+
+    def on_device(self):
+        """Triton launches on the current CUDA device: make it the model's (e.g. cuda:1)."""
+        return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
+        """One token for each of batch.draws."""
+        with self.on_device():
+            copy_blocks(self.kv_cache, batch.block_copies)
+            step, sampler_rows = self.prepare_step(batch)
+            if self.graphs is not None and step.num_prefill_tokens == 0 and step.logits_indices is None:
+                logits = self.graphs.run(step)
+            else:
+                logits = self.model.forward(step, self.kv_cache)
+            rows = [sampler_rows[r] for r in batch.draw_rows]
+            return sample_next_tokens(logits[rows] if rows != list(range(logits.shape[0])) else logits, batch.draws)
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        with self.on_device():
+            return self.model.prompt_logits(prompts)
+
+    def prepare_step(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int]]:
+        """The step's device inputs, prefill chunks (> 1 token) first, then the one-token rows, which
+        read their context through the block table (decode attention); and, for each of
+        batch.samplers, its row in the logits."""
+        bm = self.block_manager
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] == 1)
+        ids, positions, slots, logits_indices = [], [], [], []
+        logits_row = {}
+        cu_q, cu_k, prefill_seqs, tables, context_lens = [0], [0], [], [], []
+        has_prefix, num_prefill = False, 0
+        for i in order:
+            seq, num_tokens = batch.seqs[i], batch.num_tokens[i]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += (bm.slot(seq.seq_id, p) for p in range(start, end))
+            if num_tokens > 1:
+                num_prefill += num_tokens
+                cu_q.append(cu_q[-1] + num_tokens)
+                cu_k.append(cu_k[-1] + end)
+                prefill_seqs.append((seq.seq_id, end))
+                has_prefix |= start > 0
+            else:
+                tables.append(bm.block_tables[seq.seq_id])
+                context_lens.append(end)
+            if end == len(seq.token_ids):
+                logits_row[seq.seq_id] = len(logits_indices)
+                logits_indices.append(len(ids) - 1)
+        # keys of every prefill sequence read back from the cache: needed only when a chunk has a prefix
+        key_slots = [bm.slot(seq_id, p) for seq_id, end in prefill_seqs for p in range(end)] if has_prefix else None
+        step = pack_step(self.model.config.vocab_size, self.model.device, token_ids=ids, positions=positions,
+                         num_prefill_tokens=num_prefill, slot_mapping=slots,
+                         cu_seqlens_q=cu_q if num_prefill else None,
+                         cu_seqlens_k=cu_k if has_prefix else None, key_slots=key_slots,
+                         block_tables=tables or None, context_lens=context_lens or None,
+                         logits_indices=None if len(logits_indices) == len(ids) else logits_indices)
+        return step, [logits_row[seq.seq_id] for seq in batch.samplers]

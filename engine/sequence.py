@@ -1,0 +1,73 @@
+"""One generated sequence: its tokens, how many of them have K/V in the cache, and its lifecycle.
+
+A request with n return sequences starts as one Sequence whose `forks` are the other n - 1; they
+are forked off (sharing its KV blocks copy-on-write) at the request's first sample. The scheduler
+moves a sequence between waiting, running and finished; `Scheduler.postprocess` is the only writer
+of its progress (computed tokens, appended tokens, finish).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from engine.sampling import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: int
+    index: int                        # which of the request's return sequences
+    token_ids: list[int]              # prompt + generated so far
+    params: SamplingParams
+    generator: torch.Generator | None
+    forks: list[Sequence] = field(default_factory=list)   # return sequences to fork off at the first sample
+    num_computed_tokens: int = 0      # tokens whose K/V are in the cache
+    num_generated: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None  # "stop" (eos), "length" or "abort"
+
+    @property
+    def seats(self) -> int:
+        """Running slots this sequence takes once admitted (itself and its pending forks)."""
+        return 1 + len(self.forks)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish_reason_after(self, token: int) -> str | None:
+        """The reason appending this token would end the sequence ("stop", "length"), or None."""
+        if token in self.params.eos_token_ids:
+            return "stop"
+        if self.num_generated + 1 >= self.params.max_new_tokens:
+            return "length"
+        return None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One token of one sequence, as delivered to the request's consumer."""
+    request_id: int
+    index: int                          # which return sequence of the request
+    token_id: int
+    finish_reason: str | None           # "stop" (eos) / "length" on the sequence's last token, else None
+    logprob: float | None = None        # when the request asked for logprobs (see SampledToken)
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    scores: torch.Tensor | None = None  # [V] processed scores (HF output_scores), when asked for
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
