@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -145,14 +145,30 @@ KV_CHUNK = 128             # tokens per split: two tiles, the second prefetched 
 MAX_SPLITS = 64            # the merge's fixed capacity: contexts up to MAX_SPLITS * KV_CHUNK = 8192
 
 
+def kv_tile(block_size: int) -> int:
+    """Tokens per K/V tile of the loop: whole cache blocks."""
+    return max(KV_TILE, block_size)
+
+
 def kv_chunk(block_size: int) -> int:
-    """Tokens per split (a whole number of tiles, every tile whole cache blocks)."""
-    return max(KV_CHUNK, block_size)
+    """Tokens per split (a whole number of tiles)."""
+    return max(KV_CHUNK, kv_tile(block_size))
+
+
+def attention_plan(max_context: int, block_size: int, num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, tiles per split) for block tables holding max_context tokens: fixed KV chunks by
+    default (longer ones past MAX_SPLITS chunks), or the context cut into num_splits equal runs."""
+    tiles = _cdiv(max_context, kv_tile(block_size))
+    if num_splits is None:
+        per_split = max(kv_chunk(block_size) // kv_tile(block_size), _cdiv(tiles, MAX_SPLITS))
+    else:
+        per_split = _cdiv(tiles, num_splits)
+    return _cdiv(tiles, per_split), per_split
 
 
 def attention_splits(max_context: int, block_size: int) -> int:
-    """Chunks of the longest context a step's block tables can hold (the grid's split axis)."""
-    return max(1, _cdiv(max_context, kv_chunk(block_size)))
+    """The grid's split axis of a step whose block tables hold max_context tokens."""
+    return attention_plan(max_context, block_size)[0]
 
 
 # ---- the decode plan table (`gpt2-engine kernels --plan`) -------------------------------------------

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from kernels import checks
 from kernels.arrival_counter import buffers, guarded_launch, last_to_arrive
-from kernels.launch_plan import KV_TILE, MAX_SPLITS, attention_splits, kv_chunk
+from kernels.launch_plan import MAX_SPLITS, attention_plan, kv_tile
 from kernels.launching import aligned, launch
 
 LOG2E = 1.4426950408889634
@@ -282,21 +282,6 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
     )
 
 
-def _block_n(block_size: int) -> int:
-    return max(KV_TILE, block_size)
-
-
-def split_plan(max_context: int, block_size: int, num_splits: int | None = None) -> tuple[int, int]:
-    """(splits, tiles per split) for block tables holding max_context tokens: fixed KV chunks by
-    default (kernels/launch_plan.py), or the context cut into num_splits equal runs."""
-    tiles = -(-max_context // _block_n(block_size))
-    if num_splits is None:
-        per_split = max(kv_chunk(block_size) // _block_n(block_size), -(-tiles // MAX_SPLITS))
-    else:
-        per_split = -(-tiles // num_splits)
-    return -(-tiles // per_split), per_split
-
-
 def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, num_splits, out):
     check_caches(k_cache, v_cache)
     _check_float("q", q, k_cache.dtype)
@@ -348,13 +333,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
         batch, num_heads, head_dim = q.shape
         block_size = k_cache.shape[1]
         max_context = block_tables.shape[1] * block_size
-        splits, per_split = split_plan(max_context, block_size, num_splits)
+        splits, per_split = attention_plan(max_context, block_size, num_splits)
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
         plan = ((batch, num_heads, splits), max_context,
                 (q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
                  *((num_heads * head_dim, head_dim) if out is None else out.stride()[:2]),   # out: new contiguous or given
                  per_split, scale * LOG2E),
-                dict(BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size), HEAD_DIM=head_dim, SPLIT=splits > 1,
+                dict(BLOCK_SIZE=block_size, BLOCK_N=kv_tile(block_size), HEAD_DIM=head_dim, SPLIT=splits > 1,
                      BLOCK_S=MAX_SPLITS))
         if key is not None:
             _PLANS[key] = plan
@@ -467,7 +452,7 @@ def aot_kernels():
                            "stride_qb": "i32", "stride_qh": "i32", "stride_cs": "i32", "stride_ch": "i32",
                            "stride_tb": "i32", "stride_ob": "i32", "stride_oh": "i32", "tiles_per_split": "i32",
                            "qk_scale": "fp32"},
-                constexprs={"BLOCK_SIZE": 16, "BLOCK_N": _block_n(16), "HEAD_DIM": 64, "SPLIT": split,
+                constexprs={"BLOCK_SIZE": 16, "BLOCK_N": kv_tile(16), "HEAD_DIM": 64, "SPLIT": split,
                             "BLOCK_S": MAX_SPLITS},
                 num_warps=DECODE_WARPS, num_stages=1,
                 # block_tables' row stride (max_blocks) is arbitrary: not aligned.

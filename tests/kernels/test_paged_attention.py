@@ -16,8 +16,8 @@ from kernels.paged_attention import (
     paged_decode_attention_ref,
     write_kv,
     write_kv_ref,
-    split_plan,
 )
+from kernels.launch_plan import attention_plan
 from tests.conftest import DEVICE, REPO_ROOT
 
 
@@ -142,11 +142,11 @@ def test_paged_decode_sm_scale_and_identity_table():
 
 
 def test_split_plan_fixed_chunks():
-    assert split_plan(1024, 16) == (8, 2)          # 128-token chunks of two 64-token tiles
-    assert split_plan(64, 16) == (1, 2)            # one tile: nothing to split
-    assert split_plan(8192, 16) == (MAX_SPLITS, 2)
-    assert split_plan(1 << 20, 16)[0] <= MAX_SPLITS  # beyond 8192 tokens the chunks grow
-    assert split_plan(1024, 16, 7) == (6, 3)       # explicit: the context cut into runs of cdiv(16, 7) tiles
+    assert attention_plan(1024, 16) == (8, 2)          # 128-token chunks of two 64-token tiles
+    assert attention_plan(64, 16) == (1, 2)            # one tile: nothing to split
+    assert attention_plan(8192, 16) == (MAX_SPLITS, 2)
+    assert attention_plan(1 << 20, 16)[0] <= MAX_SPLITS  # beyond 8192 tokens the chunks grow
+    assert attention_plan(1024, 16, 7) == (6, 3)       # explicit: the context cut into runs of cdiv(16, 7) tiles
 
 
 def test_batch_invariant_split():
