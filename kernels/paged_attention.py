@@ -109,7 +109,7 @@ def _combine_softmax_states(m, l, acc):
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counter_ptr,
+    out_ptr, ws_ptr, counter_ptr,
     stride_qb, stride_qh,
     stride_cs, stride_ch,
     stride_tb,
@@ -183,6 +183,11 @@ def _paged_decode_kernel(
     if SPLIT:
         # Unnormalised partial of split s at workspace row (b, h, s); an empty split writes the
         # neutral state (m = -inf, l = 0, a = 0).
+        # workspace (fp32): acc [B * H * S, HEAD_DIM], then max [B * H * S], then sum [B * H * S]
+        num_rows = tl.num_programs(0) * num_heads * num_splits
+        part_acc_ptr = ws_ptr
+        part_max_ptr = ws_ptr + num_rows.to(tl.int64) * HEAD_DIM
+        part_sum_ptr = part_max_ptr + num_rows
         first_row = (b * num_heads + h) * num_splits
         row = first_row + s
         tl.store(part_acc_ptr + row.to(tl.int64) * HEAD_DIM + d, a)
@@ -246,9 +251,9 @@ def _check_context_lens_values(context_lens, max_context):
     """Value checks read the tensor: free for host tensors, a device sync for CUDA ones, so the
     launcher runs this on host tensors only; on a GPU the range of context_lens is a precondition
     the runtime's block manager guarantees."""
-    if bool(((context_lens < 1) | (context_lens > max_context)).any()):
-        raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {max_context}], got "
-                         f"min {int(context_lens.min())}, max {int(context_lens.max())}")
+    lo, hi = (int(v) for v in torch.aminmax(context_lens))
+    if lo < 1 or hi > max_context:
+        raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {max_context}], got min {lo}, max {hi}")
 
 
 def _last_dim_contiguous(t):
@@ -354,14 +359,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
         _check_context_lens_values(context_lens, max_context)
     if splits > 1:
         bufs = buffers(device)
-        rows = batch * num_heads * splits           # workspace: acc [rows, D], then max [rows], sum [rows]
-        acc_end = rows * constexprs["HEAD_DIM"]
-        ws = bufs.get_workspace(acc_end + 2 * rows)
-        part_acc, part_max, part_sum = ws[:acc_end], ws[acc_end:acc_end + rows], ws[acc_end + rows:]
+        ws = bufs.get_workspace(batch * num_heads * splits * (constexprs["HEAD_DIM"] + 2))
         counters = bufs.get_counters(batch * num_heads)
     else:
-        part_acc = part_max = part_sum = counters = out  # unused: SPLIT=False writes out directly
-    tensors = (q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, counters)
+        ws = counters = out  # unused: SPLIT=False writes out directly
+    tensors = (q, k_cache, v_cache, block_tables, context_lens, out, ws, counters)
     launch_key = (key, aligned(*tensors)) if key is not None and device.type == "cuda" else None
     guarded_launch(lambda: launch(_paged_decode_kernel, grid, (*tensors, *ints), constexprs, num_warps=DECODE_WARPS,
                                   num_stages=1, key=launch_key), device)
@@ -447,8 +449,7 @@ def aot_kernels():
                 fn=_paged_decode_kernel,
                 signature={"q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "block_tables_ptr": "*i32",
                            "context_lens_ptr": "*i32", "out_ptr": ptr,
-                           "part_acc_ptr": "*fp32" if split else ptr, "part_max_ptr": "*fp32" if split else ptr,
-                           "part_sum_ptr": "*fp32" if split else ptr, "counter_ptr": "*i32" if split else ptr,
+                           "ws_ptr": "*fp32" if split else ptr, "counter_ptr": "*i32" if split else ptr,
                            "stride_qb": "i32", "stride_qh": "i32", "stride_cs": "i32", "stride_ch": "i32",
                            "stride_tb": "i32", "stride_ob": "i32", "stride_oh": "i32", "tiles_per_split": "i32",
                            "qk_scale": "fp32"},
@@ -457,7 +458,7 @@ def aot_kernels():
                 num_warps=DECODE_WARPS, num_stages=1,
                 # block_tables' row stride (max_blocks) is arbitrary: not aligned.
                 aligned=("q_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "context_lens_ptr", "out_ptr",
-                         "part_acc_ptr", "part_max_ptr", "part_sum_ptr", "counter_ptr",
+                         "ws_ptr", "counter_ptr",
                          "stride_qb", "stride_qh", "stride_cs", "stride_ch", "stride_ob", "stride_oh"),
                 tensor_cores=False,
             ))
