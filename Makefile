@@ -1,11 +1,11 @@
-# Two entry points: `make bench` (the benchmark suite on the embedded default model) and
+# Entry points: `make bench` (the benchmark suite on the embedded default model) and
 # `make test` (the whole test suite). Both create or reuse .venv and install torch==2.13.0
 # (the CPU wheel here) before the package, so a fresh machine needs nothing else.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup bench test
+.PHONY: setup bench test gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
@@ -20,3 +20,9 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests benchmarks --benchmark-disable $(ARGS)
+
+# One-shot GPU check with the machine's own python3 and packages (no venv, no installs):
+# `make gpu-check OUT=dir` writes dir/results.json and dir/results.md (benchmarks/gpu_check.py).
+OUT ?= gpu-check-results
+gpu-check:
+	python3 -m benchmarks.gpu_check --out $(OUT)

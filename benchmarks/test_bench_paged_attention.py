@@ -51,14 +51,14 @@ def test_bench_paged_decode(benchmark, batch, context, paged):
 
 
 @needs_gpu
-@pytest.mark.parametrize("num_splits", [1, None], ids=["unsplit", "split-heuristic"])
+@pytest.mark.parametrize("num_splits", [1, None], ids=["unsplit", "fixed-chunks"])
 def test_bench_split_vs_unsplit_batch1(benchmark, num_splits):
     args, kv_bytes = _problem(1, 1024, paged=True, device="cuda")
     run = lambda: paged_decode_attention(*args, num_splits=num_splits)  # noqa: E731
     run()
     torch.cuda.synchronize()
     benchmark.pedantic(lambda: (run(), torch.cuda.synchronize()), rounds=200, warmup_rounds=10)
-    _record(benchmark, kv_bytes, batch=1, context=1024, num_splits=num_splits or "heuristic")
+    _record(benchmark, kv_bytes, batch=1, context=1024, num_splits=num_splits or "fixed 128-token chunks")
 
 
 def test_bench_paged_decode_reference_cpu(benchmark):

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     kern = sub.add_parser("kernels", help="ahead-of-time compile report of every kernel for sm_80 and sm_90")
     kern.add_argument("--filter", default="", help="only configurations whose label contains this text")
     kern.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    kern.add_argument("--plan", action="store_true", help="print the decode launch plan (tiles, split, programs) instead")
+    kern.add_argument("--sms", type=int, default=132, help="SM count the --plan is made for (default 132)")
     return parser
 
 
@@ -179,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             from engine.server import serve
 
             return serve.main(args)
+        if args.plan:
+            from kernels import launch_plan
+
+            return launch_plan.main(["--sms", str(args.sms)] + (["--json", args.json] if args.json else []))
         from kernels import compile_report
 
         return compile_report.main(["--filter", args.filter] + (["--json", args.json] if args.json else []))

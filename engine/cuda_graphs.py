@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from engine.model import PagedGPT2, StepInputs
+from kernels.arrival_counter import graph_buffers
 
 
 class DecodeGraphs:
@@ -34,7 +35,8 @@ class DecodeGraphs:
                 model.forward(step, kv_cache)
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            # split-K counters and workspaces private to this graph, re-armed at the start of every replay
+            with torch.cuda.graph(graph, pool=pool, stream=stream), graph_buffers(device):
                 self.logits[b] = model.forward(step, kv_cache)
             pool = graph.pool()
             self.graphs[b] = graph

@@ -31,7 +31,7 @@ from engine.model import PagedGPT2
 from engine.sampling import SamplingParams
 from engine.weights import random_state_dict
 from kernels import paged_attention
-from kernels.paged_attention import choose_num_splits
+from kernels.launch_plan import attention_splits
 
 _aten = torch.ops.aten
 NOT_LAUNCHES = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.empty_like.default,
@@ -119,8 +119,7 @@ def count_decode_step(config: GPT2Config, *, batch_size: int = 2, prompt_len: in
     step, _ = engine.runner.prepare_step(batch)
     kv_cache = engine.runner.kv_cache
     block_size = kv_cache.shape[3]
-    num_splits = choose_num_splits(batch_size, config.n_head, step.block_tables.shape[1] * block_size,
-                                                      block_size)
+    num_splits = attention_splits(step.block_tables.shape[1] * block_size, block_size)
     model.forward(step, kv_cache)   # warm-up, as before a CUDA-graph capture: one-time allocations
     with count_launches() as result:        # (arrival counters) happen here; the step is idempotent
         model.forward(step, kv_cache)

@@ -111,11 +111,21 @@ class PagedGPT2:
             weight = param(prefix + ".weight")
             return Affine(torch_backend.PackedLinear.from_conv1d(weight) if pack else weight, param(prefix + ".bias"))
 
+        def ln_then(ln: Affine, linear: Affine) -> tuple[Affine, Affine]:
+            """triton backend: the LayerNorm folded into the linear after it (kernels.fold_layernorm), the
+            LN left as Affine(None, None); other backends keep both as they are."""
+            if backend != "triton":
+                return ln, linear
+            return Affine(None, None), Affine(kernels.fold_layernorm(ln.weight, ln.bias, linear.weight, linear.bias), None)
+
+        def block(i: int) -> Block:
+            ln_1, c_attn = ln_then(affine(f"h.{i}.ln_1"), conv1d(f"h.{i}.attn.c_attn"))
+            ln_2, c_fc = ln_then(affine(f"h.{i}.ln_2"), conv1d(f"h.{i}.mlp.c_fc"))
+            return Block(ln_1, Attention(c_attn, conv1d(f"h.{i}.attn.c_proj")), ln_2, MLP(c_fc, conv1d(f"h.{i}.mlp.c_proj")))
+
         # wte and wpe stacked in one table so that one embedding_bag computes wte[id] + wpe[pos].
         self.embedding = torch.cat([param("wte.weight"), param("wpe.weight")])      # [V + n_positions, C]
-        self.h = [Block(affine(f"h.{i}.ln_1"), Attention(conv1d(f"h.{i}.attn.c_attn"), conv1d(f"h.{i}.attn.c_proj")),
-                        affine(f"h.{i}.ln_2"), MLP(conv1d(f"h.{i}.mlp.c_fc"), conv1d(f"h.{i}.mlp.c_proj")))
-                  for i in range(config.n_layer)]
+        self.h = [block(i) for i in range(config.n_layer)]
         self.ln_f = affine("ln_f")
         # LM head as a [C, V] Conv1D-layout weight: packed for oneDNN from wte [V, C] directly; other
         # CPU paths a contiguous transposed copy (x @ W with W [in, out] streams about 2x faster than
@@ -126,6 +136,9 @@ class PagedGPT2:
             self.lm_head = torch_backend.PackedLinear.from_out_in(head)
         else:
             self.lm_head = head.t().contiguous() if self.device.type == "cpu" else head.t()
+        # triton: ln_f folded into a K-major copy of the head (the folded weight keeps wte^T's strides)
+        self.ln_f, lm_head = ln_then(self.ln_f, Affine(self.lm_head, None))
+        self.lm_head = lm_head.weight
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Triton kernels of gpt2-engine. Each family has a launcher and a plain-torch `<name>_ref` twin
-with the same signature; the engine calls kernels only through these names."""
+with the same signature; the engine calls kernels only through these names. fold_layernorm
+prepares a LayerNorm + linear pair once at load for ln_linear / ln_gelu_mlp (FoldedLinear)."""
 import os
 
 # Keep Triton 3.9's current default (fused multiply-add in kernels) explicitly: 3.10 will change it,
@@ -7,11 +8,11 @@ import os
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from kernels.flash_attention import flash_attention, flash_attention_ref
-from kernels.fused_linear import ln_gelu_mlp, ln_gelu_mlp_ref, ln_linear, ln_linear_ref
+from kernels.fused_linear import FoldedLinear, fold_layernorm, ln_gelu_mlp, ln_gelu_mlp_ref, ln_linear, ln_linear_ref
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref, write_kv, write_kv_ref
 
 __all__ = [
     "flash_attention", "flash_attention_ref",
-    "ln_linear", "ln_linear_ref", "ln_gelu_mlp", "ln_gelu_mlp_ref",
+    "ln_linear", "ln_linear_ref", "ln_gelu_mlp", "ln_gelu_mlp_ref", "FoldedLinear", "fold_layernorm",
     "write_kv", "write_kv_ref", "paged_decode_attention", "paged_decode_attention_ref",
 ]

@@ -1,4 +1,5 @@
-"""Self-re-arming arrival counters: the last program of a group to arrive does the group's final step.
+"""Self-re-arming arrival counters and split-K workspaces: the last program of a group to arrive does
+the group's final step.
 
 What
     Split-K kernels (fused_linear's decode GEMM, paged_attention's flash-decoding) cut one output
@@ -31,24 +32,71 @@ Memory ordering (PTX memory model; argued, not testable on CPU)
     Re-arming: the elected program resets the counter to 0 with a relaxed exchange right after
     its election (all S arrivals have happened; nobody touches the counter again in this launch).
     The next launch on the stream starts after this one completes, and a kernel boundary orders
-    all of its memory operations, so every launch finds all counters at 0.
+    all of its memory operations, so every launch that follows a completed one finds its counters at 0.
 
-Buffers: one zeroed int32 buffer per (device, stream), shared by every kernel using counters
-    (launches on one stream run one after the other, and each leaves all counters at 0). The
-    buffer is allocated on first use, so a CUDA-graph capture must be preceded by a warm-up run on
-    the capture stream (the engine's DecodeGraphs does this); a graph records the buffer's address.
-    A launch that needs more counters than the buffer holds gets a larger buffer; the smaller one
-    is kept alive, so a graph captured with it stays valid. Two launches must not run
-    concurrently on one stream's counters (one stream serialises them).
+Counters that cannot get stuck
+    A launch that does not complete (an exception inside the interpreter's grid loop, a
+    KeyboardInterrupt between programs) would leave some counters at 1..S-1, and every later
+    split-K result on those counters would elect too early. `guarded_launch` runs a launch and, if
+    it raises anything at all, re-arms (zeroes) the buffers before re-raising. On a GPU a kernel
+    that faults poisons the whole CUDA context (every later call fails loudly), so the remaining
+    risk is sharing: two streams, or two CUDA graphs replayed concurrently, using one buffer.
+    Eager launches use one buffer per (device, stream); a CUDA-graph capture wrapped in
+    `graph_buffers(device)` gets buffers of its own, zeroed inside the capture, so every replay
+    starts with a memset node that re-arms them whatever happened before.
+
+Buffers: zeroed int32 counters and an fp32 workspace per (device, stream), shared by every kernel
+    (launches on one stream run one after the other). They are allocated on first use, so a
+    CUDA-graph capture must be preceded by a warm-up run on the capture stream or wrapped in
+    `graph_buffers`; a graph records the buffers' addresses. A launch that needs more than a buffer
+    holds gets a larger one; the smaller one is kept alive, so a graph captured with it stays valid.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-_MIN_SLOTS = 4096
-_BUFFERS: dict[tuple[str, int], list[torch.Tensor]] = {}   # (device, stream) -> buffers, the newest last
+_MIN_COUNTERS = 4096
+_MIN_WORKSPACE = 1 << 16
+
+
+class _Buffers:
+    """The counters and workspace of one stream (or one captured graph); grown, never freed."""
+
+    __slots__ = ("device", "counters", "workspace", "kept")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.counters = torch.zeros(0, dtype=torch.int32, device=device)
+        self.workspace = torch.empty(0, dtype=torch.float32, device=device)
+        self.kept: list[torch.Tensor] = []
+
+    def _grown(self, current: torch.Tensor, numel: int, minimum: int) -> torch.Tensor:
+        """current if it holds numel elements, else a larger zeroed buffer (current is kept alive)."""
+        if current.numel() >= numel:
+            return current
+        self.kept.append(current)
+        return torch.zeros(max(minimum, 1 << (numel - 1).bit_length()), dtype=current.dtype, device=self.device)
+
+    def get_counters(self, count: int) -> torch.Tensor:
+        self.counters = self._grown(self.counters, count, _MIN_COUNTERS)
+        return self.counters
+
+    def get_workspace(self, numel: int) -> torch.Tensor:
+        self.workspace = self._grown(self.workspace, numel, _MIN_WORKSPACE)
+        return self.workspace
+
+    def rearm(self) -> None:
+        for t in (self.counters, *self.kept):
+            if t.dtype == torch.int32:
+                t.zero_()
+
+
+_STREAM_BUFFERS: dict[tuple[str, int], _Buffers] = {}
+_GRAPH_SCOPE: dict[tuple[str, int], _Buffers] = {}   # (device, stream) -> buffers of the graph being captured
 
 
 @triton.jit
@@ -63,11 +111,50 @@ def last_to_arrive(counter_ptr, num_arrivals):
     return is_last
 
 
+def _key(device: torch.device) -> tuple[str, int]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return str(device), stream
+
+
+def buffers(device: torch.device) -> _Buffers:
+    """The buffers launches on `device`'s current stream use now (a graph's own while capturing in graph_buffers)."""
+    key = _key(device)
+    scoped = _GRAPH_SCOPE.get(key)
+    if scoped is not None:
+        return scoped
+    found = _STREAM_BUFFERS.get(key)
+    if found is None:
+        found = _STREAM_BUFFERS[key] = _Buffers(device)
+    return found
+
+
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """At least `count` zeroed int32 counters for launches on `device`'s current stream."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buffers = _BUFFERS.setdefault((str(device), stream), [])
-    if not buffers or buffers[-1].numel() < count:
-        size = max(_MIN_SLOTS, triton.next_power_of_2(count))
-        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return buffers[-1]
+    return buffers(device).get_counters(count)
+
+
+def guarded_launch(launch, device: torch.device) -> None:
+    """Run launch(); if it raises (a partial launch), re-arm the current buffers' counters, then re-raise."""
+    try:
+        launch()
+    except BaseException:
+        buffers(device).rearm()
+        raise
+
+
+@contextlib.contextmanager
+def graph_buffers(device: torch.device):
+    """Around a CUDA-graph capture (inside `torch.cuda.graph(...)`): the launches captured use
+    counters and workspaces private to this graph, zeroed by the graph itself at its start."""
+    device = torch.device(device)
+    key = _key(device)
+    scoped = _GRAPH_SCOPE[key] = _Buffers(device)
+    scoped.get_counters(_MIN_COUNTERS)   # allocated and zeroed inside the capture: a memset node at graph start
+    try:
+        yield scoped
+    finally:
+        del _GRAPH_SCOPE[key]
+        _KEEP_ALIVE.append(scoped)   # the graph holds raw addresses into these tensors
+
+
+_KEEP_ALIVE: list[_Buffers] = []

@@ -9,11 +9,15 @@ compiles each one for sm_80 (A100) and sm_90 (H100) with `triton.compile` and a 
     spills         STACK + LOCAL bytes (must be 0: a spill means local-memory traffic in the loop)
     shared memory  dynamic shared memory from the compiled metadata (Triton allocates it all
                    dynamically), checked against the per-block limit of the target
-    tensor cores   HMMA (mma.sync, sm_80+) / HGMMA (wgmma, sm_90) instructions in the SASS
+    tensor cores   HMMA (mma.sync, sm_80+) / HGMMA (wgmma, sm_90) instructions inside the SASS's
+                   loop bodies (the address ranges [target, branch] of backward branches), i.e. in
+                   the main loops, not in a prologue, an epilogue or a dead path
+    vector stores  STG.E.128 in the SASS, for configurations that must store 16-byte vectors (the
+                   LM head, whose odd N would otherwise force scalar stores)
 
 Run it as `gpt2-engine kernels` or `python -m kernels.compile_report`; it exits non-zero when a
-configuration fails to compile, spills, exceeds shared memory, or lacks the tensor-core
-instructions it is expected to use.
+configuration fails to compile, spills, exceeds shared memory, lacks the tensor-core instructions
+it is expected to use in its main loop, or lacks the vector stores it must make.
 """
 from __future__ import annotations
 
@@ -51,9 +55,9 @@ class AotKernel:
     num_warps: int
     num_stages: int
     aligned: tuple[str, ...] = ()
-    tensor_cores: bool = True   # the SASS must hold HMMA/HGMMA
+    tensor_cores: bool = True   # the SASS's loops must hold HMMA/HGMMA
     wgmma_on_sm90: bool = False  # on sm_90 it must be HGMMA specifically (large-tile GEMM/attention)
-    targets: tuple[int, ...] = TARGETS  # the capabilities whose launcher table ships this configuration
+    vector_store: bool = False   # the SASS must hold 16-byte global stores (STG.E.128)
 
 
 @dataclass
@@ -64,6 +68,8 @@ class ReportRow:
     spill_bytes: int = 0
     shared_bytes: int = 0
     tensor_core_ops: str = "-"
+    mma_in_loops: int = 0
+    mma_total: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -116,19 +122,37 @@ def inspect_kernel(spec: AotKernel, capability: int) -> ReportRow:
     row.registers = int(fields.get("REG", 0))
     row.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
     row.shared_bytes = max(int(compiled.metadata.shared), int(fields.get("SHARED", 0)))
-    hgmma = len(re.findall(r"\bHGMMA\.", sass))
-    hmma = len(re.findall(r"\bHMMA\.", sass))
-    row.tensor_core_ops = f"HGMMA x{hgmma}" if hgmma else (f"HMMA x{hmma}" if hmma else "none")
+    hgmma, hmma = (mma_counts(sass, op) for op in ("HGMMA", "HMMA"))
+    kind, (in_loops, total) = ("HGMMA", hgmma) if hgmma[1] else ("HMMA", hmma)
+    row.mma_in_loops, row.mma_total = in_loops, total
+    row.tensor_core_ops = f"{kind} {in_loops}/{total} in loops" if total else "none"
 
     if row.spill_bytes:
         row.problems.append(f"{row.spill_bytes} bytes spilled")
     if row.shared_bytes > MAX_SHARED_BYTES[capability]:
         row.problems.append(f"shared memory {row.shared_bytes} > {MAX_SHARED_BYTES[capability]}")
-    if spec.tensor_cores and not (hgmma or hmma):
-        row.problems.append("no tensor-core instructions")
-    if spec.tensor_cores and spec.wgmma_on_sm90 and capability >= 90 and not hgmma:
-        row.problems.append("no HGMMA (wgmma) on sm_90")
+    if spec.tensor_cores and not row.mma_in_loops:
+        row.problems.append("no tensor-core instructions in a loop" if row.mma_total else "no tensor-core instructions")
+    if spec.tensor_cores and spec.wgmma_on_sm90 and capability >= 90 and not hgmma[0]:
+        row.problems.append("no HGMMA (wgmma) in a loop on sm_90")
+    if spec.vector_store and not re.search(r"\bSTG\.E\.128\b", sass):
+        row.problems.append("no 16-byte vector stores")
     return row
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)")
+
+
+def mma_counts(sass: str, op: str) -> tuple[int, int]:
+    """(instructions `op` inside loop bodies, all of them) in cuobjdump SASS. A loop body is the
+    address range [target, branch] of a branch whose target lies before it (a back edge)."""
+    instructions = [(int(addr, 16), text) for addr, text in _SASS_LINE.findall(sass)]
+    loops = [(int(m.group(1), 16), addr) for addr, text in instructions
+             if (m := _BRANCH.search(text)) and int(m.group(1), 16) < addr]
+    pattern = re.compile(rf"\b{op}\.")
+    sites = [addr for addr, text in instructions if pattern.search(text)]
+    return sum(any(lo <= a <= hi for lo, hi in loops) for a in sites), len(sites)
 
 
 def shipped_kernels(modules: tuple[str, ...] = KERNEL_MODULES) -> list[AotKernel]:
@@ -139,7 +163,7 @@ def shipped_kernels(modules: tuple[str, ...] = KERNEL_MODULES) -> list[AotKernel
 
 
 def build_report(specs: list[AotKernel], targets: tuple[int, ...] = TARGETS) -> list[ReportRow]:
-    return [inspect_kernel(spec, cap) for spec in specs for cap in targets if cap in spec.targets]
+    return [inspect_kernel(spec, cap) for spec in specs for cap in targets]
 
 
 def format_table(rows: list[ReportRow]) -> str:

@@ -42,6 +42,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import checks
+from kernels.launching import aligned, launch
+
 LOG2E = 1.4426950408889634
 
 
@@ -206,8 +209,12 @@ def _arch(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def _config(arch: int, dtype: torch.dtype, head_dim: int) -> AttnConfig:
-    return _CONFIGS[(arch, dtype, max(16, triton.next_power_of_2(head_dim)))]
+    return _CONFIGS[(arch, dtype, _block_d(head_dim))]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -217,15 +224,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _check_inputs(q, k, v, cu_seqlens, cu_seqlens_k, sm_scale, out):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"flash_attention: q dtype must be float32, float16 or bfloat16, got {q.dtype}")
+        checks.tensor(name, t)
+    checks.float_tensor("q", q)
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"flash_attention: {name} dtype {t.dtype} differs from q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"flash_attention: {name} is on {t.device} but q is on {q.device}")
+        checks.same_dtype(name, t, "q", q.dtype)
+        checks.same_device(name, t, "q", q.device)
     if cu_seqlens is None:
         if cu_seqlens_k is not None:
             raise ValueError("flash_attention: cu_seqlens_k needs cu_seqlens (the packed [T, H, D] form)")
@@ -243,12 +246,10 @@ def _check_inputs(q, k, v, cu_seqlens, cu_seqlens_k, sm_scale, out):
         for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
             if cu is None:
                 continue
-            if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32:
-                raise TypeError(f"flash_attention: {name} must be an int32 tensor, got {getattr(cu, 'dtype', type(cu).__name__)}")
+            checks.int_tensor(name, cu)
             if cu.dim() != 1 or cu.shape[0] < 2:
                 raise ValueError(f"flash_attention: {name} must be [B+1] with B >= 1, got shape {tuple(cu.shape)}")
-            if cu.device != q.device:
-                raise ValueError(f"flash_attention: {name} is on {cu.device} but q is on {q.device}")
+            checks.same_device(name, cu, "q", q.device)
         if cu_seqlens_k is not None and cu_seqlens_k.shape != cu_seqlens.shape:
             raise ValueError(f"flash_attention: cu_seqlens_k shape {tuple(cu_seqlens_k.shape)} differs from cu_seqlens {tuple(cu_seqlens.shape)}")
     head_dim = q.shape[-1]
@@ -266,41 +267,64 @@ def _check_inputs(q, k, v, cu_seqlens, cu_seqlens_k, sm_scale, out):
             raise ValueError(f"flash_attention: out must have a contiguous last dim, got strides {out.stride()}")
 
 
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
+
+
+_PLANS: dict = {}
+
+
+def _plan(q, k, v, cu_seqlens, cu_seqlens_k, sm_scale, out):
+    """(grid, ints after the pointers, constexprs, warps, stages) of a validated call."""
+    head_dim = q.shape[-1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    cfg = _config(_arch(q.device), q.dtype, head_dim)
+    num_heads = q.shape[-2]
+    # strides of `out`, or of the new contiguous tensor the launcher allocates
+    out_strides = out.stride() if out is not None else tuple(math.prod(q.shape[i + 1:]) for i in range(q.dim()))
+    if cu_seqlens is None:
+        batch, seqlen = q.shape[0], q.shape[1]
+        strides = [t.stride()[:3] for t in (q, k, v)] + [out_strides[:3]]   # (b, t, h) per tensor
+        grid = (-(-seqlen // cfg.block_m), num_heads, batch)
+        num_seqs, batch_pad = batch, 1
+    else:
+        num_seqs, total = cu_seqlens.shape[0] - 1, q.shape[0]
+        strides = [(0, *t.stride()[:2]) for t in (q, k, v)] + [(0, *out_strides[:2])]
+        # sum_i cdiv(L_i, BLOCK_M) <= (T + B * (BLOCK_M - 1)) // BLOCK_M: a bound without reading cu_seqlens.
+        grid = ((total + num_seqs * (cfg.block_m - 1)) // cfg.block_m, num_heads, 1)
+        seqlen, batch_pad = 0, 1 << (num_seqs - 1).bit_length()
+    ints = (*(s for tensor_strides in strides for s in tensor_strides), num_seqs, seqlen, scale * LOG2E)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      IS_VARLEN=cu_seqlens is not None, BATCH_PAD=batch_pad, DOT_PRECISION=_dot_precision(q.dtype))
+    return grid, ints, constexprs, cfg.num_warps, cfg.num_stages
+
+
 def flash_attention(q, k, v, cu_seqlens=None, *, sm_scale=None, cu_seqlens_k=None, out=None):
     """Causal attention; see the module docstring for layouts. Returns a new contiguous tensor
     shaped like q (or writes into `out` when given: same shape/dtype/device, last dim contiguous)."""
-    _check_inputs(q, k, v, cu_seqlens, cu_seqlens_k, sm_scale, out)
-    head_dim = q.shape[-1]
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    try:
+        key = (_meta(q), _meta(k), _meta(v), _meta(cu_seqlens), _meta(cu_seqlens_k), _meta(out), sm_scale)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):   # not tensors: the checks name the culprit
+        key, plan = None, None
+    if plan is None:
+        _check_inputs(q, k, v, cu_seqlens, cu_seqlens_k, sm_scale, out)
+        plan = _plan(q, k, v, cu_seqlens, cu_seqlens_k, sm_scale, out)
+        if key is not None:
+            _PLANS[key] = plan
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
-    cfg = _config(_arch(q.device), q.dtype, head_dim)
-    num_heads = q.shape[-2]
+    grid, ints, constexprs, num_warps, num_stages = plan
     if cu_seqlens is None:
-        batch, seqlen = q.shape[0], q.shape[1]
-        strides = [t.stride()[:3] for t in (q, k, v, out)]                      # (b, t, h) per tensor
-        grid = (triton.cdiv(seqlen, cfg.block_m), num_heads, batch)
         cu_q = cu_k = q  # unread placeholders: IS_VARLEN=False never touches them
-        num_seqs, batch_pad = batch, 1
     else:
-        num_seqs, total = cu_seqlens.shape[0] - 1, q.shape[0]
-        strides = [(0, *t.stride()[:2]) for t in (q, k, v, out)]
-        # sum_i cdiv(L_i, BLOCK_M) <= (T + B * (BLOCK_M - 1)) // BLOCK_M: a bound without reading cu_seqlens.
-        grid = ((total + num_seqs * (cfg.block_m - 1)) // cfg.block_m, num_heads, 1)
-        cu_q = cu_seqlens
-        cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
-        seqlen, batch_pad = 0, triton.next_power_of_2(num_seqs)
-    _flash_attn_fwd_kernel[grid](
-        q, k, v, out, cu_q, cu_k,
-        *(s for tensor_strides in strides for s in tensor_strides),
-        num_seqs, seqlen, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        IS_VARLEN=cu_seqlens is not None, BATCH_PAD=batch_pad, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        cu_q, cu_k = cu_seqlens, cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
+    tensors = (q, k, v, out, cu_q, cu_k)
+    launch_key = (key, aligned(*tensors)) if key is not None and q.device.type == "cuda" else None
+    launch(_flash_attn_fwd_kernel, grid, (*tensors, *ints), constexprs, num_warps=num_warps, num_stages=num_stages,
+           key=launch_key)
     return out
 
 
@@ -346,7 +370,7 @@ def _aot_kernel(archs: list[int], dtype: torch.dtype, head_dim: int, varlen: boo
     signature = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32",
                  **{s: "i32" for s in _STRIDES}, "num_seqs": "i32", "seqlen": "i32", "qk_scale": "fp32"}
     aligned = ("Q", "K", "V", "O", "CU_SEQLENS_Q", "CU_SEQLENS_K", *_STRIDES)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = _block_d(head_dim)
     layout = "varlen" if varlen else "bshd"
     return AotKernel(
         label=f"flash_attn_fwd {_TRITON_DTYPE[dtype]} D={head_dim} {layout} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} [{'/'.join(f'sm{a}' for a in archs)} table]",

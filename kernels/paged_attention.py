@@ -13,11 +13,15 @@ not launch it: fused_linear's ln_linear(..., kv_cache=...) writes K/V in the QKV
 
 paged_decode_attention (flash-decoding): one query token per sequence. Grid (B, H, S): program
 (b, h, s) owns head h of sequence b and split s of its context. The context is cut into tiles of
-BLOCK_N tokens (a multiple of block_size, so every tile is whole cache blocks: the tile's block
-ids are read from the table and its K/V rows gathered, 16 bytes per load along D) and the
-sequence's n_tiles = cdiv(context_len, BLOCK_N) tiles are dealt to the S splits in contiguous
-runs of cdiv(n_tiles, S). Each program streams its run with an online softmax in fp32, base 2
-(q is prescaled by sm_scale * log2(e), so p = exp2(s - m)):
+BLOCK_N = 64 tokens (a multiple of block_size, so every tile is whole cache blocks: the tile's block
+ids are read from the table and its K/V rows gathered, 16 bytes per load along D), and split s
+owns tiles [s * T, (s + 1) * T) with T = KV_CHUNK / BLOCK_N fixed (kernels/launch_plan.py): how a
+sequence's softmax is cut depends on its own length only, never on what else is batched. S is
+sized by the block tables' width (no host sync); a split past a sequence's end is empty. The loop
+is software-pipelined: the K/V rows of tile i + 1 and the block ids of tile i + 2 are loaded
+before tile i is used, so a program keeps one tile's loads in flight while it computes. Each
+program streams its tiles with an online softmax in fp32, base 2 (q is prescaled by
+sm_scale * log2(e), so p = exp2(s - m)):
 
     m' = max(m, max_j s_j);  l' = l * 2^(m - m') + sum_j 2^(s_j - m');  a' = a * 2^(m - m') + sum_j 2^(s_j - m') v_j
 
@@ -35,16 +39,14 @@ a = 0, so w_s = 0 and it drops out; split 0 always holds tile 0, so M is finite 
 merge loads the S <= MAX_SPLITS partials as one [MAX_SPLITS] / [MAX_SPLITS, HEAD_DIM] block and
 reduces it with fixed-shape tl.max / tl.sum, so the result does not depend on which split merges.
 
-The split count: the heuristic aims batch * heads * splits at ~4 waves of the GPU's SMs, bounded
-by the context's tile count (from block_tables' width: no host sync) and MAX_SPLITS.
 Context lengths, split counts and table widths are runtime values: nothing recompiles per length.
+Contexts longer than MAX_SPLITS * KV_CHUNK = 8192 tokens get longer chunks (the merge's capacity).
 
 Limits: head_dim and block_size powers of two; fp32/fp16/bf16 with q, caches and k/v of one
 dtype; values of context_lens are checked for host tensors only (on a GPU that would be a sync per call).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -52,12 +54,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.arrival_counter import arrival_counters, last_to_arrive
+from kernels import checks
+from kernels.arrival_counter import buffers, guarded_launch, last_to_arrive
+from kernels.launch_plan import MAX_SPLITS, attention_plan, kv_tile
+from kernels.launching import aligned, launch
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 32          # the merge's fixed split capacity (BLOCK_S)
-MIN_BLOCK_N = 64         # tokens per K/V tile: 64 x 64 fp16 = 8 KiB of K and 8 KiB of V per step
-WAVES = 4                # split heuristic target: batch * heads * splits ~ WAVES * SMs
 # 8 warps over a 64-token tile: 2 rows of K and V per thread (16-byte loads), ~64 registers,
 # so 4 programs (32 warps) fit on an SM and keep enough K/V bytes in flight.
 DECODE_WARPS = 8
@@ -89,6 +91,12 @@ def _write_kv_kernel(
 
 
 @triton.jit
+def _table_index(pos, last_block, BLOCK_SIZE: tl.constexpr):
+    """Block-table column of token positions, clamped to the sequence's last used block."""
+    return tl.minimum(pos // BLOCK_SIZE, last_block)
+
+
+@triton.jit
 def _combine_softmax_states(m, l, acc):
     """Merge online-softmax states along axis 0 (log2 domain): m, l `[N]`, acc `[N, HEAD_DIM]` ->
     M = max m, L = sum 2^(m - M) l, A = sum 2^(m - M) acc; a state with m = -inf (or the -1e30
@@ -101,12 +109,12 @@ def _combine_softmax_states(m, l, acc):
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counter_ptr,
+    out_ptr, ws_ptr, counter_ptr,
     stride_qb, stride_qh,
     stride_cs, stride_ch,
     stride_tb,
     stride_ob, stride_oh,
-    qk_scale,
+    tiles_per_split, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -118,7 +126,6 @@ def _paged_decode_kernel(
 
     context_len = tl.load(context_lens_ptr + b)
     n_tiles = tl.cdiv(context_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, num_splits)
     tile_lo = s * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)   # tile_lo >= tile_hi: empty split
 
@@ -135,22 +142,30 @@ def _paged_decode_kernel(
     m_i = tl.full([BLOCK_N], -1e30, dtype=tl.float32)                                  # [BLOCK_N]
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)                                        # [BLOCK_N]
     acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)                              # [BLOCK_N, HEAD_DIM]
-    # Block ids of the first tile. Table indices are clamped to the sequence's last used block,
-    # so every load is unmasked and in bounds: rows past context_len re-read real cache rows
-    # (L1/L2 hits) and are masked out of the softmax; entries past the last used block are
-    # never read. Each row reads its block's id (rows of one block share the address).
+    # Table indices are clamped to the sequence's last used block, so every load is in bounds: rows
+    # past context_len re-read real cache rows (L1/L2 hits) and are masked out of the softmax;
+    # entries past the last used block are never read. Each row reads its block's id (rows of one
+    # block share the address). Pipeline: K/V of the current tile in registers, the next tile's
+    # K/V and the block ids of the one after are loaded before the current tile is used; the
+    # prefetch is masked off past the split's last tile (per token row, constant along D: the
+    # loads stay 16-byte vectors).
     n = tile_lo * BLOCK_N + tl.arange(0, BLOCK_N)                                      # [BLOCK_N] token positions
-    block = tl.load(table_row + tl.minimum(n // BLOCK_SIZE, last_block))               # [BLOCK_N]
-    for tile in range(tile_lo, tile_hi):
-        slot = block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE                        # [BLOCK_N]
-        kv_off = slot[:, None] * stride_cs + head_off                                  # [BLOCK_N, HEAD_DIM]
-        k = tl.load(k_cache_ptr + kv_off)                                              # [BLOCK_N, HEAD_DIM]
-        v = tl.load(v_cache_ptr + kv_off)                                              # [BLOCK_N, HEAD_DIM]
-        valid = n < context_len
-        # Prefetch the next tile's block ids while this tile's K/V are in flight.
-        n += BLOCK_N
-        block = tl.load(table_row + tl.minimum(n // BLOCK_SIZE, last_block))
+    split_end = tile_hi * BLOCK_N                                                      # first position past the split
+    live = n < split_end                                                               # [BLOCK_N]; all False if empty
+    block = tl.load(table_row + _table_index(n, last_block, BLOCK_SIZE), mask=live, other=0)   # [BLOCK_N]
+    kv_off = (block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE)[:, None] * stride_cs + head_off
+    k = tl.load(k_cache_ptr + kv_off, mask=live[:, None], other=0.0)                   # [BLOCK_N, HEAD_DIM]
+    v = tl.load(v_cache_ptr + kv_off, mask=live[:, None], other=0.0)
+    block_next = tl.load(table_row + _table_index(n + BLOCK_N, last_block, BLOCK_SIZE))  # ids of the next tile
+    for _tile in range(tile_lo, tile_hi):
+        n_next = n + BLOCK_N
+        has_next = (n_next < split_end)[:, None]                                       # [BLOCK_N, 1]
+        next_off = (block_next.to(tl.int64) * BLOCK_SIZE + n_next % BLOCK_SIZE)[:, None] * stride_cs + head_off
+        k_next = tl.load(k_cache_ptr + next_off, mask=has_next, other=0.0)
+        v_next = tl.load(v_cache_ptr + next_off, mask=has_next, other=0.0)
+        block_next = tl.load(table_row + _table_index(n_next + BLOCK_N, last_block, BLOCK_SIZE))
 
+        valid = n < context_len
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)                         # [BLOCK_N]
         scores = tl.where(valid, scores, -float("inf"))
         m_new = tl.maximum(m_i, scores)                                                # [BLOCK_N]
@@ -161,12 +176,18 @@ def _paged_decode_kernel(
         pv = tl.where(valid[:, None], p[:, None] * v.to(tl.float32), 0.0)              # [BLOCK_N, HEAD_DIM]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+        k, v, n = k_next, v_next, n_next
 
     m, l, a = _combine_softmax_states(m_i, l_i, acc)                                   # scalar, scalar, [HEAD_DIM]
     out_row = out_ptr + b * stride_ob + h * stride_oh + d                              # [HEAD_DIM]
     if SPLIT:
         # Unnormalised partial of split s at workspace row (b, h, s); an empty split writes the
         # neutral state (m = -inf, l = 0, a = 0).
+        # workspace (fp32): acc [B * H * S, HEAD_DIM], then max [B * H * S], then sum [B * H * S]
+        num_rows = tl.num_programs(0) * num_heads * num_splits
+        part_acc_ptr = ws_ptr
+        part_max_ptr = ws_ptr + num_rows.to(tl.int64) * HEAD_DIM
+        part_sum_ptr = part_max_ptr + num_rows
         first_row = (b * num_heads + h) * num_splits
         row = first_row + s
         tl.store(part_acc_ptr + row.to(tl.int64) * HEAD_DIM + d, a)
@@ -193,12 +214,9 @@ def _paged_decode_kernel(
 # ---------------------------------------------------------------------------------------------
 
 def _check_float(name, t, dtype=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} (all of q/k/v and the caches share one dtype)")
+    checks.float_tensor(name, t)
+    if dtype is not None:
+        checks.same_dtype(name, t, "k_cache", dtype)
 
 
 def check_caches(k_cache, v_cache):
@@ -211,8 +229,7 @@ def check_caches(k_cache, v_cache):
     if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
         raise ValueError(f"v_cache (shape {tuple(v_cache.shape)}, strides {v_cache.stride()}) must match k_cache "
                          f"(shape {tuple(k_cache.shape)}, strides {k_cache.stride()})")
-    if v_cache.device != k_cache.device:
-        raise ValueError(f"v_cache is on {v_cache.device}, k_cache on {k_cache.device}")
+    checks.same_device("v_cache", v_cache, "k_cache", k_cache.device)
     _, block_size, _, head_dim = k_cache.shape
     if k_cache.stride(3) != 1 or k_cache.stride(0) != block_size * k_cache.stride(1):
         raise ValueError(f"k_cache/v_cache need a contiguous last dim and collapsible (block, offset) dims, "
@@ -224,22 +241,19 @@ def check_caches(k_cache, v_cache):
 
 def check_slot_mapping(slot_mapping, num_tokens, device):
     """slot_mapping must be an int32/int64 [num_tokens] tensor on the cache's device."""
-    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"slot_mapping must be an int32 or int64 tensor, got "
-                        f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
+    checks.int_tensor("slot_mapping", slot_mapping, (torch.int32, torch.int64))
     if slot_mapping.shape != (num_tokens,):
         raise ValueError(f"slot_mapping must be [T] = [{num_tokens}], got {tuple(slot_mapping.shape)}")
-    if slot_mapping.device != device:
-        raise ValueError(f"slot_mapping is on {slot_mapping.device}, the cache on {device}")
+    checks.same_device("slot_mapping", slot_mapping, "the cache", device)
 
 
 def _check_context_lens_values(context_lens, max_context):
     """Value checks read the tensor: free for host tensors, a device sync for CUDA ones, so the
     launcher runs this on host tensors only; on a GPU the range of context_lens is a precondition
     the runtime's block manager guarantees."""
-    if bool(((context_lens < 1) | (context_lens > max_context)).any()):
-        raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {max_context}], got "
-                         f"min {int(context_lens.min())}, max {int(context_lens.max())}")
+    lo, hi = (int(v) for v in torch.aminmax(context_lens))
+    if lo < 1 or hi > max_context:
+        raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {max_context}], got min {lo}, max {hi}")
 
 
 def _last_dim_contiguous(t):
@@ -254,104 +268,105 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
         _check_float(name, t, k_cache.dtype)
         if t.dim() != 3 or tuple(t.shape[1:]) != (num_heads, head_dim):
             raise ValueError(f"{name} must be [T, {num_heads}, {head_dim}] to match the cache, got {tuple(t.shape)}")
-        if t.device != k_cache.device:
-            raise ValueError(f"{name} is on {t.device}, the cache on {k_cache.device}")
+        checks.same_device(name, t, "the cache", k_cache.device)
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"k has {k.shape[0]} tokens, v has {v.shape[0]}")
     check_slot_mapping(slot_mapping, k.shape[0], k_cache.device)
     if k.shape[0] == 0:
         return
     k, v, slot_mapping = _last_dim_contiguous(k), _last_dim_contiguous(v), slot_mapping.contiguous()
+    block_h = 1 << (num_heads - 1).bit_length()
     _write_kv_kernel[(k.shape[0],)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1),
         v.stride(0), v.stride(1),
         k_cache.stride(1), k_cache.stride(2),
         num_heads,
-        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_heads),
+        HEAD_DIM=head_dim, BLOCK_H=block_h,
         num_warps=4,
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the H100 this is tuned for (interpreter runs)
-
-
-def _block_n(block_size: int) -> int:
-    return max(MIN_BLOCK_N, block_size)
-
-
-def choose_num_splits(batch: int, num_heads: int, max_context: int, block_size: int, num_sms: int = 132) -> int:
-    """Splits so that batch * heads * splits ~ WAVES * num_sms programs, at most one per tile of
-    the longest possible context and at most MAX_SPLITS; 1 when the batch already fills the GPU."""
-    programs = batch * num_heads
-    max_tiles = max(1, -(-max_context // _block_n(block_size)))
-    return max(1, min(-(-WAVES * num_sms // programs), max_tiles, MAX_SPLITS))
-
-
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None, out=None):
-    """softmax(q K^T * sm_scale) V for one query per sequence over its paged K/V; q `[B, H, D]`.
-    `out` (optional, `[B, H, D]` in q's dtype, last dim contiguous) receives the result."""
+def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, num_splits, out):
     check_caches(k_cache, v_cache)
     _check_float("q", q, k_cache.dtype)
     _, block_size, num_heads, head_dim = k_cache.shape
     if q.dim() != 3 or tuple(q.shape[1:]) != (num_heads, head_dim):
         raise ValueError(f"q must be [B, {num_heads}, {head_dim}] to match the cache, got {tuple(q.shape)}")
-    if q.device != k_cache.device:
-        raise ValueError(f"q is on {q.device}, the cache on {k_cache.device}")
+    checks.same_device("q", q, "the cache", k_cache.device)
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must have a contiguous last dim, got strides {q.stride()}")
     batch = q.shape[0]
-    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype != torch.int32:
-        raise TypeError(f"block_tables must be an int32 tensor, got {getattr(block_tables, 'dtype', type(block_tables).__name__)}")
+    checks.int_tensor("block_tables", block_tables)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.shape[1] < 1:
         raise ValueError(f"block_tables must be [B={batch}, max_blocks >= 1], got {tuple(block_tables.shape)}")
-    if not isinstance(context_lens, torch.Tensor) or context_lens.dtype != torch.int32:
-        raise TypeError(f"context_lens must be an int32 tensor, got {getattr(context_lens, 'dtype', type(context_lens).__name__)}")
-    if context_lens.shape != (batch,):
-        raise ValueError(f"context_lens must be [B] = [{batch}], got {tuple(context_lens.shape)}")
+    if block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables must have a contiguous last dim, got strides {block_tables.stride()}")
+    checks.int_tensor("context_lens", context_lens)
+    if context_lens.shape != (batch,) or context_lens.stride(0) != 1:
+        raise ValueError(f"context_lens must be a contiguous [B] = [{batch}], got {tuple(context_lens.shape)}")
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-    max_context = block_tables.shape[1] * block_size
-    if batch and not context_lens.is_cuda:
-        _check_context_lens_values(context_lens, max_context)
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, num_heads, max_context, block_size, _num_sms(q.device))
-    elif not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
+        checks.same_device(name, t, "q", q.device)
+    if num_splits is not None and not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last dim, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
+
+
+_PLANS: dict = {}
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None, out=None):
+    """softmax(q K^T * sm_scale) V for one query per sequence over its paged K/V; q `[B, H, D]` (last
+    dim contiguous), block_tables / context_lens int32 with contiguous rows.
+    `out` (optional, `[B, H, D]` in q's dtype, last dim contiguous) receives the result.
+    num_splits None: fixed KV chunks (batch-invariant); an int cuts every context into that many runs."""
+    try:
+        key = (_meta(q), _meta(k_cache), _meta(v_cache), _meta(block_tables), _meta(context_lens), _meta(out),
+               sm_scale, num_splits)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):   # not tensors: the checks name the culprit
+        key, plan = None, None
+    if plan is None:
+        _validate_decode(q, k_cache, v_cache, block_tables, context_lens, num_splits, out)
+        batch, num_heads, head_dim = q.shape
+        block_size = k_cache.shape[1]
+        max_context = block_tables.shape[1] * block_size
+        splits, per_split = attention_plan(max_context, block_size, num_splits)
+        scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+        plan = ((batch, num_heads, splits), max_context,
+                (q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+                 *((num_heads * head_dim, head_dim) if out is None else out.stride()[:2]),   # out: new contiguous or given
+                 per_split, scale * LOG2E),
+                dict(BLOCK_SIZE=block_size, BLOCK_N=kv_tile(block_size), HEAD_DIM=head_dim, SPLIT=splits > 1,
+                     BLOCK_S=MAX_SPLITS))
+        if key is not None:
+            _PLANS[key] = plan
+    grid, max_context, ints, constexprs = plan
+    batch, num_heads, splits = grid
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-
-    q = _last_dim_contiguous(q)
-    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    context_lens = context_lens.contiguous()
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
-    split = num_splits > 1
-    if split:
-        part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        part_max = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-        part_sum = torch.empty_like(part_max)
-        counters = arrival_counters(q.device, batch * num_heads)
+    device = q.device
+    if not context_lens.is_cuda:
+        _check_context_lens_values(context_lens, max_context)
+    if splits > 1:
+        bufs = buffers(device)
+        ws = bufs.get_workspace(batch * num_heads * splits * (constexprs["HEAD_DIM"] + 2))
+        counters = bufs.get_counters(batch * num_heads)
     else:
-        part_acc = part_max = part_sum = counters = out  # unused: SPLIT=False writes out directly
-    _paged_decode_kernel[(batch, num_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens,
-        out, part_acc, part_max, part_sum, counters,
-        q.stride(0), q.stride(1),
-        k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        scale * LOG2E,
-        BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size), HEAD_DIM=head_dim, SPLIT=split, BLOCK_S=MAX_SPLITS,
-        num_warps=DECODE_WARPS,
-    )
+        ws = counters = out  # unused: SPLIT=False writes out directly
+    tensors = (q, k_cache, v_cache, block_tables, context_lens, out, ws, counters)
+    launch_key = (key, aligned(*tensors)) if key is not None and device.type == "cuda" else None
+    guarded_launch(lambda: launch(_paged_decode_kernel, grid, (*tensors, *ints), constexprs, num_warps=DECODE_WARPS,
+                                  num_stages=1, key=launch_key), device)
     return out
 
 
@@ -434,16 +449,16 @@ def aot_kernels():
                 fn=_paged_decode_kernel,
                 signature={"q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "block_tables_ptr": "*i32",
                            "context_lens_ptr": "*i32", "out_ptr": ptr,
-                           "part_acc_ptr": "*fp32" if split else ptr, "part_max_ptr": "*fp32" if split else ptr,
-                           "part_sum_ptr": "*fp32" if split else ptr, "counter_ptr": "*i32" if split else ptr,
+                           "ws_ptr": "*fp32" if split else ptr, "counter_ptr": "*i32" if split else ptr,
                            "stride_qb": "i32", "stride_qh": "i32", "stride_cs": "i32", "stride_ch": "i32",
-                           "stride_tb": "i32", "stride_ob": "i32", "stride_oh": "i32", "qk_scale": "fp32"},
-                constexprs={"BLOCK_SIZE": 16, "BLOCK_N": _block_n(16), "HEAD_DIM": 64, "SPLIT": split,
+                           "stride_tb": "i32", "stride_ob": "i32", "stride_oh": "i32", "tiles_per_split": "i32",
+                           "qk_scale": "fp32"},
+                constexprs={"BLOCK_SIZE": 16, "BLOCK_N": kv_tile(16), "HEAD_DIM": 64, "SPLIT": split,
                             "BLOCK_S": MAX_SPLITS},
                 num_warps=DECODE_WARPS, num_stages=1,
                 # block_tables' row stride (max_blocks) is arbitrary: not aligned.
                 aligned=("q_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "context_lens_ptr", "out_ptr",
-                         "part_acc_ptr", "part_max_ptr", "part_sum_ptr", "counter_ptr",
+                         "ws_ptr", "counter_ptr",
                          "stride_qb", "stride_qh", "stride_cs", "stride_ch", "stride_ob", "stride_oh"),
                 tensor_cores=False,
             ))

@@ -17,8 +17,18 @@ import pytest
 import torch
 
 import kernels.fused_linear as fl
+from kernels import arrival_counter
 from kernels.arrival_counter import arrival_counters
-from kernels.fused_linear import gelu_tanh, ln_gelu_mlp, ln_gelu_mlp_ref, ln_linear, ln_linear_ref
+from kernels.fused_linear import (
+    FoldedLinear,
+    fold_layernorm,
+    gelu_tanh,
+    ln_gelu_mlp,
+    ln_gelu_mlp_ref,
+    ln_linear,
+    ln_linear_ref,
+)
+from kernels.launch_plan import UNSPLIT_TILES, gemm_plan
 from kernels.paged_attention import write_kv_ref
 
 FP32_RTOL = 1e-5
@@ -30,6 +40,7 @@ def few_sms(monkeypatch):
     """The interpreter runs programs one by one: size the grid for an 8-SM device (the split-K
     heuristic is the same code, it only sees a smaller GPU)."""
     monkeypatch.setattr(fl, "_DEFAULT_NUM_SMS", 8)
+    monkeypatch.setattr(fl, "_PLANS", {})
 
 
 def _seed():
@@ -126,8 +137,7 @@ def test_ln_linear_gpt2_widths(C, M, shape, device, few_sms):
                                          (17, 520, 72, torch.float32)])
 def test_ln_linear_split_k(M, K, N, dtype, device):
     """Narrow N at decode: the launcher splits K (132-SM heuristic) and reduces deterministically."""
-    _, split = fl._pick_config(M, N, K, dtype, 90, 132)
-    assert split > 1
+    assert gemm_plan(M, N, K, dtype, 90, 132).split > 1
     seed = _seed()
     args = _inputs(M, K, N, dtype, device, residual=True)
     y1 = ln_linear(**args, activation="gelu_tanh", out=_poisoned(M, N, dtype, device))
@@ -149,7 +159,7 @@ def _kv_problem(M, H, D, dtype, device, *, block_size=8, num_blocks=None):
 # (M, H, D, dtype, split-K?): the decode tiles with split-K (fp16 and fp32), and the non-split small
 # and fp32 tiles where a BLOCK_N column tile straddles C and 2C (C = 80, 48 with BLOCK_N = 128, 64).
 KV_CASES = [(3, 8, 64, torch.float16, True), (5, 4, 64, torch.float32, True), (1, 4, 64, torch.float32, True),
-            (97, 5, 16, torch.float16, False), (70, 3, 16, torch.float32, False)]
+            (97, 5, 16, torch.float16, True), (300, 5, 16, torch.float16, False), (270, 3, 16, torch.float32, False)]
 
 
 @pytest.mark.parametrize("M,H,D,dtype,split", KV_CASES,
@@ -159,7 +169,7 @@ def test_ln_linear_fused_kv_write(M, H, D, dtype, split, slot_dtype, device):
     """ln_1 -> c_attn with kv_cache: the output as without it, and the K/V columns in the caches at
     exactly the slotted rows, bit-equal to write_kv_ref of the output's K/V views."""
     C = H * D
-    assert (fl._pick_config(M, 3 * C, C, dtype, 90, 132)[1] > 1) == split
+    assert (gemm_plan(M, 3 * C, C, dtype, 90, 132).split > 1) == split
     seed = _seed()
     args = _inputs(M, C, 3 * C, dtype, device)
     k_cache, v_cache, slots = _kv_problem(M, H, D, dtype, device)
@@ -308,18 +318,18 @@ def test_empty_batch(device):
     assert ln_linear(**a).shape == (0, 40)
 
 
-def test_heuristic_regimes():
-    assert fl._pick_config(1, 2304, 768, torch.float16, 90, 132) == ("decode", 3)
-    assert fl._pick_config(1, 50257, 768, torch.float16, 90, 132) == ("decode", 1)
-    assert fl._pick_config(256, 3072, 768, torch.float16, 90, 132)[0] == "small"
-    assert fl._pick_config(8192, 3072, 768, torch.float16, 90, 132) == ("prefill_sm90", 1)
-    assert fl._pick_config(8192, 3072, 768, torch.float16, 80, 108) == ("prefill", 1)
-    assert fl._pick_config(8192, 3072, 768, torch.float32, 90, 132) == ("fp32", 1)
-    used = {name for name, _ in (fl._pick_config(M, N, K, dt, cap, 132) for M in (1, 64, 65, 512, 513, 8192)
-                                 for N, K in ((768, 3072), (50257, 768)) for dt in (torch.float16, torch.float32)
-                                 for cap in (80, 90))}
-    assert used == set(fl._TILES)   # every tile in the table is reachable, and every shipped one is compiled
-    assert {s.constexprs["BLOCK_M"] for s in fl.aot_kernels()} >= {c.block_m for c in fl._TILES.values()}
+def test_plan_regimes():
+    assert gemm_plan(1, 2304, 768, torch.float16, 90, 132).tile_name == "decode"
+    assert gemm_plan(100, 2304, 768, torch.float16, 90, 132).tile_name == "batch"
+    assert gemm_plan(300, 3072, 768, torch.float16, 90, 132).tile_name == "small"
+    assert gemm_plan(8192, 3072, 768, torch.float16, 90, 132).tile_name == "prefill_sm90"
+    assert gemm_plan(8192, 3072, 768, torch.float16, 80, 108).tile_name == "prefill"
+    assert gemm_plan(8192, 3072, 768, torch.float32, 90, 132).tile_name == "fp32"
+    assert gemm_plan(1, 50257, 768, torch.float16, 90, 132).split == 1   # 393 column tiles fill the GPU alone
+    for M in (300, 8192):
+        assert gemm_plan(M, 3072, 768, torch.float16, 90, 132).split == 1
+    shipped = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"]) for s in fl.aot_kernels()}
+    assert {(t.block_m, t.block_n, t.block_k) for t in UNSPLIT_TILES.values()} <= shipped
 
 
 def test_compile_report_clean(tmp_path):
@@ -328,8 +338,6 @@ def test_compile_report_clean(tmp_path):
     a subprocess: under TRITON_INTERPRET=1 the @triton.jit functions cannot be compiled in-process."""
     pytest.importorskip("triton.backends.nvidia")
     specs = fl.aot_kernels()
-    assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.num_warps, s.num_stages)
-            for s in specs} == {(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in fl._TILES.values()}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "kernels.compile_report", "--filter", "ln_linear", "--json", str(report)],
@@ -349,3 +357,117 @@ def test_bf16_on_gpu(M, C, device):
         args = _inputs(M, K, N, torch.bfloat16, device, ln=ln, residual=res)
         y = ln_linear(**args, activation=act, out=_poisoned(M, N, torch.bfloat16, device))
         _check(y, args, activation=act, seed=seed)
+
+
+# ---- LayerNorm folded into the GEMM ------------------------------------------------------------
+
+def _gpt2_like(M, K, device, *, seed):
+    """Activations shaped like GPT-2's residual stream: per-row nonzero means, a few channels ~100x the rest."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) + 2.0 * torch.rand(M, 1, generator=g) + 0.5
+    outliers = torch.randperm(K, generator=g)[:3]
+    x[:, outliers] *= 100
+    return x.to(device)
+
+
+FOLD_CASES = [(768, 1), (1024, 3), (1280, 1), (1600, 2), (100, 5), (333, 17), (1111, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("C,M", FOLD_CASES)
+def test_folded_layernorm_gpt2_activations(C, M, dtype, device):
+    """fold_layernorm + ln_linear on GPT-2-like activations against the unfolded fp32 reference:
+    fp32 within 1e-5 (normwise relative), fp16 by the 2x rule against torch's fp16 LN + matmul."""
+    seed = _seed()
+    N = 3 * C if C < 1600 else 96    # C = 1600: a narrow N keeps the interpreter quick (K is what matters)
+    x = _gpt2_like(M, C, device, seed=seed)
+    args = _inputs(M, C, N, torch.float32, device)
+    args["x"] = x
+    lo = {k: v.to(dtype) if v is not None else None for k, v in args.items()}
+    folded = fold_layernorm(lo["ln_weight"], lo["ln_bias"], lo["weight"], lo["bias"])
+    y = ln_linear(lo["x"], None, None, folded, None, out=_poisoned(M, N, dtype, device))
+    _check(y, lo, activation=None, seed=seed)
+
+
+def test_fold_reference_matches_unfolded(device):
+    seed = _seed()
+    M, K, N = 4, 333, 50
+    args = _inputs(M, K, N, torch.float32, device)
+    args["x"] = _gpt2_like(M, K, device, seed=seed)
+    folded = fold_layernorm(args["ln_weight"], args["ln_bias"], args["weight"], args["bias"])
+    assert isinstance(folded, FoldedLinear) and folded.colsum.dtype == torch.float32
+    ref = ln_linear_ref(**args)
+    got = ln_linear_ref(args["x"], None, None, folded, None)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), seed
+    lm_head = torch.randn(N, K, device=device).t()                  # wte^T: K-major view
+    assert fold_layernorm(args["ln_weight"], None, lm_head).weight.stride() == lm_head.stride()
+
+
+def test_folded_weight_rejects_unfolded_params(device):
+    a = _inputs(2, 24, 40, torch.float32, device)
+    folded = fold_layernorm(a["ln_weight"], a["ln_bias"], a["weight"], a["bias"])
+    with pytest.raises(ValueError, match="FoldedLinear"):
+        ln_linear(a["x"], a["ln_weight"], None, folded)
+    with pytest.raises(ValueError, match="FoldedLinear"):
+        ln_linear(a["x"], None, None, folded, a["bias"])
+
+
+def test_split_is_batch_invariant(device):
+    """A row's result does not depend on how many rows are batched with it (same planned split and
+    row tile for M = 1, 7, 64): bit-identical."""
+    seed = _seed()
+    K, N = 768, 256
+    args = _inputs(64, K, N, torch.float16, device)
+    args["x"] = _gpt2_like(64, K, device, seed=seed).half()
+    folded = fold_layernorm(args["ln_weight"], args["ln_bias"], args["weight"], args["bias"])
+    assert len({(gemm_plan(M, N, K, torch.float16, 90, 132).split, gemm_plan(M, N, K, torch.float16, 90, 132).k_per_split)
+                for M in (1, 7, 64, 65, 256)}) == 1
+    full = ln_linear(args["x"], None, None, folded, None, activation="gelu_tanh")
+    for M in (1, 7):
+        part = ln_linear(args["x"][:M], None, None, folded, None, activation="gelu_tanh")
+        assert torch.equal(part, full[:M]), (M, seed)
+
+
+def test_lm_head_output_rows_padded_for_vector_stores(device, few_sms):
+    M, K, N = 2, 64, 1001
+    seed = _seed()
+    args = _inputs(M, K, N, torch.float32, device, bias=False)
+    args["weight"] = (torch.randn(N, K, device=device) / K ** 0.5).t()
+    y = ln_linear(**args)
+    assert y.shape == (M, N) and y.stride() == (1008, 1)            # rows padded to a multiple of 16
+    assert torch.equal(y.as_strided((M, 1008), (1008, 1))[:, N:], torch.zeros(M, 7, device=device))
+    _check(y, args, activation=None, seed=seed)
+
+
+def test_partial_launch_cannot_corrupt_later_results(device, monkeypatch):
+    """A split-K launch that dies after some splits have arrived (here: all splits but the last, then
+    an exception) leaves its counters re-armed, so the next launch elects correctly."""
+    M, K, N = 3, 1024, 96
+    seed = _seed()
+    args = _inputs(M, K, N, torch.float16, device, residual=True)
+    plan = gemm_plan(M, N, K, torch.float16, 90, 132)
+    assert plan.split > 2
+    real_launch = fl.launch
+
+    def dying_launch(fn, grid, *a, **kw):
+        real_launch(fn, (grid[0], grid[1] - 1, grid[2]), *a, **kw)   # every tile: split - 1 arrivals
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fl, "launch", dying_launch)
+    with pytest.raises(KeyboardInterrupt):
+        ln_linear(**args)
+    monkeypatch.setattr(fl, "launch", real_launch)
+    assert int(arrival_counters(torch.device(device), 1).abs().sum()) == 0
+    y = ln_linear(**args, out=_poisoned(M, N, torch.float16, device))
+    _check(y, args, activation=None, seed=seed)
+
+
+def test_graph_buffers_are_private_and_zeroed(device):
+    dev = torch.device(device)
+    stream_counters = arrival_counters(dev, 1)
+    stream_counters[:3] = 5                                          # stale state on the stream's buffer
+    with arrival_counter.graph_buffers(dev) as scoped:
+        inside = arrival_counters(dev, 1)
+        assert inside is scoped.counters and inside is not stream_counters and not inside.any()
+    assert arrival_counters(dev, 1) is stream_counters
+    stream_counters.zero_()

@@ -12,12 +12,12 @@ import torch
 from kernels.arrival_counter import arrival_counters
 from kernels.paged_attention import (
     MAX_SPLITS,
-    choose_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
     write_kv,
     write_kv_ref,
 )
+from kernels.launch_plan import attention_plan
 from tests.conftest import DEVICE, REPO_ROOT
 
 
@@ -141,12 +141,24 @@ def test_paged_decode_sm_scale_and_identity_table():
     assert _rel_err(out, _dense_f64(q, keys, values, scale=0.3)) <= 1e-5
 
 
-def test_split_heuristic():
-    assert choose_num_splits(1, 12, 1024, 16) == 16           # bounded by 1024 / 64 tiles
-    assert choose_num_splits(1, 12, 64, 16) == 1              # one tile: nothing to split
-    assert choose_num_splits(8, 12, 1024, 16) == 6            # ~4 waves of 132 SMs
-    assert choose_num_splits(64, 12, 1024, 16) == 1           # the batch fills the GPU
-    assert choose_num_splits(1, 1, 1 << 20, 16) == MAX_SPLITS
+def test_split_plan_fixed_chunks():
+    assert attention_plan(1024, 16) == (8, 2)          # 128-token chunks of two 64-token tiles
+    assert attention_plan(64, 16) == (1, 2)            # one tile: nothing to split
+    assert attention_plan(8192, 16) == (MAX_SPLITS, 2)
+    assert attention_plan(1 << 20, 16)[0] <= MAX_SPLITS  # beyond 8192 tokens the chunks grow
+    assert attention_plan(1024, 16, 7) == (6, 3)       # explicit: the context cut into runs of cdiv(16, 7) tiles
+
+
+def test_batch_invariant_split():
+    """A sequence's output does not depend on the batch: alone (a narrow block table, one split) or
+    next to longer sequences (a wide table, many splits), the same bits."""
+    lens = [150, 1000, 7, 300]
+    q, kc, vc, tables, lens_t, _, _ = _paged_problem(lens, 2, 32, 16, torch.float32, seed=3)
+    batched = paged_decode_attention(q, kc, vc, tables, lens_t)
+    for i, n in enumerate(lens):
+        width = -(-n // 16)
+        alone = paged_decode_attention(q[i:i + 1], kc, vc, tables[i:i + 1, :width].contiguous(), lens_t[i:i + 1])
+        assert torch.equal(alone[0], batched[i]), n
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
@@ -227,7 +239,7 @@ def test_bad_inputs_raise_clear_errors():
         write_kv(k, k, kc, vc, slots.float())
     with pytest.raises(ValueError, match="slot_mapping"):
         write_kv(k, k, kc, vc, slots[:2])
-    with pytest.raises(TypeError, match="k has dtype"):
+    with pytest.raises(TypeError, match="k dtype"):
         write_kv(k.half(), k, kc, vc, slots)
     with pytest.raises(ValueError, match="v must be"):
         write_kv(k, k[:, :1], kc, vc, slots)

@@ -1,0 +1,18 @@
+"""The compile report's SASS reading: tensor-core instructions count only inside loop bodies."""
+from kernels.compile_report import mma_counts
+
+SASS = """
+        /*0100*/                   HMMA.16816.F32 R4, R8, R12, R4 ;      /* prologue: not in a loop */
+        /*0200*/               @P0 BRA 0x0500 ;                          /* forward branch: no loop */
+        /*0300*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0310*/                   HGMMA.64x128x16.F32 gdesc[UR4], RZ ;
+        /*0400*/               @P1 BRA 0x0300 ;                          /* back edge: loop [0x300, 0x400] */
+        /*0500*/                   HMMA.16816.F32 R4, R8, R12, R4 ;      /* epilogue */
+        /*0600*/                   BRA 0x0600;                           /* the trailing self-loop */
+"""
+
+
+def test_mma_counted_in_loops_only():
+    assert mma_counts(SASS, "HMMA") == (1, 3)
+    assert mma_counts(SASS, "HGMMA") == (1, 1)
+    assert mma_counts("", "HMMA") == (0, 0)
