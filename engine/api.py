@@ -215,6 +215,8 @@ class GPT2:
     def _generate_tokens(self, prompts: list[list[int]], options: GenerateOptions, on_token=None) -> list[GeneratedSequence]:
         """Each prompt's num_return_sequences continuations; on_token(row, token) as each arrives."""
         if self._eager is not None:
+            if options.sampling.num_beams > 1:
+                raise ValueError("beam search (num_beams > 1) runs on the runtime backends (torch, triton), not eager")
             for prompt in prompts:
                 self.config.check_prompt(prompt, options.sampling.max_new_tokens)
             with torch.inference_mode():
@@ -230,9 +232,7 @@ class GPT2:
             for r, stream in enumerate(streams):
                 for event in stream:
                     row = r * n + event.index
-                    out[row].tokens.append(event.token_id)
-                    if event.scores is not None:
-                        out[row].scores.append(event.scores.cpu())
+                    out[row].add(event)
                     if on_token is not None:
                         on_token(row, event.token_id)
             return out

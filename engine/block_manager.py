@@ -3,7 +3,7 @@ block tables, copy-on-write forks, and the sizing of the per-layer K/V pools.
 
 A sequence's token at position p lives in slot table[p // block_size] * block_size + p % block_size
 of every layer's pool `[num_blocks, block_size, n_head, head_dim]`. Blocks are shared between
-sequences only by `fork` (num_return_sequences); a shared block is read-only, and the sequence about
+sequences only by `fork` (num_return_sequences) and `reorder` (beam search); a shared block is read-only, and the sequence about
 to write into it first gets a private copy (`append` returns the (src, dst) pairs that the engine
 copies in every layer's K and V pool before the step writes). Running out of blocks is a normal
 condition: the scheduler asks `can_allocate` / `can_append` first, and `allocate` / `append` are only
@@ -54,7 +54,11 @@ class BlockManager:
             self.free_blocks.append(block)
 
     def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= self.num_free_blocks
+        return self.can_allocate_all([num_tokens])
+
+    def can_allocate_all(self, lengths: list[int]) -> bool:
+        """Whether new sequences of these lengths all fit (a beam group is admitted at once)."""
+        return sum(map(self.blocks_for, lengths)) <= self.num_free_blocks
 
     def allocate(self, seq_id: int, num_tokens: int) -> None:
         """Private blocks for positions 0 .. num_tokens-1 of a new sequence."""
@@ -70,7 +74,12 @@ class BlockManager:
         return int(self.ref_counts[self.block_tables[seq_id][-1]] > 1)
 
     def can_append(self, seq_id: int) -> bool:
-        return self._append_needs(seq_id) <= self.num_free_blocks
+        return self.can_append_all([seq_id])
+
+    def can_append_all(self, seq_ids: list[int]) -> bool:
+        """Whether these sequences can all take one more token (an upper bound: beams sharing a last
+        block each count a copy, though the last of them to write needs none)."""
+        return sum(map(self._append_needs, seq_ids)) <= self.num_free_blocks
 
     def append(self, seq_id: int) -> list[tuple[int, int]]:
         """A slot for one more token; returns the (src, dst) block copies to apply before writing."""
@@ -93,6 +102,21 @@ class BlockManager:
         self.num_tokens[child_id] = self.num_tokens[parent_id]
         for block in self.block_tables[child_id]:
             self.ref_counts[block] += 1
+
+    def reorder(self, seq_ids: list[int], parent_ids: list[int]) -> None:
+        """Beam search's step: sequence seq_ids[j] now holds the blocks of parent_ids[j] (as a fork;
+        seq_ids[j] may have had blocks, or none yet). References are taken before any are released,
+        so a block kept by some beam is never freed; no block is taken."""
+        tables = [list(self.block_tables[p]) for p in parent_ids]
+        counts = [self.num_tokens[p] for p in parent_ids]
+        for table in tables:
+            for block in table:
+                self.ref_counts[block] += 1
+        for seq_id in seq_ids:
+            if seq_id in self.block_tables:
+                self.free(seq_id)
+        for seq_id, table, count in zip(seq_ids, tables, counts):
+            self.block_tables[seq_id], self.num_tokens[seq_id] = table, count
 
     def free(self, seq_id: int) -> None:
         for block in self.block_tables.pop(seq_id):

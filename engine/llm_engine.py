@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import torch
 
+from engine.beam_search import BeamGroup
 from engine.block_manager import BlockManager, num_kv_blocks
 from engine.model import PagedGPT2
 from engine.model_runner import ModelRunner
@@ -58,8 +59,12 @@ class LLMEngine:
         _positive_int("n (num_return_sequences)", n)
         if n > self.scheduler.max_num_seqs:
             raise ValueError(f"n (num_return_sequences) = {n} exceeds max_num_seqs = {self.scheduler.max_num_seqs}")
+        if params.num_beams > 1 and not n <= params.num_beams <= self.scheduler.max_num_seqs:
+            raise ValueError(f"beam search needs num_return_sequences ({n}) <= num_beams ({params.num_beams}) "
+                             f"<= max_num_seqs ({self.scheduler.max_num_seqs})")
         # the K/V of the last generated token are never written, so a sequence holds at most this many
-        needed = self.block_manager.blocks_for(len(prompt_token_ids) + params.max_new_tokens - 1)
+        # (times num_beams for a beam group: its beams may each end up with private blocks)
+        needed = params.num_beams * self.block_manager.blocks_for(len(prompt_token_ids) + params.max_new_tokens - 1)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"request needs {needed} KV blocks but the pool has only {self.block_manager.num_blocks}; "
                              f"raise num_blocks or shorten the prompt / max_new_tokens")
@@ -69,8 +74,11 @@ class LLMEngine:
         self.check_request(prompt, params, n)
         request_id = next(self.request_ids)
         seqs = [Sequence(next(self.seq_ids), request_id, i, list(prompt), params,
-                         make_generator(params, i, self.model.device)) for i in range(n)]
-        seqs[0].forks = seqs[1:]
+                         make_generator(params, i, self.model.device)) for i in range(max(n, params.num_beams))]
+        if params.num_beams > 1:
+            BeamGroup(seqs, n)      # scheduled as one unit through its leader, seqs[0]
+        else:
+            seqs[0].forks = seqs[1:]
         self.scheduler.add(seqs[0])
         self.num_prompt_tokens += len(prompt)
         return request_id

@@ -3,7 +3,8 @@ packs the step's tokens, replays CUDA graphs for decode-only steps, and samples.
 
     run(batch): block copies -> pack (prefill chunks first, then one-token decode rows) ->
                 forward (or graph replay) -> logits of the sampling rows -> one token per drawing
-                sequence (a request's first sample draws for all its return sequences)
+                sequence (a request's first sample draws for all its return sequences), and one
+                proposed BeamStep per beam group from its members' rows (engine.beam_search)
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import contextlib
 
 import torch
 
+from engine.beam_search import BeamGroup, BeamStep
 from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
 from engine.model import PagedGPT2, StepInputs, pack_step
 from engine.sampling import SampledToken, sample_next_tokens
@@ -38,8 +40,8 @@ class ModelRunner:
         return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
-        """One token for each of batch.draws."""
+    def run(self, batch: ScheduledBatch) -> list[SampledToken | BeamStep]:
+        """One outcome for each of batch.draws: a token for a sequence, a BeamStep for a beam group."""
         with self.on_device():
             copy_blocks(self.kv_cache, batch.block_copies)
             step, sampler_rows = self.prepare_step(batch)
@@ -47,8 +49,18 @@ class ModelRunner:
                 logits = self.graphs.run(step)
             else:
                 logits = self.model.forward(step, self.kv_cache)
-            rows = [sampler_rows[r] for r in batch.draw_rows]
-            return sample_next_tokens(logits[rows] if rows != list(range(logits.shape[0])) else logits, batch.draws)
+            outcomes: list[SampledToken | BeamStep | None] = [None] * len(batch.draws)
+            singles = [i for i, draw in enumerate(batch.draws) if not isinstance(draw, BeamGroup)]
+            if singles:
+                rows = [sampler_rows[batch.draw_rows[i]] for i in singles]
+                sampled = sample_next_tokens(logits[rows] if rows != list(range(logits.shape[0])) else logits,
+                                             [batch.draws[i] for i in singles])
+                for i, token in zip(singles, sampled):
+                    outcomes[i] = token
+            for i, draw in enumerate(batch.draws):
+                if isinstance(draw, BeamGroup):
+                    outcomes[i] = draw.propose(logits[[sampler_rows[r] for r in batch.draw_rows[i]]])
+            return outcomes
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
