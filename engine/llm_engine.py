@@ -39,16 +39,18 @@ def _positive_int(name: str, value) -> None:
 
 class LLMEngine:
     def __init__(self, model: PagedGPT2, *, block_size: int = 16, num_blocks: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, use_cuda_graphs: bool | None = None):
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, use_cuda_graphs: bool | None = None,
+                 enable_prefix_caching: bool = True, batch_invariant: bool = False):
         self.model, cfg = model, model.config
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             _positive_int(name, value)
         if num_blocks is None:
             num_blocks = num_kv_blocks(cfg, block_size, model.dtype, model.device, max_num_seqs)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens or max(4096, cfg.n_positions))
-        self.runner = ModelRunner(model, self.block_manager, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs)
+        self.runner = ModelRunner(model, self.block_manager, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs,
+                                  batch_invariant=batch_invariant)
         self.seq_ids = itertools.count()
         self.request_ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -100,7 +102,9 @@ class LLMEngine:
         return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
                 "kv_blocks_free": bm.num_free_blocks, "kv_blocks_total": bm.num_blocks,
                 "num_preemptions": sched.num_preemptions, "tokens_generated": sched.num_generated_tokens,
-                "prompt_tokens": self.num_prompt_tokens}
+                "prompt_tokens": self.num_prompt_tokens,
+                "prefix_cache_queries": bm.prefix_cache.queries if bm.prefix_cache else 0,
+                "prefix_cache_hits": bm.prefix_cache.hits if bm.prefix_cache else 0}
 
     def step(self) -> list[TokenEvent]:
         batch = self.scheduler.schedule()

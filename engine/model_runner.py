@@ -21,7 +21,7 @@ from engine.scheduler import ScheduledBatch
 
 class ModelRunner:
     def __init__(self, model: PagedGPT2, block_manager: BlockManager, *, max_num_seqs: int,
-                 use_cuda_graphs: bool | None = None):
+                 use_cuda_graphs: bool | None = None, batch_invariant: bool = False):
         self.model, cfg = model, model.config
         self.block_manager = block_manager      # read here (tables, slots); written by the scheduler
         self.kv_cache = allocate_kv_cache(cfg, block_manager.num_blocks, block_manager.block_size, model.dtype,

@@ -105,11 +105,14 @@ class Scheduler:
             seq = self.waiting[0]
             members = seq.group.live if seq.group is not None else [seq]
             seats = self._seats_taken() + seq.seats
-            if seats > self.max_num_seqs or not self.block_manager.can_allocate_all([len(m.token_ids) for m in members]):
+            if seats > self.max_num_seqs or not self.block_manager.can_allocate_all(
+                    [len(m.token_ids) for m in members], [m.token_ids for m in members]):
                 break
             self.waiting.popleft()
             for member in members:
-                self.block_manager.allocate(member.seq_id, len(member.token_ids))
+                # a cached prefix (prefix caching) is computed already; the rest goes through prefill
+                member.num_computed_tokens = self.block_manager.allocate(member.seq_id, len(member.token_ids),
+                                                                         member.token_ids)
                 member.status = SequenceStatus.RUNNING
                 self.running.append(member)
                 remaining = self._prefill_target(member) - member.num_computed_tokens
@@ -154,6 +157,7 @@ class Scheduler:
                        for draw, outcome in zip(batch.draws, sampled)]
         for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += num_tokens
+            self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         for seq in batch.samplers:
             for child in seq.forks:
                 self._admit_fork(seq, child)
