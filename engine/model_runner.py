@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from engine.batch_invariant import batch_invariant_model
 from engine.beam_search import BeamGroup, BeamStep
 from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
 from engine.model import PagedGPT2, StepInputs, pack_step
@@ -22,12 +23,15 @@ from engine.scheduler import ScheduledBatch
 class ModelRunner:
     def __init__(self, model: PagedGPT2, block_manager: BlockManager, *, max_num_seqs: int,
                  use_cuda_graphs: bool | None = None, batch_invariant: bool = False):
-        self.model, cfg = model, model.config
+        cfg = model.config
+        # batch-invariant mode: fixed-shape GEMMs and one attention path for every row (engine.batch_invariant)
+        self.batch_invariant = batch_invariant
+        self.model = batch_invariant_model(model) if batch_invariant else model
         self.block_manager = block_manager      # read here (tables, slots); written by the scheduler
         self.kv_cache = allocate_kv_cache(cfg, block_manager.num_blocks, block_manager.block_size, model.dtype,
                                           model.device)
         if use_cuda_graphs is None:
-            use_cuda_graphs = model.device.type == "cuda" and model.backend == "triton"
+            use_cuda_graphs = model.device.type == "cuda" and model.backend == "triton" and not batch_invariant
         self.graphs = None
         if use_cuda_graphs:
             from engine.cuda_graphs import DecodeGraphs
@@ -70,9 +74,11 @@ class ModelRunner:
     def prepare_step(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int]]:
         """The step's device inputs, prefill chunks (> 1 token) first, then the one-token rows, which
         read their context through the block table (decode attention); and, for each of
-        batch.samplers, its row in the logits."""
+        batch.samplers, its row in the logits. In batch-invariant mode every sequence's tokens are
+        prefill rows (one attention path for all)."""
         bm = self.block_manager
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] == 1)
+        as_prefill = [n > 1 or self.batch_invariant for n in batch.num_tokens]
+        order = sorted(range(len(batch.seqs)), key=lambda i: not as_prefill[i])
         ids, positions, slots, logits_indices = [], [], [], []
         logits_row = {}
         cu_q, cu_k, prefill_seqs, tables, context_lens = [0], [0], [], [], []
@@ -83,7 +89,7 @@ class ModelRunner:
             ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += (bm.slot(seq.seq_id, p) for p in range(start, end))
-            if num_tokens > 1:
+            if as_prefill[i]:
                 num_prefill += num_tokens
                 cu_q.append(cu_q[-1] + num_tokens)
                 cu_k.append(cu_k[-1] + end)
