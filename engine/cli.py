@@ -14,9 +14,10 @@ def _generate(args) -> int:
     if args.random_weights:
         if args.model not in PRESETS:
             raise SystemExit(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {args.model!r}")
-        model = GPT2.from_config(args.model, seed=args.seed, device=args.device, backend=args.backend)
+        model = GPT2.from_config(args.model, seed=args.seed, device=args.device, backend=args.backend,
+                                 **_runtime(args))
     else:
-        model = GPT2.from_pretrained(args.model, device=args.device, backend=args.backend)
+        model = GPT2.from_pretrained(args.model, device=args.device, backend=args.backend, **_runtime(args))
     if args.tokenizer:
         from engine.tokenizer import load_tokenizer
 
@@ -26,6 +27,8 @@ def _generate(args) -> int:
                "seed": args.seed}
     if options["do_sample"]:
         options.update(temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p)
+    if args.num_beams != 1:
+        options["num_beams"] = args.num_beams
     if args.stream:
         sys.stdout.write(args.prompt)
         for piece in model.stream(args.prompt, **options):
@@ -35,6 +38,11 @@ def _generate(args) -> int:
     else:
         print(args.prompt + model.generate_text(args.prompt, **options)[0])
     return 0
+
+
+def _runtime(args) -> dict:
+    """Engine options of the runtime backends (the eager backend has none)."""
+    return {"batch_invariant": True} if args.batch_invariant else {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampler (and of --random-weights)")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: off)")
+    gen.add_argument("--batch-invariant", action="store_true",
+                     help="logits bitwise independent of the batch (fixed-shape kernels; slower)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "eager"], help="default: triton on CUDA, torch on CPU")

@@ -113,7 +113,8 @@ request = st.tuples(
 
 
 def run_stream(requests, enable_prefix_caching):
-    llm = LLMEngine(MODEL, block_size=4, num_blocks=40, max_num_batched_tokens=24,
+    # 24 blocks of 4 tokens: a few of these requests at once fill the pool, so streams preempt
+    llm = LLMEngine(MODEL, block_size=4, num_blocks=24, max_num_batched_tokens=24,
                     enable_prefix_caching=enable_prefix_caching, batch_invariant=True)
     kinds = {"greedy": (SamplingParams(max_new_tokens=6), 1),
              "sampled": (SamplingParams(max_new_tokens=6, do_sample=True, seed=5), 1),
@@ -131,10 +132,20 @@ def run_stream(requests, enable_prefix_caching):
     return tokens, llm
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(requests=st.lists(request, min_size=1, max_size=6))
 def test_tokens_are_the_same_with_and_without_the_prefix_cache(requests):
     cached, llm = run_stream(requests, True)
     uncached, _ = run_stream(requests, False)
     assert cached == uncached
-    assert llm.block_manager.num_free_blocks == 40
+    assert llm.block_manager.num_free_blocks == 24
+
+
+def test_a_stream_that_preempts_gives_the_same_tokens_with_and_without_the_cache():
+    requests = [(0, [1, 2, 3], "beams", 0), (0, [4], "forks", 0), (1, [5, 6], "sampled", 1), (2, [7], "beams", 1),
+                (0, [1, 2, 3], "greedy", 2), (2, [9, 9], "forks", 3)]
+    cached, llm = run_stream(requests, True)
+    uncached, plain = run_stream(requests, False)
+    assert llm.scheduler.num_preemptions > 0 and plain.scheduler.num_preemptions > 0
+    assert llm.stats()["prefix_cache_hits"] > 0
+    assert cached == uncached
