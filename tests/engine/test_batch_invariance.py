@@ -37,7 +37,9 @@ def logits_of(model, others=(), arrivals=(), max_num_batched_tokens=None, enable
 
 @pytest.fixture(scope="module", params=["torch", "triton"])
 def model(request):
-    return PagedGPT2(CONFIG, STATE, backend=request.param)
+    """The triton backend runs under the interpreter on CPU, on the GPU when there is one."""
+    device = "cuda" if request.param == "triton" and torch.cuda.is_available() else "cpu"
+    return PagedGPT2(CONFIG, STATE, backend=request.param, device=device)
 
 
 def test_logits_are_bitwise_the_same_alone_batched_chunked_and_cached(model):

@@ -1,6 +1,8 @@
 """Beam search against transformers' generate(num_beams=...): tokens, sequences_scores and
 beam_indices, on the torch and triton (interpreter) backends; beam groups under memory pressure
 (preempted and recomputed as one unit) give the tokens they give alone; bad options raise."""
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -20,6 +22,7 @@ CASES = [
     dict(num_beams=4, max_new_tokens=12, eos_token_id=[22, 98], num_return_sequences=2, length_penalty=0.5),
     dict(num_beams=2, max_new_tokens=8, early_stopping="never", eos_token_id=9, length_penalty=2.0),
     dict(num_beams=3, max_new_tokens=10, eos_token_id=97, early_stopping=False, length_penalty=-1.0, min_new_tokens=2),
+    dict(num_beams=2, max_new_tokens=1),
 ]
 
 
@@ -93,10 +96,12 @@ def test_gpt2_small_shape_matches_transformers():
 
 
 def test_triton_backend_matches_transformers(hf):
-    model = engine.GPT2.from_hf(hf, backend="triton", block_size=4)
+    """Under the interpreter on CPU; on the GPU when there is one."""
+    model = engine.GPT2.from_hf(hf, backend="triton", block_size=4, device="cuda" if torch.cuda.is_available() else "cpu")
     ids, mask = left_padded_batch([6, 3], hf.config.vocab_size)
-    expected, got = generate_both(hf, model, ids, mask, num_beams=2, max_new_tokens=4, eos_token_id=5)
-    assert_same_beams(expected, got)
+    expected, got = generate_both(hf, model, ids, mask, num_beams=2, max_new_tokens=4, eos_token_id=9)
+    assert_same_beams(expected, dataclasses.replace(got, sequences=got.sequences.cpu(), beam_indices=got.beam_indices.cpu(),
+                                                    sequences_scores=got.sequences_scores.cpu()))
 
 
 def drive(llm: LLMEngine, requests):
