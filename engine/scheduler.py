@@ -81,9 +81,10 @@ class Scheduler:
         # 1. decode slots for running sequences (a beam group's live members all together),
         #    preempting the most recently admitted when the pool is dry
         for unit in self._decode_units():
-            if budget < len(unit) or any(seq.num_uncomputed != 1 for seq in unit):
+            if (unit[0].status is not SequenceStatus.RUNNING or budget < len(unit)     # (preempted meanwhile)
+                    or any(seq.num_uncomputed != 1 for seq in unit)):
                 continue
-            # a slot is needed unless the token's was allocated at admission (a prompt's last token)
+            # a slot is needed unless the token's slot was allocated at admission (a prompt's last token)
             needy = [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids)]
             while unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
                 self.preempt(self.running[-1])
