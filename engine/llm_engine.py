@@ -61,9 +61,11 @@ class LLMEngine:
         _positive_int("n (num_return_sequences)", n)
         if n > self.scheduler.max_num_seqs:
             raise ValueError(f"n (num_return_sequences) = {n} exceeds max_num_seqs = {self.scheduler.max_num_seqs}")
-        if params.num_beams > 1 and not n <= params.num_beams <= self.scheduler.max_num_seqs:
-            raise ValueError(f"beam search needs num_return_sequences ({n}) <= num_beams ({params.num_beams}) "
-                             f"<= max_num_seqs ({self.scheduler.max_num_seqs})")
+        sched = self.scheduler
+        if params.num_beams > 1 and not n <= params.num_beams <= min(sched.max_num_seqs, sched.max_num_batched_tokens):
+            raise ValueError(f"beam search needs num_return_sequences ({n}) <= num_beams ({params.num_beams}) <= "
+                             f"max_num_seqs ({sched.max_num_seqs}) and max_num_batched_tokens "
+                             f"({sched.max_num_batched_tokens}): its beams decode in one step")
         # the K/V of the last generated token are never written, so a sequence holds at most this many
         # (times num_beams for a beam group: its beams may each end up with private blocks)
         needed = params.num_beams * self.block_manager.blocks_for(len(prompt_token_ids) + params.max_new_tokens - 1)
