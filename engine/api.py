@@ -32,10 +32,22 @@ from engine.weights import load_checkpoint, load_hf_model_state, random_state_di
 BACKENDS = ("auto", "triton", "torch", "eager")
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """cpu, cuda or cuda:N where this machine has that device (None: cuda when available)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine ({build}); use cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -77,7 +89,7 @@ class GPT2:
                  tokenizer_path=None, generation_config=None, enable_prefix_caching: bool = True,
                  batch_invariant: bool = False):
         self.config = config
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = _resolve_backend(backend, self.device)
         self.source = source                      # where the weights came from (reported by the bench)
@@ -280,7 +292,7 @@ class GPT2:
 
     def generate_text(self, prompts, **kwargs) -> list[str]:
         """Continuations (without the prompt) of each prompt, num_return_sequences per prompt."""
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, bytes, bytearray)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +28,13 @@ from pathlib import Path
 import torch
 
 from engine.api import GPT2
+from engine.cli import add_device_argument
 from engine.config import PRESETS, GPT2Config
 from engine.generation import resolve_generate_options
 from engine.sampling import SamplingParams
+from engine.weights import load_config
+
+OUTPUT_FILES = ("results.json", "results.md", "decode_tokens_per_s.png")  # written into --out
 
 
 @dataclass
@@ -281,7 +287,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 1 on CPU, 3 on GPU)")
     parser.add_argument("--systems", nargs="+", default=["engine", "eager", "transformers"],
                         choices=["engine", "eager", "transformers"], help="what to compare (the engine always runs)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     parser.add_argument("--out", default="bench-results", help="directory for results.json, results.md, decode_tokens_per_s.png")
@@ -296,6 +302,27 @@ def _check_arguments(args) -> None:
         raise ValueError(f"--new-tokens must be at least 3 (decode speed is timed between steps), got {args.new_tokens}")
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be positive, got {args.repeats}")
+    config = GPT2Config.preset(args.model) if args.model in PRESETS else load_config(args.model)
+    if args.prompt_len + args.new_tokens > config.n_positions:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} tokens is beyond the context "
+                         f"of {args.model} (n_positions={config.n_positions})")
+    _check_out(Path(args.out))
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a directory (created now if missing) that the result files can be written into."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {out} is not a writable directory: {exc.strerror or exc}") from exc
+    for name in OUTPUT_FILES:
+        path = out / name
+        if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
+            raise ValueError(f"--out {out}: {name} exists and cannot be overwritten")
 
 
 def main(args) -> int:

@@ -1,52 +1,143 @@
-"""The `gpt2-engine` command: bench, generate, kernels."""
+"""The `gpt2-engine` command: bench (and `bench serve`, the serving load generator), generate, serve, kernels.
+
+Every bad argument or input ends the command with one line on stderr, `gpt2-engine <command>: error:
+<what is wrong>`, and exit status 2: argparse's own errors (printed on one line by `Parser`), the
+shared argument types here (`add_device_argument`), and the ValueError / TypeError / FileNotFoundError
+that the API raises for bad options, checkpoints and prompts. The generation options go through the
+public API (`GPT2.generate_text` / `GPT2.stream`, transformers-style keyword arguments), which
+validates them; the CLI checks only what the API cannot know (which flags the user typed).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
+# generate's sampling flags: transformers ignores them when decoding greedily, so without --do-sample
+# (and unless --temperature is 0, which means greedy) they are an error instead of a silent no-op.
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
-def _generate(args) -> int:
-    import torch
 
-    from engine.api import GPT2
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with its usage errors on one line (`--help` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def device_argument(value: str) -> str:
+    """argparse type of --device: the API's rule (cpu, cuda or cuda:N, where this machine has it)."""
+    from engine.api import resolve_device
+
+    try:
+        resolve_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device, checked when the arguments are parsed (shared by the subcommands that run a model)."""
+    parser.add_argument("--device", type=device_argument, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+
+
+def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("--model", default="gpt2", help="checkpoint directory or hub id (or a preset with --random-weights)")
+    gen.add_argument("--prompt", default=None, help="the prompt text (default: read from stdin, less one trailing newline)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    gen.add_argument("--do-sample", action="store_true", help="sample (default: greedy decoding, as in transformers)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature (default 1.0); 0 means greedy decoding, even with --do-sample "
+                          "(--top-k and --top-p are then unused)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default 50; 0 = off)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty (default 1.0 = off)")
+    gen.add_argument("--num-return-sequences", type=int, default=None, help="continuations of the prompt (default 1; more need --do-sample)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed of the sampler (default: unseeded) and of --random-weights (default 0)")
+    gen.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams (default 1 = off)")
+    gen.add_argument("--batch-invariant", action="store_true",
+                     help="logits bitwise independent of the rest of the batch (fixed-shape kernels; slower)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_device_argument(gen)
+    gen.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
+    gen.add_argument("--backend", default="auto", help="auto, triton, torch or eager (auto: triton on CUDA, torch on CPU)")
+    gen.add_argument("--tokenizer", default=None,
+                     help="directory with encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json (default: the "
+                          "checkpoint's, else GPT-2's BPE shipped with gpt2-engine)")
+    gen.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
+
+
+def _generation_options(args) -> dict:
+    """The API's keyword arguments for the flags given; a flag left out keeps the API's default."""
+    options = {"max_new_tokens": args.max_new_tokens}
+    for name in ("repetition_penalty", "num_return_sequences", "num_beams", "seed"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.temperature == 0:  # OpenAI's and vLLM's convention: temperature 0 is greedy decoding
+        return options
+    warpers = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    if warpers and not args.do_sample:
+        flags = " ".join(f"{SAMPLING_FLAGS[name]} {value}" for name, value in warpers.items())
+        verb = "applies" if len(warpers) == 1 else "apply"
+        raise ValueError(f"{flags} {verb} only when sampling: add --do-sample (or use --temperature 0 for greedy decoding)")
+    return options | warpers | {"do_sample": args.do_sample}
+
+
+def _check_model_flags(args) -> None:
     from engine.config import PRESETS
 
-    if args.random_weights:
-        if args.model not in PRESETS:
-            raise SystemExit(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {args.model!r}")
-        model = GPT2.from_config(args.model, seed=args.seed, device=args.device, backend=args.backend,
-                                 **_runtime(args))
-    else:
-        model = GPT2.from_pretrained(args.model, device=args.device, backend=args.backend, **_runtime(args))
-    if args.tokenizer:
-        from engine.tokenizer import load_tokenizer
+    if args.random_weights and args.model not in PRESETS:
+        raise ValueError(f"--random-weights needs a preset --model ({', '.join(PRESETS)}), got {args.model!r}")
 
-        model.tokenizer = load_tokenizer(args.tokenizer)
-    torch.manual_seed(args.seed)
-    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0 or args.top_k > 0 or args.top_p < 1.0,
-               "seed": args.seed}
-    if options["do_sample"]:
-        options.update(temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p)
-    if args.num_beams != 1:
-        options["num_beams"] = args.num_beams
+
+def _build_model(args):
+    from engine.api import GPT2
+
+    runtime = {"device": args.device, "dtype": args.dtype, "backend": args.backend}
+    if args.batch_invariant:
+        runtime["batch_invariant"] = True
+    if not args.random_weights:
+        return GPT2.from_pretrained(args.model, **runtime)
+    return GPT2.from_config(args.model, **({} if args.seed is None else {"seed": args.seed}), **runtime)
+
+
+def _generate(args) -> int:
+    from engine.tokenizer import load_tokenizer
+
+    options = _generation_options(args)
+    _check_model_flags(args)
+    tokenizer = None
+    if args.tokenizer is not None:
+        try:
+            tokenizer = load_tokenizer(args.tokenizer)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"--tokenizer: {exc}") from exc
+    prompt = args.prompt if args.prompt is not None else _read_stdin_prompt()
+    model = _build_model(args)
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
     if args.stream:
-        sys.stdout.write(args.prompt)
-        for piece in model.stream(args.prompt, **options):
+        pieces = model.stream(prompt, **options)  # options are checked here, before anything is printed
+        sys.stdout.write(prompt)
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(args.prompt + model.generate_text(args.prompt, **options)[0])
+        for text in model.generate_text(prompt, **options):
+            print(prompt + text)
     return 0
 
 
-def _runtime(args) -> dict:
-    """Engine options of the runtime backends (the eager backend has none)."""
-    return {"batch_invariant": True} if args.batch_invariant else {}
+def _read_stdin_prompt() -> str:
+    if sys.stdin.isatty():
+        print("gpt2-engine generate: reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+    return sys.stdin.read().removesuffix("\n")  # the newline that echo and a typed line end with
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2-engine", description="GPT-2 inference on Triton kernels.")
+    parser = Parser(prog="gpt2-engine", description="GPT-2 inference on Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from engine import bench
@@ -56,21 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(bench_parser)
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
-    gen.add_argument("--model", default="gpt2", help="checkpoint directory or hub id (or a preset with --random-weights)")
-    gen.add_argument("--prompt", required=True, help="the prompt text")
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the sampler (and of --random-weights)")
-    gen.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: off)")
-    gen.add_argument("--batch-invariant", action="store_true",
-                     help="logits bitwise independent of the batch (fixed-shape kernels; slower)")
-    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    gen.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "eager"], help="default: triton on CUDA, torch on CPU")
-    gen.add_argument("--tokenizer", default=None, help="directory with encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json")
-    gen.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
+    _add_generate_arguments(gen)
+
+    from engine.server import serve
+
+    serve_parser = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching; Ray Serve replicas)",
+                                  description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_arguments(serve_parser)
 
     kern = sub.add_parser("kernels", help="ahead-of-time compile report of every kernel for sm_80 and sm_90")
     kern.add_argument("--filter", default="", help="only configurations whose label contains this text")
@@ -79,19 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:2] == ["bench", "serve"]:   # the serving load generator has its own flags
+            from engine import bench_serve
+
+            return bench_serve.main(argv[2:])
+        args, unknown = build_parser().parse_known_args(argv)
+    except SystemExit as exit_:  # --help (0), or a usage error already printed on one line (2)
+        return exit_.code
+    try:
+        if unknown:  # reported here, not by the top-level parser, to name the subcommand
+            raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command == "bench":
             from engine import bench
 
             return bench.main(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            from engine.server import serve
+
+            return serve.main(args)
         from kernels import compile_report
 
         return compile_report.main(["--filter", args.filter] + (["--json", args.json] if args.json else []))
     except (FileNotFoundError, ValueError, TypeError) as exc:  # bad input: the message says what is wrong
-        print(f"gpt2-engine {args.command}: error: {exc}", file=sys.stderr)
+        print(f"gpt2-engine {args.command}: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,9 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
     bos_token_id: int = 50256
-    eos_token_id: int = 50256
+    # The model's end-of-sequence token(s), generate()'s default eos_token_id: an id, a tuple of ids (HF's
+    # list form), or None for no EOS (config.json's null or []): generation then runs to its length limit.
+    eos_token_id: int | tuple[int, ...] | None = 50256
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -29,6 +31,10 @@ class GPT2Config:
             raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
+        eos = self.eos_token_id
+        if not (eos is None or _is_token_id(eos) or (isinstance(eos, tuple) and eos and all(map(_is_token_id, eos)))):
+            raise ValueError(f"GPT2Config.eos_token_id must be a non-negative token id, a non-empty tuple of them, "
+                             f"or None, got {self.eos_token_id!r}")
         if self.activation_function not in SUPPORTED_ACTIVATIONS:
             raise ValueError(
                 f"GPT2Config.activation_function must be one of {SUPPORTED_ACTIVATIONS}, got {self.activation_function!r}"
@@ -84,8 +90,11 @@ class GPT2Config:
         kwargs = {k: v for k, v in values.items() if k in known and v is not None}
         if "n_positions" not in kwargs and "n_ctx" in values:
             kwargs["n_positions"] = values["n_ctx"]
-        if isinstance(kwargs.get("eos_token_id"), list):  # HF allows a list; the model-level default is its first
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        if "eos_token_id" in values:  # HF: an id, a list of ids (each one stops), or null / [] for none
+            eos = values["eos_token_id"]
+            if isinstance(eos, (list, tuple)):
+                eos = tuple(eos) if len(eos) > 1 else (eos[0] if eos else None)
+            kwargs["eos_token_id"] = eos
         return cls(**kwargs)
 
     @classmethod
@@ -101,7 +110,12 @@ class GPT2Config:
 
     def to_hf_dict(self) -> dict:
         """The fields transformers' GPT2Config takes (used to build a reference HF model)."""
-        return asdict(self) | {"model_type": "gpt2", "n_ctx": self.n_positions}
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return asdict(self) | {"model_type": "gpt2", "n_ctx": self.n_positions, "eos_token_id": eos}
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # HF GPT-2 options that change the computation, with the only value this engine implements.

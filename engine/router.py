@@ -12,8 +12,8 @@ Locks. `_engine_lock` serialises everything that touches the engine: a step, add
 both took the engine lock first; the loop holds neither while it waits for work.
 
 Faults. The engine rolls a failed step back (no token lost, random generators restored) and the
-loop steps again; a request whose steps failed MAX_STEP_FAILURES times ends with the error, which
-its consumer raises. Delivery is appending to in-memory queues under `_cond`, so an exception in
+loop steps again; a request whose steps failed MAX_STEP_FAILURES times in a row ends with the
+error, which its consumer raises. Delivery is appending to in-memory queues under `_cond`, so an exception in
 any consumer (a callback, Ctrl-C, a client gone) touches only that consumer's request: leaving
 the iteration early aborts it, and so does dropping an unread stream (when it is collected).
 """
@@ -207,10 +207,12 @@ class RequestRouter:
             events, failed = [], {}
             try:
                 events = self.engine.step()
-            except StepError as exc:
-                failed = self._count_failure(exc)
-            except Exception as exc:        # not a rolled-back step: nothing of the engine can be trusted
+            except StepError as exc:        # rolled back: step again
+                failed = self._count_failure(exc.request_ids, exc)
+            except Exception as exc:        # failed before the step began (scheduling): end every request
                 failed = {request_id: exc for request_id in list(self._requests)}
+            except BaseException as exc:    # Ctrl-C / exit inside a step: rolled back too, but unattributed
+                failed = self._count_failure(set(self._requests), exc)
             for request_id in failed:
                 self.engine.abort_request(request_id)
             with self._cond:
@@ -233,6 +235,7 @@ class RequestRouter:
         if state is None:      # aborted meanwhile
             return
         state.events.append(event)
+        state.failures = 0          # counted in a row
         if event.finished:
             state.num_unfinished -= 1
             if state.num_unfinished == 0:
@@ -240,11 +243,11 @@ class RequestRouter:
                 del self._requests[event.request_id]
         self._notify(state)
 
-    def _count_failure(self, exc: StepError) -> dict[int, BaseException]:
+    def _count_failure(self, request_ids: set[int], exc: BaseException) -> dict[int, BaseException]:
         """The requests that have now failed too often, with the error each will raise."""
         failed = {}
         with self._cond:
-            for request_id in exc.request_ids:
+            for request_id in request_ids:
                 state = self._requests.get(request_id)
                 if state is not None:
                     state.failures += 1

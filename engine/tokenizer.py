@@ -1,5 +1,7 @@
 """GPT-2's byte-level BPE tokenizer as a tiktoken Encoding, built offline from the files that ship
-with GPT-2 checkpoints, or tiktoken's own `gpt2` encoding when no path is given.
+with GPT-2 checkpoints, or, when no path is given, tiktoken's own `gpt2` encoding if tiktoken's cache
+holds its files, else the copy of those files packaged with gpt2-engine (engine/gpt2_bpe, sha256
+checked at load). No path never downloads anything.
 
 Files looked for in a directory (a checkpoint or a tokenizer directory), in this order:
   encoder.json + vocab.bpe   OpenAI's release of GPT-2 ("data gym" format)
@@ -18,7 +20,11 @@ it as plain text.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import tiktoken
@@ -31,6 +37,16 @@ EOS_TOKEN_ID = 50256
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 FILE_SETS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+# OpenAI's GPT-2 files as tiktoken fetches them (tiktoken_ext.openai_public.gpt2) and as gpt2-engine
+# packages them: name -> (url, sha256). tiktoken checks the same hashes.
+GPT2_FILES = {
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+PACKAGED_DIR = Path(__file__).resolve().parent / "gpt2_bpe"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -48,9 +64,10 @@ UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
 
 def load_tokenizer(path: str | Path | None = None) -> tiktoken.Encoding:
     """GPT-2's BPE from the tokenizer files in `path` (a directory, or a file inside one); with no path,
-    tiktoken's `gpt2` encoding (from its cache, or downloaded where the network allows)."""
+    tiktoken's `gpt2` encoding when tiktoken's cache holds it, else the BPE files packaged with gpt2-engine
+    (the same files, so the same encoding; never a download)."""
     if path is None:
-        return _tiktoken_gpt2()
+        return _tiktoken_cached_gpt2() or packaged_tokenizer()
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
@@ -60,6 +77,24 @@ def load_tokenizer(path: str | Path | None = None) -> tiktoken.Encoding:
     if not files:
         wanted = ", ".join(" + ".join(names) for names in FILE_SETS)
         raise FileNotFoundError(f"no GPT-2 tokenizer files in {directory}: looked for {wanted}")
+    return _load_files(files)
+
+
+@functools.cache
+def packaged_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's BPE from the encoder.json + vocab.bpe packaged with gpt2-engine, after checking their sha256
+    (built once per process; a tiktoken Encoding is immutable)."""
+    for name, (_, expected) in GPT2_FILES.items():
+        path = PACKAGED_DIR / name
+        if not path.is_file():
+            raise FileNotFoundError(f"GPT-2 BPE file {path} is missing from the gpt2-engine installation; reinstall it")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != expected:
+            raise ValueError(f"GPT-2 BPE file {path} is damaged (sha256 {digest}, expected {expected}); reinstall gpt2-engine")
+    return _load_files([PACKAGED_DIR / name for name in FILE_SETS[0]])
+
+
+def _load_files(files: list[Path]) -> tiktoken.Encoding:
     if len(files) == 2:
         vocab, merges, specials = _read_json_object(files[0]), _read_merges(files[1]), {}
         return _encoding(vocab, merges, specials, source=f"{files[0]} + {files[1]}")
@@ -78,15 +113,18 @@ def tokenizer_files_in(path: str | Path) -> list[Path]:
     return []
 
 
-def _tiktoken_gpt2() -> tiktoken.Encoding:
+def _tiktoken_cached_gpt2() -> tiktoken.Encoding | None:
+    """tiktoken's `gpt2` encoding if tiktoken's download cache holds both of its files, else None.
+    tiktoken.load.read_file_cached keeps a download at <cache>/sha1(url), <cache> being TIKTOKEN_CACHE_DIR,
+    else DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache ("" turns caching off)."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    if not cache or not all(os.path.isfile(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
+                            for url, _ in GPT2_FILES.values()):
+        return None
     try:
         return tiktoken.get_encoding("gpt2")
-    except (OSError, ValueError, ImportError) as exc:  # no network (requests' errors are OSErrors), bad hash
-        raise FileNotFoundError(
-            f"tiktoken's 'gpt2' encoding is not in its cache (TIKTOKEN_CACHE_DIR) and could not be downloaded "
-            f"({type(exc).__name__}: {exc}). Pass load_tokenizer() a directory holding encoder.json + vocab.bpe, "
-            f"vocab.json + merges.txt, or tokenizer.json (a Hugging Face GPT-2 checkpoint directory has them)."
-        ) from exc
+    except (OSError, ValueError):  # a cached file with a bad hash makes tiktoken re-download, which fails offline
+        return None
 
 
 def _read_json_object(path: Path) -> dict:

@@ -11,7 +11,9 @@ layout [in, out] (C = n_embd, V = vocab_size, P = n_positions):
 
 Checkpoint directories hold config.json and one of (first found wins): model.safetensors,
 model.safetensors.index.json + shards, pytorch_model.bin, pytorch_model.bin.index.json + shards.
-An index is JSON {"weight_map": {tensor name: shard file name}}. Keys come with the `transformer.`
+An index is JSON {"weight_map": {tensor name: shard file name}}; it is authoritative: each tensor is read
+from the shard it names (a stale copy of it in another shard, or a tensor no entry names, is not read;
+a shard file that no entry names is not opened), and shard names are paths inside the directory. Keys come with the `transformer.`
 prefix (save_pretrained) or without (openai-community/gpt2, which also stores the causal-mask buffers
 h.{i}.attn.bias and h.{i}.attn.masked_bias; they are not weights and are dropped).
 """
@@ -24,8 +26,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from engine.config import GPT2Config
 
@@ -107,32 +108,41 @@ def load_checkpoint(
     tokenizer files and generation_config.json when the checkpoint has them."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-    directory = Path(name_or_path).expanduser()
-    if not directory.exists() and HUB_ID.fullmatch(str(name_or_path)):
-        directory = _hub_snapshot(str(name_or_path))
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"checkpoint directory {directory} has no config.json")
-    try:
-        config = GPT2Config.from_json_file(config_path)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(str(exc) if str(config_path) in str(exc) else f"{config_path}: {exc}") from exc
+    directory = _checkpoint_directory(name_or_path)
+    config = _read_config(directory)
     weights_path = next((directory / name for name in WEIGHT_FILES if (directory / name).is_file()), None)
     if weights_path is None:
         raise FileNotFoundError(f"checkpoint directory {directory} has no weights file: looked for {', '.join(WEIGHT_FILES)}")
-    if weights_path.name.endswith(".index.json"):
-        raw = {}
-        for shard in _shard_files(weights_path):
-            raw |= _load_weights_file(shard)
-    else:
-        raw = _load_weights_file(weights_path)
+    raw = _load_sharded(weights_path) if weights_path.name.endswith(".index.json") else _load_weights_file(weights_path)
     state = _canonical(raw, str(weights_path))
     validate_state_dict(state, config, source=str(weights_path))
     if dtype is not None:
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
     return (config, state, directory) if return_directory else (config, state)
+
+
+def load_config(name_or_path: str | Path) -> GPT2Config:
+    """The config of a checkpoint (a local directory or a hub id, as load_checkpoint takes), without its weights."""
+    return _read_config(_checkpoint_directory(name_or_path))
+
+
+def _checkpoint_directory(name_or_path: str | Path) -> Path:
+    directory = Path(name_or_path).expanduser()
+    if not directory.exists() and HUB_ID.fullmatch(str(name_or_path)):
+        directory = _hub_snapshot(str(name_or_path))
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    return directory
+
+
+def _read_config(directory: Path) -> GPT2Config:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"checkpoint directory {directory} has no config.json")
+    try:
+        return GPT2Config.from_json_file(config_path)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(str(exc) if str(config_path) in str(exc) else f"{config_path}: {exc}") from exc
 
 
 def load_hf_model_state(hf_model) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
@@ -178,24 +188,50 @@ def _canonical(raw: dict[str, torch.Tensor], source: str) -> dict[str, torch.Ten
     return state
 
 
-def _shard_files(index_path: Path) -> list[Path]:
+def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor the index names, each read from the shard its weight_map entry names."""
+    by_shard: dict[Path, list[str]] = {}
+    for name, shard in _weight_map(index_path).items():
+        by_shard.setdefault(index_path.parent / shard, []).append(name)
+    raw = {}
+    for shard, names in by_shard.items():
+        if not shard.is_file():
+            raise FileNotFoundError(f"shard {shard} listed in {index_path} not found")
+        tensors = _load_weights_file(shard, names)
+        absent = [name for name in names if name not in tensors]
+        if absent:
+            raise ValueError(f"checkpoint index {index_path} maps tensors to shard {shard.name}, which does not hold "
+                             f"them: {_names(absent)}")
+        raw |= tensors
+    return raw
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The index's weight_map, checked: a non-empty object of tensor name -> shard path inside the directory."""
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"checkpoint index {index_path} is not JSON with a 'weight_map' object: {exc!r}") from exc
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"checkpoint index {index_path}: 'weight_map' must map tensor names to shard files")
-    shards = [index_path.parent / name for name in sorted(set(weight_map.values()))]
-    for shard in shards:
-        if not shard.is_file():
-            raise FileNotFoundError(f"shard {shard} listed in {index_path} not found")
-    return shards
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"checkpoint index {index_path}: 'weight_map' must map tensor names to shard files, got {weight_map!r}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"checkpoint index {index_path}: weight_map[{name!r}] must be a shard file name, got {shard!r}")
+        # Checked on the name, not on the resolved path: a hub snapshot's files are symlinks into its blob store.
+        if Path(shard).anchor or ".." in Path(shard).parts:
+            raise ValueError(f"checkpoint index {index_path}: weight_map[{name!r}] = {shard!r} is not a path inside "
+                             f"the checkpoint directory")
+    return weight_map
 
 
-def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def _load_weights_file(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, or only those of `names` it holds (a safetensors file reads only those)."""
     if path.suffix == ".safetensors":
         try:
-            return load_file(path)
+            with safe_open(path, framework="pt") as file:
+                stored = file.keys()
+                wanted = stored if names is None else [name for name in names if name in set(stored)]
+                return {name: file.get_tensor(name) for name in wanted}
         except SafetensorError as exc:
             raise ValueError(f"weights file {path} is not a valid safetensors file (corrupt or truncated): {exc}") from exc
     try:
@@ -204,7 +240,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"weights file {path} is not a loadable PyTorch checkpoint (corrupt or truncated): {exc}") from exc
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path} holds a {type(state).__name__}, expected a state dict")
-    return state
+    return state if names is None else {name: state[name] for name in names if name in state}
 
 
 def _hub_snapshot(repo_id: str) -> Path:

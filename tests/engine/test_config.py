@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 import transformers
 
 from engine.config import PRESETS, GPT2Config
@@ -69,3 +70,39 @@ def test_unknown_preset_lists_the_choices():
     with pytest.raises(ValueError, match="gpt2-medium"):
         GPT2Config.preset("gpt5")
     assert set(PRESETS) == {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+
+
+@pytest.mark.parametrize("value, eos", [
+    ([], None), (None, None), (50256, 50256), ([7], 7), ([7, 9], (7, 9)),
+])
+def test_eos_token_id_forms_of_config_json(tmp_path, value, eos):
+    """HF's config.json: an id, a list of ids (each one ends a sequence), or null / [] for no EOS."""
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": value}))
+    config = GPT2Config.from_json_file(tmp_path / "config.json")
+    assert config.eos_token_id == eos
+    assert transformers.GPT2Config(**config.to_hf_dict()).eos_token_id == (list(eos) if isinstance(eos, tuple) else eos)
+
+
+@pytest.mark.parametrize("value", [-1, True, 2.5, "50256", ["a"], [1, None], ()])
+def test_bad_eos_token_id_names_the_field(value):
+    with pytest.raises(ValueError, match="eos_token_id"):
+        GPT2Config(eos_token_id=value)
+
+
+def test_a_model_without_eos_generates_to_the_length_limit(tmp_path):
+    """eos_token_id [] is no EOS: generation never stops early. With the first greedy token as EOS it
+    stops after that token; with [] the same model runs all max_new_tokens."""
+    from engine import GPT2
+    from tests.engine.tiny_models import tiny_hf_model
+
+    tiny_hf_model().save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()  # its eos_token_id would take precedence over config.json's
+    values = json.loads((tmp_path / "config.json").read_text())
+    ids = torch.tensor([[5, 17, 3, 42]])
+    first = int(GPT2.from_pretrained(tmp_path, device="cpu").generate(ids, max_new_tokens=1, pad_token_id=0)[0, -1])
+    lengths = {}
+    for eos in ([first], []):
+        (tmp_path / "config.json").write_text(json.dumps(values | {"eos_token_id": eos}))
+        out = GPT2.from_pretrained(tmp_path, device="cpu").generate(ids, max_new_tokens=6, pad_token_id=0)
+        lengths[len(eos)] = out.shape[1] - ids.shape[1]  # one sequence: no padding after its EOS
+    assert lengths == {1: 1, 0: 6}

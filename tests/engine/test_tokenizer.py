@@ -1,6 +1,7 @@
 """engine.tokenizer: GPT-2's BPE built offline from encoder.json + vocab.bpe, vocab.json + merges.txt
 or tokenizer.json gives transformers' ids on tricky text and round-trips; a tiny BPE checked by hand;
-missing and corrupt files, and no files while offline, raise errors that name the file."""
+missing and corrupt files raise errors that name the file; with no path and no network, tiktoken's cache or
+else the BPE files packaged with gpt2-engine (checked by sha256)."""
 import functools
 import hashlib
 import json
@@ -14,7 +15,10 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 from transformers import GPT2TokenizerFast
 
-from engine.tokenizer import ENDOFTEXT, EOS_TOKEN_ID, GPT2_PAT_STR, UNICODE_TO_BYTE, load_tokenizer, tokenizer_files_in
+from engine.tokenizer import (
+    ENDOFTEXT, EOS_TOKEN_ID, GPT2_FILES, GPT2_PAT_STR, PACKAGED_DIR, UNICODE_TO_BYTE, load_tokenizer, packaged_tokenizer,
+    tokenizer_files_in,
+)
 
 TRICKY = [
     "Hello world",
@@ -255,7 +259,7 @@ def test_bad_merge_line(tokenizer_dir, tmp_path):
         load_tokenizer(directory)
 
 
-# --- path None: tiktoken's own gpt2 encoding ------------------------------------------------------
+# --- path None: tiktoken's cache, else the BPE files packaged with gpt2-engine -------------------
 
 
 @pytest.fixture
@@ -274,20 +278,72 @@ def no_network(tmp_path, monkeypatch):
     return cache
 
 
-def test_no_path_offline_without_cache(no_network):
-    with pytest.raises(FileNotFoundError) as info:
-        load_tokenizer()
-    message = str(info.value)
-    assert "network unavailable" in message and "TIKTOKEN_CACHE_DIR" in message
-    assert "encoder.json + vocab.bpe" in message and "vocab.json + merges.txt" in message and "tokenizer.json" in message
+def seed_tiktoken_cache(cache, tokenizer_dir):
+    """tiktoken caches a download under sha1(url) and checks the file's sha256; seed it with the same files."""
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    for name in ("vocab.bpe", "encoder.json"):
+        shutil.copy(tokenizer_dir / name, cache / hashlib.sha1((base + name).encode()).hexdigest())
+
+
+def test_packaged_files_are_gpt2s_byte_for_byte(tokenizer_dir):
+    for name, (_, sha256) in GPT2_FILES.items():
+        data = (PACKAGED_DIR / name).read_bytes()
+        assert data == (tokenizer_dir / name).read_bytes(), name
+        assert hashlib.sha256(data).hexdigest() == sha256, name
+    assert "MIT" in (PACKAGED_DIR / "LICENSE").read_text(encoding="utf-8")
+
+
+def test_no_path_offline_without_cache_uses_the_packaged_files(no_network, enc):
+    packaged = load_tokenizer()
+    assert packaged is packaged_tokenizer()  # built once per process
+    assert packaged._mergeable_ranks == enc._mergeable_ranks and packaged._special_tokens == {ENDOFTEXT: EOS_TOKEN_ID}
+    assert packaged.encode("Hello world") == [15496, 995]
+    assert list(no_network.iterdir()) == []  # nothing was fetched or cached
 
 
 def test_no_path_uses_tiktoken_cache(no_network, tokenizer_dir, enc):
-    # tiktoken caches a download under sha1(url) and checks the file's sha256; seed it with the same files.
-    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    for name in ("vocab.bpe", "encoder.json"):
-        shutil.copy(tokenizer_dir / name, no_network / hashlib.sha1((base + name).encode()).hexdigest())
+    seed_tiktoken_cache(no_network, tokenizer_dir)
     cached = load_tokenizer()
     assert cached.name == "gpt2" and cached is tiktoken.get_encoding("gpt2")
+    assert cached is not packaged_tokenizer()
     assert cached.encode(TRICKY[13]) == enc.encode(TRICKY[13])
     assert cached._mergeable_ranks == enc._mergeable_ranks
+
+
+def test_no_path_with_a_damaged_tiktoken_cache_falls_back_to_the_packaged_files(no_network, tokenizer_dir):
+    seed_tiktoken_cache(no_network, tokenizer_dir)
+    damaged = next(no_network.iterdir())
+    damaged.write_bytes(damaged.read_bytes()[:-10])  # tiktoken's hash check fails, its re-download too
+    assert load_tokenizer() is packaged_tokenizer()
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """engine/gpt2_bpe copied to a directory the test may damage, the packaged encoding not yet built."""
+    import engine.tokenizer
+
+    copy = tmp_path / "gpt2_bpe"
+    shutil.copytree(PACKAGED_DIR, copy)
+    monkeypatch.setattr(engine.tokenizer, "PACKAGED_DIR", copy)
+    packaged_tokenizer.cache_clear()
+    yield copy
+    packaged_tokenizer.cache_clear()
+
+
+def test_damaged_packaged_file_is_an_error_naming_it(no_network, package_copy):
+    vocab = package_copy / "vocab.bpe"
+    vocab.write_bytes(vocab.read_bytes().replace(b"\nh e\n", b"\nh f\n", 1))
+    with pytest.raises(ValueError, match=r"vocab\.bpe is damaged \(sha256 [0-9a-f]{64}, expected 1ce16647"):
+        load_tokenizer()
+    (package_copy / "encoder.json").unlink()
+    with pytest.raises(FileNotFoundError, match="encoder.json is missing"):
+        load_tokenizer()
+
+
+def test_text_generation_works_offline_with_no_tokenizer_files(no_network):
+    from engine import GPT2, GPT2Config
+
+    model = GPT2.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=32), device="cpu")
+    [text] = model.generate_text(["Hello"], max_new_tokens=3)
+    assert len(packaged_tokenizer().encode(text, allowed_special="all")) >= 1
+    assert model.tokenizer is packaged_tokenizer()

@@ -118,17 +118,88 @@ def test_lm_head_equal_to_wte_but_stored_separately_is_dropped(tmp_path, model):
     assert "lm_head.weight" not in loaded
 
 
-def test_sharded_bin_with_index(tmp_path, model):
+def write_sharded(directory, model, kind, weight_map=None, extra=None):
+    """A two-shard checkpoint of `kind` ("bin" or "safetensors"): the first 10 tensors in shard 1, the
+    rest in shard 2, plus `extra` {shard number: {name: tensor}} stored beside them, and an index holding
+    `weight_map` (default: where the split put each tensor). Returns the index path and the shard names."""
     state = canonical(model)
     names = list(state)
-    shards = {"pytorch_model-00001-of-00002.bin": names[:10], "pytorch_model-00002-of-00002.bin": names[10:]}
-    model.config.save_pretrained(tmp_path)
-    for filename, keys in shards.items():
-        torch.save({k: state[k] for k in keys}, tmp_path / filename)
-    weight_map = {k: filename for filename, keys in shards.items() for k in keys}
-    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    prefix, ext = ("pytorch_model", "bin") if kind == "bin" else ("model", "safetensors")
+    files = [f"{prefix}-0000{i}-of-00002.{ext}" for i in (1, 2)]
+    split = [names[:10], names[10:]]
+    if weight_map is None:
+        weight_map = {k: filename for filename, keys in zip(files, split) for k in keys}
+    model.config.save_pretrained(directory)
+    for number, (filename, keys) in enumerate(zip(files, split), 1):
+        tensors = {k: state[k].contiguous() for k in keys} | (extra or {}).get(number, {})
+        save_file(tensors, directory / filename) if ext == "safetensors" else torch.save(tensors, directory / filename)
+    index = directory / f"{prefix}.{ext}.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index, files
+
+
+@pytest.mark.parametrize("kind", ["bin", "safetensors"])
+def test_sharded_with_index(tmp_path, model, kind):
+    write_sharded(tmp_path, model, kind)
+    _, loaded = load_checkpoint(tmp_path)
+    assert_same_tensors(loaded, canonical(model))
+
+
+@pytest.mark.parametrize("kind", ["bin", "safetensors"])
+def test_checkpoint_whose_index_disagrees_with_its_shards(tmp_path, model, kind):
+    """Each tensor comes from the shard the index names. Not read: stale copies in the other shard
+    (wte.weight's in shard 2, which a merge of the shards in sorted order would let win, and ln_f.bias's
+    in shard 1), a tensor no entry names, and a shard file the index does not list."""
+    state = canonical(model)
+    extra = {1: {"ln_f.bias": torch.full_like(state["ln_f.bias"], 7.0)},
+             2: {"wte.weight": torch.zeros_like(state["wte.weight"]), "h.0.attn.rotary.weight": torch.ones(3)}}
+    index, files = write_sharded(tmp_path, model, kind, extra=extra)
+    weight_map = json.loads(index.read_text())["weight_map"]
+    assert weight_map["wte.weight"] == files[0] and weight_map["ln_f.bias"] == files[1]
+    (tmp_path / files[1].replace("00002-of-00002", "00003-of-00003")).write_bytes(b"an old shard, not listed")
     _, loaded = load_checkpoint(tmp_path)
     assert_same_tensors(loaded, state)
+
+
+def test_tensor_missing_from_the_shard_its_index_names(tmp_path, model):
+    index, files = write_sharded(tmp_path, model, "safetensors")
+    index_data = json.loads(index.read_text())
+    index_data["weight_map"]["wte.weight"] = files[1]  # it is in shard 1 only
+    index.write_text(json.dumps(index_data))
+    with pytest.raises(ValueError, match=f"maps tensors to shard {files[1]}, which does not hold them: wte.weight"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("entry, message", [
+    (3, r"weight_map\['wte.weight'\] must be a shard file name, got 3"),
+    (None, r"weight_map\['wte.weight'\] must be a shard file name, got None"),
+    (["model-00001-of-00002.safetensors"], r"weight_map\['wte.weight'\] must be a shard file name"),
+    ("", r"weight_map\['wte.weight'\] must be a shard file name"),
+    ("../outside/model.safetensors", r"'../outside/model.safetensors' is not a path inside the checkpoint directory"),
+    ("sub/../../outside/model.safetensors", "is not a path inside the checkpoint directory"),
+    ("ABSOLUTE", "is not a path inside the checkpoint directory"),
+])
+def test_bad_weight_map_entries(tmp_path, model, entry, message):
+    # A real shard outside the checkpoint (holding every tensor): a path that leaves the directory must
+    # not reach it, even though loading it would succeed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_file({k: t.contiguous() for k, t in canonical(model).items()}, outside / "model.safetensors")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    index, files = write_sharded(checkpoint, model, "safetensors")
+    index_data = json.loads(index.read_text())
+    index_data["weight_map"] = {k: str(outside / "model.safetensors") if entry == "ABSOLUTE" else entry
+                                for k in index_data["weight_map"]}
+    index.write_text(json.dumps(index_data))
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(checkpoint)
+
+
+def test_index_that_names_no_tensor(tmp_path, model):
+    index, _ = write_sharded(tmp_path, model, "safetensors", weight_map={})
+    with pytest.raises(ValueError, match="'weight_map' must map tensor names to shard files, got {}"):
+        load_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])

@@ -1,0 +1,314 @@
+"""The FastAPI app: OpenAI's /v1/completions and /v1/models, /health and /metrics, on one GPT2's
+request router (so every HTTP request is batched with the others by the engine's scheduler).
+
+    build_app(model, served_model_name=..., api_key=..., max_queue=...) -> FastAPI
+
+A request's prompts each become one router request with n return sequences (choice index =
+prompt * n + sequence, as OpenAI orders them). A streaming client that disconnects, or a choice
+cut at a stop string, closes its router stream, which frees the KV blocks before it returns.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import time
+import uuid
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.router import RouterClosed
+from engine.server.choices import Choice
+from engine.server.metrics import ServerMetrics
+from engine.server.protocol import APIError, CompletionRequest, for_prompts, prompts_of, sampling_params
+
+_DONE = object()          # a pump's end marker in the streaming queue
+
+
+class CompletionServer:
+    """The routes' state: the model, its name, admission control, metrics."""
+
+    def __init__(self, model, *, served_model_name: str, api_key: str | None, max_queue: int | None):
+        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
+            raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
+        if model.router is None:
+            raise ValueError("the server needs a runtime backend (triton or torch), not backend='eager'")
+        self.model, self.router = model, model.router
+        self.name, self.api_key, self.max_queue = served_model_name, api_key, max_queue
+        self.metrics = ServerMetrics(self.router.stats)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self._admission = asyncio.Lock()
+        self.created = int(time.time())
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    def check_model(self, name: str) -> None:
+        if name != self.name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    async def admit(self, prompts, params, n: int):
+        """Queue the prompts as router requests, or refuse with 429 when the waiting queue is full.
+        With max_queue, admissions are serialised so that concurrent requests cannot overfill it."""
+        if self.max_queue is None:
+            return await asyncio.to_thread(self._add, prompts, params, n)
+        async with self._admission:
+            stats = await asyncio.to_thread(self.router.stats)
+            if stats["num_waiting"] + n * len(prompts) > self.max_queue + max(0, self._free_seats(stats)):
+                raise APIError(429, f"the waiting queue is full ({stats['num_waiting']} sequences waiting, "
+                                    f"max_queue={self.max_queue}); retry later", code="queue_full")
+            return await asyncio.to_thread(self._add, prompts, params, n)
+
+    def _add(self, prompts, params, n: int):
+        streams = []
+        try:
+            for prompt, p in zip(prompts, params):
+                streams.append(self.router.add(prompt.token_ids, p, n))
+        except BaseException as exc:
+            for stream in streams:
+                stream.close()
+            if isinstance(exc, RouterClosed):
+                raise APIError(503, "the server is shutting down") from None
+            raise
+        return streams
+
+    def _free_seats(self, stats) -> int:
+        """Running slots nobody holds: a request that takes them does not wait."""
+        return self.router.engine.scheduler.max_num_seqs - stats["num_running"] - stats["num_waiting"]
+
+    # ---- one completion ----------------------------------------------------------------------
+
+    async def prepare(self, request: CompletionRequest):
+        self.check_model(request.model)
+        tokenizer, config = self.model.tokenizer, self.model.config
+        prompts = prompts_of(request, tokenizer)
+        stop = request.stop_strings
+        params = for_prompts([sampling_params(request, p, config.n_positions, config.eos_token_id) for p in prompts])
+        for prompt, p in zip(prompts, params):
+            try:
+                self.router.check(prompt.token_ids, p, request.n)
+            except ValueError as exc:
+                raise APIError(400, str(exc).replace("num_return_sequences", "n")) from None
+        choices = [Choice(tokenizer, eos_token_ids=p.eos_token_ids, stop=stop, logprobs=request.logprobs,
+                          prefix=prompt.text if request.echo else "")
+                   for prompt, p in zip(prompts, params) for _ in range(request.n)]
+        if request.echo and request.logprobs is not None:
+            for r, prompt in enumerate(prompts):
+                entries = await asyncio.to_thread(self.prompt_logprobs, prompt.token_ids, request.logprobs)
+                for choice in choices[r * request.n:(r + 1) * request.n]:
+                    choice.add_prompt_logprobs(prompt.token_ids, *entries)
+        return prompts, params, choices
+
+    def prompt_logprobs(self, token_ids: list[int], k: int):
+        """Each prompt token's logprob under the model given the tokens before it (None for the first)."""
+        logits = self.model(torch.tensor([token_ids]))[0]
+        log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
+        targets = torch.tensor(token_ids[1:], dtype=torch.long, device=log_probs.device)
+        chosen = log_probs.gather(1, targets[:, None])[:, 0].tolist()
+        top = [()] * len(chosen)
+        if k:
+            values, ids = log_probs.topk(k, dim=-1)
+            top = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return [None, *chosen], [None, *top]
+
+    async def pump(self, r: int, stream, n: int, choices: list[Choice], arrival: float, emit) -> None:
+        """Feed one router request's events into its choices; per token emit(choice index, text delta,
+        finish_reason, new logprobs entries or None).
+        Ends (closing the stream) when all its choices are finished, stop strings included."""
+        last = {}
+        async for event in stream:
+            now = time.perf_counter()
+            index = r * n + event.index
+            if index in last:
+                self.metrics.itl.observe(now - last[index])
+            elif not last:
+                self.metrics.ttft.observe(now - arrival)
+            last[index] = now
+            choice = choices[index]
+            if choice.finished:      # cut at a stop string while its sibling sequences still run
+                continue
+            delta = choice.push(event.token_id, event.finish_reason, event.logprob, event.top_logprobs)
+            emit(index, delta, choice.finish_reason, choice.take_logprobs())
+            if all(c.finished for c in choices[r * n:(r + 1) * n]):
+                stream.close()
+                return
+
+    def usage(self, prompts, choices) -> dict:
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)     # once per prompt whatever n (as vLLM)
+        completion_tokens = sum(c.num_tokens for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _ReplicaHeader:
+    """ASGI middleware naming the process that answered (x-gpt2-engine-replica), so that clients can
+    see how Ray Serve spread them. Pure ASGI: it adds no buffering to streamed responses."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (b"x-gpt2-engine-replica", value.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(model, *, served_model_name: str | None = None, api_key: str | None = None,
+              max_queue: int | None = None) -> FastAPI:
+    """The server's ASGI app on `model` (an engine.GPT2 on a runtime backend). The router is shut down
+    when the app's lifespan ends, after the running requests have finished."""
+    server = CompletionServer(model, served_model_name=served_model_name or model.source or "gpt2",
+                              api_key=api_key, max_queue=max_queue)
+
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(server.router.wait_idle, 60)
+        server.router.shutdown()
+
+    app = FastAPI(title="gpt2-engine", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        server.metrics.requests.labels(str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        """A request the engine could not finish (its step failed, the engine shut down) sees why."""
+        error = APIError(503, "the server is shutting down") if isinstance(exc, RouterClosed) else \
+            APIError(500, f"{type(exc).__name__}: {exc}")
+        return await api_error(request, error)
+
+    app.add_middleware(_ReplicaHeader, value=server.replica)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.name, "replica": server.replica,
+                **await asyncio.to_thread(server.router.stats)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.check_auth(request)
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
+                                             "owned_by": "gpt2-engine", "max_model_len": model.config.n_positions}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        arrival = time.perf_counter()
+        server.check_auth(request)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        req = CompletionRequest.parse(body)
+        prompts, params, choices = await server.prepare(req)
+        streams = await server.admit(prompts, params, req.n)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": server.name}
+        server.metrics.requests.labels("200").inc()
+        if req.stream:
+            return StreamingResponse(_sse(server, request, req, head, prompts, streams, choices, arrival),
+                                     media_type="text/event-stream")
+        emit = lambda *event: None  # noqa: E731 (the choices keep the text)
+        pumps = asyncio.gather(*(server.pump(r, s, req.n, choices, arrival, emit) for r, s in enumerate(streams)))
+        watcher = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            await asyncio.wait([pumps, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if not pumps.done():     # the client went away: nobody will read the answer
+                pumps.cancel()
+                return Response(status_code=499)
+            pumps.result()
+        finally:
+            watcher.cancel()
+            for stream in streams:
+                stream.close()
+        return {**head, "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                                     "logprobs": c.logprobs.as_dict() if c.want_logprobs else None}
+                                    for i, c in enumerate(choices)],
+                "usage": server.usage(prompts, choices)}
+
+    return app
+
+
+async def _sse(server: CompletionServer, request: Request, req: CompletionRequest, head: dict, prompts, streams,
+               choices: list[Choice], arrival: float):
+    """Server-sent events: one chunk per token that adds text (or logprobs, or ends a choice), a
+    usage chunk when stream_options.include_usage, then [DONE]. Ends early on disconnect."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def run(r, stream):
+        try:
+            await server.pump(r, stream, req.n, choices, arrival, lambda *event: queue.put_nowait(event))
+            queue.put_nowait(_DONE)
+        except Exception as exc:     # the request's error (e.g. the engine shut down): the client sees it
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(run(r, s)) for r, s in enumerate(streams)]
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    watcher.add_done_callback(lambda _: queue.put_nowait(None))
+    remaining = len(tasks)
+    try:
+        while remaining:
+            items = [await queue.get()]
+            while not queue.empty():       # send what has piled up in one write
+                items.append(queue.get_nowait())
+            events = []
+            for item in items:
+                if item is None:           # the client disconnected
+                    return
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    error = APIError(500, f"{type(item).__name__}: {item}")
+                    yield "".join(events) + f"data: {json.dumps(error.body())}\n\n"
+                    return
+                else:
+                    events.append(_chunk(head, *item))
+            if any(events):
+                yield "".join(events)
+        if req.include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': server.usage(prompts, choices)})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
+def _chunk(head: dict, index: int, delta: str, finish_reason: str | None, logprobs: dict | None) -> str:
+    """The SSE event of one token of one choice ("" when it adds nothing to send)."""
+    if not (delta or finish_reason or logprobs):
+        return ""
+    body = {**head, "choices": [{"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return f"data: {json.dumps(body)}\n\n"

@@ -1,0 +1,99 @@
+"""`gpt2-engine serve`: load a model and serve the OpenAI-compatible app with uvicorn (or, with
+--replicas N > 1, as a Ray Serve deployment of N engines; see engine.server.ray_serve).
+
+SIGTERM drains: uvicorn closes the listening socket (new connections are refused), lets running
+requests finish (streams end with their finish_reason), then the app's lifespan waits for the
+router to go idle and shuts it down; the process exits 0. The bound address is printed as
+"gpt2-engine serve: listening on http://HOST:PORT" (with --port 0 the kernel picks the port).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine.cli import add_device_argument
+
+    parser.add_argument("--model", default="gpt2", help="checkpoint directory or hub id (or a preset with --random-weights)")
+    parser.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    parser.add_argument("--tokenizer", default=None, help="directory with the GPT-2 tokenizer files (default: the checkpoint's)")
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default 8000)")
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    parser.add_argument("--max-num-seqs", type=int_at_least(1), default=256, help="running sequences per engine (default 256)")
+    parser.add_argument("--max-queue", type=int_at_least(0), default=None,
+                        help="sequences allowed to wait for a running slot; beyond it requests get 429 (default: no limit)")
+    parser.add_argument("--replicas", type=int_at_least(1), default=1,
+                        help="engines behind the endpoint; > 1 runs a Ray Serve deployment (pip install gpt2-engine[ray])")
+    add_device_argument(parser)
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="default: triton on CUDA, torch on CPU")
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum (else argparse's one-line error, exit 2)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    parse.__name__ = "integer"      # argparse names the type in "invalid integer value"
+    return parse
+
+
+def model_spec(args) -> dict:
+    """What a process needs to build the model and app (sent to each Ray replica)."""
+    return {name: getattr(args, name) for name in ("model", "random_weights", "seed", "tokenizer", "served_model_name",
+                                                   "api_key", "max_num_seqs", "max_queue", "device", "dtype", "backend")}
+
+
+def build_from_spec(spec: dict):
+    """The FastAPI app of one engine built from model_spec()."""
+    from engine.api import GPT2
+    from engine.config import PRESETS
+    from engine.server.app import build_app
+
+    runtime = dict(device=spec["device"], dtype=spec["dtype"], backend=spec["backend"], max_num_seqs=spec["max_num_seqs"])
+    if spec["random_weights"]:
+        if spec["model"] not in PRESETS:
+            raise ValueError(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {spec['model']!r}")
+        model = GPT2.from_config(spec["model"], seed=spec["seed"], **runtime)
+    else:
+        model = GPT2.from_pretrained(spec["model"], **runtime)
+    if spec["tokenizer"]:
+        from engine.tokenizer import load_tokenizer
+
+        model.tokenizer = load_tokenizer(spec["tokenizer"])
+    model.tokenizer   # load it now: a missing tokenizer is a startup error, not a failed request
+    return build_app(model, served_model_name=spec["served_model_name"] or spec["model"], api_key=spec["api_key"],
+                     max_queue=spec["max_queue"])
+
+
+def main(args) -> int:
+    if args.replicas > 1:
+        if args.port == 0:
+            raise ValueError("--port 0 is not supported with --replicas (Ray Serve's proxy needs a fixed port)")
+        try:
+            from engine.server.ray_serve import run_replicas
+        except ImportError as exc:
+            raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install 'gpt2-engine[ray]'") from None
+        return run_replicas(args)
+    import uvicorn
+
+    app = build_from_spec(model_spec(args))
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(2048)     # connections made as soon as the address is printed wait in the backlog
+    host, port = sock.getsockname()[:2]
+    print(f"gpt2-engine serve: listening on http://{host}:{port}", flush=True)
+    # uvicorn re-raises the signal that stopped it once it has drained; ignoring it then makes a
+    # SIGTERM'd server exit 0 after the graceful shutdown instead of dying by the signal.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None)).run(sockets=[sock])
+    return 0
+

@@ -1,0 +1,42 @@
+"""`gpt2-engine serve --replicas 2`: a local Ray instance with a Ray Serve deployment of two engines
+on the CPU, started and stopped by the test."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import MODEL_NAME, ServerProcess, free_port
+
+pytest.importorskip("ray.serve", reason="Ray Serve is the optional `ray` extra")
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1492,"]
+
+
+def test_two_replicas_share_the_load_and_answer_as_in_process(checkpoint, model):
+    process = ServerProcess("--model", str(checkpoint), "--replicas", "2", "--max-num-seqs", "16", port=free_port())
+    try:
+        async def one(http, i):
+            body = {"model": MODEL_NAME, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 24, "temperature": 1.0,
+                    "seed": i}
+            response = await http.post(f"{process.url}/v1/completions", json=body)
+            response.raise_for_status()
+            return response.headers["x-gpt2-engine-replica"], response.json()["choices"][0]["text"]
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as http:
+                return await asyncio.gather(*(one(http, i) for i in range(16)))
+
+        answers = asyncio.run(asyncio.wait_for(burst(), 240))
+        assert len({replica for replica, _ in answers}) == 2
+        for i, (_, text) in enumerate(answers):
+            assert text == model.generate_text(PROMPTS[i % len(PROMPTS)], max_new_tokens=24, do_sample=True,
+                                               top_k=0, seed=i)[0], f"request {i}"
+        with openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", timeout=120, max_retries=0) as client:
+            stream = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True)
+            assert "".join(chunk.choices[0].text for chunk in stream) == model.generate_text(PROMPTS[0], max_new_tokens=8)[0]
+        assert process.stop(timeout=90) == 0
+    finally:
+        process.stop()

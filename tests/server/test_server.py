@@ -1,0 +1,275 @@
+"""The OpenAI-compatible server as a real uvicorn process, driven by the official `openai` client
+and httpx; every answer is compared with the same model run in-process."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from engine import bench_serve
+from tests.server.conftest import MODEL_NAME, ServerProcess, metric
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1492,", "def main():"]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0) as c:
+        yield c
+
+
+def generated_ids(model, prompt: str, max_new_tokens: int) -> list[int]:
+    """The greedy continuation's token ids in-process (EOS included, padding after it dropped)."""
+    ids = torch.tensor([model.tokenizer.encode(prompt)])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = model.config.eos_token_id
+    return out[:out.index(eos) + 1] if eos in out else out
+
+
+def test_completion_equals_in_process_greedy(client, model):
+    response = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    tokens = generated_ids(model, PROMPTS[0], 12)
+    choice = response.choices[0]
+    assert choice.text == model.generate_text(PROMPTS[0], max_new_tokens=12)[0]
+    assert choice.finish_reason == ("length" if len(tokens) == 12 and tokens[-1] != model.config.eos_token_id else "stop")
+    assert response.usage.prompt_tokens == len(model.tokenizer.encode(PROMPTS[0]))
+    assert response.usage.completion_tokens == len(tokens)
+    assert response.usage.total_tokens == response.usage.prompt_tokens + len(tokens)
+    assert response.model == MODEL_NAME and response.object == "text_completion"
+
+
+def test_stream_joins_to_the_plain_completion(client):
+    plain = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == plain.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_prompt_list_with_n_and_seed_equals_in_process_batch(client, model):
+    prompts, n = PROMPTS[:2], 3
+    options = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, top_k=0, seed=7, num_return_sequences=n)
+    expected = model.generate_text(prompts, **options)
+    response = client.completions.create(model=MODEL_NAME, prompt=prompts, max_tokens=8, temperature=0.8, top_p=0.9,
+                                         seed=7, n=n)
+    assert [c.index for c in response.choices] == list(range(len(prompts) * n))
+    assert [c.text for c in response.choices] == expected
+    assert len(set(expected[:n])) > 1           # the n sequences of a prompt are distinct draws
+    assert response.usage.prompt_tokens == sum(len(model.tokenizer.encode(p)) for p in prompts)
+    token_prompts = [model.tokenizer.encode(p) for p in prompts]   # the same prompts as token ids
+    again = client.completions.create(model=MODEL_NAME, prompt=token_prompts, max_tokens=8, temperature=0.8,
+                                      top_p=0.9, seed=7, n=n)
+    assert [c.text for c in again.choices] == expected
+
+
+def test_stop_string_spanning_tokens_is_cut_and_ends_the_choice(client, model):
+    tokens = generated_ids(model, PROMPTS[2], 16)
+    pieces = [model.tokenizer.decode([t]) for t in tokens]
+    full = "".join(pieces)
+    # a stop string made of the end of token 3 and the start of token 4
+    boundary = len("".join(pieces[:4]))
+    stop = full[boundary - 2:boundary + 2]
+    assert len(stop) == 4 and full.find(stop) == boundary - 2, "the test's continuation is too short"
+    expected = full[:full.index(stop)]
+    for stream in (False, True):
+        response = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=16, temperature=0,
+                                             stop=["never-there", stop], stream=stream)
+        chunks = list(response) if stream else [response]
+        assert "".join(c.choices[0].text for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        if not stream:
+            assert response.usage.completion_tokens == 5      # the stop string completes in token 4 (0-based)
+
+
+def _check_logprobs(model, logprobs, token_ids: list[int], shown_from: int, k: int, text: str) -> None:
+    """logprobs lists token_ids[shown_from:]; each token after the first of token_ids has the model's
+    logprob given the tokens before it, and its top-k."""
+    tokenizer = model.tokenizer
+    log_probs = torch.log_softmax(model(torch.tensor([token_ids]))[0].float(), dim=-1)
+    shown = token_ids[shown_from:]
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in shown]
+    for entry, i in enumerate(range(max(shown_from, 1), len(token_ids)), max(shown_from, 1) - shown_from):
+        assert math.isclose(logprobs.token_logprobs[entry], log_probs[i - 1, token_ids[i]].item(), abs_tol=1e-3)
+        top = logprobs.top_logprobs[entry]
+        assert list(top) == [tokenizer.decode([t]) for t in log_probs[i - 1].topk(k).indices.tolist()]
+        assert max(top.values()) >= logprobs.token_logprobs[entry] - 1e-3
+    assert logprobs.text_offset == [len(tokenizer.decode(shown[:i])) for i in range(len(shown))]
+    assert "".join(logprobs.tokens) == text
+
+
+def _greedy_ids(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The greedy continuation in-process, EOS not stopping it (the requests send ignore_eos)."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def test_logprobs_match_the_model(client, model):
+    response = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[3], max_tokens=6, temperature=0, logprobs=3,
+                                         extra_body={"ignore_eos": True})
+    prompt = model.tokenizer.encode(PROMPTS[3])
+    choice = response.choices[0]
+    # without echo the offsets count from the start of the completion
+    _check_logprobs(model, choice.logprobs, prompt + _greedy_ids(model, prompt, 6), len(prompt), 3, choice.text)
+
+
+def test_echo_prepends_the_prompt_and_its_logprobs(client, model):
+    prompt = model.tokenizer.encode(PROMPTS[4])
+    response = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[4], max_tokens=4, temperature=0, echo=True,
+                                         logprobs=2, extra_body={"ignore_eos": True})
+    gen = _greedy_ids(model, prompt, 4)
+    choice = response.choices[0]
+    assert choice.text == PROMPTS[4] + model.tokenizer.decode(gen)
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    _check_logprobs(model, choice.logprobs, prompt + gen, 0, 2, choice.text)
+
+
+def test_concurrent_streaming_clients_each_equal_their_solo_run(server, model):
+    num_clients = 32
+
+    async def one(c, i):
+        stream = await c.completions.create(model=MODEL_NAME, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=12,
+                                            temperature=1.0, seed=100 + i, stream=True)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def all_clients():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(num_clients)))
+
+    texts = asyncio.run(asyncio.wait_for(all_clients(), 180))
+    for i, text in enumerate(texts):
+        solo = model.generate_text(PROMPTS[i % len(PROMPTS)], max_new_tokens=12, do_sample=True, temperature=1.0,
+                                   top_k=0, seed=100 + i)[0]
+        assert text == solo, f"client {i}"
+
+
+def test_disconnect_mid_stream_frees_the_blocks(server):
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert metric(server.url, "gpt2_engine_kv_blocks_used") > 0
+        # leaving the block closed the connection mid-stream
+    deadline = time.monotonic() + 10
+    while metric(server.url, "gpt2_engine_kv_blocks_used") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server.url, "gpt2_engine_kv_blocks_used") == 0
+    assert metric(server.url, "gpt2_engine_num_requests_running") == 0
+    assert metric(server.url, "gpt2_engine_generation_tokens_total") < 900 * 2
+    assert metric(server.url, "gpt2_engine_kv_blocks_total") > 0
+    assert metric(server.url, "gpt2_engine_time_to_first_token_seconds_count") > 0
+    assert metric(server.url, "gpt2_engine_inter_token_latency_seconds_count") > 0
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"temperature": -1.0}, None), ({"max_tokens": 0}, None), ({"max_tokens": 2000}, None), ({"logprobs": 6}, "logprobs"),
+    ({"extra_body": {"best_of": 2}}, "best_of"), ({"suffix": "x"}, "suffix"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 2}}, "logit_bias"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
+    ({"prompt": [[1, 2, 60000]]}, None), ({"prompt": ""}, "prompt"), ({"n": 0}, None),
+])
+def test_bad_parameters_are_400_naming_them(client, options, param):
+    kwargs = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 4} | options
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**kwargs)
+    error = info.value.body
+    assert info.value.status_code == 400 and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    if param:
+        assert param in error["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    health = httpx.get(f"{server.url}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["kv_blocks_total"] > 0
+
+
+def test_bench_serve_reports_every_level(server, tmp_path):
+    code = bench_serve.main(["--url", server.url, "--num-prompts", "4", "--concurrency", "1", "2", "--input-len", "8",
+                             "--output-len", "6", "--out", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(r["concurrency"], r["completed"], r["total_output_tokens"]) for r in rows] == [(1, 4, 24), (2, 4, 24)]
+    assert all(r["p99_ttft_ms"] >= r["p50_ttft_ms"] > 0 for r in rows)
+    assert "out tok/s" in (tmp_path / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def guarded_server(checkpoint):
+    """One running slot, no queue, an API key: for the 401 and 429 answers."""
+    process = ServerProcess("--model", str(checkpoint), "--max-num-seqs", "1", "--max-queue", "0", "--api-key", "sk-test")
+    yield process
+    process.stop()
+
+
+def test_api_key_is_required(guarded_server):
+    with openai.OpenAI(base_url=f"{guarded_server.url}/v1", api_key="wrong", max_retries=0) as c:
+        with pytest.raises(openai.AuthenticationError):
+            c.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2)
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}
+    response = httpx.post(f"{guarded_server.url}/v1/completions", json=body, timeout=30)   # no key at all
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with openai.OpenAI(base_url=f"{guarded_server.url}/v1", api_key="sk-test", max_retries=0) as c:
+        assert c.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_full_queue_is_429(guarded_server):
+    with openai.OpenAI(base_url=f"{guarded_server.url}/v1", api_key="sk-test", max_retries=0, timeout=60) as c:
+        long = c.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=900, stream=True, extra_body={"ignore_eos": True})
+        next(iter(long))                      # it holds the one running slot now
+        with pytest.raises(openai.RateLimitError) as info:
+            c.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2)
+        assert info.value.body["code"] == "queue_full"
+        long.close()
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=5)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_sigterm_finishes_running_requests_and_exits_0(checkpoint):
+    process = ServerProcess("--model", str(checkpoint))
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        with httpx.Client(timeout=60) as http:
+            streams = [http.stream("POST", f"{process.url}/v1/completions", json=body) for _ in range(4)]
+            lines = [s.__enter__().iter_lines() for s in streams]
+            for it in lines:                       # every request is running
+                next(line for line in it if line.startswith("data: "))
+            process.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10       # new connections are refused while they run on
+            while not _refused(process.url) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _refused(process.url)
+            assert process.proc.poll() is None
+            for it, stream in zip(lines, streams):
+                events = [line[len("data: "):] for line in it if line.startswith("data: ")]
+                assert events[-1] == "[DONE]"
+                assert json.loads(events[-2])["usage"]["completion_tokens"] == 900
+                assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
+                stream.__exit__(None, None, None)
+        assert process.proc.wait(timeout=60) == 0
+    finally:
+        process.stop()
