@@ -86,7 +86,8 @@ class GPT2:
     def __init__(self, config: GPT2Config, state_dict: dict[str, torch.Tensor], *, device=None, dtype=None,
                  backend: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, source: str = "",
-                 tokenizer_path=None, generation_config=None):
+                 tokenizer_path=None, generation_config=None, enable_prefix_caching: bool = True,
+                 batch_invariant: bool = False):
         self.config = config
         self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -109,7 +110,9 @@ class GPT2:
             model = PagedGPT2(config, weights, backend=self.backend, device=self.device, dtype=self.dtype)
             self._router = RequestRouter(LLMEngine(model, block_size=block_size, num_blocks=num_blocks,
                                                    max_num_seqs=max_num_seqs,
-                                                   max_num_batched_tokens=max_num_batched_tokens))
+                                                   max_num_batched_tokens=max_num_batched_tokens,
+                                                   enable_prefix_caching=enable_prefix_caching,
+                                                   batch_invariant=batch_invariant))
             # the router's thread stops when this object goes away (or at interpreter exit)
             weakref.finalize(self, self._router.shutdown)
 
@@ -173,7 +176,9 @@ class GPT2:
 
     def stats(self) -> dict[str, int]:
         """num_running, num_waiting, kv_blocks_free, kv_blocks_total, num_preemptions,
-        tokens_generated, prompt_tokens, num_requests (the server's /metrics reads the same)."""
+        tokens_generated, prompt_tokens, prefix_cache_queries, prefix_cache_hits (tokens looked up
+        in the prefix cache at admission, and found there), num_requests (the server's /metrics
+        reads the same)."""
         if self._router is None:
             raise ValueError("stats() describes the paged runtime; the eager backend has none")
         return self._router.stats()
@@ -227,6 +232,8 @@ class GPT2:
     def _generate_tokens(self, prompts: list[list[int]], options: GenerateOptions, on_token=None) -> list[GeneratedSequence]:
         """Each prompt's num_return_sequences continuations; on_token(row, token) as each arrives."""
         if self._eager is not None:
+            if options.sampling.num_beams > 1:
+                raise ValueError("beam search (num_beams > 1) runs on the runtime backends (torch, triton), not eager")
             for prompt in prompts:
                 self.config.check_prompt(prompt, options.sampling.max_new_tokens)
             with torch.inference_mode():
@@ -242,9 +249,7 @@ class GPT2:
             for r, stream in enumerate(streams):
                 for event in stream:
                     row = r * n + event.index
-                    out[row].tokens.append(event.token_id)
-                    if event.scores is not None:
-                        out[row].scores.append(event.scores.cpu())
+                    out[row].add(event)
                     if on_token is not None:
                         on_token(row, event.token_id)
             return out

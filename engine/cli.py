@@ -55,6 +55,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--num-return-sequences", type=int, default=None, help="continuations of the prompt (default 1; more need --do-sample)")
     gen.add_argument("--seed", type=int, default=None,
                      help="seed of the sampler (default: unseeded) and of --random-weights (default 0)")
+    gen.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams (default 1 = off)")
+    gen.add_argument("--batch-invariant", action="store_true",
+                     help="logits bitwise independent of the rest of the batch (fixed-shape kernels; slower)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_device_argument(gen)
     gen.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
@@ -68,7 +71,7 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
 def _generation_options(args) -> dict:
     """The API's keyword arguments for the flags given; a flag left out keeps the API's default."""
     options = {"max_new_tokens": args.max_new_tokens}
-    for name in ("repetition_penalty", "num_return_sequences", "seed"):
+    for name in ("repetition_penalty", "num_return_sequences", "num_beams", "seed"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.temperature == 0:  # OpenAI's and vLLM's convention: temperature 0 is greedy decoding
@@ -92,6 +95,8 @@ def _build_model(args):
     from engine.api import GPT2
 
     runtime = {"device": args.device, "dtype": args.dtype, "backend": args.backend}
+    if args.batch_invariant:
+        runtime["batch_invariant"] = True
     if not args.random_weights:
         return GPT2.from_pretrained(args.model, **runtime)
     return GPT2.from_config(args.model, **({} if args.seed is None else {"seed": args.seed}), **runtime)

@@ -6,7 +6,8 @@
                                pad_token_id after EOS (or a GenerateOutput with per-step scores)
 
 Defaults are transformers' (max_length 20, top_k 50, ...). num_return_sequences rows follow their
-prompt (repeat_interleave order), as in transformers.
+prompt (repeat_interleave order), as in transformers; with num_beams > 1 they are the prompt's best
+hypotheses, best first (engine.beam_search).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.beam_search import beam_fill_value
 from engine.config import GPT2Config
 from engine.sampling import SamplingParams
 
@@ -23,14 +25,15 @@ HF_DEFAULTS = {
     "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None, "seed": None,
     "output_scores": False, "return_dict_in_generate": False, "streamer": None,
+    "num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "no_repeat_ngram_size": 0,
 }
 # An explicit None means "off" for these (as in transformers), "default" for the others.
 NONE_MEANS_OFF = {"top_k": 0, "eos_token_id": ()}
 # transformers options accepted only at their neutral value (or None); any other value raises.
 NEUTRAL_OPTIONS = {
-    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "length_penalty": 1.0, "early_stopping": False,
+    "num_beam_groups": 1, "diversity_penalty": 0.0,
     "output_attentions": False, "output_hidden_states": False, "output_logits": False, "typical_p": 1.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_no_repeat_ngram_size": 0,
     "encoder_repetition_penalty": 1.0, "renormalize_logits": False, "remove_invalid_values": False,
     "min_p": None, "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None,
     "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
@@ -48,18 +51,24 @@ class GenerateOptions:
     pad_token_id: int
     return_dict_in_generate: bool
     streamer: object | None
+    output_scores: bool = False     # as asked (beam search reports it as sequences_scores)
 
 
 @dataclass
 class GenerateOutput:
-    """transformers' GenerateDecoderOnlyOutput subset: sequences, and per-step scores when asked."""
+    """transformers' GenerateDecoderOnlyOutput subset: sequences, and per-step scores when asked;
+    for beam search (GenerateBeamDecoderOnlyOutput) sequences_scores (with output_scores) and
+    beam_indices, without the per-step scores."""
     sequences: torch.Tensor
     scores: tuple[torch.Tensor, ...] | None = None
+    sequences_scores: torch.Tensor | None = None
+    beam_indices: torch.Tensor | None = None
 
     def __getitem__(self, key):
         """By name like a dict, or by position over the fields that are set (transformers' ModelOutput)."""
         if isinstance(key, int):
-            return tuple(v for v in (self.sequences, self.scores) if v is not None)[key]
+            values = (self.sequences, self.sequences_scores, self.scores, self.beam_indices)
+            return tuple(v for v in values if v is not None)[key]
         return getattr(self, key)
 
 
@@ -67,6 +76,16 @@ class GenerateOutput:
 class GeneratedSequence:
     tokens: list[int] = field(default_factory=list)
     scores: list[torch.Tensor] = field(default_factory=list)
+    sequence_score: float | None = None           # beam search
+    beam_indices: tuple[int, ...] | None = None   # beam search, within the request
+
+    def add(self, event) -> None:
+        """Take one TokenEvent of this sequence."""
+        self.tokens.append(event.token_id)
+        if event.scores is not None:
+            self.scores.append(event.scores.cpu())
+        if event.sequence_score is not None:
+            self.sequence_score, self.beam_indices = event.sequence_score, event.beam_indices
 
 
 def _generation_config_values(generation_config) -> dict:
@@ -127,10 +146,17 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
     num_return = values["num_return_sequences"]
     if not _is_int(num_return) or num_return < 1:
         raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}")
+    num_beams = _as_int("num_beams", values["num_beams"])
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
     do_sample = bool(values["do_sample"])
-    if num_return > 1 and not do_sample:
+    if num_return > 1 and not do_sample and num_beams == 1:
         raise ValueError(f"greedy decoding (do_sample=False) without beam search does not support "
-                         f"num_return_sequences={num_return}, as in transformers; pass do_sample=True")
+                         f"num_return_sequences={num_return}, as in transformers; pass do_sample=True or num_beams")
+    if num_beams > 1 and num_return > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return}) must be <= num_beams ({num_beams}), as in transformers")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported by gpt2-engine")
     # Greedy decoding ignores the sampling warpers (transformers only warns), so e.g. temperature=0 is fine.
     warpers = dict(temperature=_as_float("temperature", values["temperature"]), top_k=_as_int("top_k", values["top_k"]),
                    top_p=_as_float("top_p", values["top_p"])) if do_sample else {}
@@ -139,9 +165,13 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
         do_sample=do_sample, repetition_penalty=_as_float("repetition_penalty", values["repetition_penalty"]),
         eos_token_ids=eos_ids,
         seed=None if values["seed"] is None else _as_int("seed", values["seed"]),
-        output_scores=bool(values["output_scores"]), **warpers,
+        output_scores=bool(values["output_scores"]) and num_beams == 1, **warpers,
+        no_repeat_ngram_size=_as_int("no_repeat_ngram_size", values["no_repeat_ngram_size"]),
+        num_beams=num_beams, length_penalty=_as_float("length_penalty", values["length_penalty"]),
+        early_stopping=values["early_stopping"],
     )
-    return GenerateOptions(sampling, int(num_return), int(pad), bool(values["return_dict_in_generate"]), values["streamer"])
+    return GenerateOptions(sampling, int(num_return), int(pad), bool(values["return_dict_in_generate"]),
+                           values["streamer"], bool(values["output_scores"]))
 
 
 def _is_int(value) -> bool:
@@ -221,6 +251,8 @@ def left_pad(prompts: list[list[int]], width: int, device) -> tuple[torch.Tensor
 
 
 def check_streamer(options: GenerateOptions, num_prompts: int) -> None:
+    if options.streamer is not None and options.sampling.num_beams > 1:
+        raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in transformers")
     if options.streamer is not None and num_prompts * options.num_return_sequences != 1:
         raise ValueError("streamer supports a single sequence (batch size 1, num_return_sequences=1), as in transformers; "
                          "use GPT2.stream for several")
@@ -233,13 +265,17 @@ def assemble_output(input_ids: torch.Tensor, generated: list[GeneratedSequence],
         input_ids = input_ids[None]
     # int64 whatever the input's integer dtype, as transformers' output (uint8 prompts, 50k-token vocab)
     prompts = input_ids.long().repeat_interleave(options.num_return_sequences, dim=0)
+    beam = options.sampling.num_beams > 1
+    fill = beam_fill_value(options.pad_token_id, options.sampling.eos_token_ids) if beam else options.pad_token_id
     width = max(len(g.tokens) for g in generated)
-    new = torch.full((len(generated), width), options.pad_token_id, dtype=torch.long, device=input_ids.device)
+    new = torch.full((len(generated), width), fill, dtype=torch.long, device=input_ids.device)
     for row, seq in enumerate(generated):
         new[row, :len(seq.tokens)] = torch.tensor(seq.tokens, dtype=torch.long)
     sequences = torch.cat([prompts, new], dim=1)
     if not options.return_dict_in_generate:
         return sequences
+    if beam:
+        return _beam_output(sequences, generated, options, width)
     scores = None
     if options.sampling.output_scores:
         # Step t holds each sequence's processed scores; a sequence finished earlier has -inf rows.
@@ -248,3 +284,15 @@ def assemble_output(input_ids: torch.Tensor, generated: list[GeneratedSequence],
             torch.stack([s.scores[t] if t < len(s.scores) else torch.full((vocab,), float("-inf")) for s in generated])
             for t in range(width))
     return GenerateOutput(sequences=sequences, scores=scores)
+
+
+def _beam_output(sequences: torch.Tensor, generated: list[GeneratedSequence], options: GenerateOptions,
+                 width: int) -> GenerateOutput:
+    """transformers' beam output: sequences_scores (when output_scores), and beam_indices [rows,
+    width] counting beams across the batch (prompt b's beams are b * num_beams + i), -1 padded."""
+    num_beams, n = options.sampling.num_beams, options.num_return_sequences
+    indices = torch.full((len(generated), width), -1, dtype=torch.int32)   # int32, as transformers
+    for row, seq in enumerate(generated):
+        indices[row, :len(seq.beam_indices)] = torch.tensor(seq.beam_indices, dtype=torch.int32) + (row // n) * num_beams
+    scores = torch.tensor([seq.sequence_score for seq in generated]) if options.output_scores else None
+    return GenerateOutput(sequences=sequences, sequences_scores=scores, beam_indices=indices.to(sequences.device))

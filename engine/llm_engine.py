@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import torch
 
+from engine.beam_search import BeamGroup
 from engine.block_manager import BlockManager, num_kv_blocks
 from engine.model import PagedGPT2
 from engine.model_runner import ModelRunner
@@ -38,16 +39,18 @@ def _positive_int(name: str, value) -> None:
 
 class LLMEngine:
     def __init__(self, model: PagedGPT2, *, block_size: int = 16, num_blocks: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, use_cuda_graphs: bool | None = None):
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, use_cuda_graphs: bool | None = None,
+                 enable_prefix_caching: bool = True, batch_invariant: bool = False):
         self.model, cfg = model, model.config
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             _positive_int(name, value)
         if num_blocks is None:
             num_blocks = num_kv_blocks(cfg, block_size, model.dtype, model.device, max_num_seqs)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens or max(4096, cfg.n_positions))
-        self.runner = ModelRunner(model, self.block_manager, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs)
+        self.runner = ModelRunner(model, self.block_manager, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs,
+                                  batch_invariant=batch_invariant)
         self.seq_ids = itertools.count()
         self.request_ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -58,8 +61,14 @@ class LLMEngine:
         _positive_int("n (num_return_sequences)", n)
         if n > self.scheduler.max_num_seqs:
             raise ValueError(f"n (num_return_sequences) = {n} exceeds max_num_seqs = {self.scheduler.max_num_seqs}")
+        sched = self.scheduler
+        if params.num_beams > 1 and not n <= params.num_beams <= min(sched.max_num_seqs, sched.max_num_batched_tokens):
+            raise ValueError(f"beam search needs num_return_sequences ({n}) <= num_beams ({params.num_beams}) <= "
+                             f"max_num_seqs ({sched.max_num_seqs}) and max_num_batched_tokens "
+                             f"({sched.max_num_batched_tokens}): its beams decode in one step")
         # the K/V of the last generated token are never written, so a sequence holds at most this many
-        needed = self.block_manager.blocks_for(len(prompt_token_ids) + params.max_new_tokens - 1)
+        # (times num_beams for a beam group: its beams may each end up with private blocks)
+        needed = params.num_beams * self.block_manager.blocks_for(len(prompt_token_ids) + params.max_new_tokens - 1)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"request needs {needed} KV blocks but the pool has only {self.block_manager.num_blocks}; "
                              f"raise num_blocks or shorten the prompt / max_new_tokens")
@@ -69,8 +78,11 @@ class LLMEngine:
         self.check_request(prompt, params, n)
         request_id = next(self.request_ids)
         seqs = [Sequence(next(self.seq_ids), request_id, i, list(prompt), params,
-                         make_generator(params, i, self.model.device)) for i in range(n)]
-        seqs[0].forks = seqs[1:]
+                         make_generator(params, i, self.model.device)) for i in range(max(n, params.num_beams))]
+        if params.num_beams > 1:
+            BeamGroup(seqs, n)      # scheduled as one unit through its leader, seqs[0]
+        else:
+            seqs[0].forks = seqs[1:]
         self.scheduler.add(seqs[0])
         self.num_prompt_tokens += len(prompt)
         return request_id
@@ -92,7 +104,9 @@ class LLMEngine:
         return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
                 "kv_blocks_free": bm.num_free_blocks, "kv_blocks_total": bm.num_blocks,
                 "num_preemptions": sched.num_preemptions, "tokens_generated": sched.num_generated_tokens,
-                "prompt_tokens": self.num_prompt_tokens}
+                "prompt_tokens": self.num_prompt_tokens,
+                "prefix_cache_queries": bm.prefix_cache.queries if bm.prefix_cache else 0,
+                "prefix_cache_hits": bm.prefix_cache.hits if bm.prefix_cache else 0}
 
     def step(self) -> list[TokenEvent]:
         batch = self.scheduler.schedule()

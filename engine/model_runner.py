@@ -3,7 +3,8 @@ packs the step's tokens, replays CUDA graphs for decode-only steps, and samples.
 
     run(batch): block copies -> pack (prefill chunks first, then one-token decode rows) ->
                 forward (or graph replay) -> logits of the sampling rows -> one token per drawing
-                sequence (a request's first sample draws for all its return sequences)
+                sequence (a request's first sample draws for all its return sequences), and one
+                proposed BeamStep per beam group from its members' rows (engine.beam_search)
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import contextlib
 
 import torch
 
+from engine.batch_invariant import batch_invariant_model
+from engine.beam_search import BeamGroup, BeamStep
 from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
 from engine.model import PagedGPT2, StepInputs, pack_step
 from engine.sampling import SampledToken, sample_next_tokens
@@ -19,13 +22,16 @@ from engine.scheduler import ScheduledBatch
 
 class ModelRunner:
     def __init__(self, model: PagedGPT2, block_manager: BlockManager, *, max_num_seqs: int,
-                 use_cuda_graphs: bool | None = None):
-        self.model, cfg = model, model.config
+                 use_cuda_graphs: bool | None = None, batch_invariant: bool = False):
+        cfg = model.config
+        # batch-invariant mode: fixed-shape GEMMs and one attention path for every row (engine.batch_invariant)
+        self.batch_invariant = batch_invariant
+        self.model = batch_invariant_model(model) if batch_invariant else model
         self.block_manager = block_manager      # read here (tables, slots); written by the scheduler
         self.kv_cache = allocate_kv_cache(cfg, block_manager.num_blocks, block_manager.block_size, model.dtype,
                                           model.device)
         if use_cuda_graphs is None:
-            use_cuda_graphs = model.device.type == "cuda" and model.backend == "triton"
+            use_cuda_graphs = model.device.type == "cuda" and model.backend == "triton" and not batch_invariant
         self.graphs = None
         if use_cuda_graphs:
             from engine.cuda_graphs import DecodeGraphs
@@ -38,8 +44,8 @@ class ModelRunner:
         return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
-        """One token for each of batch.draws."""
+    def run(self, batch: ScheduledBatch) -> list[SampledToken | BeamStep]:
+        """One outcome for each of batch.draws: a token for a sequence, a BeamStep for a beam group."""
         with self.on_device():
             copy_blocks(self.kv_cache, batch.block_copies)
             step, sampler_rows = self.prepare_step(batch)
@@ -47,8 +53,18 @@ class ModelRunner:
                 logits = self.graphs.run(step)
             else:
                 logits = self.model.forward(step, self.kv_cache)
-            rows = [sampler_rows[r] for r in batch.draw_rows]
-            return sample_next_tokens(logits[rows] if rows != list(range(logits.shape[0])) else logits, batch.draws)
+            outcomes: list[SampledToken | BeamStep | None] = [None] * len(batch.draws)
+            singles = [i for i, draw in enumerate(batch.draws) if not isinstance(draw, BeamGroup)]
+            if singles:
+                rows = [sampler_rows[batch.draw_rows[i]] for i in singles]
+                sampled = sample_next_tokens(logits[rows] if rows != list(range(logits.shape[0])) else logits,
+                                             [batch.draws[i] for i in singles])
+                for i, token in zip(singles, sampled):
+                    outcomes[i] = token
+            for i, draw in enumerate(batch.draws):
+                if isinstance(draw, BeamGroup):
+                    outcomes[i] = draw.propose(logits[[sampler_rows[r] for r in batch.draw_rows[i]]])
+            return outcomes
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -58,9 +74,11 @@ class ModelRunner:
     def prepare_step(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int]]:
         """The step's device inputs, prefill chunks (> 1 token) first, then the one-token rows, which
         read their context through the block table (decode attention); and, for each of
-        batch.samplers, its row in the logits."""
+        batch.samplers, its row in the logits. In batch-invariant mode every sequence's tokens are
+        prefill rows (one attention path for all)."""
         bm = self.block_manager
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] == 1)
+        as_prefill = [n > 1 or self.batch_invariant for n in batch.num_tokens]
+        order = sorted(range(len(batch.seqs)), key=lambda i: not as_prefill[i])
         ids, positions, slots, logits_indices = [], [], [], []
         logits_row = {}
         cu_q, cu_k, prefill_seqs, tables, context_lens = [0], [0], [], [], []
@@ -71,7 +89,7 @@ class ModelRunner:
             ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += (bm.slot(seq.seq_id, p) for p in range(start, end))
-            if num_tokens > 1:
+            if as_prefill[i]:
                 num_prefill += num_tokens
                 cu_q.append(cu_q[-1] + num_tokens)
                 cu_k.append(cu_k[-1] + end)

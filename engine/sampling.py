@@ -1,7 +1,8 @@
 """Next-token selection, per sequence within one batch, with transformers' semantics.
 
 Order of operations (transformers' logits processors, then its warpers when sampling):
-    repetition_penalty -> min_new_tokens (eos masked) -> [do_sample: temperature -> top_k -> top_p]
+    repetition_penalty -> no_repeat_ngram_size -> min_new_tokens (eos masked)
+    -> [do_sample: temperature -> top_k -> top_p]
     -> greedy argmax, or one draw from softmax with the sequence's own torch.Generator.
 Every row carries its own parameters, so one batch mixes greedy and sampled sequences, and a
 sequence's draws depend only on its seed and its logits, not on what else is in the batch.
@@ -32,6 +33,11 @@ class SamplingParams:
     seed: int | None = None    # None: drawn from torch's global RNG when the request is made
     output_scores: bool = False
     logprobs: int | None = None   # also return the sampled token's log-probability and this many top ones
+    no_repeat_ngram_size: int = 0  # 0 = off
+    # beam search (engine.beam_search) when num_beams > 1, with transformers' meaning of these
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False   # True, False or "never"
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -48,6 +54,18 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
+        if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)):
+            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; use do_sample=False")
+        if self.num_beams > 1 and self.logprobs is not None:
+            raise ValueError("logprobs are not reported for beam search (num_beams > 1)")
 
     def for_prompt(self, row: int) -> "SamplingParams":
         """The parameters of the row-th prompt of a batch: with a seed, each prompt gets its own
@@ -100,6 +118,19 @@ def apply_repetition_penalty(logits: torch.Tensor, states: Sequence[SamplingStat
     logits[rows_t] = sub
 
 
+def ban_repeated_ngrams(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
+    """no_repeat_ngram_size n: a token that would complete an n-gram already in the sequence
+    (prompt included) gets -inf, as transformers' NoRepeatNGramLogitsProcessor."""
+    for row, state in enumerate(states):
+        n, tokens = state.params.no_repeat_ngram_size, state.token_ids
+        if n == 0 or len(tokens) < n:
+            continue
+        prefix = tuple(tokens[len(tokens) - n + 1:])
+        banned = {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
+        if banned:
+            logits[row, sorted(banned)] = float("-inf")
+
+
 def mask_early_eos(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
     """min_new_tokens: no EOS before it. EOS ids outside the vocabulary can never be drawn anyway."""
     vocab = logits.shape[-1]
@@ -137,6 +168,7 @@ def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) ->
         raise ValueError(f"logits has {logits.shape[0]} rows for {len(states)} sequences")
     scores = logits.float().clone()
     apply_repetition_penalty(scores, states)
+    ban_repeated_ngrams(scores, states)
     mask_early_eos(scores, states)
     next_tokens = scores.argmax(-1)
     sampled = [row for row, state in enumerate(states) if state.params.do_sample]

@@ -8,13 +8,18 @@ chunk reaches the end of its token_ids. All of a sequence's tokens get their KV 
 admitted; after that it only needs one slot per generated token.
 
 `postprocess(batch, sampled)` is the only writer of sequence progress: computed tokens, forks of
-return sequences at a request's first sample, appended tokens, finish and free.
+return sequences at a request's first sample, appended tokens, beam steps, finish and free.
+
+A beam group (engine.beam_search) is one unit: admitted with all its live members, decoded with all
+of them in one step (their rows form the group's one draw), preempted together. After a preemption
+its members recompute all but their last token by prefill, then decode that token together.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.beam_search import BeamGroup, BeamStep
 from engine.block_manager import BlockManager
 from engine.sampling import SampledToken
 from engine.sequence import Sequence, SequenceStatus, TokenEvent
@@ -26,19 +31,31 @@ class ScheduledBatch:
     num_tokens: list[int] = field(default_factory=list)   # tokens computed for each seq this step
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst), applied first
     samplers: list[Sequence] = field(default_factory=list)   # seqs whose chunk ends their token_ids
-    # Who draws a token this step, and from which sampler's logits: a request's first sample also
-    # draws for its other return sequences (not yet forked) from the same logits row.
-    draws: list[Sequence] = field(default_factory=list)
-    draw_rows: list[int] = field(default_factory=list)
+    # Who draws this step, and from which samplers' logits rows: a request's first sample also
+    # draws for its other return sequences (not yet forked) from the same logits row; a beam group
+    # draws once, from the rows of all its live members (engine.beam_search).
+    draws: list[Sequence | BeamGroup] = field(default_factory=list)
+    draw_rows: list[int | list[int]] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_tokens.append(num_tokens)
         if seq.num_computed_tokens + num_tokens == len(seq.token_ids):
-            for member in (seq, *seq.forks):
-                self.draws.append(member)
-                self.draw_rows.append(len(self.samplers))
+            if seq.group is not None:
+                self._add_beam_row(seq.group, len(self.samplers))
+            else:
+                for member in (seq, *seq.forks):
+                    self.draws.append(member)
+                    self.draw_rows.append(len(self.samplers))
             self.samplers.append(seq)
+
+    def _add_beam_row(self, group: BeamGroup, row: int) -> None:
+        """The group draws once its live members' rows are all in (the scheduler adds them together)."""
+        if self.draws and self.draws[-1] is group:
+            self.draw_rows[-1].append(row)
+        else:
+            self.draws.append(group)
+            self.draw_rows.append([row])
 
 
 class Scheduler:
@@ -61,61 +78,106 @@ class Scheduler:
         """The step's sequences and token counts, and the copy-on-write block copies to apply first."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        # 1. decode slots for running sequences, preempting the most recently admitted when the pool is dry
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or budget == 0:
+        # 1. decode slots for running sequences (a beam group's live members all together),
+        #    preempting the most recently admitted when the pool is dry
+        for unit in self._decode_units():
+            if (unit[0].status is not SequenceStatus.RUNNING or budget < len(unit)     # (preempted meanwhile)
+                    or any(seq.num_uncomputed != 1 for seq in unit)):
                 continue
-            # a slot is needed unless the token was a prompt's last, already allocated at admission
-            if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids):
-                while seq.status is SequenceStatus.RUNNING and not self.block_manager.can_append(seq.seq_id):
-                    self.preempt(self.running[-1])
-                if seq.status is not SequenceStatus.RUNNING:
-                    continue
-                batch.block_copies += self.block_manager.append(seq.seq_id)
-            batch.add(seq, 1)
-            budget -= 1
-        # 2. running sequences in the middle of a chunked prefill
+            # a slot is needed unless the token's slot was allocated at admission (a prompt's last token)
+            needy = [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids)]
+            while unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
+                self.preempt(self.running[-1])
+            if unit[0].status is not SequenceStatus.RUNNING:
+                continue
+            for seq_id in needy:
+                batch.block_copies += self.block_manager.append(seq_id)
+            for seq in unit:
+                batch.add(seq, 1)
+            budget -= len(unit)
+        # 2. running sequences in the middle of a chunked prefill (or a beam's recompute)
         for seq in self.running:
-            if seq.num_uncomputed > 1 and budget > 0:
-                batch.add(seq, min(seq.num_uncomputed, budget))
+            remaining = self._prefill_target(seq) - seq.num_computed_tokens
+            if remaining > 0 and seq.num_uncomputed > 1 and budget > 0:
+                batch.add(seq, min(remaining, budget))
                 budget -= batch.num_tokens[-1]
-        # 3. admit waiting sequences first come, first served
+        # 3. admit waiting sequences (or beam groups, all members at once) first come, first served
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            seats = sum(s.seats for s in self.running) + seq.seats
-            if seats > self.max_num_seqs or not self.block_manager.can_allocate(len(seq.token_ids)):
+            members = seq.group.live if seq.group is not None else [seq]
+            seats = self._seats_taken() + seq.seats
+            if seats > self.max_num_seqs or not self.block_manager.can_allocate_all(
+                    [len(m.token_ids) for m in members], [m.token_ids for m in members]):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq.seq_id, len(seq.token_ids))
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.add(seq, min(seq.num_uncomputed, budget))
-            budget -= batch.num_tokens[-1]
+            for member in members:
+                # a cached prefix (prefix caching) is computed already; the rest goes through prefill
+                member.num_computed_tokens = self.block_manager.allocate(member.seq_id, len(member.token_ids),
+                                                                         member.token_ids)
+                member.status = SequenceStatus.RUNNING
+                self.running.append(member)
+                remaining = self._prefill_target(member) - member.num_computed_tokens
+                if budget > 0 and remaining > 0:
+                    batch.add(member, min(remaining, budget))
+                    budget -= batch.num_tokens[-1]
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[SampledToken]) -> list[TokenEvent]:
+    def _decode_units(self) -> list[list[Sequence]]:
+        """Running sequences in admission order, a beam group's live members as one unit."""
+        units, groups = [], set()
+        for seq in self.running:
+            if seq.group is None:
+                units.append([seq])
+            elif id(seq.group) not in groups:
+                groups.add(id(seq.group))
+                units.append(list(seq.group.live))
+        return units
+
+    def _seats_taken(self) -> int:
+        groups = {id(s.group): s.group.num_beams for s in self.running if s.group is not None}
+        return sum(s.seats for s in self.running if s.group is None) + sum(groups.values())
+
+    @staticmethod
+    def _prefill_target(seq: Sequence) -> int:
+        """Tokens a prefill computes: all of token_ids (the last one's logits sample), or all but the
+        last for a started beam group's member (the group decodes its last tokens together)."""
+        return seq.group.recompute_target(seq) if seq.group is not None else len(seq.token_ids)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
         """Commit a step: its tokens' K/V are now cached, first-sampled requests fork their return
-        sequences (copy-on-write), every drawing sequence gets its token, finished ones are freed.
-        The events are built before anything is written, and the writes cannot fail, so a step is
-        either committed with all its events or not at all."""
+        sequences (copy-on-write), every drawing sequence gets its token, beam groups take their
+        step (and, when done, deliver their hypotheses), finished ones are freed. The events are
+        built before anything is written, and the writes cannot fail, so a step is either committed
+        with all its events or not at all."""
         if len(sampled) != len(batch.draws):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(batch.draws)} drawing sequences")
-        events = [TokenEvent(seq.request_id, seq.index, token.token_id, seq.finish_reason_after(token.token_id),
-                             token.logprob, token.top_logprobs, token.scores)
-                  for seq, token in zip(batch.draws, sampled)]
+        # per draw: its events (a beam group has none until it is done, then all its hypotheses')
+        draw_events = [(draw.final_events(outcome.state) if outcome.done else []) if isinstance(draw, BeamGroup) else
+                       [TokenEvent(draw.request_id, draw.index, outcome.token_id, draw.finish_reason_after(outcome.token_id),
+                                   outcome.logprob, outcome.top_logprobs, outcome.scores)]
+                       for draw, outcome in zip(batch.draws, sampled)]
         for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += num_tokens
+            self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         for seq in batch.samplers:
             for child in seq.forks:
                 self._admit_fork(seq, child)
             seq.forks = []
-        for seq, event in zip(batch.draws, events):
-            seq.token_ids.append(event.token_id)
-            seq.num_generated += 1
+        for draw, outcome, events in zip(batch.draws, sampled, draw_events):
+            if isinstance(draw, BeamGroup):
+                self.num_generated_tokens += draw.num_beams
+                self.running += draw.commit(outcome, self.block_manager)
+                if outcome.done:
+                    for member in draw.live:
+                        self._finish(member, "stop")
+                continue
+            (event,) = events
+            draw.token_ids.append(event.token_id)
+            draw.num_generated += 1
+            self.num_generated_tokens += 1
             if event.finish_reason is not None:
-                self._finish(seq, event.finish_reason)
-        self.num_generated_tokens += len(events)
-        return events
+                self._finish(draw, event.finish_reason)
+        return [event for events in draw_events for event in events]
 
     def rollback(self, batch: ScheduledBatch) -> None:
         """Undo a step that failed before postprocess: its sequences give back their blocks and are
@@ -125,12 +187,15 @@ class Scheduler:
                 self.preempt(seq)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free the blocks and requeue at the front of waiting; the K/V are recomputed on readmission."""
-        self.running.remove(seq)
-        self.block_manager.free(seq.seq_id)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        """Free the blocks and requeue at the front of waiting; the K/V are recomputed on readmission.
+        A beam is preempted with its whole group (which waits as its leader)."""
+        members = seq.group.live if seq.group is not None else [seq]
+        for member in members:
+            self.running.remove(member)
+            self.block_manager.free(member.seq_id)
+            member.num_computed_tokens = 0
+            member.status = SequenceStatus.WAITING
+        self.waiting.appendleft(members[0])
         self.num_preemptions += 1
 
     def _admit_fork(self, parent: Sequence, child: Sequence) -> None:
@@ -152,7 +217,7 @@ class Scheduler:
             self._finish(seq, "abort")
         for seq in [s for s in self.waiting if s.request_id == request_id]:
             self.waiting.remove(seq)
-            for member in (seq, *seq.forks):
+            for member in (seq.group.members if seq.group is not None else (seq, *seq.forks)):
                 member.status, member.finish_reason = SequenceStatus.FINISHED, "abort"
                 aborted.append(member)
         return aborted

@@ -1,7 +1,8 @@
 """One generated sequence: its tokens, how many of them have K/V in the cache, and its lifecycle.
 
 A request with n return sequences starts as one Sequence whose `forks` are the other n - 1; they
-are forked off (sharing its KV blocks copy-on-write) at the request's first sample. The scheduler
+are forked off (sharing its KV blocks copy-on-write) at the request's first sample. A beam-search
+request is a BeamGroup of num_beams Sequences (engine.beam_search), scheduled as one unit. The scheduler
 moves a sequence between waiting, running and finished; `Scheduler.postprocess` is the only writer
 of its progress (computed tokens, appended tokens, finish).
 """
@@ -9,10 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.beam_search import BeamGroup
 
 
 class SequenceStatus(Enum):
@@ -34,11 +39,13 @@ class Sequence:
     num_generated: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" (eos), "length" or "abort"
+    group: BeamGroup | None = None    # the beam search this sequence is a beam of (engine.beam_search)
 
     @property
     def seats(self) -> int:
-        """Running slots this sequence takes once admitted (itself and its pending forks)."""
-        return 1 + len(self.forks)
+        """Running slots this sequence takes once admitted (itself and its pending forks, or its
+        beam group's num_beams)."""
+        return self.group.num_beams if self.group is not None else 1 + len(self.forks)
 
     @property
     def num_uncomputed(self) -> int:
@@ -67,6 +74,10 @@ class TokenEvent:
     logprob: float | None = None        # when the request asked for logprobs (see SampledToken)
     top_logprobs: tuple[tuple[int, float], ...] | None = None
     scores: torch.Tensor | None = None  # [V] processed scores (HF output_scores), when asked for
+    # beam search, on a returned hypothesis' last token: its length-penalised score (HF
+    # sequences_scores) and the beam each of its tokens came from (HF beam_indices, per request)
+    sequence_score: float | None = None
+    beam_indices: tuple[int, ...] | None = None
 
     @property
     def finished(self) -> bool:

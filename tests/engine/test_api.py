@@ -180,8 +180,8 @@ def test_generate_text_and_stream_agree(backend, tokenizer_dir):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(num_beams=2), "num_beams"),
-    (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
+    (dict(num_beam_groups=2), "num_beam_groups"),
+    (dict(encoder_no_repeat_ngram_size=2), "encoder_no_repeat_ngram_size"),
     (dict(typo_option=1), "typo_option"),
     (dict(num_return_sequences=2), "num_return_sequences"),
     (dict(max_new_tokens=0), "max_new_tokens"),

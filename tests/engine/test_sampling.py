@@ -125,3 +125,17 @@ def test_logprobs_are_the_raw_log_softmax_with_the_top_n():
     assert third.logprob == pytest.approx(expected[2, third.token_id].item()) and third.top_logprobs == ()
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+@pytest.mark.parametrize("ngram", [1, 2, 3])
+def test_no_repeat_ngram_size_bans_like_transformers(ngram):
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    torch.manual_seed(ngram)
+    logits = torch.randn(5, 12)
+    histories = [torch.randint(0, 4, (length,)).tolist() for length in (1, 2, 6, 9, 14)]   # few ids: many repeats
+    params = SamplingParams(no_repeat_ngram_size=ngram, output_scores=True)
+    _, scores = _sample(logits, _states(params, histories))
+    for row, history in enumerate(histories):
+        expected = NoRepeatNGramLogitsProcessor(ngram)(torch.tensor([history]), logits[row:row + 1].clone())
+        assert torch.equal(scores[row:row + 1], expected)

@@ -1,5 +1,7 @@
 """Scheduler unit tests: admission order, seats, token budget, chunked prefill, preemption and
 resume, freeing."""
+import torch
+
 from engine.block_manager import BlockManager
 from engine.sampling import SampledToken, SamplingParams
 from engine.scheduler import Scheduler
@@ -99,3 +101,34 @@ def test_abort_and_finish_free_everything():
     scheduler.abort(0)
     scheduler.abort(1)
     assert not scheduler.has_unfinished() and bm.num_free_blocks == 8
+
+
+def test_a_beam_group_is_admitted_decoded_and_preempted_as_one_unit():
+    from engine.beam_search import BeamGroup, BeamStep
+
+    bm = BlockManager(32, 4)
+    scheduler = Scheduler(bm, max_num_seqs=3, max_num_batched_tokens=100)
+    params = SamplingParams(max_new_tokens=5, num_beams=3)
+    beams = [Sequence(i, 0, i, [1, 2, 3, 4, 5], params, None) for i in range(3)]
+    group = BeamGroup(beams, 1)
+    scheduler.add(beams[0])
+    scheduler.add(make_seq(9, 3))                 # no seat left while the group holds its 3
+    batch = scheduler.schedule()
+    assert batch.seqs == [beams[0]] and batch.draws == [group] and batch.draw_rows == [[0]]
+    # the first step: every beam continues beam 0 (sharing its blocks), with tokens 7, 8, 9
+    logits = torch.full((1, 10), -10.0)
+    logits[0, 7:10] = torch.tensor([3.0, 2.0, 1.0])
+    scheduler.postprocess(batch, [group.propose(logits)])
+    assert [b.token_ids[-1] for b in beams] == [7, 8, 9] and all(b.status is SequenceStatus.RUNNING for b in beams)
+    assert bm.block_tables[1][:1] == bm.block_tables[0][:1] and bm.ref_counts[bm.block_tables[0][0]] == 3
+    batch = scheduler.schedule()
+    assert batch.seqs == beams and batch.draws == [group] and batch.draw_rows == [[0, 1, 2]]
+    scheduler.rollback(batch)                    # a failed step: the whole group goes back to waiting
+    assert list(scheduler.waiting)[0] is beams[0] and not scheduler.running and bm.num_free_blocks == 32
+    assert all(b.num_computed_tokens == 0 and b.status is SequenceStatus.WAITING for b in beams)
+    batch = scheduler.schedule()                 # readmitted together: each recomputes all but its last token
+    assert batch.seqs == beams and batch.num_tokens == [5, 5, 5] and batch.draws == []
+    advance(scheduler, batch)
+    batch = scheduler.schedule()                 # ... then they decode that token together
+    assert batch.seqs == beams and batch.num_tokens == [1, 1, 1] and batch.draws == [group]
+    assert isinstance(group.propose(torch.randn(3, 10)), BeamStep)

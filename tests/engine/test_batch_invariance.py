@@ -1,0 +1,99 @@
+"""batch_invariant=True: a request's logits, at prefill and at every decode step, are bitwise the
+same alone, batched with other requests of any lengths (arriving at any time), with its prompt
+prefilled whole or in chunks, and with or without the prefix cache; on the torch backend and on
+the triton backend (Triton's interpreter on CPU)."""
+import pytest
+import torch
+
+from engine import torch_backend
+from engine.batch_invariant import ROW_BLOCK, row_blocked
+from engine.config import GPT2Config
+from engine.llm_engine import LLMEngine
+from engine.model import PagedGPT2
+from engine.weights import random_state_dict
+from engine.sampling import SamplingParams
+from kernels.fused_linear import ln_linear_ref
+
+CONFIG = GPT2Config(vocab_size=97, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=96, eos_token_id=96)
+STATE = random_state_dict(CONFIG, seed=1)
+PROMPT = [5, 7, 9, 11, 3, 2, 1, 8, 8, 4, 6, 30, 31]
+OTHERS = [list(range(40, 90)), [1, 2], list(range(60, 65)) * 5, [17] * 9]
+
+
+def logits_of(model, others=(), arrivals=(), max_num_batched_tokens=None, enable_prefix_caching=True, new=6):
+    """Per step, the logits row of the request under test ([prefill, decode 1, ...])."""
+    llm = LLMEngine(model, block_size=4, num_blocks=200, batch_invariant=True,
+                    max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching)
+    target = llm.add_request(PROMPT, SamplingParams(max_new_tokens=new, output_scores=True))
+    pending = sorted(zip(arrivals, others), key=lambda item: item[0])
+    rows, step = [], 0
+    while llm.has_unfinished_requests() or pending:
+        while pending and pending[0][0] <= step:
+            llm.add_request(pending.pop(0)[1], SamplingParams(max_new_tokens=10))
+        rows += [e.scores for e in llm.step() if e.request_id == target]
+        step += 1
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module", params=["torch", "triton"])
+def model(request):
+    """The triton backend runs under the interpreter on CPU, on the GPU when there is one."""
+    device = "cuda" if request.param == "triton" and torch.cuda.is_available() else "cpu"
+    return PagedGPT2(CONFIG, STATE, backend=request.param, device=device)
+
+
+def test_logits_are_bitwise_the_same_alone_batched_chunked_and_cached(model):
+    alone = logits_of(model)
+    scenarios = {
+        "batched with longer and shorter requests": dict(others=OTHERS, arrivals=[0, 0, 2, 3]),
+        "prefilled in chunks of 5 alongside others": dict(others=OTHERS[:2], arrivals=[0, 1], max_num_batched_tokens=5),
+        "no prefix cache": dict(others=OTHERS[:1], arrivals=[1], enable_prefix_caching=False),
+    }
+    if model.backend == "torch":       # the interpreter is slow: the triton case keeps to the first two
+        scenarios["behind a cached copy of its prefix"] = dict(others=[PROMPT[:8] + [50, 51]], arrivals=[0])
+    else:
+        scenarios.pop("no prefix cache")
+    for name, kwargs in scenarios.items():
+        batched = logits_of(model, **kwargs)
+        assert torch.equal(batched, alone), f"{name}: max |diff| {(batched - alone).abs().max().item():.2e}"
+
+
+def test_cached_prefix_gives_the_logits_of_a_full_prefill():
+    """A prompt whose prefix was cached by an earlier request (computing only its suffix) has the
+    logits it has on a fresh engine."""
+    model = PagedGPT2(CONFIG, STATE, backend="torch")
+    fresh = logits_of(model, new=3)
+    llm = LLMEngine(model, block_size=4, num_blocks=200, batch_invariant=True)
+    llm.add_request(PROMPT + [1, 2, 3], SamplingParams(max_new_tokens=2))
+    while llm.has_unfinished_requests():
+        llm.step()
+    target = llm.add_request(PROMPT, SamplingParams(max_new_tokens=3, output_scores=True))
+    rows = []
+    while llm.has_unfinished_requests():
+        rows += [e.scores for e in llm.step() if e.request_id == target]
+    assert llm.stats()["prefix_cache_hits"] == 12
+    assert torch.equal(torch.stack(rows), fresh)
+
+
+def gemm_paths():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, 200) * 0.1, torch.randn(200)
+    paths = {"addmm": lambda x: ln_linear_ref(x, None, None, weight, bias)}
+    if torch_backend.packing_supported(torch.device("cpu"), torch.float32):
+        packed = torch_backend.PackedLinear.from_conv1d(weight)
+        paths["onednn"] = lambda x: torch_backend.ln_linear(x, None, None, packed, bias)
+    return paths
+
+
+@pytest.mark.parametrize("path", list(gemm_paths()))
+def test_row_blocked_gemm_rows_do_not_depend_on_the_row_count(path):
+    """The premise of row blocking, on this CPU's GEMM paths: at M = ROW_BLOCK a row's result does
+    not depend on the other rows or its position, so row_blocked(op) gives every row the same
+    bits for any M."""
+    op = row_blocked(gemm_paths()[path])
+    x = torch.randn(3 * ROW_BLOCK + 5, 64)
+    reference = torch.cat([op(x[i:i + 1]) for i in range(x.shape[0])])
+    for num_rows in (2, 3, 4, ROW_BLOCK - 1, ROW_BLOCK, ROW_BLOCK + 1, x.shape[0]):
+        assert torch.equal(op(x[:num_rows]), reference[:num_rows]), num_rows
+    shifted = op(torch.cat([x[7:], x[:7]]))
+    assert torch.equal(shifted, torch.cat([reference[7:], reference[:7]]))
