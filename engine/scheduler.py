@@ -87,7 +87,7 @@ class Scheduler:
             # a slot is needed unless the token's slot was allocated at admission (a prompt's last token)
             needy = [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids)]
             while unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
-                self.preempt(self.running[-1])
+                self.preempt(self._newest_unscheduled(batch))
             if unit[0].status is not SequenceStatus.RUNNING:
                 continue
             for seq_id in needy:
@@ -121,6 +121,12 @@ class Scheduler:
                     batch.add(member, min(remaining, budget))
                     budget -= batch.num_tokens[-1]
         return batch
+
+    def _newest_unscheduled(self, batch: ScheduledBatch) -> Sequence:
+        """The preemption victim: the most recently admitted running sequence not already in this
+        step (a beam group's members are spread over `running`, so the newest may be scheduled)."""
+        scheduled = {id(seq) for seq in batch.seqs}
+        return next(seq for seq in reversed(self.running) if id(seq) not in scheduled)
 
     def _decode_units(self) -> list[list[Sequence]]:
         """Running sequences in admission order, a beam group's live members as one unit."""

@@ -25,7 +25,9 @@ class _EngineCollector:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         counters = (("num_preemptions", "sequences preempted (recomputed later)", s["num_preemptions"]),
                     ("prompt_tokens", "prompt tokens of the requests added", s["prompt_tokens"]),
-                    ("generation_tokens", "tokens generated", s["tokens_generated"]))
+                    ("generation_tokens", "tokens generated", s["tokens_generated"]),
+                    ("prefix_cache_queries", "prompt tokens looked up in the prefix cache", s["prefix_cache_queries"]),
+                    ("prefix_cache_hits", "prompt tokens found in the prefix cache (not computed)", s["prefix_cache_hits"]))
         for name, doc, value in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 

@@ -273,3 +273,13 @@ def test_sigterm_finishes_running_requests_and_exits_0(checkpoint):
         assert process.proc.wait(timeout=60) == 0
     finally:
         process.stop()
+
+
+def test_metrics_count_prefix_cache_reuse(client, server):
+    prompt = " ".join(["alpha beta gamma delta"] * 12)      # well over two 16-token blocks
+    hits = metric(server.url, "gpt2_engine_prefix_cache_hits_total")
+    queries = metric(server.url, "gpt2_engine_prefix_cache_queries_total")
+    for _ in range(2):
+        client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0)
+    assert metric(server.url, "gpt2_engine_prefix_cache_queries_total") > queries
+    assert metric(server.url, "gpt2_engine_prefix_cache_hits_total") >= hits + 32   # the second reused full blocks
