@@ -70,16 +70,22 @@ class _Buffers:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.counters = torch.zeros(0, dtype=torch.int32, device=device)
-        self.workspace = torch.empty(0, dtype=torch.float32, device=device)
+        self.counters = self._zeros(0, torch.int32)
+        self.workspace = self._zeros(0, torch.float32)
         self.kept: list[torch.Tensor] = []
+
+    def _zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        # Never an inference tensor, whoever allocates first: the buffers outlive the call (and the
+        # caller's torch.inference_mode()) and are written in place by later launches outside it.
+        with torch.inference_mode(False):
+            return torch.zeros(numel, dtype=dtype, device=self.device)
 
     def _grown(self, current: torch.Tensor, numel: int, minimum: int) -> torch.Tensor:
         """current if it holds numel elements, else a larger zeroed buffer (current is kept alive)."""
         if current.numel() >= numel:
             return current
         self.kept.append(current)
-        return torch.zeros(max(minimum, 1 << (numel - 1).bit_length()), dtype=current.dtype, device=self.device)
+        return self._zeros(max(minimum, 1 << (numel - 1).bit_length()), current.dtype)
 
     def get_counters(self, count: int) -> torch.Tensor:
         self.counters = self._grown(self.counters, count, _MIN_COUNTERS)

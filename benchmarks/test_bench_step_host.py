@@ -1,0 +1,34 @@
+"""Host time of a whole decode step of GPT-2 small on the triton backend: schedule + pack + every
+launcher call + sampling bookkeeping + postprocess (LLMEngine.step()).
+
+On CPU the kernel bodies are stubbed out (Triton's interpreter would run them), so the figure is the
+step's own Python plus the few torch ops it runs itself (embedding, argmax over the logits), i.e. an
+upper bound on what the host spends per step before a GPU would see the work. On a GPU the real
+kernels run and the figure is the full step, device time included. Goal: <= 2 ms at batch 1 and
+<= 8 ms at batch 256 on the host side.
+"""
+import pytest
+import torch
+
+from benchmarks.conftest import HAS_CUDA
+from benchmarks.test_bench_launch_host import stubbed  # noqa: F401  (the kernel-stubbing fixture)
+from engine.config import GPT2Config
+from engine.llm_engine import LLMEngine
+from engine.model import PagedGPT2
+from engine.sampling import SamplingParams
+from engine.weights import random_state_dict
+
+
+@pytest.mark.parametrize("batch", [1, 256])
+def test_bench_decode_step_host_time(benchmark, stubbed, batch):   # noqa: F811
+    benchmark.group = "decode-step" + ("" if HAS_CUDA else " host time (kernels stubbed, interpreter)")
+    config = GPT2Config.preset("gpt2")
+    model = PagedGPT2(config, random_state_dict(config), backend="triton", device=stubbed, dtype=torch.float16)
+    rounds = 10
+    engine = LLMEngine(model, block_size=16, num_blocks=batch * 3, max_num_seqs=batch, use_cuda_graphs=False)
+    for i in range(batch):
+        engine.add_request([(i * 7 + j) % config.vocab_size for j in range(8)], SamplingParams(max_new_tokens=rounds + 3))
+    engine.step()          # prefill of every sequence
+    engine.step()          # first decode step: plans cached
+    benchmark.pedantic(engine.step, rounds=rounds, iterations=1)
+    assert all(len(seq.token_ids) == 8 + 2 + rounds for seq in engine.scheduler.running)
