@@ -14,9 +14,10 @@ def _generate(args) -> int:
     if args.random_weights:
         if args.model not in PRESETS:
             raise SystemExit(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {args.model!r}")
-        model = GPT2.from_config(args.model, seed=args.seed, device=args.device, backend=args.backend)
+        model = GPT2.from_config(args.model, seed=args.seed, device=args.device, backend=args.backend,
+                                 quantization=args.quantization)
     else:
-        model = GPT2.from_pretrained(args.model, device=args.device, backend=args.backend)
+        model = GPT2.from_pretrained(args.model, device=args.device, backend=args.backend, quantization=args.quantization)
     if args.tokenizer:
         from engine.tokenizer import load_tokenizer
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "eager"], help="default: triton on CUDA, torch on CPU")
     gen.add_argument("--tokenizer", default=None, help="directory with encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json")
+    gen.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only quantization (default: none)")
     gen.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
 
     kern = sub.add_parser("kernels", help="ahead-of-time compile report of every kernel for sm_80 and sm_90")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from engine.quantization import Int8Weight
 
 PROBE_BATCHES = (1, 8)
-_PROBE_PASSES = 3
+_PROBE_PASSES = 4
 _MAX_PROBE_COPIES = 64
 _DEFAULT_LLC_BYTES = 32 * 2**20
 
@@ -256,29 +256,30 @@ def _copy(weight):
 
 @torch.inference_mode()
 def _probe(candidates, weight, epilogue: Epilogue) -> str:
-    """The candidate with the least sum over PROBE_BATCHES of its time relative to the best."""
+    """The candidate with the least sum over PROBE_BATCHES of its time relative to the best.
+
+    Candidates alternate within each pass, so that a burst of load from other processes slows
+    all of them rather than one; each keeps its fastest pass."""
     out_features, in_features = weight.q.shape if isinstance(weight, Int8Weight) else weight.shape
     nbytes = weight.q.numel() if isinstance(weight, Int8Weight) else weight.numel() * weight.element_size()
     copies = max(1, min(_MAX_PROBE_COPIES, math.ceil(2 * llc_bytes() / nbytes)))
     sources = [weight] + [_copy(weight) for _ in range(copies - 1)]
+    prepared = {path.name: (path, [path.prepare(w) for w in sources]) for path in candidates}
     bias = torch.zeros(out_features) if epilogue.bias else None
     activation = "gelu_tanh" if epilogue.gelu else None
-    times: dict[str, list[float]] = {}
-    for path in candidates:
-        prepared = [path.prepare(w) for w in sources]
-        times[path.name] = []
-        for m in PROBE_BATCHES:
-            h = torch.randn(m, in_features)
-            residual = torch.zeros(m, out_features) if epilogue.residual else None
-            for w in prepared:   # warm-up: primitive creation, page faults of outputs
-                path(w, h, bias, activation, residual)
-            best = math.inf
-            for _ in range(_PROBE_PASSES):
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    for m in PROBE_BATCHES:
+        h = torch.randn(m, in_features)
+        residual = torch.zeros(m, out_features) if epilogue.residual else None
+        best = dict.fromkeys(prepared, math.inf)
+        for step in range(_PROBE_PASSES + 1):   # pass 0 warms up: primitive creation, output pages
+            for name, (path, weights) in prepared.items():
                 start = time.perf_counter()
-                for w in prepared:
+                for w in weights:
                     path(w, h, bias, activation, residual)
-                best = min(best, time.perf_counter() - start)
-            times[path.name].append(best)
-        del prepared
+                if step:
+                    best[name] = min(best[name], time.perf_counter() - start)
+        for name, t in best.items():
+            times[name].append(t)
     fastest = [min(t[i] for t in times.values()) for i in range(len(PROBE_BATCHES))]
     return min(times, key=lambda name: sum(t / f for t, f in zip(times[name], fastest)))

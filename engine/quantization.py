@@ -63,3 +63,16 @@ class Int8Weight:
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows q[index] * scale[index] (the embedding lookup of a quantized wte)."""
         return (self.q[index].to(torch.float32) * self.scale[index, None]).to(dtype)
+
+
+def int8_kernel_ops(backend: str) -> dict:
+    """ln_linear / ln_gelu_mlp for Int8Weight weights on the int8 kernel ("triton") or its reference."""
+    import kernels
+    from engine.torch_backend import mlp_of
+
+    launch = kernels.int8_ln_linear if backend == "triton" else kernels.int8_ln_linear_ref
+
+    def ln_linear(x, ln_weight, ln_bias, weight: Int8Weight, bias=None, **kwargs):
+        return launch(x, ln_weight, ln_bias, weight.q, weight.scale, bias, **kwargs)
+
+    return {"ln_linear": ln_linear, "ln_gelu_mlp": mlp_of(ln_linear)}
