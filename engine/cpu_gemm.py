@@ -6,15 +6,16 @@ plain `x @ W` on the [in, out] layout streamed 12-19 GB/s; on an AVX-512 EPYC on
 was the faster one (20-25 GB/s from DRAM vs 15-18); torch's `_weight_int8pack_mm` ran at 1.7 GB/s
 there. So no choice is hard-coded: `prepare_linear` times every candidate on this machine, for this
 layer's shape and epilogue (bias, GELU, residual: oneDNN fuses them as post-ops, the others run them
-as separate ops), at M = 1 and M = 8 (decode batches), and keeps the fastest. Choices are cached
+as separate ops), at M = 1 and M = 8 (decode batches) and M = 64 (a guard: a path that is fast at
+decode but pathological on prompt chunks loses), and keeps the one with the least sum of times
+relative to the best at each M. Choices are cached
 in-process per (shape, epilogue, dtype, candidates, CPU model and flags, torch threads).
 
 Cold weights: a decode step streams every weight from DRAM once, so the probe must not time a
 weight that sits in the last-level cache. Each candidate is timed over enough copies of the weight
 to exceed twice the LLC (read from sysfs), visited in turn, as a step visits the layers.
 
-Fixed after load: a linear's path never changes with the batch size M of a call (the probe scores
-the sum of the M = 1 and M = 8 times relative to the best), so a row's result does not depend on
+Fixed after load: a linear's path never changes with the batch size M of a call, so a row's result does not depend on
 which path another batch size would have preferred (batch invariance, issue 14; the library kernel
 inside one path may still block differently by M).
 
@@ -39,8 +40,10 @@ import torch.nn.functional as F
 
 from engine.quantization import Int8Weight
 
-PROBE_BATCHES = (1, 8)
+PROBE_BATCHES = (1, 8, 64)   # decode batches, timed on cold weights; and a prefill-sized guard, on one copy
+_COLD_BATCHES = 8
 _PROBE_PASSES = 4
+_HOPELESS = 4.0   # a candidate this many times slower than the best after one pass is not timed again at that M
 _MAX_PROBE_COPIES = 64
 _DEFAULT_LLC_BYTES = 32 * 2**20
 
@@ -135,7 +138,8 @@ class Int8Dequant:
     def _buffer(self, numel: int) -> torch.Tensor:
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.numel() < numel:
-            buf = self._scratch.buf = torch.empty(numel, dtype=torch.float32)
+            with torch.inference_mode(False):   # a normal tensor: writable in and outside inference mode
+                buf = self._scratch.buf = torch.empty(numel, dtype=torch.float32)
         return buf[:numel]
 
     def __call__(self, weight: Int8Weight, h, bias, activation, residual):
@@ -259,7 +263,7 @@ def _probe(candidates, weight, epilogue: Epilogue) -> str:
     """The candidate with the least sum over PROBE_BATCHES of its time relative to the best.
 
     Candidates alternate within each pass, so that a burst of load from other processes slows
-    all of them rather than one; each keeps its fastest pass."""
+    all of them rather than one; each keeps its fastest pass (a hopeless one stops after one)."""
     out_features, in_features = weight.q.shape if isinstance(weight, Int8Weight) else weight.shape
     nbytes = weight.q.numel() if isinstance(weight, Int8Weight) else weight.numel() * weight.element_size()
     copies = max(1, min(_MAX_PROBE_COPIES, math.ceil(2 * llc_bytes() / nbytes)))
@@ -270,12 +274,15 @@ def _probe(candidates, weight, epilogue: Epilogue) -> str:
     times: dict[str, list[float]] = {name: [] for name in prepared}
     for m in PROBE_BATCHES:
         h = torch.randn(m, in_features)
+        visits = {name: weights if m <= _COLD_BATCHES else weights[:1] for name, (_, weights) in prepared.items()}
         residual = torch.zeros(m, out_features) if epilogue.residual else None
         best = dict.fromkeys(prepared, math.inf)
         for step in range(_PROBE_PASSES + 1):   # pass 0 warms up: primitive creation, output pages
-            for name, (path, weights) in prepared.items():
+            for name, (path, _) in prepared.items():
+                if step > 1 and best[name] > _HOPELESS * min(best.values()):
+                    continue
                 start = time.perf_counter()
-                for w in weights:
+                for w in visits[name]:
                     path(w, h, bias, activation, residual)
                 if step:
                     best[name] = min(best[name], time.perf_counter() - start)
