@@ -86,35 +86,28 @@ class OneDnnPacked:
         return y + residual if residual is not None else y
 
 
-class MatmulInOut:
-    """torch.addmm on a contiguous [in, out] weight (BLAS sgemm/sgemv)."""
-    name = "matmul_in_out"
+class Blas:
+    """torch's BLAS GEMM (MKL / OpenBLAS) on a contiguous weight in one of the two layouts:
+    "in_out" = W [in, out] through torch.addmm, "out_in" = W [out, in] through F.linear."""
+
+    def __init__(self, layout: str):
+        if layout not in ("in_out", "out_in"):
+            raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
+        self.layout, self.name = layout, f"matmul_{layout}"
 
     @staticmethod
     def available(dtype: torch.dtype) -> bool:
         return dtype.is_floating_point
 
     def prepare(self, weight_out_in: torch.Tensor):
-        return weight_out_in.t().contiguous()
+        return (weight_out_in.t() if self.layout == "in_out" else weight_out_in).contiguous()
 
-    def __call__(self, w_in_out, h, bias, activation, residual):
-        y = torch.addmm(bias, h, w_in_out) if bias is not None else torch.mm(h, w_in_out)
+    def __call__(self, w, h, bias, activation, residual):
+        if self.layout == "out_in":
+            y = F.linear(h, w, bias)
+        else:
+            y = torch.addmm(bias, h, w) if bias is not None else torch.mm(h, w)
         return _finish(y, activation, residual)
-
-
-class MatmulOutIn:
-    """F.linear on a contiguous [out, in] weight (BLAS with a transposed operand)."""
-    name = "matmul_out_in"
-
-    @staticmethod
-    def available(dtype: torch.dtype) -> bool:
-        return dtype.is_floating_point
-
-    def prepare(self, weight_out_in: torch.Tensor):
-        return weight_out_in.contiguous()
-
-    def __call__(self, w_out_in, h, bias, activation, residual):
-        return _finish(F.linear(h, w_out_in, bias), activation, residual)
 
 
 class Int8Dequant:
@@ -203,7 +196,7 @@ def cpu_signature() -> str:
 
 
 def fp32_candidates(dtype: torch.dtype) -> list:
-    return [p for p in (OneDnnPacked(), MatmulInOut(), MatmulOutIn()) if p.available(dtype)]
+    return [p for p in (OneDnnPacked(), Blas("in_out"), Blas("out_in")) if p.available(dtype)]
 
 
 @functools.cache

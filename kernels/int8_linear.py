@@ -60,39 +60,51 @@ def _int8_linear_kernel(
     pid_m = tl.program_id(0)   # M tiles first: at decode there is one, so neighbours share no B panel anyway
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    num_splits = tl.num_programs(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # [BLOCK_N]
     offs_k = tl.arange(0, BLOCK_K)                     # [BLOCK_K]
     m_mask = offs_m < M
     n_mask = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm        # [BLOCK_M, 1]
-    q_cols = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn        # [1, BLOCK_N]: row n of q is column n of W^T
 
+    # this split's K range [k_start, k_start + k_len), walked by advancing both tile pointers
     k_start = pid_k * k_per_split
-    k_end = min(K, k_start + k_per_split)
+    k_len = min(K - k_start, k_per_split)
+    a_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]   # [BLOCK_M, BLOCK_K]
+    b_ptrs = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn + (k_start + offs_k)[:, None]   # [BLOCK_K, BLOCK_N]: q^T
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < k_end
-        a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)        # [BLOCK_M, BLOCK_K]
-        b = tl.load(q_cols + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)         # [BLOCK_K, BLOCK_N] int8
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")
+    for i in range(0, tl.cdiv(k_len, BLOCK_K)):
+        k_ok = offs_k < k_len - i * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0)      # int8 codes
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")            # widened in registers
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
 
-    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)                     # [BLOCK_N]
+    finish = True
     if SPLIT_K:
-        mask = m_mask[:, None] & n_mask[None, :]
-        tile = offs_m[:, None] * N + offs_n[None, :]   # workspace [SPLIT, M, N] fp32 (small: decode only)
-        tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=mask)
-        if last_to_arrive(counter_ptr + pid_m * tl.num_programs(1) + pid_n, num_splits):
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, num_splits):   # fixed order: deterministic
-                acc += tl.load(ws_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            _epilogue(acc * scale[None, :], bias_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                      stride_rm, stride_om, offs_m, offs_n, M, N, kv_width, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
-    else:
+        acc, finish = _merge_splits(acc, ws_ptr, counter_ptr + pid_m * tl.num_programs(1) + pid_n, offs_m, offs_n,
+                                    m_mask, n_mask, M, N, pid_k, tl.num_programs(2))
+    if finish:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)   # [BLOCK_N], per output column
         _epilogue(acc * scale[None, :], bias_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                   stride_rm, stride_om, offs_m, offs_n, M, N, kv_width, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
+
+
+@triton.jit
+def _merge_splits(acc, ws_ptr, counter_ptr, offs_m, offs_n, m_mask, n_mask, M, N, split, num_splits):
+    """(sum of all splits' partials, True) in the last split of a tile to arrive, (acc, False) elsewhere.
+
+    Workspace [num_splits, M, N] fp32, contiguous (decode only: small, int32 offsets suffice); the
+    partials are summed in split order 0..num_splits-1 whatever the arrival order: deterministic."""
+    offsets = offs_m[:, None] * N + offs_n[None, :]
+    valid = m_mask[:, None] & n_mask[None, :]
+    tl.store(ws_ptr + split * M * N + offsets, acc, mask=valid)
+    is_last = last_to_arrive(counter_ptr, num_splits)
+    if is_last:
+        acc = tl.zeros_like(acc)
+        for s in range(0, num_splits):
+            acc += tl.load(ws_ptr + s * M * N + offsets, mask=valid, other=0.0, cache_modifier=".cg")
+    return acc, is_last
 
 
 @dataclass(frozen=True)
@@ -235,23 +247,19 @@ def _aot(label, tile_name, dtype, *, bias, gelu, residual, kv=False, split, voca
                      tensor_cores=dtype != torch.float32)
 
 
+_AOT_EPILOGUES = {   # what the engine launches: QKV (+ KV cache write), c_fc (+ GELU), c_proj (+ residual), LM head
+    "bias+kv": dict(bias=True, gelu=False, residual=False, kv=True),
+    "bias+gelu": dict(bias=True, gelu=True, residual=False),
+    "bias+residual": dict(bias=True, gelu=False, residual=True),
+    "lm-head": dict(bias=False, gelu=False, residual=False, vocab=True),
+}
+
+
 def aot_kernels():
-    """The decode and prefill tiles with the epilogues the engine launches on them."""
-    qkv = dict(bias=True, gelu=False, residual=False, kv=True)
-    fc = dict(bias=True, gelu=True, residual=False)
-    proj = dict(bias=True, gelu=False, residual=True)
-    head = dict(bias=False, gelu=False, residual=False, vocab=True)
-    specs = []
-    for dtype in (torch.float16, torch.bfloat16):
-        d = _TL_TYPES[dtype]
-        specs += [
-            _aot(f"int8_linear decode {d} bias+kv split-k", "decode", dtype, **qkv, split=True),
-            _aot(f"int8_linear decode {d} bias+gelu split-k", "decode", dtype, **fc, split=True),
-            _aot(f"int8_linear decode {d} bias+residual split-k", "decode", dtype, **proj, split=True),
-            _aot(f"int8_linear decode {d} lm-head", "decode", dtype, **head, split=False),
-            _aot(f"int8_linear prefill {d} bias+kv", "prefill", dtype, **qkv, split=False),
-            _aot(f"int8_linear prefill {d} bias+gelu", "prefill", dtype, **fc, split=False),
-            _aot(f"int8_linear prefill {d} bias+residual", "prefill", dtype, **proj, split=False),
-        ]
-    specs += [_aot("int8_linear fp32_decode fp32 bias+gelu split-k", "fp32_decode", torch.float32, **fc, split=True)]
-    return specs
+    """fp16/bf16 decode tiles (split-K, except the LM head's 786 column tiles) and prefill tiles
+    (the LM head's for prompt logits), and the fp32 decode tile."""
+    specs = [_aot(f"int8_linear {tile} {_TL_TYPES[dtype]} {name}{' split-k' if split else ''}", tile, dtype, **epilogue, split=split)
+             for dtype in (torch.float16, torch.bfloat16) for tile in ("decode", "prefill")
+             for name, epilogue in _AOT_EPILOGUES.items() for split in [tile == "decode" and name != "lm-head"]]
+    return specs + [_aot("int8_linear fp32_decode fp32 bias+gelu split-k", "fp32_decode", torch.float32,
+                         **_AOT_EPILOGUES["bias+gelu"], split=True)]

@@ -27,30 +27,27 @@ def test_every_machine_has_a_plain_blas_path():
     assert any(isinstance(p, cpu_gemm.Int8Dequant) for p in INT8_PATHS)
 
 
-@pytest.mark.parametrize("path", FP32_PATHS, ids=lambda p: p.name)
-@pytest.mark.parametrize("m", [1, 3, 17])
-@pytest.mark.parametrize("activation,with_ln,with_residual", EPILOGUES)
-def test_fp32_paths_equal_the_reference(path, m, activation, with_ln, with_residual):
-    k, n = 72, 100
-    x, b, ln, residual = _inputs(m, k, n, with_ln, with_residual)
+def _fp32_layer(path, k, n):
     w = torch.randn(k, n) / 8                                   # Conv1D layout [in, out]
-    layer = cpu_gemm.CpuLinear(path, path.prepare(w.t()), k, n)
-    expected = ln_linear_ref(x, *ln, w, b, activation=activation, residual=residual)
-    got = torch_backend.ln_linear(x, *ln, layer, b, activation=activation, residual=residual)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    return cpu_gemm.CpuLinear(path, path.prepare(w.t()), k, n), lambda x, *a, **kw: ln_linear_ref(x, *a[:2], w, *a[2:], **kw)
 
 
-@pytest.mark.parametrize("path", INT8_PATHS, ids=lambda p: p.name)
+def _int8_layer(path, k, n):
+    w = Int8Weight.quantize(torch.randn(n, k) / 8)
+    return cpu_gemm.CpuLinear(path, path.prepare(w), k, n), lambda x, *a, **kw: int8_ln_linear_ref(x, *a[:2], w.q, w.scale, *a[2:], **kw)
+
+
+@pytest.mark.parametrize("path,make", [(p, _fp32_layer) for p in FP32_PATHS] + [(p, _int8_layer) for p in INT8_PATHS],
+                         ids=lambda v: getattr(v, "name", ""))
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("activation,with_ln,with_residual", EPILOGUES)
-def test_int8_paths_equal_the_int8_reference(path, m, activation, with_ln, with_residual):
+def test_paths_equal_their_reference(path, make, m, activation, with_ln, with_residual):
+    """fp32 paths equal kernels.ln_linear_ref, int8 paths kernels.int8_ln_linear_ref."""
     k, n = 72, 100
     x, b, ln, residual = _inputs(m, k, n, with_ln, with_residual)
-    w = Int8Weight.quantize(torch.randn(n, k) / 8)
-    layer = cpu_gemm.CpuLinear(path, path.prepare(w), k, n)
-    expected = int8_ln_linear_ref(x, *ln, w.q, w.scale, b, activation=activation, residual=residual)
+    layer, reference = make(path, k, n)
     got = torch_backend.ln_linear(x, *ln, layer, b, activation=activation, residual=residual)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, reference(x, *ln, b, activation=activation, residual=residual), rtol=1e-5, atol=1e-5)
 
 
 def test_mlp_and_kv_write_equal_the_references():
@@ -72,9 +69,12 @@ def test_mlp_and_kv_write_equal_the_references():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-class _Slow(cpu_gemm.MatmulInOut):
+class _Slow(cpu_gemm.Blas):
     """A correct path made slower than any real one by a 20 ms sleep per call."""
-    name = "slow"
+
+    def __init__(self):
+        super().__init__("in_out")
+        self.name = "slow"
 
     def __call__(self, *args):
         time.sleep(0.02)
@@ -83,7 +83,7 @@ class _Slow(cpu_gemm.MatmulInOut):
 
 def test_the_probe_keeps_the_fastest_candidate_per_shape(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "llc_bytes", lambda: 0)   # one weight copy per candidate: a short probe
-    fast, slow = cpu_gemm.MatmulOutIn(), _Slow()
+    fast, slow = cpu_gemm.Blas("out_in"), _Slow()
     w = torch.randn(24, 40)
     layer = cpu_gemm.prepare_linear(w, cpu_gemm.Epilogue(bias=True), candidates=[slow, fast])
     assert layer.path is fast and (layer.in_features, layer.out_features) == (40, 24)
