@@ -19,7 +19,8 @@ Fixed after load: a linear's path never changes with the batch size M of a call,
 which path another batch size would have preferred (batch invariance, issue 14; the library kernel
 inside one path may still block differently by M).
 
-Candidates, fp32: "onednn" (weight reordered once into oneDNN's blocked layout, fused post-ops),
+Candidates, fp32: "onednn_m1" / "onednn_m8" (weight reordered once into oneDNN's blocked layout for
+batch 1 or 8, fused post-ops),
 "matmul_in_out" (torch.addmm on W [in, out], MKL/OpenBLAS), "matmul_out_in" (F.linear on W [out, in]).
 Int8 (engine/quantization.py codes q [out, in], fp32 scales): "int8_dequant_<KiB>" (widen a chunk
 of rows of q to fp32 into a reused scratch buffer that stays in cache, F.linear on it, scale the
@@ -66,9 +67,11 @@ def _finish(y: torch.Tensor, activation, residual) -> torch.Tensor:
 
 
 class OneDnnPacked:
-    """oneDNN on a weight reordered once into its blocked layout; bias, GELU and residual fused."""
-    name = "onednn"
-    _BATCH_HINT = 8   # oneDNN picks its blocked layout for this M; any M runs on it
+    """oneDNN on a weight reordered once into its blocked layout; bias, GELU and residual fused.
+    oneDNN picks the blocked layout for a batch-size hint (any M runs on it): 1 and 8 are both candidates."""
+
+    def __init__(self, batch_hint: int):
+        self.batch_hint, self.name = batch_hint, f"onednn_m{batch_hint}"
 
     @staticmethod
     def available(dtype: torch.dtype) -> bool:
@@ -76,7 +79,7 @@ class OneDnnPacked:
                 and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
     def prepare(self, weight_out_in: torch.Tensor):
-        return torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), self._BATCH_HINT)
+        return torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), self.batch_hint)
 
     def __call__(self, packed, h, bias, activation, residual):
         if residual is not None and activation is None:
@@ -196,7 +199,7 @@ def cpu_signature() -> str:
 
 
 def fp32_candidates(dtype: torch.dtype) -> list:
-    return [p for p in (OneDnnPacked(), Blas("in_out"), Blas("out_in")) if p.available(dtype)]
+    return [p for p in (OneDnnPacked(1), OneDnnPacked(8), Blas("in_out"), Blas("out_in")) if p.available(dtype)]
 
 
 @functools.cache
