@@ -244,7 +244,7 @@ def _aot(label, tile_name, dtype, *, bias, gelu, residual, kv=False, split, voca
         aligned += ["N", "kv_width", "stride_om"]
     return AotKernel(label=label, fn=_int8_linear_kernel, signature=signature, constexprs=constexprs,
                      num_warps=tile.num_warps, num_stages=tile.num_stages, aligned=tuple(aligned),
-                     tensor_cores=dtype != torch.float32)
+                     tensor_cores=dtype != torch.float32, wgmma_on_sm90=dtype != torch.float32 and tile.block_m >= 64)
 
 
 _AOT_EPILOGUES = {   # what the engine launches: QKV (+ KV cache write), c_fc (+ GELU), c_proj (+ residual), LM head
