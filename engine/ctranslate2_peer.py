@@ -43,16 +43,21 @@ class CTranslate2Peer:
 
     def __init__(self, hf_model, quantization: str, device: torch.device, workdir: Path | None = None):
         import ctranslate2
+        from transformers.utils import logging as hf_logging
 
         if quantization not in COMPUTE_TYPES:
             raise ValueError(f"quantization must be one of {sorted(COMPUTE_TYPES)}, got {quantization!r}")
         self._tmp = tempfile.TemporaryDirectory(prefix="gpt2-engine-ct2-") if workdir is None else None
         root = Path(workdir or self._tmp.name)
         hf_dir, out_dir = root / "hf", root / f"ct2-{quantization}"
-        hf_model.save_pretrained(hf_dir)
         config = hf_model.config
-        _write_placeholder_tokenizer(hf_dir, config.vocab_size, config.eos_token_id)
-        ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out_dir), quantization=quantization, force=True)
+        hf_logging.disable_progress_bar()   # saving and converting: no progress bars inside the bench's own
+        try:
+            hf_model.save_pretrained(hf_dir)
+            _write_placeholder_tokenizer(hf_dir, config.vocab_size, config.eos_token_id)
+            ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out_dir), quantization=quantization, force=True)
+        finally:
+            hf_logging.enable_progress_bar()
         self.tokens = json.loads((out_dir / "vocabulary.json").read_text())
         self.generator = ctranslate2.Generator(str(out_dir), device=device.type, compute_type=COMPUTE_TYPES[quantization][device.type],
                                                intra_threads=torch.get_num_threads() if device.type == "cpu" else 0)
