@@ -112,11 +112,10 @@ class PagedGPT2:
             return Affine(param(prefix + ".weight"), param(prefix + ".bias"))
 
         def linear(weight_out_in: torch.Tensor | Int8Weight, epilogue: torch_backend.Epilogue):
+            """A [out, in] weight for the CPU torch backend's probed path, or as int8 codes for the kernels."""
             if self.quantization and not isinstance(weight_out_in, Int8Weight):
                 weight_out_in = Int8Weight.quantize(weight_out_in)
-            if cpu_paths:
-                return torch_backend.prepare_linear(weight_out_in, epilogue)
-            return weight_out_in if self.quantization else weight_out_in.t()   # the kernels take [in, out] views
+            return torch_backend.prepare_linear(weight_out_in, epilogue) if cpu_paths else weight_out_in
 
         def conv1d(prefix: str, **epilogue) -> Affine:
             weight = param(prefix + ".weight")
