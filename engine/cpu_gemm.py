@@ -26,7 +26,7 @@ Int8 (engine/quantization.py codes q [out, in], fp32 scales): "int8_bag_<splits>
 embedding bag, which streams one byte per weight: measured 4x faster than fp32 at batch 1 on an
 AVX-512 EPYC), "int8_dequant_<KiB>" (widen a chunk
 of rows of q to fp32 into a reused scratch buffer that stays in cache, F.linear on it, scale the
-output columns; chunk = LLC/8 or LLC/2), and "int8pack" (torch's `_weight_int8pack_mm`).
+output columns; chunk = LLC/4), and "int8pack" (torch's `_weight_int8pack_mm`).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from engine.quantization import Int8Weight
 PROBE_BATCHES = (1, 8, 64)   # decode batches, timed on cold weights; and a prefill-sized guard, on one copy
 _COLD_BATCHES = 8
 _PROBE_PASSES = 4
-_HOPELESS = 4.0   # a candidate this many times slower than the best after one pass is not timed again at that M
+_HOPELESS = 4.0   # a candidate this many times slower than the best in a pass is dropped
 _MAX_PROBE_COPIES = 64
 _DEFAULT_LLC_BYTES = 32 * 2**20
 
@@ -253,7 +253,7 @@ def fp32_candidates(dtype: torch.dtype) -> list:
 @functools.cache
 def int8_candidates() -> tuple:
     llc = llc_bytes()
-    paths = (Int8EmbeddingBag(2), Int8EmbeddingBag(8), Int8Dequant(llc // 8), Int8Dequant(llc // 2), Int8PackMM())
+    paths = (Int8EmbeddingBag(2), Int8EmbeddingBag(8), Int8Dequant(llc // 4), Int8PackMM())
     return tuple(p for p in paths if p.available(torch.float32))
 
 
@@ -308,7 +308,8 @@ def _probe(candidates, weight, epilogue: Epilogue) -> str:
     """The candidate with the least sum over PROBE_BATCHES of its time relative to the best.
 
     Candidates alternate within each pass, so that a burst of load from other processes slows
-    all of them rather than one; each keeps its fastest pass (a hopeless one stops after one)."""
+    all of them rather than one; each keeps its fastest pass. One _HOPELESS times slower than the
+    best after a pass is dropped: a slow candidate costs the probe a warm-up and one pass."""
     out_features, in_features = weight.q.shape if isinstance(weight, Int8Weight) else weight.shape
     nbytes = weight.q.numel() if isinstance(weight, Int8Weight) else weight.numel() * weight.element_size()
     copies = max(1, min(_MAX_PROBE_COPIES, math.ceil(2 * llc_bytes() / nbytes)))
@@ -317,6 +318,7 @@ def _probe(candidates, weight, epilogue: Epilogue) -> str:
     bias = torch.zeros(out_features) if epilogue.bias else None
     activation = "gelu_tanh" if epilogue.gelu else None
     times: dict[str, list[float]] = {name: [] for name in prepared}
+    out: set[str] = set()   # hopeless somewhere: not timed again, and not chosen
     for m in PROBE_BATCHES:
         h = torch.randn(m, in_features)
         visits = {name: weights if m <= _COLD_BATCHES else weights[:1] for name, (_, weights) in prepared.items()}
@@ -324,14 +326,19 @@ def _probe(candidates, weight, epilogue: Epilogue) -> str:
         best = dict.fromkeys(prepared, math.inf)
         for step in range(_PROBE_PASSES + 1):   # pass 0 warms up: primitive creation, output pages
             for name, (path, _) in prepared.items():
-                if step > 1 and best[name] > _HOPELESS * min(best.values()):
+                if name in out:
                     continue
                 start = time.perf_counter()
                 for w in visits[name]:
                     path(w, h, bias, activation, residual)
+                elapsed = time.perf_counter() - start
                 if step:
-                    best[name] = min(best[name], time.perf_counter() - start)
+                    best[name] = min(best[name], elapsed)
+            if step:
+                fastest = min(best.values())
+                out |= {name for name, t in best.items() if t > _HOPELESS * fastest}
         for name, t in best.items():
             times[name].append(t)
+    times = {name: t for name, t in times.items() if name not in out}
     fastest = [min(t[i] for t in times.values()) for i in range(len(PROBE_BATCHES))]
     return min(times, key=lambda name: sum(t / f for t, f in zip(times[name], fastest)))
