@@ -180,7 +180,9 @@ class Int8EmbeddingBag:
     code * scale + bias), which reproduces the int8 codes exactly; the per-output-channel scales are
     applied to y afterwards. Each bag is one (K range, row m) pair: K is cut into `splits` ranges so
     that the threads share a row's work and a range's table rows stay in cache across the M rows
-    (bags are ordered range-major); the partial sums of the ranges are added in range order."""
+    (bags are ordered range-major); the partial sums of the ranges are added in range order.
+    It is a streaming kernel, not a GEMM: at prompt sizes (M in the hundreds) it re-reads the table
+    per row and loses to a GEMM on dequantised weights; the probe's M = 64 guard weighs that in."""
 
     def __init__(self, splits: int):
         self.splits, self.name = splits, f"int8_bag_{splits}"
