@@ -1,4 +1,5 @@
-"""End-to-end decode tokens/s: the engine against the eager baseline and transformers' generate.
+"""End-to-end decode tokens/s: the engine (and its int8 weights) against the eager baseline,
+transformers' generate and, when installed (extra `peers`), CTranslate2 fp32 / int8.
 
 On a GPU: GPT-2 small shape (seeded random weights), fp16, batch 1..64, prompt 128, 128 new tokens.
 On CPU (and under `--benchmark-disable` in the test suite) a small model keeps it to seconds.
@@ -9,6 +10,7 @@ import statistics
 import pytest
 import torch
 
+from engine import ctranslate2_peer
 from engine.api import GPT2
 from engine.bench import StepClock, build_hf_model, decode_bytes_per_step, measure_bandwidth, run_eager, run_engine, run_transformers
 from engine.config import GPT2Config
@@ -23,30 +25,40 @@ else:
 
 @pytest.fixture(scope="module")
 def systems():
-    engine = GPT2.from_config(CONFIG, seed=0, device=DEVICE, dtype=DTYPE, max_num_batched_tokens=max(BATCHES) * PROMPT)
-    return {
+    runtime = dict(device=DEVICE, dtype=DTYPE, max_num_batched_tokens=max(BATCHES) * PROMPT)
+    engine = GPT2.from_config(CONFIG, seed=0, **runtime)
+    hf = build_hf_model(engine, compiled=False)
+    systems = {
         "engine": (run_engine, engine),
+        "engine-int8": (run_engine, GPT2.from_config(CONFIG, seed=0, quantization="int8", **runtime)),
         "eager": (run_eager, engine.with_backend("eager")),
-        "transformers": (run_transformers, build_hf_model(engine, compiled=False)),
+        "transformers": (run_transformers, hf),
     }
+    if ctranslate2_peer.available():
+        for q in ("float32", "int8"):
+            systems[f"ctranslate2-{q}"] = (ctranslate2_peer.run_ctranslate2, ctranslate2_peer.CTranslate2Peer(hf, q, torch.device(DEVICE)))
+    return systems
 
 
 @pytest.fixture(scope="module")
 def bandwidth():
-    return measure_bandwidth(torch.device(DEVICE), megabytes=64)
+    return measure_bandwidth(torch.device(DEVICE))
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("system", ["engine", "eager", "transformers"])
+@pytest.mark.parametrize("system", ["engine", "engine-int8", "eager", "transformers", "ctranslate2-float32", "ctranslate2-int8"])
 def test_decode_tokens_per_s(benchmark, systems, bandwidth, system, batch):
+    if system not in systems:
+        pytest.skip("ctranslate2 (extra 'peers') is not installed")
     runner, handle = systems[system]
     prompts = torch.randint(0, CONFIG.vocab_size, (batch, PROMPT))
     clock = StepClock(torch.device(DEVICE))
     runner(handle, prompts, 2, clock)  # warm-up
     benchmark.pedantic(runner, args=(handle, prompts, NEW, clock), rounds=1, iterations=1)
     intervals = clock.step_intervals()
-    assert len(intervals) == NEW - 1 or system == "engine"  # one timestamp per decode step
+    assert len(intervals) == NEW - 1 or system.startswith("engine")  # one timestamp per decode step
     step = statistics.median(intervals)
-    roofline = batch * bandwidth * 1e9 / decode_bytes_per_step(CONFIG, DTYPE, batch, PROMPT + NEW // 2)
+    int8 = system.endswith("int8")
+    roofline = batch * bandwidth * 1e9 / decode_bytes_per_step(CONFIG, DTYPE, batch, PROMPT + NEW // 2, int8=int8)
     benchmark.extra_info.update(decode_tokens_per_s=batch / step, prefill_tokens_per_s=batch * PROMPT / clock.prefill_seconds(),
                                 roofline_pct=100 * batch / step / roofline, bandwidth_gb_s=bandwidth)

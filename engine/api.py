@@ -27,6 +27,7 @@ from engine.generation import (
     GeneratedSequence, GenerateOptions, assemble_output, check_streamer, left_pad,
     prompts_from_batch, resolve_generate_options,
 )
+from engine.quantization import check_quantization
 from engine.weights import load_checkpoint, load_hf_model_state, random_state_dict
 
 BACKENDS = ("auto", "triton", "torch", "eager")
@@ -87,11 +88,14 @@ class GPT2:
                  backend: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, source: str = "",
                  tokenizer_path=None, generation_config=None, enable_prefix_caching: bool = True,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, quantization: str | None = None):
         self.config = config
         self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = _resolve_backend(backend, self.device)
+        self.quantization = check_quantization(quantization)   # int8 weight-only: engine/quantization.py
+        if self.quantization and self.backend == "eager":
+            raise ValueError(f"quantization={quantization!r} needs the torch or triton backend, not 'eager'")
         self.source = source                      # where the weights came from (reported by the bench)
         self.generation_config = generation_config  # the checkpoint's defaults for generate()
         self._tokenizer_path = tokenizer_path
@@ -107,7 +111,8 @@ class GPT2:
             from engine.model import PagedGPT2
             from engine.router import RequestRouter
 
-            model = PagedGPT2(config, weights, backend=self.backend, device=self.device, dtype=self.dtype)
+            model = PagedGPT2(config, weights, backend=self.backend, device=self.device, dtype=self.dtype,
+                              quantization=self.quantization)
             self._router = RequestRouter(LLMEngine(model, block_size=block_size, num_blocks=num_blocks,
                                                    max_num_seqs=max_num_seqs,
                                                    max_num_batched_tokens=max_num_batched_tokens,

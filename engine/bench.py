@@ -1,21 +1,31 @@
-"""`gpt2-engine bench`: prefill and decode tokens/s of the engine against the eager baseline and
-transformers' generate, on the same weights, with roofline columns.
+"""`gpt2-engine bench`: prefill and decode tokens/s of the engine (fp32/fp16 and int8 weights) against
+the eager baseline, transformers' generate and CTranslate2 (fp32 and int8, when installed: extra
+`peers`), on the same weights, with roofline columns; built to survive a noisy machine.
 
 Method. Each system generates `new_tokens` greedy tokens for a batch of random prompts of
 `prompt_len` tokens (EOS disabled, so every row decodes the full length). A timestamp is taken
 after the prefill and after every decode step (engine: around `LLMEngine.step`; eager baseline:
 its per-token callback; transformers: a logits processor, which runs once per step right after
-the forward). Prefill tokens/s = batch * prompt_len / prefill time (median over repeats); decode
-tokens/s = batch / median step interval. GPU work is synchronised before each timestamp.
-One warm-up run per system (compiles kernels, fills caches) is excluded.
+the forward; CTranslate2: its per-token callback of batch row 0). One run's decode tokens/s =
+batch / median step interval; prefill tokens/s = batch * prompt_len / prefill time. GPU work is
+synchronised before each timestamp. One warm-up run per (system, batch) is excluded.
+
+Noise. Every (system, batch) point is run `repeats` times (default 3), interleaved: repeat r runs
+every batch size of every system before repeat r + 1 starts, so a burst of load from other
+processes hits all systems alike. The table gives the median over repeats with the min-max range;
+a system's ratio to a peer is the median of the per-repeat ratios (pair by pair, the two runs of a
+pair being neighbours in time); a warning line names every point whose spread (max - min) / median
+exceeds 10%.
 
 Roofline: a decode step must read every weight once plus the KV cache of every sequence, so
-tokens/s <= batch * bandwidth / (weight bytes + KV bytes at the mid-decode context); the
-bandwidth is measured once per run with a large device copy (read + write bytes).
+tokens/s <= batch * bandwidth / (weight bytes + KV bytes at the mid-decode context), with the
+weights at 1 byte each for int8 systems. The bandwidth is the machine's read bandwidth, measured
+before every repeat as a sum over a buffer 8x the last-level cache (CPU) or 1 GiB (GPU) (median).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -27,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from engine import cpu_gemm, ctranslate2_peer
 from engine.api import GPT2
 from engine.cli import add_device_argument
 from engine.config import PRESETS, GPT2Config
@@ -36,16 +47,24 @@ from engine.weights import load_config
 
 OUTPUT_FILES = ("results.json", "results.md", "decode_tokens_per_s.png")  # written into --out
 
+SPREAD_WARNING = 0.10
+REFERENCE = "transformers generate"
+
 
 @dataclass
 class Measurement:
     system: str
     batch: int
     prefill_tokens_per_s: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float                       # median over repeats
+    decode_min: float
+    decode_max: float
+    decode_spread: float                             # (max - min) / median
+    decode_runs: list[float]                         # one per repeat, in run order
     decode_roofline_pct: float
     decode_step_ms: float
-    speedup_vs_transformers: float | None = None
+    speedup_vs_transformers: float | None = None     # median of per-repeat ratios
+    speedup_vs_ctranslate2: float | None = None      # vs CTranslate2 of the same precision
 
 
 @dataclass
@@ -56,11 +75,27 @@ class BenchReport:
     dtype: str
     prompt_len: int
     new_tokens: int
-    bandwidth_gb_s: float
+    repeats: int
+    bandwidth_gb_s: float                            # read bandwidth, median over repeats
+    bandwidth_runs: list[float]
     weight_bytes: int
     flops_per_token: int
+    timestamp: str
+    cpu: dict
+    threads: int
     versions: dict
+    gemm_paths: dict = field(default_factory=dict)   # CPU torch backend: the probe's choice per layer shape
     results: list[Measurement] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class System:
+    label: str
+    runner: object
+    handle: object
+    int8: bool = False
+    peer_of: str | None = None    # the CTranslate2 system of the same precision
 
 
 def _sync(device: torch.device) -> None:
@@ -68,25 +103,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5) -> float:
-    """Device copy bandwidth in GB/s, counting bytes read plus bytes written (median of repeats)."""
-    src = torch.randn(megabytes * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
+def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: a sum over a buffer far larger than the caches (median of repeats)."""
+    if megabytes is None:
+        megabytes = 1024 if device.type == "cuda" else max(256, 8 * cpu_gemm.llc_bytes() // 2**20)
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
     times = []
     for _ in range(repeats + 1):
         _sync(device)
         start = time.perf_counter()
-        dst.copy_(src)
+        src.sum()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(times[1:]) / 1e9
+    return src.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
-def decode_bytes_per_step(config: GPT2Config, dtype: torch.dtype, batch: int, context: int) -> int:
-    """Weights (LM head tied to wte, read once) plus the K and V of `context` tokens per sequence."""
+def decode_bytes_per_step(config: GPT2Config, dtype: torch.dtype, batch: int, context: int, *, int8: bool = False) -> int:
+    """Weights (LM head tied to wte, read once; 1 byte each when int8) plus the K and V of `context`
+    tokens per sequence in the compute dtype."""
     itemsize = torch.finfo(dtype).bits // 8
     kv = 2 * config.n_layer * config.n_embd * context * batch
-    return (config.num_parameters + kv) * itemsize
+    return config.num_parameters * (1 if int8 else itemsize) + kv * itemsize
 
 
 def flops_per_token(config: GPT2Config, context: int) -> int:
@@ -168,70 +205,118 @@ def build_hf_model(model: GPT2, compiled: bool):
     return hf
 
 
-def _systems(model_name: str, args, device, dtype):
-    """(label, runner, handle) for every system compared in this run."""
+def _systems(args, device, dtype) -> tuple[GPT2, list[System]]:
+    """Every system compared in this run (the engine always runs; peers that are not installed are skipped)."""
     engine_backend = "triton" if device.type == "cuda" else "torch"
-    build = GPT2.from_config if model_name in PRESETS else GPT2.from_pretrained
+    build = GPT2.from_config if args.model in PRESETS else GPT2.from_pretrained
     build_kwargs = {"seed": args.seed} if build is GPT2.from_config else {}
-    engine = build(model_name, device=device, dtype=dtype, backend=engine_backend,
-                   max_num_batched_tokens=max(args.batch_sizes) * args.prompt_len, **build_kwargs)
-    systems = [(f"gpt2-engine ({engine_backend})", run_engine, engine)]
+    runtime = dict(device=device, dtype=dtype, backend=engine_backend, max_num_batched_tokens=max(args.batch_sizes) * args.prompt_len)
+    engine = build(args.model, **runtime, **build_kwargs)
+    ct2 = "ctranslate2" in args.systems and ctranslate2_peer.available()
+    systems = []
+    if "none" in args.quantization:
+        systems.append(System(f"gpt2-engine ({engine_backend})", run_engine, engine, peer_of="CTranslate2 fp32" if ct2 else None))
+    if "int8" in args.quantization:
+        systems.append(System(f"gpt2-engine int8 ({engine_backend})", run_engine,
+                              engine.with_backend(engine_backend, quantization="int8", max_num_batched_tokens=runtime["max_num_batched_tokens"]),
+                              int8=True, peer_of="CTranslate2 int8" if ct2 else None))
     if "eager" in args.systems:
-        systems.append(("eager baseline", run_eager, engine.with_backend("eager")))
-    if "transformers" in args.systems:
+        systems.append(System("eager baseline", run_eager, engine.with_backend("eager")))
+    hf = None
+    if "transformers" in args.systems or ct2:
         try:
-            systems.append(("transformers generate", run_transformers, build_hf_model(engine, compiled=False)))
-            if device.type == "cuda":
-                systems.append(("transformers static+compile", run_transformers, build_hf_model(engine, compiled=True)))
+            hf = build_hf_model(engine, compiled=False)
         except ImportError:
-            print("transformers is not installed: skipping its rows")
+            print("transformers is not installed: skipping its rows (and CTranslate2's conversion)")
+    if hf is not None and "transformers" in args.systems:
+        systems.append(System(REFERENCE, run_transformers, hf))
+        if device.type == "cuda":
+            systems.append(System("transformers static+compile", run_transformers, build_hf_model(engine, compiled=True)))
+    if "ctranslate2" in args.systems and not ct2:
+        print("ctranslate2 is not installed (pip install 'gpt2-engine[peers]'): skipping its rows")
+    if ct2 and hf is not None:
+        for quantization, int8 in (("float32", False), ("int8", True)):
+            peer = ctranslate2_peer.CTranslate2Peer(hf, quantization, device)
+            systems.append(System(f"CTranslate2 {'int8' if int8 else 'fp32'}", ctranslate2_peer.run_ctranslate2, peer, int8=int8))
     return engine, systems
 
 
-def run_bench(args) -> BenchReport:
+def _cpu_info() -> dict:
+    flags = ""
+    try:
+        flags = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.split(":")[0].strip() in ("flags", "Features")), "")
+    except OSError:
+        pass
+    return {"signature": cpu_gemm.cpu_signature(), "machine": platform.machine(), "flags": flags,
+            "torch_capability": torch.backends.cpu.get_cpu_capability(), "llc_bytes": cpu_gemm.llc_bytes()}
+
+
+def _paired_ratio(runs: list[float], reference: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(runs, reference))
+
+
+def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
     from tqdm import tqdm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(args.seed)
-    engine, systems = _systems(args.model, args, device, dtype)
+    engine, systems = _systems(args, device, dtype)
     config = engine.config
     context = args.prompt_len + args.new_tokens // 2
     report = BenchReport(
-        model=args.model, weights=engine.source, device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-        bandwidth_gb_s=measure_bandwidth(device), weight_bytes=decode_bytes_per_step(config, dtype, 0, 0),
-        flops_per_token=flops_per_token(config, context), versions=_versions(),
+        model=args.model, weights=engine.source,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_gemm.cpu_signature()}, {torch.get_num_threads()} threads)",
+        dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+        bandwidth_gb_s=0.0, bandwidth_runs=[], weight_bytes=decode_bytes_per_step(config, dtype, 0, 0),
+        flops_per_token=flops_per_token(config, context), timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        cpu=_cpu_info(), threads=torch.get_num_threads(), versions=_versions(), gemm_paths=cpu_gemm.chosen_paths(),
     )
     clock = StepClock(device)
-    grid = [(s, b) for b in args.batch_sizes for s in systems]
-    for (label, runner, handle) in systems:  # warm-up: fault in weights, compile kernels
-        runner(handle, torch.randint(0, config.vocab_size, (1, args.prompt_len)), 2, clock)
-    for (label, runner, handle), batch in tqdm(grid, desc="bench", unit="run"):
-        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len))
-        if device.type == "cuda":  # kernels specialise per batch size (and torch.compile recompiles)
-            runner(handle, prompts, 2, clock)
-        prefill, steps = [], []
-        for _ in range(args.repeats):
-            runner(handle, prompts, args.new_tokens, clock)
-            prefill.append(clock.prefill_seconds())
-            steps.extend(clock.step_intervals())
-        step = statistics.median(steps)
-        roofline = batch * report.bandwidth_gb_s * 1e9 / decode_bytes_per_step(config, dtype, batch, context)
-        report.results.append(Measurement(label, batch, batch * args.prompt_len / statistics.median(prefill),
-                                          batch / step, 100 * (batch / step) / roofline, 1e3 * step))
-    for m in report.results:
-        reference = next((r for r in report.results if r.system == "transformers generate" and r.batch == m.batch), None)
-        if reference is not None:
-            m.speedup_vs_transformers = m.decode_tokens_per_s / reference.decode_tokens_per_s
-    return report
+    prompts = {b: torch.randint(0, config.vocab_size, (b, args.prompt_len)) for b in args.batch_sizes}
+    for system in systems:   # warm-up at every batch size: weights faulted in, kernels compiled / primitives built
+        for b in args.batch_sizes:
+            system.runner(system.handle, prompts[b], 2, clock)
+    runs = {(s.label, b): ([], []) for s in systems for b in args.batch_sizes}   # (prefill tok/s, decode tok/s) per repeat
+    grid = [(r, b, s) for r in range(args.repeats) for b in args.batch_sizes for s in systems]
+    bar = tqdm(grid, desc="bench", unit="run")
+    for r, b, system in bar:
+        if system is systems[0] and b == args.batch_sizes[0]:
+            report.bandwidth_runs.append(measure_bandwidth(device))
+        bar.set_description(f"{system.label}, batch {b}, repeat {r + 1}/{args.repeats}")
+        system.runner(system.handle, prompts[b], args.new_tokens, clock)
+        prefill, decode = runs[(system.label, b)]
+        prefill.append(b * args.prompt_len / clock.prefill_seconds())
+        decode.append(b / statistics.median(clock.step_intervals()))
+    report.bandwidth_gb_s = statistics.median(report.bandwidth_runs)
+    for b in args.batch_sizes:
+        for system in systems:
+            prefill, decode = runs[(system.label, b)]
+            median = statistics.median(decode)
+            roofline = b * report.bandwidth_gb_s * 1e9 / decode_bytes_per_step(config, dtype, b, context, int8=system.int8)
+            m = Measurement(system.label, b, statistics.median(prefill), median, min(decode), max(decode),
+                            (max(decode) - min(decode)) / median, decode, 100 * median / roofline, 1e3 * b / median)
+            if (REFERENCE, b) in runs and system.label != REFERENCE:
+                m.speedup_vs_transformers = _paired_ratio(decode, runs[(REFERENCE, b)][1])
+            if system.peer_of is not None:
+                m.speedup_vs_ctranslate2 = _paired_ratio(decode, runs[(system.peer_of, b)][1])
+            report.results.append(m)
+            if m.decode_spread > SPREAD_WARNING:
+                report.warnings.append(f"warning: {system.label} at batch {b}: decode tok/s spread {100 * m.decode_spread:.0f}% "
+                                       f"over {args.repeats} repeats ({m.decode_min:,.1f} .. {m.decode_max:,.1f}): the machine was noisy")
+    spread = (max(report.bandwidth_runs) - min(report.bandwidth_runs)) / report.bandwidth_gb_s
+    if spread > SPREAD_WARNING:
+        report.warnings.append(f"warning: read bandwidth spread {100 * spread:.0f}% over the repeats "
+                               f"({min(report.bandwidth_runs):.1f} .. {max(report.bandwidth_runs):.1f} GB/s)")
+    return report, config, dtype
 
 
 def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "triton", "transformers", "gpt2-engine"):
+    for name in ("torch", "triton", "transformers", "ctranslate2", "gpt2-engine"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -239,54 +324,73 @@ def _versions() -> dict:
     return out
 
 
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if x is not None else "-"
+
+
 def format_markdown(report: BenchReport) -> str:
     lines = [
         f"# gpt2-engine bench: {report.model} ({report.weights})",
         "",
         f"device {report.device}, {report.dtype}, prompt {report.prompt_len}, {report.new_tokens} new tokens, "
-        f"measured bandwidth {report.bandwidth_gb_s:.1f} GB/s, weights {report.weight_bytes / 1e6:.0f} MB",
+        f"{report.repeats} interleaved repeats (median, min-max), read bandwidth {report.bandwidth_gb_s:.1f} GB/s, "
+        f"weights {report.weight_bytes / 1e6:.0f} MB, {report.timestamp}",
         "",
-        "| system | batch | prefill tok/s | decode tok/s | decode step ms | % of bandwidth roofline | vs transformers |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| system | batch | prefill tok/s | decode tok/s | min-max | spread | decode step ms | % of bandwidth roofline "
+        "| vs transformers | vs CTranslate2 (same precision) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in report.results:
-        speedup = f"{m.speedup_vs_transformers:.2f}x" if m.speedup_vs_transformers is not None else "-"
         lines.append(f"| {m.system} | {m.batch} | {m.prefill_tokens_per_s:,.0f} | {m.decode_tokens_per_s:,.1f} | "
-                     f"{m.decode_step_ms:.2f} | {m.decode_roofline_pct:.1f}% | {speedup} |")
-    return "\n".join(lines) + "\n"
+                     f"{m.decode_min:,.1f}-{m.decode_max:,.1f} | {100 * m.decode_spread:.0f}% | {m.decode_step_ms:.2f} | "
+                     f"{m.decode_roofline_pct:.1f}% | {_ratio(m.speedup_vs_transformers)} | {_ratio(m.speedup_vs_ctranslate2)} |")
+    return "\n".join(lines + [""] + report.warnings) + "\n"
 
 
-def save_plot(report: BenchReport, path: Path) -> None:
+def save_plot(report: BenchReport, path: Path, config: GPT2Config, dtype: torch.dtype) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    batches = sorted({m.batch for m in report.results})
+    context = report.prompt_len + report.new_tokens // 2
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for system in dict.fromkeys(m.system for m in report.results):
         rows = [m for m in report.results if m.system == system]
-        ax.plot([m.batch for m in rows], [m.decode_tokens_per_s for m in rows], marker="o", label=system)
+        ax.errorbar([m.batch for m in rows], [m.decode_tokens_per_s for m in rows], marker="o", capsize=3, label=system,
+                    yerr=[[m.decode_tokens_per_s - m.decode_min for m in rows], [m.decode_max - m.decode_tokens_per_s for m in rows]])
+    for int8, style in ((False, "--"), (True, ":")):
+        roof = [b * report.bandwidth_gb_s * 1e9 / decode_bytes_per_step(config, dtype, b, context, int8=int8) for b in batches]
+        ax.plot(batches, roof, style, color="gray", label=f"roofline ({'int8 weights' if int8 else report.dtype})")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
-    ax.set_ylabel("decode tokens/s")
+    ax.set_ylabel("decode tokens/s (median, min-max)")
     ax.set_title(f"{report.model}, {report.dtype}, {report.device}\n{report.weights}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+SYSTEMS = ("engine", "eager", "transformers", "ctranslate2")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gpt2", help="a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl: seeded random "
                         "weights of that shape) or a checkpoint directory / hub id (default: gpt2)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 32 (GPU: up to 256)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 (GPU: 1 8 32 64 128 256)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 1 on CPU, 3 on GPU)")
-    parser.add_argument("--systems", nargs="+", default=["engine", "eager", "transformers"],
-                        choices=["engine", "eager", "transformers"], help="what to compare (the engine always runs)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (default 32; GPU 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per point (default 3)")
+    parser.add_argument("--systems", nargs="+", default=None, choices=SYSTEMS,
+                        help="what to compare (the engine always runs; default: all but the eager baseline on CPU, all on GPU)")
+    parser.add_argument("--quantization", nargs="+", default=["none", "int8"], choices=["none", "int8"],
+                        help="the engine's weight precisions to run: none (the compute dtype) and/or int8 (default: both)")
     add_device_argument(parser)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
@@ -300,7 +404,7 @@ def _check_arguments(args) -> None:
         raise ValueError(f"--prompt-len must be positive, got {args.prompt_len}")
     if args.new_tokens < 3:
         raise ValueError(f"--new-tokens must be at least 3 (decode speed is timed between steps), got {args.new_tokens}")
-    if args.repeats is not None and args.repeats < 1:
+    if args.repeats < 1:
         raise ValueError(f"--repeats must be positive, got {args.repeats}")
     config = GPT2Config.preset(args.model) if args.model in PRESETS else load_config(args.model)
     if args.prompt_len + args.new_tokens > config.n_positions:
@@ -326,17 +430,19 @@ def _check_out(out: Path) -> None:
 
 
 def main(args) -> int:
-    _check_arguments(args)
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    args.batch_sizes = args.batch_sizes or ([1, 8, 32, 64, 128, 256] if on_gpu else [1, 8, 32])
-    args.repeats = args.repeats or (3 if on_gpu else 1)
-    report = run_bench(args)
+    if args.new_tokens is None:
+        args.new_tokens = 128 if on_gpu else 32
+    _check_arguments(args)
+    args.batch_sizes = sorted(set(args.batch_sizes or ([1, 8, 32, 64, 128, 256] if on_gpu else [1, 8])))
+    args.systems = args.systems or [s for s in SYSTEMS if on_gpu or s != "eager"]
+    report, config, dtype = run_bench(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(asdict(report), indent=2))
     markdown = format_markdown(report)
     (out / "results.md").write_text(markdown)
-    save_plot(report, out / "decode_tokens_per_s.png")
+    save_plot(report, out / "decode_tokens_per_s.png", config, dtype)
     print("\n" + markdown)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'decode_tokens_per_s.png'}")
     return 0

@@ -65,6 +65,7 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--tokenizer", default=None,
                      help="directory with encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json (default: the "
                           "checkpoint's, else GPT-2's BPE shipped with gpt2-engine)")
+    gen.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only quantization (default: none)")
     gen.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
 
 
@@ -94,7 +95,7 @@ def _check_model_flags(args) -> None:
 def _build_model(args):
     from engine.api import GPT2
 
-    runtime = {"device": args.device, "dtype": args.dtype, "backend": args.backend}
+    runtime = {"device": args.device, "dtype": args.dtype, "backend": args.backend, "quantization": args.quantization}
     if args.batch_invariant:
         runtime["batch_invariant"] = True
     if not args.random_weights:

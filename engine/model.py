@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import kernels
 from engine import torch_backend
 from engine.config import GPT2Config
+from engine.quantization import Int8Weight, check_quantization, int8_kernel_ops
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class KernelOps:
 
 @dataclass(frozen=True)
 class Affine:            # a LayerNorm's or a Conv1D's parameters; Conv1D weight is [in, out]
-    weight: torch.Tensor | torch_backend.PackedLinear   # packed for oneDNN on the CPU torch backend
+    weight: torch.Tensor | torch_backend.CpuLinear | Int8Weight   # CpuLinear: the CPU torch backend's probed path
     bias: torch.Tensor | None
 
 
@@ -87,17 +88,20 @@ class StepInputs:
 
 class PagedGPT2:
     def __init__(self, config: GPT2Config, state_dict: dict[str, torch.Tensor], *, backend: str = "torch",
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, quantization: str | None = None):
         self.config, self.backend = config, backend
         self.device, self.dtype = torch.device(device), dtype
+        self.quantization = check_quantization(quantization)
         self.ops = KernelOps.for_backend(backend)
         # The torch backend builds the paged-attention gather index once per step; on CPU it runs
-        # its GEMMs through oneDNN on weights packed here, once (engine/torch_backend.py).
-        pack = backend == "torch" and torch_backend.packing_supported(self.device, dtype)
+        # each GEMM on the path a load-time probe picked for it (engine/torch_backend.py, cpu_gemm.py).
+        cpu_paths = backend == "torch" and torch_backend.supported(self.device, dtype)
         if backend == "torch":
             self.ops = dataclasses.replace(self.ops, paged_decode_attention=torch_backend.PagedDecodeAttention())
-        if pack:
+        if cpu_paths:
             self.ops = dataclasses.replace(self.ops, ln_linear=torch_backend.ln_linear, ln_gelu_mlp=torch_backend.ln_gelu_mlp)
+        elif self.quantization:
+            self.ops = dataclasses.replace(self.ops, **int8_kernel_ops(backend))
 
         def param(name: str) -> torch.Tensor:
             if name not in state_dict:
@@ -107,33 +111,48 @@ class PagedGPT2:
         def affine(prefix: str) -> Affine:
             return Affine(param(prefix + ".weight"), param(prefix + ".bias"))
 
-        def conv1d(prefix: str) -> Affine:
+        def linear(weight_out_in: torch.Tensor | Int8Weight, epilogue: torch_backend.Epilogue):
+            """A [out, in] weight for the CPU torch backend's probed path, or as int8 codes for the kernels."""
+            if self.quantization and not isinstance(weight_out_in, Int8Weight):
+                weight_out_in = Int8Weight.quantize(weight_out_in)
+            return torch_backend.prepare_linear(weight_out_in, epilogue) if cpu_paths else weight_out_in
+
+        def conv1d(prefix: str, **epilogue) -> Affine:
             weight = param(prefix + ".weight")
-            return Affine(torch_backend.PackedLinear.from_conv1d(weight) if pack else weight, param(prefix + ".bias"))
+            if cpu_paths or self.quantization:
+                weight = linear(weight.t(), torch_backend.Epilogue(bias=True, **epilogue))
+            return Affine(weight, param(prefix + ".bias"))
 
         def ln_then(ln: Affine, linear: Affine) -> tuple[Affine, Affine]:
             """triton backend: the LayerNorm folded into the linear after it (kernels.fold_layernorm), the
-            LN left as Affine(None, None); other backends keep both as they are."""
-            if backend != "triton":
+            LN left as Affine(None, None); other backends, and int8 weights (whose kernel applies the
+            LayerNorm itself), keep both as they are."""
+            if backend != "triton" or self.quantization:
                 return ln, linear
             return Affine(None, None), Affine(kernels.fold_layernorm(ln.weight, ln.bias, linear.weight, linear.bias), None)
 
         def block(i: int) -> Block:
             ln_1, c_attn = ln_then(affine(f"h.{i}.ln_1"), conv1d(f"h.{i}.attn.c_attn"))
-            ln_2, c_fc = ln_then(affine(f"h.{i}.ln_2"), conv1d(f"h.{i}.mlp.c_fc"))
-            return Block(ln_1, Attention(c_attn, conv1d(f"h.{i}.attn.c_proj")), ln_2, MLP(c_fc, conv1d(f"h.{i}.mlp.c_proj")))
+            ln_2, c_fc = ln_then(affine(f"h.{i}.ln_2"), conv1d(f"h.{i}.mlp.c_fc", gelu=True))
+            return Block(ln_1, Attention(c_attn, conv1d(f"h.{i}.attn.c_proj", residual=True)), ln_2,
+                         MLP(c_fc, conv1d(f"h.{i}.mlp.c_proj", residual=True)))
 
-        # wte and wpe stacked in one table so that one embedding_bag computes wte[id] + wpe[pos].
-        self.embedding = torch.cat([param("wte.weight"), param("wpe.weight")])      # [V + n_positions, C]
+        # wte and wpe stacked in one table so that one embedding_bag computes wte[id] + wpe[pos];
+        # int8: wte's codes serve the lookup and the tied LM head, wpe stays (engine/quantization.py).
+        wte = param("wte.weight")
+        if self.quantization:
+            self.embedding, self.wpe = Int8Weight.quantize(wte), param("wpe.weight")
+        else:
+            self.embedding = torch.cat([wte, param("wpe.weight")])      # [V + n_positions, C]
         self.h = [block(i) for i in range(config.n_layer)]
         self.ln_f = affine("ln_f")
-        # LM head as a [C, V] Conv1D-layout weight: packed for oneDNN from wte [V, C] directly; other
-        # CPU paths a contiguous transposed copy (x @ W with W [in, out] streams about 2x faster than
-        # F.linear there); on GPU a view of the tied wte (no second copy of the largest matrix; the
-        # GEMM reads W column-major, which tl.dot handles).
-        head = param("lm_head.weight") if "lm_head.weight" in state_dict else self.embedding[:config.vocab_size]
-        if pack:
-            self.lm_head = torch_backend.PackedLinear.from_out_in(head)
+        # LM head from the [V, C] weight: on CPU the probed path's layout; on GPU a [C, V] view of the
+        # tied wte (no second copy of the largest matrix; the GEMM reads W column-major, which tl.dot
+        # handles); int8: the embedding's codes.
+        head = param("lm_head.weight") if "lm_head.weight" in state_dict else (
+            self.embedding if self.quantization else self.embedding[:config.vocab_size])
+        if cpu_paths or self.quantization:
+            self.lm_head = linear(head, torch_backend.Epilogue())
         else:
             self.lm_head = head.t().contiguous() if self.device.type == "cpu" else head.t()
         # triton: ln_f folded into a K-major copy of the head (the folded weight keeps wte^T's strides)
@@ -144,7 +163,7 @@ class PagedGPT2:
     def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """fp32 logits [N, V] for the rows in step.logits_indices (all rows when None)."""
         ops, cfg = self.ops, self.config
-        x = F.embedding_bag(step.embed_indices, self.embedding, step.embed_offsets, mode="sum")   # [T, C]
+        x = self._embed(step)                                                                    # [T, C]
         num_tokens = x.shape[0]
         for i, blk in enumerate(self.h):
             k_cache, v_cache = (kv_cache[i, 0], kv_cache[i, 1]) if kv_cache is not None else (None, None)
@@ -163,6 +182,12 @@ class PagedGPT2:
             x = x[step.logits_indices]
         logits = ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self.lm_head, None, eps=cfg.layer_norm_epsilon)
         return logits.float()
+
+    def _embed(self, step: StepInputs) -> torch.Tensor:
+        if isinstance(self.embedding, Int8Weight):
+            pairs = step.embed_indices.view(-1, 2)   # (token id, vocab_size + position)
+            return self.embedding.rows(pairs[:, 0], self.dtype) + self.wpe[pairs[:, 1] - self.config.vocab_size]
+        return F.embedding_bag(step.embed_indices, self.embedding, step.embed_offsets, mode="sum")
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """fp32 logits [L_i, V] at every position of each prompt: one packed prefill, no cache."""

@@ -1,12 +1,12 @@
 """The torch backend's CPU speed-ups: the kernels' references, prepared once and shared per step.
 
-GEMMs through oneDNN on weights packed once at load time. MKL's fp32 GEMM takes a slow path on
-these AMD cores at decode shapes, while oneDNN JIT-compiles for the CPU it runs on. With each
-weight reordered once into oneDNN's blocked layout, measured here (2 cores): 768x3072 at M=8
-0.21 ms vs 0.71 ms for torch.addmm; the LM head (768x50257) at M=8 7.7 ms vs 35 ms; M=1024 36 ms
-vs 55 ms. So every Conv1D weight becomes a PackedLinear, and ln_linear / ln_gelu_mlp are the
-references with the matmul done by oneDNN, bias, GELU-tanh and the residual add fused as oneDNN
-post-ops. Results equal the references to fp32 rounding (accumulation order only).
+GEMMs: every linear layer's weight is prepared at load time for the GEMM path a short timing probe
+found fastest on this CPU for its shape and epilogue (engine/cpu_gemm.py: oneDNN packed, BLAS on
+[in, out] or [out, in], and for int8 weights a cache-resident dequantisation or torch's int8 GEMM).
+ln_linear / ln_gelu_mlp are the kernels' references with the LayerNorm in torch and the GEMM plus
+epilogue (bias, GELU-tanh, residual) done by that path; results equal the references to fp32
+rounding (accumulation order only), or for int8 weights equal the int8 reference
+(kernels.int8_linear.int8_ln_linear_ref).
 
 Paged decode attention with the gather index built once per step: every layer of a step gets the
 same block tables and context lengths, so PagedDecodeAttention computes the reference's index on
@@ -14,46 +14,25 @@ the first layer and reuses it (measured 1.4 ms of a 27 ms GPT-2-small decode ste
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_gemm import CpuLinear, Epilogue, prepare_linear
 from kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
 from kernels.paged_attention import gathered_decode_attention, paged_gather_index
 
-# oneDNN picks its blocked weight layout for this batch size; any M works with it, and measured
-# M = 1 .. 1024 all ran at least as fast as with the plain weight.
-_PACKING_BATCH_HINT = 8
+__all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "ln_linear", "ln_gelu_mlp", "mlp_of",
+           "PagedDecodeAttention"]
 
 
-def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-@dataclass(frozen=True)
-class PackedLinear:
-    """A linear layer's weight in oneDNN's blocked layout (an opaque mkldnn tensor of W^T [N, K])."""
-    packed: torch.Tensor
-    in_features: int
-    out_features: int
-
-    @classmethod
-    def from_out_in(cls, weight_nk: torch.Tensor) -> "PackedLinear":
-        """From a [out, in] weight (nn.Linear's layout; GPT-2's wte for the tied LM head)."""
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight_nk.contiguous(), _PACKING_BATCH_HINT)
-        return cls(packed, weight_nk.shape[1], weight_nk.shape[0])
-
-    @classmethod
-    def from_conv1d(cls, weight_kn: torch.Tensor) -> "PackedLinear":
-        """From an HF Conv1D weight [in, out]."""
-        return cls.from_out_in(weight_kn.t())
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the probed CPU GEMM paths serve this device and dtype (fp32 on CPU)."""
+    return device.type == "cpu" and dtype == torch.float32
 
 
 def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None, kv_cache=None):
-    """kernels.ln_linear's contract with a PackedLinear weight (a plain weight goes to the reference)."""
-    if not isinstance(weight, PackedLinear):
+    """kernels.ln_linear's contract with a CpuLinear weight (a plain weight goes to the reference)."""
+    if not isinstance(weight, CpuLinear):
         return ln_linear_ref(x, ln_weight, ln_bias, weight, bias, eps=eps, activation=activation, residual=residual,
                              kv_cache=kv_cache)
     if activation not in (None, "gelu_tanh"):
@@ -61,22 +40,21 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {weight.in_features}")
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if ln_weight is not None else x
-    h = h.contiguous()
-    if residual is not None and activation is None:
-        y = torch.ops.mkldnn._linear_pointwise.binary(h, residual.contiguous(), weight.packed, bias, "add")
-    else:
-        y = torch.ops.mkldnn._linear_pointwise(h, weight.packed, bias, "gelu" if activation else "none", [],
-                                               "tanh" if activation else "")
-        y = y + residual if residual is not None else y
+    y = weight(h.contiguous(), bias, activation, residual)
     if kv_cache is not None:
         write_kv_columns_ref(y, kv_cache)
     return y
 
 
-def ln_gelu_mlp(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5):
-    """kernels.ln_gelu_mlp's contract with PackedLinear weights."""
-    hidden = ln_linear(x, ln_weight, ln_bias, fc_weight, fc_bias, eps=eps, activation="gelu_tanh")
-    return ln_linear(hidden, None, None, proj_weight, proj_bias, residual=x)
+def mlp_of(linear):
+    """kernels.ln_gelu_mlp's contract as two calls of an ln_linear-contract function."""
+    def ln_gelu_mlp(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5):
+        hidden = linear(x, ln_weight, ln_bias, fc_weight, fc_bias, eps=eps, activation="gelu_tanh")
+        return linear(hidden, None, None, proj_weight, proj_bias, residual=x)
+    return ln_gelu_mlp
+
+
+ln_gelu_mlp = mlp_of(ln_linear)
 
 
 class PagedDecodeAttention:

@@ -9,10 +9,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from kernels.flash_attention import flash_attention, flash_attention_ref
 from kernels.fused_linear import FoldedLinear, fold_layernorm, ln_gelu_mlp, ln_gelu_mlp_ref, ln_linear, ln_linear_ref
+from kernels.int8_linear import int8_ln_linear, int8_ln_linear_ref
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref, write_kv, write_kv_ref
 
 __all__ = [
     "flash_attention", "flash_attention_ref",
     "ln_linear", "ln_linear_ref", "ln_gelu_mlp", "ln_gelu_mlp_ref", "FoldedLinear", "fold_layernorm",
     "write_kv", "write_kv_ref", "paged_decode_attention", "paged_decode_attention_ref",
+    "int8_ln_linear", "int8_ln_linear_ref",
 ]

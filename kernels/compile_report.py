@@ -31,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-KERNEL_MODULES = ("kernels.flash_attention", "kernels.fused_linear", "kernels.paged_attention")
+KERNEL_MODULES = ("kernels.flash_attention", "kernels.fused_linear", "kernels.paged_attention", "kernels.int8_linear")
 TARGETS = (80, 90)
 # Largest dynamic shared memory one block may opt into: A100 163 KiB, H100 227 KiB.
 MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}

@@ -1,9 +1,11 @@
 """The bench command end to end on a tiny checkpoint: it runs, and what it writes is complete."""
 import json
 
+import pytest
 import torch
 
-from engine.bench import decode_bytes_per_step, flops_per_token
+from engine import ctranslate2_peer
+from engine.bench import BenchReport, Measurement, decode_bytes_per_step, flops_per_token, format_markdown
 from engine.cli import main
 from engine.config import GPT2Config
 from tests.engine.tiny_models import tiny_hf_model
@@ -12,25 +14,73 @@ from tests.engine.tiny_models import tiny_hf_model
 def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     tiny_hf_model(vocab_size=211, n_embd=32, n_layer=2, n_head=2, n_positions=64).save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "results"
-    assert main(["bench", "--model", str(tmp_path / "ckpt"), "--batch-sizes", "1", "3", "--prompt-len", "8",
-                 "--new-tokens", "5", "--out", str(out)]) == 0
+    assert main(["bench", "--model", str(tmp_path / "ckpt"), "--batch-sizes", "3", "1", "--prompt-len", "8",
+                 "--new-tokens", "5", "--systems", "engine", "eager", "transformers", "ctranslate2", "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
     systems = {r["system"] for r in report["results"]}
-    assert systems == {"gpt2-engine (torch)", "eager baseline", "transformers generate"}
-    assert {r["batch"] for r in report["results"]} == {1, 3}
-    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["decode_roofline_pct"] > 0
-               for r in report["results"])
-    assert report["versions"]["torch"] and report["bandwidth_gb_s"] > 0
+    expected = {"gpt2-engine (torch)", "gpt2-engine int8 (torch)", "eager baseline", "transformers generate"}
+    if ctranslate2_peer.available():
+        expected |= {"CTranslate2 fp32", "CTranslate2 int8"}
+    assert systems == expected
+    assert [r["batch"] for r in report["results"]][::len(systems)] == [1, 3]
+    assert report["repeats"] == 3 and len(report["bandwidth_runs"]) == 3 and report["bandwidth_gb_s"] > 0
+    for r in report["results"]:
+        assert len(r["decode_runs"]) == 3 and r["decode_min"] <= r["decode_tokens_per_s"] <= r["decode_max"]
+        assert r["decode_spread"] == pytest.approx((r["decode_max"] - r["decode_min"]) / r["decode_tokens_per_s"])
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_roofline_pct"] > 0
+        assert (r["speedup_vs_ctranslate2"] is not None) == (ctranslate2_peer.available() and r["system"].startswith("gpt2-engine"))
+    assert report["timestamp"] and report["threads"] == torch.get_num_threads() and "signature" in report["cpu"]
+    assert report["versions"]["torch"] and "flags" in report["cpu"] and report["gemm_paths"]
     assert (out / "decode_tokens_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "gpt2-engine (torch)" in table and "vs transformers" in table
-    assert "| gpt2-engine (torch) | 3 |" in capsys.readouterr().out
+    assert "gpt2-engine (torch)" in table and "vs transformers" in table and "min-max" in table
+    captured = capsys.readouterr()
+    assert "| gpt2-engine int8 (torch) | 3 |" in captured.out
+    assert "gpt2-engine (torch), batch 3, repeat 3/3" in captured.err   # the progress bar names what runs
+
+
+def _measurement(system, runs, **ratios):
+    median = sorted(runs)[len(runs) // 2]
+    return Measurement(system, 1, 100.0, median, min(runs), max(runs), (max(runs) - min(runs)) / median, runs, 50.0,
+                       1e3 / median, **ratios)
+
+
+def test_table_shows_spread_ratios_and_warnings():
+    report = BenchReport("gpt2", "w", "cpu", "float32", 8, 5, 3, 10.0, [10.0] * 3, 1, 1, "t", {}, 2, {},
+                         results=[_measurement("a", [10.0, 10.5, 9.8], speedup_vs_transformers=1.5),
+                                  _measurement("b", [10.0, 14.0, 9.0])],
+                         warnings=["warning: b at batch 1: decode tok/s spread 50%"])
+    table = format_markdown(report)
+    assert "| a | 1 | 100 | 10.0 | 9.8-10.5 | 7% |" in table and "| 1.50x | - |" in table
+    assert "| b | 1 | 100 | 10.0 | 9.0-14.0 | 50% |" in table and table.rstrip().endswith("spread 50%")
+
+
+def test_paired_ratios_pair_runs_of_the_same_repeat():
+    from engine.bench import _paired_ratio
+
+    # a burst of load in repeat 2 slows both systems: pairs see 2x throughout, unpaired medians would not
+    assert _paired_ratio([20.0, 5.0, 22.0], [10.0, 2.5, 11.0]) == 2.0
+
+
+@pytest.mark.skipif(not ctranslate2_peer.available(), reason="ctranslate2 (extra 'peers') is not installed")
+def test_ctranslate2_peer_generates_what_the_engine_generates():
+    from engine.api import GPT2
+    from engine.bench import StepClock, build_hf_model
+
+    model = GPT2.from_hf(tiny_hf_model(vocab_size=211, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    peer = ctranslate2_peer.CTranslate2Peer(build_hf_model(model, compiled=False), "float32", torch.device("cpu"))
+    prompts = torch.randint(0, 210, (2, 7), generator=torch.Generator().manual_seed(0))
+    clock = StepClock(torch.device("cpu"))
+    ids = ctranslate2_peer.run_ctranslate2(peer, prompts, 6, clock)
+    expected = model.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=None)[:, 7:]
+    assert ids == expected.tolist() and len(clock.stamps) == 6
 
 
 def test_roofline_counts_weights_once_and_kv_per_token():
     config = GPT2Config.preset("gpt2")
     weights_fp16 = decode_bytes_per_step(config, torch.float16, 0, 0)
     assert weights_fp16 == 2 * 124_439_808  # ~249 MB: DESIGN's ~247 MB per batch-1 step
+    assert decode_bytes_per_step(config, torch.float16, 0, 0, int8=True) == 124_439_808   # int8 weights: a byte each
     per_token_kv = decode_bytes_per_step(config, torch.float16, 1, 1) - weights_fp16
     assert per_token_kv == 2 * 12 * 768 * 2  # K and V, 12 layers, 768 wide, 2 bytes
     assert flops_per_token(config, 0) == 2 * (124_439_808 - 1024 * 768)
@@ -43,3 +93,8 @@ def test_cli_reports_bad_input_as_an_error_line(capsys, tmp_path):
     assert "--batch-sizes must be positive" in capsys.readouterr().err
     assert main(["bench", "--new-tokens", "1"]) == 2
     assert "--new-tokens" in capsys.readouterr().err
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be positive" in capsys.readouterr().err
+    assert main(["generate", "--random-weights", "--model", "gpt2", "--prompt", "hi", "--backend", "eager",
+                 "--quantization", "int8"]) == 2
+    assert "torch or triton backend" in capsys.readouterr().err

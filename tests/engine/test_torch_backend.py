@@ -1,42 +1,95 @@
-"""The torch backend's CPU preparations equal the kernels' references they stand in for."""
+"""The torch backend's CPU preparations equal the kernels' references they stand in for, on every
+GEMM path the load-time probe may choose; the probe picks the fastest candidate and keeps it."""
+import time
+
 import pytest
 import torch
 
-from engine import torch_backend
+from engine import cpu_gemm, torch_backend
+from engine.quantization import Int8Weight
 from kernels.fused_linear import ln_gelu_mlp_ref, ln_linear_ref
+from kernels.int8_linear import int8_ln_linear_ref
 from kernels.paged_attention import paged_decode_attention_ref
 
-pytestmark = pytest.mark.skipif(not torch_backend.packing_supported(torch.device("cpu"), torch.float32),
-                                reason="this torch build has no oneDNN")
+FP32_PATHS = cpu_gemm.fp32_candidates(torch.float32)
+INT8_PATHS = [*cpu_gemm.int8_candidates(), cpu_gemm.Int8Dequant(chunk_bytes=4 * 72 * 7)]   # 7-row chunks: the multi-chunk loop
+EPILOGUES = [(None, True, False), ("gelu_tanh", True, False), (None, False, True)]   # (activation, LayerNorm, residual)
 
 
+def _inputs(m, k, n, with_ln, with_residual):
+    x, b = torch.randn(m, k), torch.randn(n)
+    ln = (torch.randn(k), torch.randn(k)) if with_ln else (None, None)
+    return x, b, ln, (torch.randn(m, n) if with_residual else None)
+
+
+def test_every_machine_has_a_plain_blas_path():
+    assert {"matmul_in_out", "matmul_out_in"} <= {p.name for p in FP32_PATHS}
+    assert any(isinstance(p, cpu_gemm.Int8Dequant) for p in INT8_PATHS)
+
+
+def _fp32_layer(path, k, n):
+    w = torch.randn(k, n) / 8                                   # Conv1D layout [in, out]
+    return cpu_gemm.CpuLinear(path, path.prepare(w.t()), k, n), lambda x, *a, **kw: ln_linear_ref(x, *a[:2], w, *a[2:], **kw)
+
+
+def _int8_layer(path, k, n):
+    w = Int8Weight.quantize(torch.randn(n, k) / 8)
+    return cpu_gemm.CpuLinear(path, path.prepare(w), k, n), lambda x, *a, **kw: int8_ln_linear_ref(x, *a[:2], w.q, w.scale, *a[2:], **kw)
+
+
+@pytest.mark.parametrize("path,make", [(p, _fp32_layer) for p in FP32_PATHS] + [(p, _int8_layer) for p in INT8_PATHS],
+                         ids=lambda v: getattr(v, "name", ""))
 @pytest.mark.parametrize("m", [1, 3, 17])
-@pytest.mark.parametrize("activation,with_ln,with_residual", [(None, True, False), ("gelu_tanh", True, False), (None, False, True)])
-def test_packed_ln_linear_equals_the_reference(m, activation, with_ln, with_residual):
+@pytest.mark.parametrize("activation,with_ln,with_residual", EPILOGUES)
+def test_paths_equal_their_reference(path, make, m, activation, with_ln, with_residual):
+    """fp32 paths equal kernels.ln_linear_ref, int8 paths kernels.int8_ln_linear_ref."""
     k, n = 72, 100
-    x, w, b = torch.randn(m, k), torch.randn(k, n) / 8, torch.randn(n)
-    ln_w, ln_b = (torch.randn(k), torch.randn(k)) if with_ln else (None, None)
-    residual = torch.randn(m, n) if with_residual else None
-    expected = ln_linear_ref(x, ln_w, ln_b, w, b, activation=activation, residual=residual)
-    got = torch_backend.ln_linear(x, ln_w, ln_b, torch_backend.PackedLinear.from_conv1d(w), b, activation=activation, residual=residual)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    x, b, ln, residual = _inputs(m, k, n, with_ln, with_residual)
+    layer, reference = make(path, k, n)
+    got = torch_backend.ln_linear(x, *ln, layer, b, activation=activation, residual=residual)
+    torch.testing.assert_close(got, reference(x, *ln, b, activation=activation, residual=residual), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_mlp_and_kv_write_equal_the_references():
+def test_mlp_and_kv_write_equal_the_references():
     c, m = 64, 5
     x = torch.randn(m, c)
     params = [torch.randn(c), torch.randn(c), torch.randn(c, 4 * c) / 8, torch.randn(4 * c), torch.randn(4 * c, c) / 16, torch.randn(c)]
-    packed = params[:2] + [torch_backend.PackedLinear.from_conv1d(params[2]), params[3], torch_backend.PackedLinear.from_conv1d(params[4]), params[5]]
-    torch.testing.assert_close(torch_backend.ln_gelu_mlp(x, *packed), ln_gelu_mlp_ref(x, *params), rtol=1e-5, atol=1e-5)
+    fc = cpu_gemm.prepare_linear(params[2].t(), cpu_gemm.Epilogue(bias=True, gelu=True))
+    proj = cpu_gemm.prepare_linear(params[4].t(), cpu_gemm.Epilogue(bias=True, residual=True))
+    prepared = params[:2] + [fc, params[3], proj, params[5]]
+    torch.testing.assert_close(torch_backend.ln_gelu_mlp(x, *prepared), ln_gelu_mlp_ref(x, *params), rtol=1e-5, atol=1e-5)
     w = torch.randn(c, 3 * c) / 8
     caches = [torch.full((4, 4, 4, 16), float("nan")) for _ in range(2)]
     slots = torch.tensor([3, -1, 9, 0, 15])
     ref_caches = [t.clone() for t in caches]
-    qkv = torch_backend.ln_linear(x, None, None, torch_backend.PackedLinear.from_conv1d(w), None, kv_cache=(*caches, slots))
+    qkv = torch_backend.ln_linear(x, None, None, cpu_gemm.prepare_linear(w.t(), cpu_gemm.Epilogue()), None, kv_cache=(*caches, slots))
     ln_linear_ref(x, None, None, w, None, kv_cache=(*ref_caches, slots))
     torch.testing.assert_close(qkv, x @ w, rtol=1e-5, atol=1e-5)
     for got, want in zip(caches, ref_caches):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+class _Slow(cpu_gemm.Blas):
+    """A correct path made slower than any real one by a 20 ms sleep per call."""
+
+    def __init__(self):
+        super().__init__("in_out")
+        self.name = "slow"
+
+    def __call__(self, *args):
+        time.sleep(0.02)
+        return super().__call__(*args)
+
+
+def test_the_probe_keeps_the_fastest_candidate_per_shape(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "llc_bytes", lambda: 0)   # one weight copy per candidate: a short probe
+    fast, slow = cpu_gemm.Blas("out_in"), _Slow()
+    w = torch.randn(24, 40)
+    layer = cpu_gemm.prepare_linear(w, cpu_gemm.Epilogue(bias=True), candidates=[slow, fast])
+    assert layer.path is fast and (layer.in_features, layer.out_features) == (40, 24)
+    assert cpu_gemm.chosen_paths()["40x24 bias torch.float32"] == "matmul_out_in"
+    again = cpu_gemm.prepare_linear(torch.randn(24, 40), cpu_gemm.Epilogue(bias=True), candidates=[slow, fast])
+    assert again.path is fast   # the cached choice: no second probe needed, the same path for the same key
 
 
 def test_paged_attention_reuses_its_index_only_for_the_same_unchanged_tensors():

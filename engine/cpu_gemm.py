@@ -1,0 +1,346 @@
+"""CPU GEMM paths for the torch backend's linear layers, each chosen at load time by a timing probe.
+
+Why a probe: the fastest way to run y = act(x @ W + b) + r at decode sizes depends on the CPU and
+the library build. Measured: on an AVX2 EPYC the oneDNN packed-weight path streamed ~9 GB/s while a
+plain `x @ W` on the [in, out] layout streamed 12-19 GB/s; on an AVX-512 EPYC oneDNN's packed path
+was the faster one (20-25 GB/s from DRAM vs 15-18); torch's `_weight_int8pack_mm` ran at 1.7 GB/s
+there. So no choice is hard-coded: `prepare_linear` times every candidate on this machine, for this
+layer's shape and epilogue (bias, GELU, residual: oneDNN fuses them as post-ops, the others run them
+as separate ops), at M = 1 and M = 8 (decode batches) and M = 64 (a guard: a path that is fast at
+decode but pathological on prompt chunks loses), and keeps the one with the least sum of times
+relative to the best at each M. Choices are cached
+in-process per (shape, epilogue, dtype, candidates, CPU model and flags, torch threads).
+
+Cold weights: a decode step streams every weight from DRAM once, so the probe must not time a
+weight that sits in the last-level cache. Each candidate is timed over enough copies of the weight
+to exceed twice the LLC (read from sysfs), visited in turn, as a step visits the layers.
+
+Fixed after load: a linear's path never changes with the batch size M of a call, so a row's result does not depend on
+which path another batch size would have preferred (batch invariance, issue 14; the library kernel
+inside one path may still block differently by M).
+
+Candidates, fp32: "onednn_m1" / "onednn_m8" (weight reordered once into oneDNN's blocked layout for
+batch 1 or 8, fused post-ops),
+"matmul_in_out" (torch.addmm on W [in, out], MKL/OpenBLAS), "matmul_out_in" (F.linear on W [out, in]).
+Int8 (engine/quantization.py codes q [out, in], fp32 scales): "int8_bag_<splits>" (fbgemm's int8
+embedding bag, which streams one byte per weight: measured 4x faster than fp32 at batch 1 on an
+AVX-512 EPYC), "int8_dequant_<KiB>" (widen a chunk
+of rows of q to fp32 into a reused scratch buffer that stays in cache, F.linear on it, scale the
+output columns; chunk = LLC/4), and "int8pack" (torch's `_weight_int8pack_mm`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.quantization import Int8Weight
+
+PROBE_BATCHES = (1, 8, 64)   # decode batches, timed on cold weights; and a prefill-sized guard, on one copy
+_COLD_BATCHES = 8
+_PROBE_PASSES = 4
+_HOPELESS = 4.0   # a candidate this many times slower than the best in a pass is dropped
+_MAX_PROBE_COPIES = 64
+_DEFAULT_LLC_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What follows the GEMM in a layer: + bias, GELU-tanh, + residual."""
+    bias: bool = False
+    gelu: bool = False
+    residual: bool = False
+
+
+def _finish(y: torch.Tensor, activation, residual) -> torch.Tensor:
+    """GELU and residual on a freshly computed y (in place)."""
+    if activation is not None:
+        y = F.gelu(y, approximate="tanh")
+    if residual is not None:
+        y.add_(residual)
+    return y
+
+
+class OneDnnPacked:
+    """oneDNN on a weight reordered once into its blocked layout; bias, GELU and residual fused.
+    oneDNN picks the blocked layout for a batch-size hint (any M runs on it): 1 and 8 are both candidates."""
+
+    def __init__(self, batch_hint: int):
+        self.batch_hint, self.name = batch_hint, f"onednn_m{batch_hint}"
+
+    @staticmethod
+    def available(dtype: torch.dtype) -> bool:
+        return (dtype == torch.float32 and torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+    def prepare(self, weight_out_in: torch.Tensor):
+        return torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), self.batch_hint)
+
+    def __call__(self, packed, h, bias, activation, residual):
+        if residual is not None and activation is None:
+            return torch.ops.mkldnn._linear_pointwise.binary(h, residual.contiguous(), packed, bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise(h, packed, bias, "gelu" if activation else "none", [],
+                                               "tanh" if activation else "")
+        return y + residual if residual is not None else y
+
+
+class Blas:
+    """torch's BLAS GEMM (MKL / OpenBLAS) on a contiguous weight in one of the two layouts:
+    "in_out" = W [in, out] through torch.addmm, "out_in" = W [out, in] through F.linear."""
+
+    def __init__(self, layout: str):
+        if layout not in ("in_out", "out_in"):
+            raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
+        self.layout, self.name = layout, f"matmul_{layout}"
+
+    @staticmethod
+    def available(dtype: torch.dtype) -> bool:
+        return dtype.is_floating_point
+
+    def prepare(self, weight_out_in: torch.Tensor):
+        return (weight_out_in.t() if self.layout == "in_out" else weight_out_in).contiguous()
+
+    def __call__(self, w, h, bias, activation, residual):
+        if self.layout == "out_in":
+            y = F.linear(h, w, bias)
+        else:
+            y = torch.addmm(bias, h, w) if bias is not None else torch.mm(h, w)
+        return _finish(y, activation, residual)
+
+
+class Int8Dequant:
+    """Int8 codes widened chunk by chunk (rows of q) into a reused fp32 scratch, then F.linear.
+
+    The scratch (chunk_bytes, fp32) stays in cache between the widening copy and the GEMM, so DRAM
+    sees one byte per weight; y[:, rows] = (h @ q[rows]^T) * scale[rows] (+ bias) per chunk."""
+
+    def __init__(self, chunk_bytes: int):
+        self.chunk_bytes = chunk_bytes
+        self.name = f"int8_dequant_{chunk_bytes // 1024}k"
+        self._scratch = threading.local()   # one buffer per thread, shared by every layer
+
+    @staticmethod
+    def available(dtype: torch.dtype) -> bool:
+        return dtype == torch.float32
+
+    def prepare(self, weight: Int8Weight):
+        return weight
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):   # a normal tensor: writable in and outside inference mode
+                buf = self._scratch.buf = torch.empty(numel, dtype=torch.float32)
+        return buf[:numel]
+
+    def __call__(self, weight: Int8Weight, h, bias, activation, residual):
+        n, k = weight.q.shape
+        rows = max(1, min(n, self.chunk_bytes // (4 * k)))
+        if rows == n:   # one chunk: no concatenation
+            y = F.linear(h, self._buffer(n * k).view(n, k).copy_(weight.q))
+        else:
+            y = torch.empty(h.shape[0], n, dtype=h.dtype)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                y[:, r0:r1] = F.linear(h, self._buffer((r1 - r0) * k).view(r1 - r0, k).copy_(weight.q[r0:r1]))
+        y = torch.addcmul(bias, y, weight.scale) if bias is not None else y.mul_(weight.scale)
+        return _finish(y, activation, residual)
+
+
+class Int8PackMM:
+    """torch's weight-only int8 GEMM, aten._weight_int8pack_mm(x, q [out, in], scale [out])."""
+    name = "int8pack"
+
+    @staticmethod
+    def available(dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+    def prepare(self, weight: Int8Weight):
+        return weight
+
+    def __call__(self, weight: Int8Weight, h, bias, activation, residual):
+        y = torch.ops.aten._weight_int8pack_mm(h, weight.q, weight.scale)
+        if bias is not None:
+            y.add_(bias)
+        return _finish(y, activation, residual)
+
+
+class Int8EmbeddingBag:
+    """fbgemm's row-wise int8 embedding bag as a weight-only int8 GEMM that reads one byte per weight.
+
+    sum_k x[m, k] * table[k, :] is y[m, :] = x[m] @ W^T when table row k is W[:, k]: so the table is
+    q^T shifted to uint8 (q + 128) with row scale 1 and row bias -128 (fbgemm dequantises each row as
+    code * scale + bias), which reproduces the int8 codes exactly; the per-output-channel scales are
+    applied to y afterwards. Each bag is one (K range, row m) pair: K is cut into `splits` ranges so
+    that the threads share a row's work and a range's table rows stay in cache across the M rows
+    (bags are ordered range-major); the partial sums of the ranges are added in range order.
+    It is a streaming kernel, not a GEMM: at prompt sizes (M in the hundreds) it re-reads the table
+    per row and loses to a GEMM on dequantised weights; the probe's M = 64 guard weighs that in."""
+
+    def __init__(self, splits: int):
+        self.splits, self.name = splits, f"int8_bag_{splits}"
+        self._indices: dict[tuple[int, int], tuple] = {}
+
+    @staticmethod
+    def available(dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 and hasattr(torch.ops.quantized, "embedding_bag_byte_rowwise_offsets")
+
+    def prepare(self, weight: Int8Weight):
+        k = weight.in_features
+        codes = (weight.q.t().to(torch.int16) + 128).to(torch.uint8)                       # [K, N]
+        scale_bias = torch.tensor([1.0, -128.0]).view(torch.uint8).expand(k, 8)            # fp32 1.0, -128.0 per row
+        return torch.cat([codes, scale_bias], 1).contiguous(), weight.scale
+
+    def _bags(self, m: int, k: int):
+        """(order of x's elements, table rows, bag offsets) for m rows, cached per (m, k)."""
+        if (m, k) not in self._indices:
+            bounds = [round(s * k / self.splits) for s in range(self.splits + 1)]
+            ranges = [torch.arange(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+            rows = torch.cat([r for r in ranges for _ in range(m)])
+            order = torch.cat([r + i * k for r in ranges for i in range(m)])
+            offsets = torch.tensor([0] + [len(r) for r in ranges for _ in range(m)][:-1]).cumsum(0)
+            self._indices[(m, k)] = (order, rows, offsets, len(ranges))
+        return self._indices[(m, k)]
+
+    def __call__(self, prepared, h, bias, activation, residual):
+        table, scale = prepared
+        m, k = h.shape
+        order, rows, offsets, parts = self._bags(m, k)
+        y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, rows, offsets, False, 0, False,
+                                                                  h.reshape(-1)[order], None, False)
+        y = y.view(parts, m, -1).sum(0) if parts > 1 else y
+        y = torch.addcmul(bias, y, scale) if bias is not None else y.mul_(scale)
+        return _finish(y, activation, residual)
+
+
+def llc_bytes() -> int:
+    """The largest CPU cache (sysfs), or 32 MiB where sysfs does not say."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=_DEFAULT_LLC_BYTES)
+
+
+@functools.cache
+def cpu_signature() -> str:
+    """CPU model, ISA flags and torch's CPU capability: what a path choice is valid for."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = value.strip()
+    except OSError:
+        pass
+    return f"{model} | {torch.backends.cpu.get_cpu_capability()} | {hash(flags) & 0xFFFFFFFF:08x}"
+
+
+def fp32_candidates(dtype: torch.dtype) -> list:
+    return [p for p in (OneDnnPacked(1), OneDnnPacked(8), Blas("in_out"), Blas("out_in")) if p.available(dtype)]
+
+
+@functools.cache
+def int8_candidates() -> tuple:
+    llc = llc_bytes()
+    paths = (Int8EmbeddingBag(2), Int8EmbeddingBag(8), Int8Dequant(llc // 4), Int8PackMM())
+    return tuple(p for p in paths if p.available(torch.float32))
+
+
+@dataclass(frozen=True)
+class CpuLinear:
+    """A linear layer's weight in the layout of the GEMM path chosen for it; y = layer(h, b, act, r)."""
+    path: object
+    weight: object
+    in_features: int
+    out_features: int
+
+    def __call__(self, h, bias=None, activation=None, residual=None):
+        return self.path(self.weight, h, bias, activation, residual)
+
+
+_CHOICES: dict[tuple, str] = {}
+
+
+def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candidates=None) -> CpuLinear:
+    """The layer's weight prepared for the fastest candidate path here (probed once per key).
+
+    weight: fp32 [out, in] (for an HF Conv1D weight [in, out], pass its transpose) or an Int8Weight."""
+    int8 = isinstance(weight, Int8Weight)
+    out_features, in_features = weight.q.shape if int8 else weight.shape
+    if candidates is None:
+        candidates = int8_candidates() if int8 else fp32_candidates(weight.dtype)
+    if not candidates:
+        raise ValueError(f"no CPU GEMM path supports a {'int8' if int8 else weight.dtype} weight")
+    key = (in_features, out_features, epilogue, "int8" if int8 else str(weight.dtype),
+           tuple(p.name for p in candidates), cpu_signature(), torch.get_num_threads())
+    if key not in _CHOICES:
+        _CHOICES[key] = _probe(candidates, weight, epilogue) if len(candidates) > 1 else candidates[0].name
+    path = next(p for p in candidates if p.name == _CHOICES[key])
+    return CpuLinear(path, path.prepare(weight), in_features, out_features)
+
+
+def chosen_paths() -> dict[str, str]:
+    """The probe's choices so far, as 'in x out epilogue dtype -> path' (for reports)."""
+    return {f"{k[0]}x{k[1]} {_epilogue_label(k[2])} {k[3]}": name for k, name in _CHOICES.items()}
+
+
+def _epilogue_label(e: Epilogue) -> str:
+    return "+".join(n for n, on in (("bias", e.bias), ("gelu", e.gelu), ("residual", e.residual)) if on) or "plain"
+
+
+def _copy(weight):
+    return Int8Weight(weight.q.clone(), weight.scale.clone()) if isinstance(weight, Int8Weight) else weight.clone()
+
+
+@torch.inference_mode()
+def _probe(candidates, weight, epilogue: Epilogue) -> str:
+    """The candidate with the least sum over PROBE_BATCHES of its time relative to the best.
+
+    Candidates alternate within each pass, so that a burst of load from other processes slows
+    all of them rather than one; each keeps its fastest pass. One _HOPELESS times slower than the
+    best after a pass is dropped: a slow candidate costs the probe a warm-up and one pass."""
+    out_features, in_features = weight.q.shape if isinstance(weight, Int8Weight) else weight.shape
+    nbytes = weight.q.numel() if isinstance(weight, Int8Weight) else weight.numel() * weight.element_size()
+    copies = max(1, min(_MAX_PROBE_COPIES, math.ceil(2 * llc_bytes() / nbytes)))
+    sources = [weight] + [_copy(weight) for _ in range(copies - 1)]
+    prepared = {path.name: (path, [path.prepare(w) for w in sources]) for path in candidates}
+    bias = torch.zeros(out_features) if epilogue.bias else None
+    activation = "gelu_tanh" if epilogue.gelu else None
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    out: set[str] = set()   # hopeless somewhere: not timed again, and not chosen
+    for m in PROBE_BATCHES:
+        h = torch.randn(m, in_features)
+        visits = {name: weights if m <= _COLD_BATCHES else weights[:1] for name, (_, weights) in prepared.items()}
+        residual = torch.zeros(m, out_features) if epilogue.residual else None
+        best = dict.fromkeys(prepared, math.inf)
+        for step in range(_PROBE_PASSES + 1):   # pass 0 warms up: primitive creation, output pages
+            for name, (path, _) in prepared.items():
+                if name in out:
+                    continue
+                start = time.perf_counter()
+                for w in visits[name]:
+                    path(w, h, bias, activation, residual)
+                elapsed = time.perf_counter() - start
+                if step:
+                    best[name] = min(best[name], elapsed)
+            if step:
+                fastest = min(best.values())
+                out |= {name for name, t in best.items() if t > _HOPELESS * fastest}
+        for name, t in best.items():
+            times[name].append(t)
+    times = {name: t for name, t in times.items() if name not in out}
+    fastest = [min(t[i] for t in times.values()) for i in range(len(PROBE_BATCHES))]
+    return min(times, key=lambda name: sum(t / f for t, f in zip(times[name], fastest)))

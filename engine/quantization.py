@@ -1,0 +1,78 @@
+"""Int8 weight-only quantization: symmetric, one scale per output channel, activations unquantized.
+
+A weight W [out, in] (nn.Linear's layout; an HF Conv1D weight [in, out] is transposed first) is
+stored as int8 codes q = round(W / s).clamp(-127, 127) with s[o] = max_i |W[o, i]| / 127 (fp32,
+one per output row; an all-zero row gets s = 1 so that q = 0). Then W ~= q * s[:, None], and a
+linear layer computes y = (x @ q^T) * s + b: the scale is applied to the output columns after
+the GEMM, so the GEMM itself only widens int8 codes (exactly representable in fp16/bf16/fp32) to
+the activations' dtype. -127..127 (not -128) keeps the code range symmetric.
+
+Which weights: every Conv1D of the blocks (c_attn, attn c_proj, c_fc, mlp c_proj) and wte, which
+is both the token embedding (a row lookup: q[id] * s[id]) and the tied LM head (its output channels
+are wte's rows, so the same per-row scales serve both). wpe stays in the compute dtype: a decode
+step reads one of its rows per token, so quantizing it saves no bandwidth (0.6% of GPT-2 small's
+weights). LayerNorm parameters and biases stay in the compute dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANTIZATIONS = (None, "int8")
+_QMAX = 127
+
+
+def check_quantization(quantization) -> str | None:
+    """The validated `quantization` argument (None or "int8")."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    return quantization
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """q int8 [out, in] (in contiguous) and scale fp32 [out]: W ~= q * scale[:, None]."""
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @classmethod
+    def quantize(cls, weight_out_in: torch.Tensor) -> "Int8Weight":
+        """Symmetric per-output-channel (per-row) int8 codes of a floating-point [out, in] weight."""
+        if weight_out_in.dim() != 2 or not weight_out_in.is_floating_point():
+            raise ValueError(f"weight must be a 2-D floating-point [out, in] tensor, got {weight_out_in.dtype} "
+                             f"of shape {tuple(weight_out_in.shape)}")
+        w = weight_out_in.float()
+        amax = w.abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / _QMAX, torch.ones_like(amax))
+        q = torch.round(w / scale[:, None]).clamp_(-_QMAX, _QMAX).to(torch.int8)
+        return cls(q.contiguous(), scale.contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W ~= q * scale as a [out, in] tensor of `dtype` (rounded once, from fp32)."""
+        return (self.q.float() * self.scale[:, None]).to(dtype)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows q[index] * scale[index] (the embedding lookup of a quantized wte)."""
+        return (self.q[index].to(torch.float32) * self.scale[index, None]).to(dtype)
+
+
+def int8_kernel_ops(backend: str) -> dict:
+    """ln_linear / ln_gelu_mlp for Int8Weight weights on the int8 kernel ("triton") or its reference."""
+    import kernels
+    from engine.torch_backend import mlp_of
+
+    launch = kernels.int8_ln_linear if backend == "triton" else kernels.int8_ln_linear_ref
+
+    def ln_linear(x, ln_weight, ln_bias, weight: Int8Weight, bias=None, **kwargs):
+        return launch(x, ln_weight, ln_bias, weight.q, weight.scale, bias, **kwargs)
+
+    return {"ln_linear": ln_linear, "ln_gelu_mlp": mlp_of(ln_linear)}
