@@ -5,7 +5,7 @@ the triton backend (Triton's interpreter on CPU)."""
 import pytest
 import torch
 
-from engine import torch_backend
+from engine import cpu_gemm
 from engine.batch_invariant import ROW_BLOCK, row_blocked
 from engine.config import GPT2Config
 from engine.llm_engine import LLMEngine
@@ -79,9 +79,9 @@ def gemm_paths():
     torch.manual_seed(0)
     weight, bias = torch.randn(64, 200) * 0.1, torch.randn(200)
     paths = {"addmm": lambda x: ln_linear_ref(x, None, None, weight, bias)}
-    if torch_backend.packing_supported(torch.device("cpu"), torch.float32):
-        packed = torch_backend.PackedLinear.from_conv1d(weight)
-        paths["onednn"] = lambda x: torch_backend.ln_linear(x, None, None, packed, bias)
+    for candidate in cpu_gemm.fp32_candidates(torch.float32):   # every path the CPU probe may pick
+        linear = cpu_gemm.prepare_linear(weight.t(), cpu_gemm.Epilogue(bias=True), candidates=[candidate])
+        paths[candidate.name] = lambda x, linear=linear: linear(x, bias)
     return paths
 
 
