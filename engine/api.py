@@ -321,7 +321,6 @@ class GPT2:
         if self._eager is not None:
             new_tokens = iter(self._generate_tokens([tokens], options)[0].tokens)
         else:
-            self._router.check(tokens, options.sampling)
             request = self._router.add(tokens, options.sampling)
             return self._text_pieces((event.token_id for event in request), set(options.sampling.eos_token_ids),
                                      on_exit=request.close)
