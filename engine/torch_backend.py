@@ -61,7 +61,7 @@ class PagedDecodeAttention:
     """kernels.paged_decode_attention's contract; the gather index is computed once per step.
 
     Every layer of a step passes the same block_tables and context_lens: the index is reused while
-    the same two tensors come back with the same contents (checked against copies, since tensors
+    the same two tensors come back with the same contents and q's dtype (checked against copies, since tensors
     made under torch.inference_mode() have no version counter to tell an in-place edit)."""
 
     def __init__(self):
@@ -70,8 +70,8 @@ class PagedDecodeAttention:
 
     def __call__(self, q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None, out=None):
         key = self._key
-        if key is None or not (key[0] is block_tables and key[1] is context_lens and torch.equal(key[2], block_tables)
-                               and torch.equal(key[3], context_lens)):
-            self._index = paged_gather_index(block_tables, context_lens, k_cache.shape[1])
-            self._key = (block_tables, context_lens, block_tables.clone(), context_lens.clone())
+        if key is None or not (key[0] is block_tables and key[1] is context_lens and key[4] == q.dtype
+                               and torch.equal(key[2], block_tables) and torch.equal(key[3], context_lens)):
+            self._index = paged_gather_index(block_tables, context_lens, k_cache.shape[1], q.dtype)
+            self._key = (block_tables, context_lens, block_tables.clone(), context_lens.clone(), q.dtype)
         return gathered_decode_attention(q, k_cache, v_cache, self._index, sm_scale=sm_scale, out=out)

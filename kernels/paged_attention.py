@@ -386,32 +386,37 @@ def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None, out=None):
     """One query per sequence over its paged context: gather the K/V rows, then masked SDPA."""
-    index = paged_gather_index(block_tables, context_lens, k_cache.shape[1])
+    index = paged_gather_index(block_tables, context_lens, k_cache.shape[1], q.dtype)
     return gathered_decode_attention(q, k_cache, v_cache, index, sm_scale=sm_scale, out=out)
 
 
-def paged_gather_index(block_tables, context_lens, block_size):
-    """(slots int64 [B * L], visible bool [B, L]) with L = max context: the cache row of each
-    sequence's position p, and whether p < its context length. A position past a sequence's end
-    reads its last valid row (masked out), so only table entries of used blocks are followed and no
-    uninitialised row (NaN: 0 * NaN = NaN) is ever read."""
+def paged_gather_index(block_tables, context_lens, block_size, dtype=torch.float32):
+    """(slots int64 [B * L], mask) with L = max context: the cache row of each sequence's position
+    p, and SDPA's additive mask [B, 1, 1, L] in `dtype` (0 where p < the sequence's context length,
+    -inf past it), or None when every sequence has length L (then SDPA needs no mask: batch 1
+    always). Built once per step. A position past a sequence's end reads its last valid row (masked
+    out), so only table entries of used blocks are followed and no uninitialised row (NaN: 0 * NaN =
+    NaN) is ever read."""
     lens = context_lens.long()[:, None]                                         # [B, 1]
-    steps = torch.arange(int(context_lens.max()), device=context_lens.device)[None, :]   # [1, L]
+    shortest, longest = (int(v) for v in context_lens.aminmax())
+    steps = torch.arange(longest, device=context_lens.device)[None, :]          # [1, L]
     positions = torch.minimum(steps, lens - 1)                                  # [B, L]
     slots = block_tables.long().gather(1, positions // block_size) * block_size + positions % block_size
-    return slots.flatten(), steps < lens
+    if shortest == longest:
+        return slots.flatten(), None
+    mask = torch.zeros(positions.shape, dtype=dtype, device=context_lens.device).masked_fill_(steps >= lens, float("-inf"))
+    return slots.flatten(), mask[:, None, None, :]
 
 
 def gathered_decode_attention(q, k_cache, v_cache, index, *, sm_scale=None, out=None):
-    """Masked SDPA of q [B, H, D] over the cache rows named by a paged_gather_index."""
-    slots, visible = index
+    """SDPA of q [B, H, D] over the cache rows named by a paged_gather_index (with its mask)."""
+    slots, mask = index
     batch, _, head_dim = q.shape
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     # [B, H, L, D] strided views of the gathered rows (index_select: about 2x faster than indexing on CPU)
     keys = k_cache.flatten(0, 1).index_select(0, slots).view(batch, -1, *k_cache.shape[2:]).transpose(1, 2)
     values = v_cache.flatten(0, 1).index_select(0, slots).view(batch, -1, *v_cache.shape[2:]).transpose(1, 2)
-    result = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible[:, None, None, :],
-                                            scale=scale)[:, :, 0]
+    result = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=scale)[:, :, 0]
     if out is None:
         return result
     out.copy_(result)
