@@ -8,8 +8,9 @@ there. So no choice is hard-coded: `prepare_linear` times every candidate on thi
 layer's shape and epilogue (bias, GELU, residual: oneDNN fuses them as post-ops, the others run them
 as separate ops), at M = 1 and M = 8 (decode batches) and M = 64 (a guard: a path that is fast at
 decode but pathological on prompt chunks loses), and keeps the one with the least sum of times
-relative to the best at each M. Choices are cached
-in-process per (shape, epilogue, dtype, candidates, CPU model and flags, torch threads).
+relative to the best at each M. Choices are cached per (shape, epilogue, dtype, candidates, CPU
+model and flags, torch threads, torch version), in-process and in a JSON file (`cache_file()`), so
+a later process on the same machine skips the probe.
 
 Cold weights: a decode step streams every weight from DRAM once, so the probe must not time a
 weight that sits in the last-level cache. Each candidate is timed over enough copies of the weight
@@ -31,10 +32,14 @@ output columns; chunk = LLC/4), and "int8pack" (torch's `_weight_int8pack_mm`).
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import platform
+import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,7 +250,7 @@ def cpu_signature() -> str:
                 flags = value.strip()
     except OSError:
         pass
-    return f"{model} | {torch.backends.cpu.get_cpu_capability()} | {hash(flags) & 0xFFFFFFFF:08x}"
+    return f"{model} | {torch.backends.cpu.get_cpu_capability()} | {zlib.crc32(flags.encode()):08x}"
 
 
 def fp32_candidates(dtype: torch.dtype) -> list:
@@ -274,8 +279,52 @@ class CpuLinear:
 _CHOICES: dict[tuple, str] = {}
 
 
+def cache_file() -> Path | None:
+    """Where probe choices persist between processes: cpu_gemm_paths.json in $GPT2_ENGINE_CACHE_DIR
+    (default ~/.cache/gpt2-engine; "off": in-process only). A CLI call or a server start on a
+    machine that has probed these shapes before loads without probing again."""
+    root = os.environ.get("GPT2_ENGINE_CACHE_DIR", str(Path.home() / ".cache" / "gpt2-engine"))
+    return None if root == "off" else Path(root) / "cpu_gemm_paths.json"
+
+
+def _stored_choices(path: Path) -> dict[str, str]:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):     # none yet, unreadable or corrupt: probe afresh (and rewrite it)
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _store_choice(path: Path, key: str, name: str) -> None:
+    """Add one choice to the file (read, update, atomic replace; another process's entries kept)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored = _stored_choices(path) | {key: name}
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            json.dump(stored, tmp, indent=0, sort_keys=True)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass   # a read-only home: the choice still holds for this process
+
+
+def _choose(key: tuple, candidates, weight, epilogue: Epilogue) -> str:
+    """The path name for a key: this process's choice, else the cache file's, else a probe's."""
+    if key not in _CHOICES:
+        path, text_key = cache_file(), f"{key[0]}x{key[1]} {_epilogue_label(key[2])} {' | '.join(map(str, key[3:]))}"
+        names = {p.name for p in candidates}
+        stored = _stored_choices(path).get(text_key) if path is not None else None
+        if stored in names:
+            _CHOICES[key] = stored
+        else:
+            _CHOICES[key] = _probe(candidates, weight, epilogue) if len(names) > 1 else candidates[0].name
+            if path is not None and len(names) > 1:
+                _store_choice(path, text_key, _CHOICES[key])
+    return _CHOICES[key]
+
+
 def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candidates=None) -> CpuLinear:
-    """The layer's weight prepared for the fastest candidate path here (probed once per key).
+    """The layer's weight prepared for the fastest candidate path here (probed once per key, on this
+    machine: the choice is kept in-process and in cache_file()).
 
     weight: fp32 [out, in] (for an HF Conv1D weight [in, out], pass its transpose) or an Int8Weight."""
     int8 = isinstance(weight, Int8Weight)
@@ -285,10 +334,10 @@ def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candid
     if not candidates:
         raise ValueError(f"no CPU GEMM path supports a {'int8' if int8 else weight.dtype} weight")
     key = (in_features, out_features, epilogue, "int8" if int8 else str(weight.dtype),
-           tuple(p.name for p in candidates), cpu_signature(), torch.get_num_threads())
-    if key not in _CHOICES:
-        _CHOICES[key] = _probe(candidates, weight, epilogue) if len(candidates) > 1 else candidates[0].name
-    path = next(p for p in candidates if p.name == _CHOICES[key])
+           ",".join(p.name for p in candidates), cpu_signature(), f"{torch.get_num_threads()} threads",
+           f"torch {torch.__version__}")
+    name = _choose(key, candidates, weight, epilogue)
+    path = next(p for p in candidates if p.name == name)
     return CpuLinear(path, path.prepare(weight), in_features, out_features)
 
 

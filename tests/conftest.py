@@ -2,6 +2,7 @@
 must be switched on before triton is first imported."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# CPU GEMM probe choices persist in a per-run directory (shared with the servers and CLIs the tests
+# start), never in the user's cache: every run probes afresh.
+_PROBE_CACHE = tempfile.TemporaryDirectory(prefix="gpt2-engine-test-cache-")
+os.environ["GPT2_ENGINE_CACHE_DIR"] = _PROBE_CACHE.name
 
 # The real GPT-2 BPE files live beside every checkout (and in CI) at ../shared/gpt2-tokenizer.
 REPO_ROOT = Path(__file__).resolve().parents[1]

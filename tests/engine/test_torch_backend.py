@@ -1,5 +1,9 @@
 """The torch backend's CPU preparations equal the kernels' references they stand in for, on every
 GEMM path the load-time probe may choose; the probe picks the fastest candidate and keeps it."""
+import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -90,6 +94,37 @@ def test_the_probe_keeps_the_fastest_candidate_per_shape(monkeypatch):
     assert cpu_gemm.chosen_paths()["40x24 bias torch.float32"] == "matmul_out_in"
     again = cpu_gemm.prepare_linear(torch.randn(24, 40), cpu_gemm.Epilogue(bias=True), candidates=[slow, fast])
     assert again.path is fast   # the cached choice: no second probe needed, the same path for the same key
+
+
+def test_probe_choices_persist_for_later_processes(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_gemm, "llc_bytes", lambda: 0)
+    monkeypatch.setenv("GPT2_ENGINE_CACHE_DIR", str(tmp_path))
+    fast, slow = cpu_gemm.Blas("out_in"), _Slow()
+
+    def new_process_prepares(probe=cpu_gemm._probe):
+        monkeypatch.setattr(cpu_gemm, "_CHOICES", {})          # only the file remembers
+        monkeypatch.setattr(cpu_gemm, "_probe", probe)
+        return cpu_gemm.prepare_linear(torch.randn(24, 40), cpu_gemm.Epilogue(), candidates=[slow, fast]).path
+
+    def no_probe(*args):
+        raise AssertionError("probed although the cache file has the choice")
+
+    assert new_process_prepares() is fast
+    stored = json.loads(cpu_gemm.cache_file().read_text())
+    assert list(stored.values()) == ["matmul_out_in"] and next(iter(stored)).startswith("40x24 plain torch.float32")
+    assert new_process_prepares(no_probe) is fast
+    cpu_gemm.cache_file().write_text("{not json")             # corrupt: probed again and rewritten
+    assert new_process_prepares() is fast and json.loads(cpu_gemm.cache_file().read_text()) == stored
+    monkeypatch.setenv("GPT2_ENGINE_CACHE_DIR", "off")
+    assert cpu_gemm.cache_file() is None and new_process_prepares() is fast
+
+
+def test_the_cpu_signature_is_the_same_in_every_process():
+    """It keys the persisted choices: nothing in it may vary per process (e.g. Python's salted str hash)."""
+    code = "from engine.cpu_gemm import cpu_signature; print(cpu_signature())"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert runs[0] == runs[1] == cpu_gemm.cpu_signature() + "\n"
 
 
 def test_paged_attention_reuses_its_index_only_for_the_same_unchanged_tensors():
