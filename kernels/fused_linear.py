@@ -235,15 +235,15 @@ def _reduce_splits(acc, mean, m2, ws_ptr, counter_ptr, pid, pid_k, num_splits, o
 
 @triton.jit
 def _ln_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, colsum_ptr, res_ptr, out_ptr, ws_ptr, counter_ptr,
+    x_ptr, w_ptr, scale_ptr, bias_ptr, colsum_ptr, res_ptr, out_ptr, ws_ptr, counter_ptr,
     k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_xm,
     stride_wk, stride_wn,
     stride_rm,
     stride_om,
     M, N, K, k_per_split, kv_width, store_n, eps,
-    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_KV: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, WRITE_KV: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)     # output tile
@@ -266,6 +266,8 @@ def _ln_linear_kernel(
         acc, mean, m2, finish = _reduce_splits(acc, mean, m2, ws_ptr, counter_ptr, pid, pid_k, tl.num_programs(1),
                                                offs_m, offs_n, M, N, K, k_per_split, HAS_LN, BLOCK_M)
     if finish:
+        if HAS_SCALE:   # int8 codes (kernels/int8_linear.py): (x @ q^T) * scale, per output channel
+            acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         _epilogue(acc, mean, m2, bias_ptr, colsum_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                   stride_rm, stride_om, offs_m, offs_n, M, N, K, kv_width, store_n, eps,
                   HAS_LN, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
@@ -433,7 +435,7 @@ def _make_plan(x, weight, residual, out, has_ln, has_bias, activation, kv_cache,
     store_n = padded_n if out is None else N
     ints = (x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
             stride_om, M, N, K, plan.k_per_split, N // 3, store_n)
-    constexprs = dict(HAS_LN=has_ln, HAS_BIAS=has_bias, APPLY_GELU=activation == "gelu_tanh",
+    constexprs = dict(HAS_SCALE=int8, HAS_LN=has_ln, HAS_BIAS=has_bias, APPLY_GELU=activation == "gelu_tanh",
                       HAS_RESIDUAL=residual is not None, WRITE_KV=kv_cache is not None, SPLIT_K=plan.split > 1,
                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m)
     split = plan.split
@@ -452,9 +454,10 @@ def _cached_plan(key, make) -> _Plan:
     return plan
 
 
-def _run(kernel, plan: _Plan, key, x, operands, residual, out, kv_cache, eps):
+def _run(plan: _Plan, key, x, operands, residual, out, kv_cache, eps):
     """Allocate the output (rows padded as planned) unless given, take the split-K buffers and launch
-    kernel(x, *operands, residual, out, workspace, counters, k_cache, v_cache, slot_mapping, *plan.ints, eps)."""
+    the kernel on (x, *operands = weight, scale, bias, colsum, residual, out, workspace, counters,
+    k_cache, v_cache, slot_mapping, *plan.ints, eps); absent operands are any valid pointer (x)."""
     M, N = plan.ints[5], plan.ints[6]
     if out is None:
         out = torch.empty((M, plan.padded_n), dtype=x.dtype, device=x.device)
@@ -472,7 +475,7 @@ def _run(kernel, plan: _Plan, key, x, operands, residual, out, kv_cache, eps):
     tensors = (x, *operands, residual if residual is not None else x, out, ws, counters, k_cache, v_cache, slot_mapping)
     args = (*tensors, *plan.ints, float(eps))
     launch_key = (key, aligned(*tensors)) if key is not None and device.type == "cuda" else None
-    guarded_launch(lambda: launch(kernel, plan.grid, args, plan.constexprs, num_warps=plan.num_warps,
+    guarded_launch(lambda: launch(_ln_linear_kernel, plan.grid, args, plan.constexprs, num_warps=plan.num_warps,
                                   num_stages=plan.num_stages, key=launch_key), device)
     return out
 
@@ -514,8 +517,8 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=
         return _make_plan(x, weight, residual, out, colsum is not None, bias is not None, activation, kv_cache)
 
     plan = _cached_plan(key, make)
-    operands = (weight, bias if bias is not None else x, colsum if colsum is not None else x)
-    return _run(_ln_linear_kernel, plan, key, x, operands, residual, out, kv_cache, eps)
+    operands = (weight, x, bias if bias is not None else x, colsum if colsum is not None else x)
+    return _run(plan, key, x, operands, residual, out, kv_cache, eps)
 
 
 def ln_gelu_mlp(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5, out=None):
@@ -594,48 +597,48 @@ _EPILOGUES = {   # what the engine launches: (K, N) of width C, and the epilogue
     "ln+bias+gelu": (lambda C: (C, 4 * C), dict(ln=True, bias=True, gelu=True, residual=False)),
     "bias+residual": (lambda C: (C, C), dict(ln=False, bias=True, gelu=False, residual=True)),
     "bias+residual mlp": (lambda C: (4 * C, C), dict(ln=False, bias=True, gelu=False, residual=True)),
-    "lm-head wte^T": (lambda C: (C, _VOCAB), dict(ln=True, bias=True, gelu=False, residual=False, weight_t=True)),
+    "lm-head wte^T": (lambda C: (C, _VOCAB), dict(ln=True, bias=True, gelu=False, residual=False, lm_head=True)),
 }
 
 
-def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, kv=False, weight_t=False, vocab=None):
+def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, kv=False, lm_head=False, int8=False):
     """One shipped configuration, described as the JIT would specialise a real GPT-2 launch: W [K, N]
-    contiguous, or (weight_t) a K-major view such as wte^T; vocab (default: weight_t, the LM head)
-    means N = 50257, not a multiple of 16."""
+    contiguous, or a K-major view (the LM head's wte^T; int8: every weight is the view q^T of int8
+    codes [N, K], with fp32 scales). The LM head's N = 50257 is not a multiple of 16."""
     from kernels.compile_report import AotKernel
 
     t = "*" + _TL_TYPES[dtype]
-    vocab = weight_t if vocab is None else vocab
     signature = {
-        "x_ptr": t, "w_ptr": t, "bias_ptr": "*fp32" if ln else t, "colsum_ptr": "*fp32", "res_ptr": t, "out_ptr": t,
+        "x_ptr": t, "w_ptr": "*i8" if int8 else t, "scale_ptr": "*fp32", "bias_ptr": "*fp32" if ln else t,
+        "colsum_ptr": "*fp32", "res_ptr": t, "out_ptr": t,
         "ws_ptr": "*fp32", "counter_ptr": "*i32", "k_cache_ptr": t, "v_cache_ptr": t, "slot_ptr": "*i64",
         "stride_xm": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32",
         "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "kv_width": "i32", "store_n": "i32", "eps": "fp32",
     }
-    constexprs = dict(HAS_LN=ln, HAS_BIAS=bias, APPLY_GELU=gelu, HAS_RESIDUAL=residual, WRITE_KV=kv, SPLIT_K=split,
-                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m)
-    # the JIT turns a stride of 1 into a constexpr: [K, N] contiguous -> stride_wn = 1; wte.t() -> stride_wk = 1
-    unit = "stride_wk" if weight_t else "stride_wn"
+    constexprs = dict(HAS_SCALE=int8, HAS_LN=ln, HAS_BIAS=bias, APPLY_GELU=gelu, HAS_RESIDUAL=residual, WRITE_KV=kv,
+                      SPLIT_K=split, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m)
+    # the JIT turns a stride of 1 into a constexpr: [K, N] contiguous -> stride_wn = 1; wte.t(), q.t() -> stride_wk = 1
+    k_major = lm_head or int8
+    unit = "stride_wk" if k_major else "stride_wn"
     del signature[unit]
     constexprs[unit] = 1
-    aligned = ["x_ptr", "w_ptr", "bias_ptr", "colsum_ptr", "res_ptr", "out_ptr", "ws_ptr", "counter_ptr",
+    aligned = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "colsum_ptr", "res_ptr", "out_ptr", "ws_ptr", "counter_ptr",
                "k_cache_ptr", "v_cache_ptr", "slot_ptr", "stride_xm", "stride_rm", "K", "k_per_split",
                "stride_om", "store_n"]   # the LM head's output rows are padded to 16 elements
-    if not vocab:   # GPT-2 widths (768 ... 6400) are multiples of 16; the vocabulary 50257 is not
+    if not lm_head:   # GPT-2 widths (768 ... 6400) are multiples of 16; the vocabulary 50257 is not
         aligned += ["N", "kv_width"]
-    aligned += ["stride_wn" if weight_t else "stride_wk"]   # = K, or N (a GPT-2 width)
+    aligned += ["stride_wn" if k_major else "stride_wk"]   # = K, or N (a GPT-2 width)
     return AotKernel(
         label=label, fn=_ln_linear_kernel, signature=signature, constexprs=constexprs,
         num_warps=tile.num_warps, num_stages=tile.num_stages, aligned=tuple(a for a in aligned if a in signature),
         tensor_cores=dtype != torch.float32, wgmma_on_sm90=dtype != torch.float32 and tile.block_m >= 64,
-        vector_store=vocab,
+        vector_store=lm_head,
     )
 
 
-def aot_kernels():
-    """Every (tile, epilogue) the launch plan picks for GPT-2 small..xl in fp16: the planned split-K
-    tiles at M <= 256 and the unsplit tiles above; for bf16 and fp32 (the same code in another
-    dtype) the decode tiles and one unsplit tile each."""
+def planned_aot_kernels(prefix: str, *, int8: bool = False):
+    """The planned split-K tiles (M <= 256) the launch plan picks for GPT-2 small..xl: fp16 decode
+    and batch tiles; for bf16 and fp32 (the same code in another dtype) the decode tiles."""
     from kernels.launch_plan import DECODE_MAX_M, SPLIT_MAX_M
 
     specs, seen = [], set()
@@ -644,7 +647,7 @@ def aot_kernels():
         for epi, (shape, flags) in _EPILOGUES.items():
             for C in _GPT2_WIDTHS:
                 K, N = shape(C)
-                red = reduction(K, N, dtype, _DEFAULT_NUM_SMS)
+                red = reduction(K, N, dtype, _DEFAULT_NUM_SMS, int8=int8)
                 for M in (DECODE_MAX_M, SPLIT_MAX_M) if dtype == torch.float16 else (DECODE_MAX_M,):
                     name, tile = split_tile(M, red, dtype)
                     key = (dtype, epi.split()[0] if "residual" in epi else epi, name, tile, red.split > 1)
@@ -652,14 +655,21 @@ def aot_kernels():
                         continue
                     seen.add(key)
                     t = f"{tile.block_m}x{tile.block_n}x{tile.block_k}"
-                    specs.append(_aot(f"ln_linear {name} {t} {d} {epi.split(' mlp')[0]}{' split-k' if red.split > 1 else ''}",
-                                      tile, dtype, **flags, split=red.split > 1))
-        unsplit = {torch.float16: ("small", "prefill", "prefill_sm90"), torch.bfloat16: ("prefill_sm90",),
-                   torch.float32: ("fp32",)}[dtype]
-        for name in unsplit:
+                    specs.append(_aot(f"{prefix} {name} {t} {d} {epi.split(' mlp')[0]}{' split-k' if red.split > 1 else ''}",
+                                      tile, dtype, **flags, split=red.split > 1, int8=int8))
+    return specs
+
+
+def aot_kernels():
+    """Every (tile, epilogue) the launch plan picks for GPT-2 small..xl: the planned split-K tiles
+    (planned_aot_kernels) and the unsplit tiles above M = 256 (fp16; bf16 and fp32 one each)."""
+    specs = planned_aot_kernels("ln_linear")
+    for dtype, names in ((torch.float16, ("small", "prefill", "prefill_sm90")), (torch.bfloat16, ("prefill_sm90",)),
+                         (torch.float32, ("fp32",))):
+        for name in names:
             for epi in ("ln+bias+kv", "ln+bias+gelu", "bias+residual"):
-                tile = UNSPLIT_TILES[name]
-                specs.append(_aot(f"ln_linear {name} {d} {epi}", tile, dtype, **_EPILOGUES[epi][1], split=False))
+                specs.append(_aot(f"ln_linear {name} {_TL_TYPES[dtype]} {epi}", UNSPLIT_TILES[name], dtype,
+                                  **_EPILOGUES[epi][1], split=False))
     specs.append(_aot("ln_linear prefill_sm90 fp16 lm-head wte^T", UNSPLIT_TILES["prefill_sm90"], torch.float16,
                       **_EPILOGUES["lm-head wte^T"][1], split=False))
     return specs

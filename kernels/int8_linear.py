@@ -54,55 +54,14 @@ Limits: x [M, K] (contiguous last dim) in fp16 / bf16 / fp32; q int8 [N, K] with
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from kernels import checks
 from kernels import fused_linear as fl
-from kernels.fused_linear import _epilogue, _grouped_tile, _main_loop, _reduce_splits, gelu_tanh, write_kv_columns_ref
-
-
-@triton.jit
-def _int8_linear_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, colsum_ptr, res_ptr, out_ptr, ws_ptr, counter_ptr,
-    k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_xm,
-    stride_wk, stride_wn,     # the [K, N] view q^T of the codes: (1, K)
-    stride_rm,
-    stride_om,
-    M, N, K, k_per_split, kv_width, store_n, eps,
-    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_KV: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)     # output tile
-    pid_k = tl.program_id(1)   # K range
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # [BLOCK_M]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # [BLOCK_N]
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm   # [BLOCK_M, 1] row pointers
-
-    # x @ q^T over this split's K range (codes widened in registers) and the rows' (mean, M2)
-    k_start = pid_k * k_per_split
-    acc, mean, m2 = _main_loop(x_rows, w_ptr, stride_wk, stride_wn, offs_n, m_mask, n_mask, k_start,
-                               min(K, k_start + k_per_split), HAS_LN, BLOCK_M, BLOCK_N, BLOCK_K)
-    finish = True
-    if SPLIT_K:
-        acc, mean, m2, finish = _reduce_splits(acc, mean, m2, ws_ptr, counter_ptr, pid, pid_k, tl.num_programs(1),
-                                               offs_m, offs_n, M, N, K, k_per_split, HAS_LN, BLOCK_M)
-    if finish:
-        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)   # [BLOCK_N], per output channel
-        # rstd * (scale * acc - mean * colsum) + b', GELU, + residual, store, KV write
-        _epilogue(acc * scale[None, :], mean, m2, bias_ptr, colsum_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr,
-                  slot_ptr, stride_rm, stride_om, offs_m, offs_n, M, N, K, kv_width, store_n, eps,
-                  HAS_LN, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
+from kernels.fused_linear import gelu_tanh, write_kv_columns_ref
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +140,7 @@ def int8_ln_linear(x, ln_weight, ln_bias, q, scale=None, bias=None, *, eps=1e-5,
 
     plan = fl._cached_plan(key, make)
     operands = (q, scale, bias if bias is not None else x, colsum if colsum is not None else x)
-    return fl._run(_int8_linear_kernel, plan, key, x, operands, residual, out, kv_cache, eps)
+    return fl._run(plan, key, x, operands, residual, out, kv_cache, eps)
 
 
 def int8_ln_linear_ref(x, ln_weight, ln_bias, q, scale=None, bias=None, *, eps=1e-5, activation=None, residual=None,
@@ -211,42 +170,15 @@ def int8_ln_linear_ref(x, ln_weight, ln_bias, q, scale=None, bias=None, *, eps=1
 # Ahead-of-time compile report entries
 # ----------------------------------------------------------------------------------------------
 
-def _aot(label, tile, dtype, *, split, vocab=False, **epilogue):
-    """fused_linear's description of a launch, on the int8 kernel: w_ptr int8 codes read through q^T
-    (stride_wk = 1, stride_wn = K), scale_ptr fp32."""
-    spec = fl._aot(label, tile, dtype, split=split, weight_t=True, vocab=vocab, **epilogue)
-    return dataclasses.replace(spec, fn=_int8_linear_kernel, signature={**spec.signature, "w_ptr": "*i8", "scale_ptr": "*fp32"},
-                               aligned=(*spec.aligned, "scale_ptr"))
-
-
 def aot_kernels():
-    """Every (tile, epilogue) gemm_plan(int8=True) picks for GPT-2 small..xl in fp16 (decode and
-    batch split-K tiles, the unsplit tile above M = 256 with the LM head's); bf16 (the same code in
-    another dtype): the decode tiles; fp32 activations: the decode tiles and the unsplit tile."""
-    from kernels.launch_plan import DECODE_MAX_M, SPLIT_MAX_M, UNSPLIT_INT8_TILES, reduction, split_tile
+    """Every (tile, epilogue) gemm_plan(int8=True) picks for GPT-2 small..xl: the planned split-K tiles
+    (fused_linear.planned_aot_kernels) and the unsplit tiles above M = 256 (fp16 with the LM head's
+    for prompt logits, and fp32), all on int8 codes."""
+    from kernels.launch_plan import UNSPLIT_INT8_TILES
 
-    specs, seen = [], set()
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        d = fl._TL_TYPES[dtype]
-        for epi, (shape, flags) in fl._EPILOGUES.items():
-            flags = {k: v for k, v in flags.items() if k != "weight_t"}
-            vocab = epi.startswith("lm-head")
-            for C in fl._GPT2_WIDTHS:
-                K, N = shape(C)
-                red = reduction(K, N, dtype, fl._DEFAULT_NUM_SMS, int8=True)
-                for M in (DECODE_MAX_M, SPLIT_MAX_M) if dtype == torch.float16 else (DECODE_MAX_M,):
-                    name, tile = split_tile(M, red, dtype)
-                    key = (dtype, epi.split()[0] if "residual" in epi else epi, name, tile, red.split > 1)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    t = f"{tile.block_m}x{tile.block_n}x{tile.block_k}"
-                    label = f"int8_linear {name} {t} {d} {epi.split(' ')[0]}{' split-k' if red.split > 1 else ''}"
-                    specs.append(_aot(label, tile, dtype, **flags, split=red.split > 1, vocab=vocab))
-        if dtype != torch.bfloat16:   # unsplit (M > 256): fp16 with the LM head's (prompt logits), fp32
-            name = "fp32" if dtype == torch.float32 else "int8_prefill"
-            for epi in ("ln+bias+kv", "ln+bias+gelu", "bias+residual") + (("lm-head wte^T",) if name != "fp32" else ()):
-                flags = {k: v for k, v in fl._EPILOGUES[epi][1].items() if k != "weight_t"}
-                specs.append(_aot(f"int8_linear {name} {d} {epi.split(' ')[0]}", UNSPLIT_INT8_TILES[name], dtype,
-                                  **flags, split=False, vocab=epi.startswith("lm-head")))
+    specs = fl.planned_aot_kernels("int8_linear", int8=True)
+    for dtype, name in ((torch.float16, "int8_prefill"), (torch.float32, "fp32")):
+        for epi in ("ln+bias+kv", "ln+bias+gelu", "bias+residual") + (("lm-head wte^T",) if name != "fp32" else ()):
+            specs.append(fl._aot(f"int8_linear {name} {fl._TL_TYPES[dtype]} {epi}", UNSPLIT_INT8_TILES[name], dtype,
+                                 **fl._EPILOGUES[epi][1], split=False, int8=True))
     return specs
