@@ -33,6 +33,10 @@ Algorithm (one @triton.jit GEMM kernel; constexpr flags select LN / epilogue / s
     fp32: tensor cores for fp16/bf16 (HMMA on sm_80, wgmma/HGMMA on sm_90 for BLOCK_M >= 64);
     exact fp32 FMA dots (input_precision="ieee", no tf32) for fp32 inputs. With HAS_LN the A tile's
     per-row (mean, M2) is merged into the running pair.
+    Int8 weights (HAS_SCALE, kernels/int8_linear.py's launcher): W is the [K, N] view q^T of int8
+    codes [N, K]; B tiles are loaded as int8 and widened to x's dtype in registers (exact), and the
+    fp32 accumulator is multiplied by the per-column scale once, after the K loop and the split-K
+    reduction. The main loop, the split-K reduction and the epilogue are @triton.jit helpers.
     Epilogue in fp32: the LN correction, + bias, GELU tanh (as y * sigmoid(2u), the same function as
     0.5 y (1 + tanh u) without a tanh instruction), + residual, cast to x's dtype, store.
     KV write (WRITE_KV): the output is [M, 3C] = [q | k | v] with C = H * D, and the caches

@@ -22,16 +22,18 @@ LayerNorm folded before quantizing (fold_layernorm_int8, once at load)
     weight load and no LayerNorm launch. An int8 call cannot take a LayerNorm at call time (gamma
     must be applied before quantizing): ln_weight with raw codes is an error.
 
-Algorithm: kernels.fused_linear's kernel structure, sharing its @triton.jit helpers
-    (_grouped_tile, _main_loop with the moments, _reduce_splits, _epilogue). Each program owns a
-    [BLOCK_M, BLOCK_N] output tile and one K range. Main loop: the A tile [BLOCK_M, BLOCK_K] in x's
-    dtype; the B tile [BLOCK_K, BLOCK_N] read through the [K, N] view q^T (strides (1, K)): for each
-    of the BLOCK_N output channels BLOCK_K contiguous bytes (a 64- or 128-byte segment), widened to
-    x's dtype in registers; tl.dot accumulates in fp32 (HMMA for fp16/bf16, exact FMA for fp32).
-    The scale is applied once per column after the K loop: (sum_k x_k q_nk) s_n == sum_k x_k (q_nk
-    s_n), so the dequantised weight never exists. Epilogue (fused_linear's): the LN correction,
-    + b', GELU-tanh, + residual, cast, store, and the QKV projection's K/V columns to the paged
-    caches. The LM head (N = 50257) stores whole rows of a 16-element-padded output (vector stores).
+Algorithm: kernels.fused_linear's GEMM kernel itself (_ln_linear_kernel with HAS_SCALE), so the
+    int8 and fp16 paths share one main loop, one split-K reduction and one epilogue. Each program
+    owns a [BLOCK_M, BLOCK_N] output tile and one K range. Main loop: the A tile [BLOCK_M, BLOCK_K]
+    in x's dtype; the B tile [BLOCK_K, BLOCK_N] read through the [K, N] view q^T (strides (1, K)):
+    for each of the BLOCK_N output channels BLOCK_K contiguous bytes (a 64- or 128-byte segment),
+    widened to x's dtype in registers; tl.dot accumulates in fp32 (HMMA for fp16/bf16, exact FMA
+    for fp32); the A tile's per-row (mean, M2) is merged into the running pair. The scale is
+    applied once per column after the K loop (and after the split-K reduction): (sum_k x_k q_nk)
+    s_n == sum_k x_k (q_nk s_n), so the dequantised weight never exists. Epilogue: the LN
+    correction, + b', GELU-tanh, + residual, cast, store, and the QKV projection's K/V columns to
+    the paged caches. The LM head (N = 50257) stores whole rows of a 16-element-padded output
+    (vector stores; the padding columns hold 0).
 
 Launch plan: kernels/launch_plan.py's gemm_plan(..., int8=True), the planner of the fp16 path with
     an int8 kind. For M <= 256 the K split (BLOCK_N, BLOCK_K in {128, 64}, k_per_split, split) is a

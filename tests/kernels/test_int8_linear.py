@@ -208,3 +208,28 @@ def test_folded_int8_on_gpu(M, C, dtype, device):
         folded = _folded(C, N, device, seed=M)
         x = _gpt2_like(M, C, device, seed=M).to(dtype)
         _check(int8_ln_linear(x, None, None, folded, activation=activation), x, folded, activation=activation)
+
+
+def test_engine_folds_every_layernorm_into_int8_codes():
+    """The triton backend's int8 model: ln_1 / ln_2 / ln_f folded into c_attn / c_fc / the LM head
+    (FoldedInt8Linear), c_proj plain codes, and its logits within int8 rounding of the fp32 model on
+    LayerNorms that are not the identity."""
+    from engine.api import GPT2
+    from engine.config import GPT2Config
+    from engine.model import PagedGPT2
+    from engine.weights import random_state_dict
+
+    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=3)
+    g = torch.Generator().manual_seed(0)
+    state = {k: (1 + 0.3 * torch.randn(v.shape, generator=g)) if ".ln" in k or k.startswith("ln_f") else v
+             for k, v in random_state_dict(config, seed=1).items()}
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=g) if k.endswith("ln_1.bias") or k == "ln_f.bias" else v
+             for k, v in state.items()}
+    model = PagedGPT2(config, state, backend="triton", quantization="int8")
+    blk = model.h[0]
+    assert all(isinstance(w, FoldedInt8Linear) for w in (blk.attn.c_attn.weight, blk.mlp.c_fc.weight, model.lm_head))
+    assert blk.ln_1.weight is None and model.ln_f.weight is None and isinstance(blk.attn.c_proj.weight, Int8Weight)
+    ids = torch.randint(0, config.vocab_size, (2, 7), generator=g)
+    int8 = GPT2(config, state, backend="triton", quantization="int8")(ids)
+    fp32 = GPT2(config, state, backend="eager")(ids)
+    assert (int8 - fp32).abs().max() <= 0.03 * fp32.abs().max()
