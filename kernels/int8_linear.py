@@ -47,6 +47,15 @@ Launch plan: kernels/launch_plan.py's gemm_plan(..., int8=True), the planner of 
     tile, 8 warps (prefill is compute bound and the widening is off the tensor cores' critical
     path); fp32 activations use BLOCK_K 32 (a correctness path: int8 weights are for fp16/bf16).
 
+Memory layout and why: codes q [N, K] row-major (engine/quantization.py's Int8Weight layout), one
+    row per output channel, so the per-channel scale is one fp32 per row and a K tile of one channel
+    is BLOCK_K contiguous bytes (16-byte vector loads along K, whole 32-byte sectors); the kernel
+    sees it as the [K, N] view q^T (stride_wk = 1, which the JIT specialises), the same K-major
+    operand as the fp16 LM head's wte^T. A folded head has codes of its own (diag(gamma_f) wte^T),
+    V x C bytes beside the embedding's. Folding before quantizing is also the more accurate
+    order: on a 2-layer test model with non-trivial LayerNorms the max logit error against fp32 is
+    0.54% of max |logit|, against 0.69% for the torch backend's unfolded int8 (codes of W).
+
 Host side: fused_linear's plan cache, validation and launch (one key lookup per call on a hit; on
     CUDA the compiled kernel is launched directly).
 
