@@ -11,22 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.fused_linear as fl
 from engine.quantization import Int8Weight
 from kernels.int8_linear import FoldedInt8Linear, fold_layernorm_int8, int8_ln_linear, int8_ln_linear_ref
 from kernels.launch_plan import gemm_plan
-from tests.kernels.test_fused_linear import _gpt2_like, _poisoned
+from tests.kernels.test_fused_linear import _gpt2_like, _poisoned, few_sms  # noqa: F401 (fixture: plans for 8 SMs)
 
 EPS = 1e-5
 FP32_RTOL = 1e-5
 FLOOR = 1e-5
-
-
-@pytest.fixture
-def few_sms(monkeypatch):
-    """Plan for an 8-SM device: the interpreter runs programs one by one (same planner, smaller GPU)."""
-    monkeypatch.setattr(fl, "_DEFAULT_NUM_SMS", 8)
-    monkeypatch.setattr(fl, "_PLANS", {})
 
 
 def _layer(K, N, device, seed=0):
