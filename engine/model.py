@@ -117,23 +117,27 @@ class PagedGPT2:
                 weight_out_in = Int8Weight.quantize(weight_out_in)
             return torch_backend.prepare_linear(weight_out_in, epilogue) if cpu_paths else weight_out_in
 
-        def conv1d(prefix: str, **epilogue) -> Affine:
-            weight = param(prefix + ".weight")
+        def prepared(conv: Affine, **epilogue) -> Affine:
+            """A Conv1D as loaded ([in, out] weight) made ready for the backend's linear."""
             if cpu_paths or self.quantization:
-                weight = linear(weight.t(), torch_backend.Epilogue(bias=True, **epilogue))
-            return Affine(weight, param(prefix + ".bias"))
+                return Affine(linear(conv.weight.t(), torch_backend.Epilogue(bias=True, **epilogue)), conv.bias)
+            return conv
 
-        def ln_then(ln: Affine, linear: Affine) -> tuple[Affine, Affine]:
-            """triton backend: the LayerNorm folded into the linear after it (kernels.fold_layernorm), the
-            LN left as Affine(None, None); other backends, and int8 weights (whose kernel applies the
-            LayerNorm itself), keep both as they are."""
-            if backend != "triton" or self.quantization:
-                return ln, linear
-            return Affine(None, None), Affine(kernels.fold_layernorm(ln.weight, ln.bias, linear.weight, linear.bias), None)
+        def conv1d(prefix: str, **epilogue) -> Affine:
+            return prepared(affine(prefix), **epilogue)
+
+        def ln_then(ln: Affine, conv: Affine, **epilogue) -> tuple[Affine, Affine]:
+            """LN then a Conv1D as loaded ([in, out], float). triton backend: the LayerNorm folded into the
+            linear (kernels.fold_layernorm; int8: fold_layernorm_int8, which quantizes the folded weight),
+            the LN left as Affine(None, None); other backends keep the LN and prepare the linear."""
+            if backend != "triton":
+                return ln, prepared(conv, **epilogue)
+            fold = kernels.fold_layernorm_int8 if self.quantization else kernels.fold_layernorm
+            return Affine(None, None), Affine(fold(ln.weight, ln.bias, conv.weight, conv.bias), None)
 
         def block(i: int) -> Block:
-            ln_1, c_attn = ln_then(affine(f"h.{i}.ln_1"), conv1d(f"h.{i}.attn.c_attn"))
-            ln_2, c_fc = ln_then(affine(f"h.{i}.ln_2"), conv1d(f"h.{i}.mlp.c_fc", gelu=True))
+            ln_1, c_attn = ln_then(affine(f"h.{i}.ln_1"), affine(f"h.{i}.attn.c_attn"))
+            ln_2, c_fc = ln_then(affine(f"h.{i}.ln_2"), affine(f"h.{i}.mlp.c_fc"), gelu=True)
             return Block(ln_1, Attention(c_attn, conv1d(f"h.{i}.attn.c_proj", residual=True)), ln_2,
                          MLP(c_fc, conv1d(f"h.{i}.mlp.c_proj", residual=True)))
 
@@ -148,16 +152,17 @@ class PagedGPT2:
         self.ln_f = affine("ln_f")
         # LM head from the [V, C] weight: on CPU the probed path's layout; on GPU a [C, V] view of the
         # tied wte (no second copy of the largest matrix; the GEMM reads W column-major, which tl.dot
-        # handles); int8: the embedding's codes.
+        # handles); int8: the embedding's codes, except on triton, where ln_f's gamma is folded in first.
+        int8_codes = self.quantization and backend != "triton"
         head = param("lm_head.weight") if "lm_head.weight" in state_dict else (
-            self.embedding if self.quantization else self.embedding[:config.vocab_size])
-        if cpu_paths or self.quantization:
+            self.embedding if int8_codes else wte if self.quantization else self.embedding[:config.vocab_size])
+        if cpu_paths or int8_codes:
             self.lm_head = linear(head, torch_backend.Epilogue())
         else:
             self.lm_head = head.t().contiguous() if self.device.type == "cpu" else head.t()
-        # triton: ln_f folded into a K-major copy of the head (the folded weight keeps wte^T's strides)
-        self.ln_f, lm_head = ln_then(self.ln_f, Affine(self.lm_head, None))
-        self.lm_head = lm_head.weight
+        if backend == "triton":   # ln_f folded into a copy of the head (fp: K-major, as fold_layernorm keeps strides)
+            self.ln_f, lm_head = ln_then(self.ln_f, Affine(self.lm_head, None))
+            self.lm_head = lm_head.weight
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:

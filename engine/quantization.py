@@ -66,13 +66,17 @@ class Int8Weight:
 
 
 def int8_kernel_ops(backend: str) -> dict:
-    """ln_linear / ln_gelu_mlp for Int8Weight weights on the int8 kernel ("triton") or its reference."""
+    """ln_linear / ln_gelu_mlp for int8 weights on the int8 kernel ("triton") or its reference: an
+    Int8Weight (no LayerNorm on triton), or a kernels.FoldedInt8Linear (triton: the LayerNorm folded
+    in at load, its statistics accumulated inside the GEMM)."""
     import kernels
     from engine.torch_backend import mlp_of
 
     launch = kernels.int8_ln_linear if backend == "triton" else kernels.int8_ln_linear_ref
 
-    def ln_linear(x, ln_weight, ln_bias, weight: Int8Weight, bias=None, **kwargs):
-        return launch(x, ln_weight, ln_bias, weight.q, weight.scale, bias, **kwargs)
+    def ln_linear(x, ln_weight, ln_bias, weight, bias=None, **kwargs):
+        if isinstance(weight, Int8Weight):
+            return launch(x, ln_weight, ln_bias, weight.q, weight.scale, bias, **kwargs)
+        return launch(x, ln_weight, ln_bias, weight, None, bias, **kwargs)
 
     return {"ln_linear": ln_linear, "ln_gelu_mlp": mlp_of(ln_linear)}

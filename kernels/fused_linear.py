@@ -33,6 +33,10 @@ Algorithm (one @triton.jit GEMM kernel; constexpr flags select LN / epilogue / s
     fp32: tensor cores for fp16/bf16 (HMMA on sm_80, wgmma/HGMMA on sm_90 for BLOCK_M >= 64);
     exact fp32 FMA dots (input_precision="ieee", no tf32) for fp32 inputs. With HAS_LN the A tile's
     per-row (mean, M2) is merged into the running pair.
+    Int8 weights (HAS_SCALE, kernels/int8_linear.py's launcher): W is the [K, N] view q^T of int8
+    codes [N, K]; B tiles are loaded as int8 and widened to x's dtype in registers (exact), and the
+    fp32 accumulator is multiplied by the per-column scale once, after the K loop and the split-K
+    reduction. The main loop, the split-K reduction and the epilogue are @triton.jit helpers.
     Epilogue in fp32: the LN correction, + bias, GELU tanh (as y * sigmoid(2u), the same function as
     0.5 y (1 + tanh u) without a tanh instruction), + residual, cast to x's dtype, store.
     KV write (WRITE_KV): the output is [M, 3C] = [q | k | v] with C = H * D, and the caches
@@ -101,7 +105,7 @@ import triton.language as tl
 from kernels import checks
 from kernels.arrival_counter import buffers, guarded_launch, last_to_arrive
 from kernels.launch_plan import UNSPLIT_TILES, gemm_plan, reduction, split_tile
-from kernels.launching import launch
+from kernels.launching import aligned, launch
 from kernels.paged_attention import check_caches, check_slot_mapping, write_kv_ref
 
 
@@ -161,40 +165,26 @@ def _epilogue(acc, mean, m2, bias_ptr, colsum_ptr, res_ptr, out_ptr, k_cache_ptr
 
 
 @triton.jit
-def _ln_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, colsum_ptr, res_ptr, out_ptr, ws_ptr, counter_ptr,
-    k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_xm,
-    stride_wk, stride_wn,
-    stride_rm,
-    stride_om,
-    M, N, K, k_per_split, kv_width, store_n, eps,
-    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_KV: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # ---- tile coordinates: grouped ordering along M for L2 reuse of B column-panels ----------
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_splits = tl.num_programs(1)
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile `pid` in grouped ordering: GROUP_M row tiles per group, so
+    that the programs running together share B column-panels in L2 (prefill)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pids_per_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_per_group) * GROUP_M
     group_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_m
-    pid_n = (pid % pids_per_group) // group_m
+    return first_pid_m + (pid % pids_per_group) % group_m, (pid % pids_per_group) // group_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # [BLOCK_M]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # [BLOCK_N]
-    offs_k = tl.arange(0, BLOCK_K)                     # [BLOCK_K]
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm   # [BLOCK_M, 1] row pointers
 
-    # ---- main loop over this split's K range: x @ W' and (HAS_LN) the rows' (mean, M2) -------
-    k_start = pid_k * k_per_split
-    k_end = min(K, k_start + k_per_split)
+@triton.jit
+def _main_loop(x_rows, w_ptr, stride_wk, stride_wn, offs_n, m_mask, n_mask, k_start, k_end,
+               HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rows, k_start:k_end] @ W[k_start:k_end, cols] in fp32 and (HAS_LN) the rows' (mean, M2) over
+    the same columns, merged per K tile (Chan) from the A tiles already in registers.
+
+    x_rows: [BLOCK_M, 1] row pointers; W's tiles are loaded in W's dtype and widened to x's in
+    registers before tl.dot (a no-op for float weights; int8 codes are exact in fp16/bf16/fp32)."""
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_M], dtype=tl.float32)    # sum of squared deviations from the mean
@@ -203,42 +193,85 @@ def _ln_linear_kernel(
         k_mask = kk < k_end
         a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         b = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)                  # [BLOCK_K, BLOCK_N]
+                    mask=k_mask[:, None] & n_mask[None, :], other=0)                    # [BLOCK_K, BLOCK_N]
         if HAS_LN:
             xa = a.to(tl.float32)
             n_b = tl.minimum(k_end - k0, BLOCK_K) * 1.0                # elements in this tile (fp32)
             mean_b = tl.sum(xa, axis=1) / n_b                          # [BLOCK_M]
             dev = tl.where(k_mask[None, :], xa - mean_b[:, None], 0.0)
             mean, m2 = _merge_moments(mean, m2, (k0 - k_start) * 1.0, mean_b, tl.sum(dev * dev, axis=1), n_b)
-        acc = tl.dot(a, b, acc, input_precision="ieee")   # fp32 inputs: exact fp32; fp16/bf16: tensor cores
+        # fp32 inputs: exact fp32; fp16/bf16: tensor cores
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")
+    return acc, mean, m2
+
+
+@triton.jit
+def _reduce_splits(acc, mean, m2, ws_ptr, counter_ptr, pid, pid_k, num_splits, offs_m, offs_n, M, N, K, k_per_split,
+                   HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Split-K: store this split's fp32 partial tile (and its rows' moments); return (sum of every
+    split's partial in the order 0..num_splits-1, the moments merged in that order, True) in the last
+    split of output tile `pid` to arrive, (acc, mean, m2, False) in the others.
+
+    Workspace: partials [num_splits, M, N] fp32, then moments [tiles, num_splits, 2, BLOCK_M]; split-K
+    runs only for M <= 256, so num_splits * M * N is small and int32 offsets suffice."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tile = offs_m[:, None] * N + offs_n[None, :]                                           # [BLOCK_M, BLOCK_N]
+    tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=mask)
+    rows = tl.arange(0, BLOCK_M)
+    moments = ws_ptr + num_splits * M * N + pid * num_splits * 2 * BLOCK_M                  # this tile's slots
+    if HAS_LN:
+        tl.store(moments + pid_k * 2 * BLOCK_M + rows, mean)
+        tl.store(moments + pid_k * 2 * BLOCK_M + BLOCK_M + rows, m2)
+    is_last = last_to_arrive(counter_ptr + pid, num_splits)
+    if is_last:
+        acc = tl.zeros_like(acc)
+        mean = tl.zeros_like(mean)
+        m2 = tl.zeros_like(m2)
+        for s in range(0, num_splits):   # fixed order 0..SPLIT-1: deterministic
+            acc += tl.load(ws_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_LN:
+                mean_s = tl.load(moments + s * 2 * BLOCK_M + rows, cache_modifier=".cg")
+                m2_s = tl.load(moments + s * 2 * BLOCK_M + BLOCK_M + rows, cache_modifier=".cg")
+                n_s = (tl.minimum(K, (s + 1) * k_per_split) - s * k_per_split) * 1.0
+                mean, m2 = _merge_moments(mean, m2, (s * k_per_split) * 1.0, mean_s, m2_s, n_s)
+    return acc, mean, m2, is_last
+
+
+@triton.jit
+def _ln_linear_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, colsum_ptr, res_ptr, out_ptr, ws_ptr, counter_ptr,
+    k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_xm,
+    stride_wk, stride_wn,
+    stride_rm,
+    stride_om,
+    M, N, K, k_per_split, kv_width, store_n, eps,
+    HAS_SCALE: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, WRITE_KV: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)     # output tile
+    pid_k = tl.program_id(1)   # K range
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # [BLOCK_N]
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm   # [BLOCK_M, 1] row pointers
+
+    # ---- main loop over this split's K range: x @ W' and (HAS_LN) the rows' (mean, M2) -------
+    k_start = pid_k * k_per_split
+    acc, mean, m2 = _main_loop(x_rows, w_ptr, stride_wk, stride_wn, offs_n, m_mask, n_mask, k_start,
+                               min(K, k_start + k_per_split), HAS_LN, BLOCK_M, BLOCK_N, BLOCK_K)
 
     # ---- epilogue (split-K: the last-arriving split reduces the partials in a fixed order) ---
+    finish = True
     if SPLIT_K:
-        mask = m_mask[:, None] & n_mask[None, :]
-        # workspace: partials [SPLIT, M, N] fp32, then moments [tiles, SPLIT, 2, BLOCK_M]; split-K
-        # runs only for M <= 256, so SPLIT * M * N is small and int32 offsets suffice
-        tile = offs_m[:, None] * N + offs_n[None, :]                                       # [BLOCK_M, BLOCK_N]
-        tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=mask)
-        rows = tl.arange(0, BLOCK_M)
-        moments = ws_ptr + num_splits * M * N + pid * num_splits * 2 * BLOCK_M              # this tile's slots
-        if HAS_LN:
-            tl.store(moments + pid_k * 2 * BLOCK_M + rows, mean)
-            tl.store(moments + pid_k * 2 * BLOCK_M + BLOCK_M + rows, m2)
-        if last_to_arrive(counter_ptr + pid, num_splits):
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-            m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for s in range(0, num_splits):   # fixed order 0..SPLIT-1: deterministic
-                acc += tl.load(ws_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_LN:
-                    mean_s = tl.load(moments + s * 2 * BLOCK_M + rows, cache_modifier=".cg")
-                    m2_s = tl.load(moments + s * 2 * BLOCK_M + BLOCK_M + rows, cache_modifier=".cg")
-                    n_s = (tl.minimum(K, (s + 1) * k_per_split) - s * k_per_split) * 1.0
-                    mean, m2 = _merge_moments(mean, m2, (s * k_per_split) * 1.0, mean_s, m2_s, n_s)
-            _epilogue(acc, mean, m2, bias_ptr, colsum_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                      stride_rm, stride_om, offs_m, offs_n, M, N, K, kv_width, store_n, eps,
-                      HAS_LN, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
-    else:
+        acc, mean, m2, finish = _reduce_splits(acc, mean, m2, ws_ptr, counter_ptr, pid, pid_k, tl.num_programs(1),
+                                               offs_m, offs_n, M, N, K, k_per_split, HAS_LN, BLOCK_M)
+    if finish:
+        if HAS_SCALE:   # int8 codes (kernels/int8_linear.py): (x @ q^T) * scale, per output channel
+            acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         _epilogue(acc, mean, m2, bias_ptr, colsum_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                   stride_rm, stride_om, offs_m, offs_n, M, N, K, kv_width, store_n, eps,
                   HAS_LN, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
@@ -352,47 +385,53 @@ def _check_kv_cache(kv_cache, x, N):
         raise ValueError(f"slot_mapping must be contiguous, got stride {slot_mapping.stride(0)}")
 
 
-def _validate(x, weight, bias, colsum, activation, residual, out, kv_cache):
-    """Every check of a ln_linear call (run on a plan-cache miss only: the key covers all it reads)."""
+def _check_x(x, activation):
     checks.float_tensor("x", x, ndim=2, layout="[M, K]")
-    if activation not in (None, "gelu_tanh"):
-        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
-    M, K = x.shape
-    device = x.device
-    checks.tensor("weight", weight, ndim=2, layout="[K, N] (Conv1D layout)")
-    if weight.shape[0] != K:
-        raise ValueError(f"weight must be [K={K}, N] (Conv1D layout) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
-    checks.same_dtype("weight", weight, "x", x.dtype)
-    checks.same_device("weight", weight, "x", device)
-    N = weight.shape[1]
-    if bias is not None:
-        _check_vector("bias", bias, N, device)
-    if colsum is not None:
-        _check_vector("colsum", colsum, N, device)
-    if kv_cache is not None:
-        _check_kv_cache(kv_cache, x, N)
-    if residual is not None:
-        _check_matrix("residual", residual, (M, N), x.dtype, device)
-        if residual.stride(1) != 1:
-            raise ValueError(f"residual must have a contiguous last dim, got strides {residual.stride()}")
-    if out is not None:
-        _check_matrix("out", out, (M, N), x.dtype, device)
-        if out.stride(1) != 1:
-            raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
     if x.stride(1) != 1:
         raise ValueError(f"x must have a contiguous last dim, got strides {x.stride()}")
-    for name, t in (("bias", bias), ("colsum", colsum)):
-        if t is not None and t.stride(0) != 1:
-            raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+    if activation not in (None, "gelu_tanh"):
+        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
+
+
+def _check_operands(x, N, vectors, residual, out, kv_cache):
+    """The checks of everything but the weight, for an [M, N] output of x [M, K]; vectors: (name,
+    tensor or None) pairs of per-column [N] operands."""
+    M, K = x.shape
+    device = x.device
+    for name, t in vectors:
+        if t is not None:
+            _check_vector(name, t, N, device)
+            if t.stride(0) != 1:
+                raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+    if kv_cache is not None:
+        _check_kv_cache(kv_cache, x, N)
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None:
+            _check_matrix(name, t, (M, N), x.dtype, device)
+            if t.stride(1) != 1:
+                raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
     if K == 0 and M and N:
         raise ValueError("x must have K >= 1 columns")
 
 
-def _make_plan(x, weight, residual, out, has_ln, has_bias, activation, kv_cache) -> _Plan:
+def _validate(x, weight, bias, colsum, activation, residual, out, kv_cache):
+    """Every check of a ln_linear call (run on a plan-cache miss only: the key covers all it reads)."""
+    _check_x(x, activation)
+    K = x.shape[1]
+    checks.tensor("weight", weight, ndim=2, layout="[K, N] (Conv1D layout)")
+    if weight.shape[0] != K:
+        raise ValueError(f"weight must be [K={K}, N] (Conv1D layout) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    checks.same_dtype("weight", weight, "x", x.dtype)
+    checks.same_device("weight", weight, "x", x.device)
+    _check_operands(x, weight.shape[1], (("bias", bias), ("colsum", colsum)), residual, out, kv_cache)
+
+
+def _make_plan(x, weight, residual, out, has_ln, has_bias, activation, kv_cache, *, int8=False) -> _Plan:
+    """The launch of x [M, K] @ weight [K, N] (any strides; int8: a q^T view of int8 codes)."""
     M, K = x.shape
     N = weight.shape[1]
     capability, num_sms = _device_info(x.device)
-    plan = gemm_plan(M, N, K, x.dtype, capability, num_sms)
+    plan = gemm_plan(M, N, K, x.dtype, capability, num_sms, int8=int8)
     t = plan.tile
     tiles = -(-M // t.block_m) * -(-N // t.block_n)
     padded_n = N if N % 16 == 0 else N + 16 - N % 16
@@ -400,13 +439,49 @@ def _make_plan(x, weight, residual, out, has_ln, has_bias, activation, kv_cache)
     store_n = padded_n if out is None else N
     ints = (x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
             stride_om, M, N, K, plan.k_per_split, N // 3, store_n)
-    constexprs = dict(HAS_LN=has_ln, HAS_BIAS=has_bias, APPLY_GELU=activation == "gelu_tanh",
+    constexprs = dict(HAS_SCALE=int8, HAS_LN=has_ln, HAS_BIAS=has_bias, APPLY_GELU=activation == "gelu_tanh",
                       HAS_RESIDUAL=residual is not None, WRITE_KV=kv_cache is not None, SPLIT_K=plan.split > 1,
                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m)
     split = plan.split
     workspace = split * M * N + tiles * split * 2 * t.block_m if split > 1 else 0
     return _Plan((tiles, split, 1), ints, constexprs, t.num_warps, t.num_stages, workspace,
                  tiles if split > 1 else 0, padded_n)
+
+
+def _cached_plan(key, make) -> _Plan:
+    """The plan cached under key (None: not cacheable), else make() (which validates the call)."""
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = make()
+        if key is not None:
+            _PLANS[key] = plan
+    return plan
+
+
+def _run(plan: _Plan, key, x, operands, residual, out, kv_cache, eps):
+    """Allocate the output (rows padded as planned) unless given, take the split-K buffers and launch
+    the kernel on (x, *operands = weight, scale, bias, colsum, residual, out, workspace, counters,
+    k_cache, v_cache, slot_mapping, *plan.ints, eps); absent operands are any valid pointer (x)."""
+    M, N = plan.ints[5], plan.ints[6]
+    if out is None:
+        out = torch.empty((M, plan.padded_n), dtype=x.dtype, device=x.device)
+        if plan.padded_n != N:
+            out = out[:, :N]
+    if M == 0 or N == 0:
+        return out
+    device = x.device
+    if plan.workspace:
+        bufs = buffers(device)
+        ws, counters = bufs.get_workspace(plan.workspace), bufs.get_counters(plan.counters)
+    else:
+        ws = counters = out   # unused (SPLIT_K=False); any valid pointer
+    k_cache, v_cache, slot_mapping = kv_cache if kv_cache is not None else (out, out, out)   # unused without WRITE_KV
+    tensors = (x, *operands, residual if residual is not None else x, out, ws, counters, k_cache, v_cache, slot_mapping)
+    args = (*tensors, *plan.ints, float(eps))
+    launch_key = (key, aligned(*tensors)) if key is not None and device.type == "cuda" else None
+    guarded_launch(lambda: launch(_ln_linear_kernel, plan.grid, args, plan.constexprs, num_warps=plan.num_warps,
+                                  num_stages=plan.num_stages, key=launch_key), device)
+    return out
 
 
 def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None, out=None,
@@ -438,35 +513,16 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=
     try:
         key = (_meta(x), _meta(weight), _meta(bias), _meta(colsum), _meta(residual), _meta(out), activation,
                None if kv_cache is None else tuple(map(_meta, kv_cache)))
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError):   # not tensors: the checks below name the culprit
-        key, plan = None, None
-    if plan is None:
+    except (AttributeError, TypeError):   # not tensors: the checks in make() name the culprit
+        key = None
+
+    def make():
         _validate(x, weight, bias, colsum, activation, residual, out, kv_cache)
-        plan = _make_plan(x, weight, residual, out, colsum is not None, bias is not None, activation, kv_cache)
-        if key is not None:
-            _PLANS[key] = plan
-    M, N = plan.ints[5], plan.ints[6]
-    if out is None:
-        out = torch.empty((M, plan.padded_n), dtype=x.dtype, device=x.device)
-        if plan.padded_n != N:
-            out = out[:, :N]
-    if M == 0 or N == 0:
-        return out
-    device = x.device
-    if plan.workspace:
-        bufs = buffers(device)
-        ws, counters = bufs.get_workspace(plan.workspace), bufs.get_counters(plan.counters)
-    else:
-        ws = counters = out   # unused (SPLIT_K=False); any valid pointer
-    k_cache, v_cache, slot_mapping = kv_cache if kv_cache is not None else (out, out, out)   # unused without WRITE_KV
-    tensors = (x, weight, bias if bias is not None else x, colsum if colsum is not None else x,
-               residual if residual is not None else x, out, ws, counters, k_cache, v_cache, slot_mapping)
-    args = (*tensors, *plan.ints, float(eps))
-    launch_key = (key, aligned(*tensors)) if key is not None and device.type == "cuda" else None
-    guarded_launch(lambda: launch(_ln_linear_kernel, plan.grid, args, plan.constexprs, num_warps=plan.num_warps,
-                                  num_stages=plan.num_stages, key=launch_key), device)
-    return out
+        return _make_plan(x, weight, residual, out, colsum is not None, bias is not None, activation, kv_cache)
+
+    plan = _cached_plan(key, make)
+    operands = (weight, x, bias if bias is not None else x, colsum if colsum is not None else x)
+    return _run(plan, key, x, operands, residual, out, kv_cache, eps)
 
 
 def ln_gelu_mlp(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5, out=None):
@@ -545,47 +601,48 @@ _EPILOGUES = {   # what the engine launches: (K, N) of width C, and the epilogue
     "ln+bias+gelu": (lambda C: (C, 4 * C), dict(ln=True, bias=True, gelu=True, residual=False)),
     "bias+residual": (lambda C: (C, C), dict(ln=False, bias=True, gelu=False, residual=True)),
     "bias+residual mlp": (lambda C: (4 * C, C), dict(ln=False, bias=True, gelu=False, residual=True)),
-    "lm-head wte^T": (lambda C: (C, _VOCAB), dict(ln=True, bias=True, gelu=False, residual=False, weight_t=True)),
+    "lm-head wte^T": (lambda C: (C, _VOCAB), dict(ln=True, bias=True, gelu=False, residual=False, lm_head=True)),
 }
 
 
-def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, kv=False, weight_t=False):
-    """One shipped configuration, described as the JIT would specialise a real GPT-2 launch."""
+def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, kv=False, lm_head=False, int8=False):
+    """One shipped configuration, described as the JIT would specialise a real GPT-2 launch: W [K, N]
+    contiguous, or a K-major view (the LM head's wte^T; int8: every weight is the view q^T of int8
+    codes [N, K], with fp32 scales). The LM head's N = 50257 is not a multiple of 16."""
     from kernels.compile_report import AotKernel
 
     t = "*" + _TL_TYPES[dtype]
-    vocab = weight_t   # the LM head: N = 50257 is not a multiple of 16
     signature = {
-        "x_ptr": t, "w_ptr": t, "bias_ptr": "*fp32" if ln else t, "colsum_ptr": "*fp32", "res_ptr": t, "out_ptr": t,
+        "x_ptr": t, "w_ptr": "*i8" if int8 else t, "scale_ptr": "*fp32", "bias_ptr": "*fp32" if ln else t,
+        "colsum_ptr": "*fp32", "res_ptr": t, "out_ptr": t,
         "ws_ptr": "*fp32", "counter_ptr": "*i32", "k_cache_ptr": t, "v_cache_ptr": t, "slot_ptr": "*i64",
         "stride_xm": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32",
         "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "kv_width": "i32", "store_n": "i32", "eps": "fp32",
     }
-    constexprs = dict(HAS_LN=ln, HAS_BIAS=bias, APPLY_GELU=gelu, HAS_RESIDUAL=residual, WRITE_KV=kv, SPLIT_K=split,
-                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m)
-    # the JIT turns a stride of 1 into a constexpr: [K, N] contiguous -> stride_wn = 1; wte.t() -> stride_wk = 1
-    unit = "stride_wk" if weight_t else "stride_wn"
+    constexprs = dict(HAS_SCALE=int8, HAS_LN=ln, HAS_BIAS=bias, APPLY_GELU=gelu, HAS_RESIDUAL=residual, WRITE_KV=kv,
+                      SPLIT_K=split, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m)
+    # the JIT turns a stride of 1 into a constexpr: [K, N] contiguous -> stride_wn = 1; wte.t(), q.t() -> stride_wk = 1
+    k_major = lm_head or int8
+    unit = "stride_wk" if k_major else "stride_wn"
     del signature[unit]
     constexprs[unit] = 1
-    aligned = ["x_ptr", "w_ptr", "bias_ptr", "colsum_ptr", "res_ptr", "out_ptr", "ws_ptr", "counter_ptr",
+    aligned = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "colsum_ptr", "res_ptr", "out_ptr", "ws_ptr", "counter_ptr",
                "k_cache_ptr", "v_cache_ptr", "slot_ptr", "stride_xm", "stride_rm", "K", "k_per_split",
                "stride_om", "store_n"]   # the LM head's output rows are padded to 16 elements
-    if not vocab:   # GPT-2 widths (768 ... 6400) are multiples of 16; the vocabulary 50257 is not
-        aligned += ["N", "kv_width", "stride_wk"]
-    else:
-        aligned += ["stride_wn"]   # = K
+    if not lm_head:   # GPT-2 widths (768 ... 6400) are multiples of 16; the vocabulary 50257 is not
+        aligned += ["N", "kv_width"]
+    aligned += ["stride_wn" if k_major else "stride_wk"]   # = K, or N (a GPT-2 width)
     return AotKernel(
         label=label, fn=_ln_linear_kernel, signature=signature, constexprs=constexprs,
         num_warps=tile.num_warps, num_stages=tile.num_stages, aligned=tuple(a for a in aligned if a in signature),
         tensor_cores=dtype != torch.float32, wgmma_on_sm90=dtype != torch.float32 and tile.block_m >= 64,
-        vector_store=vocab,
+        vector_store=lm_head,
     )
 
 
-def aot_kernels():
-    """Every (tile, epilogue) the launch plan picks for GPT-2 small..xl in fp16: the planned split-K
-    tiles at M <= 256 and the unsplit tiles above; for bf16 and fp32 (the same code in another
-    dtype) the decode tiles and one unsplit tile each."""
+def planned_aot_kernels(prefix: str, *, int8: bool = False):
+    """The planned split-K tiles (M <= 256) the launch plan picks for GPT-2 small..xl: fp16 decode
+    and batch tiles; for bf16 and fp32 (the same code in another dtype) the decode tiles."""
     from kernels.launch_plan import DECODE_MAX_M, SPLIT_MAX_M
 
     specs, seen = [], set()
@@ -594,7 +651,7 @@ def aot_kernels():
         for epi, (shape, flags) in _EPILOGUES.items():
             for C in _GPT2_WIDTHS:
                 K, N = shape(C)
-                red = reduction(K, N, dtype, _DEFAULT_NUM_SMS)
+                red = reduction(K, N, dtype, _DEFAULT_NUM_SMS, int8=int8)
                 for M in (DECODE_MAX_M, SPLIT_MAX_M) if dtype == torch.float16 else (DECODE_MAX_M,):
                     name, tile = split_tile(M, red, dtype)
                     key = (dtype, epi.split()[0] if "residual" in epi else epi, name, tile, red.split > 1)
@@ -602,14 +659,21 @@ def aot_kernels():
                         continue
                     seen.add(key)
                     t = f"{tile.block_m}x{tile.block_n}x{tile.block_k}"
-                    specs.append(_aot(f"ln_linear {name} {t} {d} {epi.split(' mlp')[0]}{' split-k' if red.split > 1 else ''}",
-                                      tile, dtype, **flags, split=red.split > 1))
-        unsplit = {torch.float16: ("small", "prefill", "prefill_sm90"), torch.bfloat16: ("prefill_sm90",),
-                   torch.float32: ("fp32",)}[dtype]
-        for name in unsplit:
+                    specs.append(_aot(f"{prefix} {name} {t} {d} {epi.split(' mlp')[0]}{' split-k' if red.split > 1 else ''}",
+                                      tile, dtype, **flags, split=red.split > 1, int8=int8))
+    return specs
+
+
+def aot_kernels():
+    """Every (tile, epilogue) the launch plan picks for GPT-2 small..xl: the planned split-K tiles
+    (planned_aot_kernels) and the unsplit tiles above M = 256 (fp16; bf16 and fp32 one each)."""
+    specs = planned_aot_kernels("ln_linear")
+    for dtype, names in ((torch.float16, ("small", "prefill", "prefill_sm90")), (torch.bfloat16, ("prefill_sm90",)),
+                         (torch.float32, ("fp32",))):
+        for name in names:
             for epi in ("ln+bias+kv", "ln+bias+gelu", "bias+residual"):
-                tile = UNSPLIT_TILES[name]
-                specs.append(_aot(f"ln_linear {name} {d} {epi}", tile, dtype, **_EPILOGUES[epi][1], split=False))
+                specs.append(_aot(f"ln_linear {name} {_TL_TYPES[dtype]} {epi}", UNSPLIT_TILES[name], dtype,
+                                  **_EPILOGUES[epi][1], split=False))
     specs.append(_aot("ln_linear prefill_sm90 fp16 lm-head wte^T", UNSPLIT_TILES["prefill_sm90"], torch.float16,
                       **_EPILOGUES["lm-head wte^T"][1], split=False))
     return specs

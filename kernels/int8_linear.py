@@ -1,39 +1,67 @@
-"""Int8 weight-only GEMM: y = act((LN(x) @ q^T) * scale + bias) + residual, dequantising in registers.
+"""Int8 weight-only GEMM with the LayerNorm folded in: y = act(LN(x) @ W + b) + residual on int8 codes of W.
 
 What
-    int8_ln_linear(x, ln_weight, ln_bias, q, scale, bias, activation, residual, kv_cache) with int8
-    codes q [N, K] (one row per output channel) and fp32 scales [N] (engine/quantization.py:
-    symmetric per-output-channel). At decode the weights are all of the traffic, and int8 halves
-    the bytes of fp16: twice the batch-1 roofline of kernels.ln_linear.
+    int8_ln_linear(x, None, None, folded) with folded = fold_layernorm_int8(ln_weight, ln_bias, W, b)
+    (at load): ln_1 -> c_attn (+ the paged KV write), ln_2 -> c_fc (+ GELU), ln_f -> LM head.
+    int8_ln_linear(x, None, None, q, scale, bias, residual=r): the plain form, attn / mlp c_proj.
+    Codes q [N, K] (one row per output channel) and fp32 scales [N], engine/quantization.py's
+    scheme (symmetric, per output channel). At decode the weights are all of the traffic, and int8
+    halves the bytes of fp16: twice the batch-1 roofline of kernels.ln_linear.
 
-Algorithm (one @triton.jit kernel; the LayerNorm, when asked for, is one F.layer_norm before it)
-    Each program owns a [BLOCK_M, BLOCK_N] output tile and a K range (split-K). Main loop: the
-    activation tile [BLOCK_M, BLOCK_K] is loaded in x's dtype; the weight tile is loaded as int8
-    [BLOCK_K, BLOCK_N] (for each of the BLOCK_N output rows of q, BLOCK_K contiguous bytes: 128-byte
-    coalesced segments) and widened to x's dtype in registers (every int8 code is exact in fp16,
-    bf16 and fp32); tl.dot accumulates in fp32 (tensor cores for fp16/bf16: HMMA at BLOCK_M = 16).
-    The per-column scale is applied once to the fp32 accumulator after the K loop, not per tile:
-    (sum_k a_k q_kn) * s_n == sum_k a_k (q_kn s_n), so the dequantised weight never exists. Then
-    kernels.fused_linear's epilogue: + bias, GELU-tanh, + residual, cast, and the optional paged KV
-    write of the QKV projection's K/V columns.
-    Split-K (decode, M <= 64): a GPT-2 projection with N = 768 has 12 BLOCK_N = 64 column tiles,
-    far from filling 132 SMs; K is split across a second grid axis so that about 2 x SMs programs
-    run, each split stores its fp32 partial to a workspace [SPLIT, M, N], and the last-arriving split
-    of a tile (kernels/arrival_counter.py) sums the partials in the fixed order 0..SPLIT-1, scales
-    and runs the epilogue: one launch, deterministic, no fp32 atomics, graph-capturable.
+LayerNorm folded before quantizing (fold_layernorm_int8, once at load)
+    LN(x) @ W + b = rstd * (x - mean) @ W' + b' with W' = diag(gamma) W and b' = beta @ W + b, as in
+    kernels.fused_linear's fold; here W' (not W) is quantized: q = round(W'^T / s), s_n = max_k
+    |W'_kn| / 127, so gamma shapes the per-channel ranges instead of multiplying rounded codes.
+    b' is fp32 from the unquantized W; colsum_n = s_n * sum_k q_nk (an exact integer sum, rounded
+    once to fp32) is the column sum of the dequantised W' the kernel actually multiplies by, so the
+    centering below cancels against the same weights. The kernel computes
+        y_n = rstd * (s_n * acc_n - mean * colsum_n) + b'_n,    acc_n = sum_k x_k q_nk   (fp32)
+    on the raw activations (exact operands: int8 codes are exact in fp16/bf16/fp32, products of
+    fp16 x and int8 q are exact in fp32), with the row's (mean, M2) merged per K tile (Chan) in the
+    same main loop from the A tiles already in registers: no statistics pass before the first
+    weight load and no LayerNorm launch. An int8 call cannot take a LayerNorm at call time (gamma
+    must be applied before quantizing): ln_weight with raw codes is an error.
 
-Why the LayerNorm is not a prologue here: kernels.ln_linear fuses it (Chan's one-pass statistics);
-    the int8 GEMM calls F.layer_norm first instead (one extra launch of M x K elements, ~0.1% of the
-    weight bytes at decode) rather than duplicating that prologue; sharing it is a follow-up.
+Algorithm: kernels.fused_linear's GEMM kernel itself (_ln_linear_kernel with HAS_SCALE), so the
+    int8 and fp16 paths share one main loop, one split-K reduction and one epilogue. Each program
+    owns a [BLOCK_M, BLOCK_N] output tile and one K range. Main loop: the A tile [BLOCK_M, BLOCK_K]
+    in x's dtype; the B tile [BLOCK_K, BLOCK_N] read through the [K, N] view q^T (strides (1, K)):
+    for each of the BLOCK_N output channels BLOCK_K contiguous bytes (a 64- or 128-byte segment),
+    widened to x's dtype in registers; tl.dot accumulates in fp32 (HMMA for fp16/bf16, exact FMA
+    for fp32); the A tile's per-row (mean, M2) is merged into the running pair. The scale is
+    applied once per column after the K loop (and after the split-K reduction): (sum_k x_k q_nk)
+    s_n == sum_k x_k (q_nk s_n), so the dequantised weight never exists. Epilogue: the LN
+    correction, + b', GELU-tanh, + residual, cast, store, and the QKV projection's K/V columns to
+    the paged caches. The LM head (N = 50257) stores whole rows of a 16-element-padded output
+    (vector stores; the padding columns hold 0).
 
-Tiles (`_TILES`, used by the launcher and `aot_kernels()`)
-    decode   M <= 64   16 x 64 x 128, 4 warps, 4 stages; split-K while tiles < SMs
-    prefill  M > 64    64 x 128 x 64, 8 warps, 3 stages (compute bound: the widening is off the
-                       critical path of the tensor cores; 4 warps spilled with the GELU epilogue)
-    fp32 x   any M     16/64 x 64 x 32, 8 warps, FMA dots (correctness path; int8 weights are for fp16/bf16)
+Launch plan: kernels/launch_plan.py's gemm_plan(..., int8=True), the planner of the fp16 path with
+    an int8 kind. For M <= 256 the K split (BLOCK_N, BLOCK_K in {128, 64}, k_per_split, split) is a
+    function of (K, N, dtype, SM count) only, never of M, and every GPT-2 small..xl decode GEMM gets
+    >= 2 x SMs programs at every M in 1..256 (`gpt2-engine kernels --plan`, rows "... int8"). So a
+    row's reduction (K ranges, tile order, moment merges) is the same whatever else is batched.
+    Split-K partials (fp32 tiles and the rows' moments) go to a workspace; the last split of a tile
+    to arrive (kernels/arrival_counter.py) sums them in the fixed order 0..split-1, merges the
+    moments in that order and runs the epilogue: one launch, deterministic, graph-capturable.
+    Row tiles: 16 rows up to M = 64, 64 rows up to 256 (split-K), above 256 an unsplit 64 x 128 x 64
+    tile, 8 warps (prefill is compute bound and the widening is off the tensor cores' critical
+    path); fp32 activations use BLOCK_K 32 (a correctness path: int8 weights are for fp16/bf16).
+
+Memory layout and why: codes q [N, K] row-major (engine/quantization.py's Int8Weight layout), one
+    row per output channel, so the per-channel scale is one fp32 per row and a K tile of one channel
+    is BLOCK_K contiguous bytes (16-byte vector loads along K, whole 32-byte sectors); the kernel
+    sees it as the [K, N] view q^T (stride_wk = 1, which the JIT specialises), the same K-major
+    operand as the fp16 LM head's wte^T. A folded head has codes of its own (diag(gamma_f) wte^T),
+    V x C bytes beside the embedding's. Folding before quantizing is also the more accurate
+    order: on a 2-layer test model with non-trivial LayerNorms the max logit error against fp32 is
+    0.54% of max |logit|, against 0.69% for the torch backend's unfolded int8 (codes of W).
+
+Host side: fused_linear's plan cache, validation and launch (one key lookup per call on a hit; on
+    CUDA the compiled kernel is launched directly).
 
 Limits: x [M, K] (contiguous last dim) in fp16 / bf16 / fp32; q int8 [N, K] with contiguous rows;
-    scale [N] (read as fp32); bias [N], residual [M, N] and the output in x's dtype.
+    scale [N] (any float dtype, read as fp32); bias [N], residual [M, N] and the output in x's
+    dtype (the folded b' and colsum are fp32).
 """
 from __future__ import annotations
 
@@ -41,175 +69,104 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from kernels.arrival_counter import arrival_counters, last_to_arrive
-from kernels.fused_linear import _check_kv_cache, _device_info, _epilogue, gelu_tanh, write_kv_columns_ref
-
-
-@triton.jit
-def _int8_linear_kernel(
-    x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, counter_ptr,
-    k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_xm, stride_qn, stride_rm, stride_om,
-    M, N, K, k_per_split, kv_width,
-    HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_KV: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)   # M tiles first: at decode there is one, so neighbours share no B panel anyway
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # [BLOCK_M]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # [BLOCK_N]
-    offs_k = tl.arange(0, BLOCK_K)                     # [BLOCK_K]
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-
-    # this split's K range [k_start, k_start + k_len), walked by advancing both tile pointers
-    k_start = pid_k * k_per_split
-    k_len = min(K - k_start, k_per_split)
-    a_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]   # [BLOCK_M, BLOCK_K]
-    b_ptrs = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn + (k_start + offs_k)[:, None]   # [BLOCK_K, BLOCK_N]: q^T
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for i in range(0, tl.cdiv(k_len, BLOCK_K)):
-        k_ok = offs_k < k_len - i * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0)      # int8 codes
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")            # widened in registers
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-
-    finish = True
-    if SPLIT_K:
-        acc, finish = _merge_splits(acc, ws_ptr, counter_ptr + pid_m * tl.num_programs(1) + pid_n, offs_m, offs_n,
-                                    m_mask, n_mask, M, N, pid_k, tl.num_programs(2))
-    if finish:
-        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)   # [BLOCK_N], per output column
-        # fused_linear's epilogue without its LayerNorm (no moments, no column sums; all N columns stored)
-        _epilogue(acc * scale[None, :], 0.0, 0.0, bias_ptr, bias_ptr, res_ptr, out_ptr, k_cache_ptr, v_cache_ptr,
-                  slot_ptr, stride_rm, stride_om, offs_m, offs_n, M, N, K, kv_width, N, 0.0,
-                  False, HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, WRITE_KV)
+from kernels import checks
+from kernels import fused_linear as fl
+from kernels.fused_linear import gelu_tanh, write_kv_columns_ref
 
 
-@triton.jit
-def _merge_splits(acc, ws_ptr, counter_ptr, offs_m, offs_n, m_mask, n_mask, M, N, split, num_splits):
-    """(sum of all splits' partials, True) in the last split of a tile to arrive, (acc, False) elsewhere.
-
-    Workspace [num_splits, M, N] fp32, contiguous (decode only: small, int32 offsets suffice); the
-    partials are summed in split order 0..num_splits-1 whatever the arrival order: deterministic."""
-    offsets = offs_m[:, None] * N + offs_n[None, :]
-    valid = m_mask[:, None] & n_mask[None, :]
-    tl.store(ws_ptr + split * M * N + offsets, acc, mask=valid)
-    is_last = last_to_arrive(counter_ptr, num_splits)
-    if is_last:
-        acc = tl.zeros_like(acc)
-        for s in range(0, num_splits):
-            acc += tl.load(ws_ptr + s * M * N + offsets, mask=valid, other=0.0, cache_modifier=".cg")
-    return acc, is_last
-
+# ----------------------------------------------------------------------------------------------
+# LayerNorm folding and quantization (done once at load by the engine)
+# ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Int8Tile:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
+class FoldedInt8Linear:
+    """LayerNorm(gamma, beta) then x @ W + b, folded and quantized: q int8 [N, K] and scale fp32 [N]
+    of W' = diag(gamma) W (per output channel), bias b' = beta @ W + b (fp32 [N]) and colsum_n =
+    scale_n * sum_k q_nk (fp32 [N], the column sums of the dequantised W')."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+    colsum: torch.Tensor
 
 
-_TILES = {
-    "decode": Int8Tile(16, 64, 128, 4, 4),
-    "prefill": Int8Tile(64, 128, 64, 8, 3),      # 4 warps: 227-234 registers, spills on sm_80 with GELU
-    "fp32_decode": Int8Tile(16, 64, 32, 8, 2),   # 4 warps spilled 8 bytes on sm_90 with GELU
-    "fp32": Int8Tile(64, 64, 32, 8, 2),
-}
-_DECODE_MAX_M = 64
+def fold_layernorm_int8(ln_weight, ln_bias, weight, bias=None) -> FoldedInt8Linear:
+    """fold_layernorm(ln_weight, ln_bias, weight [K, N], bias) in fp32, then W' quantized with
+    engine/quantization.py's scheme; ln_bias None = 0, weight in any float dtype and strides."""
+    from engine.quantization import Int8Weight   # imported here: the engine package imports kernels
+
+    folded = fl.fold_layernorm(ln_weight, ln_bias, weight.float(), bias)   # W' and b' in fp32, the checks
+    codes = Int8Weight.quantize(folded.weight.t())                         # [N, K], one scale per output channel
+    colsum = (codes.q.sum(1, dtype=torch.int64).double() * codes.scale.double()).float()
+    return FoldedInt8Linear(codes.q, codes.scale, folded.bias, colsum.contiguous())
 
 
-def _tile_and_split(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int) -> tuple[str, int]:
-    """Tile name and K splits: decode tiles that under-fill the GPU split K to reach ~2 x SMs programs."""
-    decode = M <= _DECODE_MAX_M
-    name = ("fp32_decode" if decode else "fp32") if dtype == torch.float32 else ("decode" if decode else "prefill")
-    tile = _TILES[name]
-    tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
-    if not decode or tiles >= num_sms:
-        return name, 1
-    return name, max(1, min(triton.cdiv(2 * num_sms, tiles), triton.cdiv(K, 2 * tile.block_k)))
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
 
-
-def _check_int8_weight(q, scale, K, device):
+def _validate(x, q, scale, bias, colsum, activation, residual, out, kv_cache):
+    """Every check of an int8_ln_linear call (on a plan-cache miss only: the key covers all it reads)."""
+    fl._check_x(x, activation)
     if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() != 2:
         raise TypeError(f"q must be an int8 [N, K] tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    K = x.shape[1]
     if q.shape[1] != K:
         raise ValueError(f"q must be [N, K={K}] (one row per output channel), got {tuple(q.shape)}")
-    if not isinstance(scale, torch.Tensor) or scale.shape != (q.shape[0],) or not scale.is_floating_point():
-        raise ValueError(f"scale must be a floating-point [{q.shape[0]}] tensor, got {getattr(scale, 'shape', scale)}")
-    if q.device != device or scale.device != device:
-        raise ValueError(f"q ({q.device}) and scale ({scale.device}) must be on x's device {device}")
+    if q.stride(1) != 1:
+        raise ValueError(f"q must have contiguous rows, got strides {q.stride()}")
+    checks.same_device("q", q, "x", x.device)
+    if scale is None:
+        raise TypeError("scale must be a floating-point [N] tensor with int8 codes q, got None")
+    fl._check_operands(x, q.shape[0], (("scale", scale), ("bias", bias), ("colsum", colsum)), residual, out, kv_cache)
 
 
-def int8_ln_linear(x, ln_weight, ln_bias, q, scale, bias=None, *, eps=1e-5, activation=None, residual=None,
+def int8_ln_linear(x, ln_weight, ln_bias, q, scale=None, bias=None, *, eps=1e-5, activation=None, residual=None,
                    out=None, kv_cache=None):
-    """act((LN(x) @ q^T) * scale + bias) + residual; x [M, K], q int8 [N, K], scale [N].
+    """act(LN(x) @ W + b) + residual on int8 weights in one launch; x [M, K].
 
-    ln_weight None means no LayerNorm. kv_cache = (k_cache, v_cache, slot_mapping) as for
-    kernels.ln_linear (N = 3 H D: the K/V columns also go to the paged caches)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"x must be a 2-D float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if activation not in (None, "gelu_tanh"):
-        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
-    M, K = x.shape
-    _check_int8_weight(q, scale, K, x.device)
-    N = q.shape[0]
-    if ln_weight is not None:
-        x = F.layer_norm(x, (K,), ln_weight, ln_bias, eps)
-    elif ln_bias is not None:
-        raise ValueError("ln_bias given without ln_weight (ln_weight None means no LayerNorm)")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias must have {N} elements, got {tuple(bias.shape)}")
-    if residual is not None and (residual.shape != (M, N) or residual.dtype != x.dtype):
-        raise ValueError(f"residual must be [{M}, {N}] in {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
-    k_cache = v_cache = slot_mapping = None
-    if kv_cache is not None:
-        _check_kv_cache(kv_cache, x, N)
-        k_cache, v_cache, slot_mapping = kv_cache
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
-    if M == 0 or N == 0:
-        return out
-    x, q = x.contiguous(), q.contiguous()
-    residual = residual.contiguous() if residual is not None else None
-    name, split = _tile_and_split(M, N, K, x.dtype, _device_info(x.device)[1])
-    tile = _TILES[name]
-    k_per_split = triton.cdiv(triton.cdiv(K, split), tile.block_k) * tile.block_k
-    split = triton.cdiv(K, k_per_split)   # no empty splits
-    grid = (triton.cdiv(M, tile.block_m), triton.cdiv(N, tile.block_n), split)
-    if split > 1:
-        ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, grid[0] * grid[1])
+    q is a FoldedInt8Linear (fold_layernorm_int8 at load; ln_weight, ln_bias, scale and bias None):
+    the LayerNorm's statistics are accumulated in the GEMM's main loop; or int8 codes [N, K] with
+    scale [N] and an optional bias, no LayerNorm: x @ (q * scale[:, None])^T + bias. `out`,
+    `residual` and kv_cache = (k_cache, v_cache, slot_mapping) as for kernels.ln_linear."""
+    if isinstance(q, FoldedInt8Linear):
+        if ln_weight is not None or ln_bias is not None or scale is not None or bias is not None:
+            raise ValueError("with a FoldedInt8Linear, ln_weight, ln_bias, scale and bias must be None (they are folded in)")
+        q, scale, bias, colsum = q.q, q.scale, q.bias, q.colsum
+    elif ln_weight is not None or ln_bias is not None:
+        raise ValueError("int8 codes take no LayerNorm at call time: fold it in at load with fold_layernorm_int8 "
+                         "(gamma must scale W before it is quantized)")
     else:
-        ws = counters = out   # unused (SPLIT_K=False)
-    _int8_linear_kernel[grid](
-        x, q, scale, bias if bias is not None else x, residual if residual is not None else x, out, ws, counters,
-        k_cache if k_cache is not None else out, v_cache if v_cache is not None else out,
-        slot_mapping if slot_mapping is not None else out,
-        x.stride(0), q.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        M, N, K, k_per_split, N // 3,
-        HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu_tanh", HAS_RESIDUAL=residual is not None,
-        WRITE_KV=kv_cache is not None, SPLIT_K=split > 1,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
-    return out
+        colsum = None
+    try:
+        key = ("int8", fl._meta(x), fl._meta(q), fl._meta(scale), fl._meta(bias), fl._meta(colsum), fl._meta(residual),
+               fl._meta(out), activation, None if kv_cache is None else tuple(map(fl._meta, kv_cache)))
+    except (AttributeError, TypeError):   # not tensors: the checks in make() name the culprit
+        key = None
+
+    def make():
+        _validate(x, q, scale, bias, colsum, activation, residual, out, kv_cache)
+        return fl._make_plan(x, q.t(), residual, out, colsum is not None, bias is not None, activation, kv_cache,
+                             int8=True)
+
+    plan = fl._cached_plan(key, make)
+    operands = (q, scale, bias if bias is not None else x, colsum if colsum is not None else x)
+    return fl._run(plan, key, x, operands, residual, out, kv_cache, eps)
 
 
-def int8_ln_linear_ref(x, ln_weight, ln_bias, q, scale, bias=None, *, eps=1e-5, activation=None, residual=None,
+def int8_ln_linear_ref(x, ln_weight, ln_bias, q, scale=None, bias=None, *, eps=1e-5, activation=None, residual=None,
                        kv_cache=None):
-    """The contract in plain torch: fp32 math on LN(x) rounded to x's dtype, one cast at the end."""
-    h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if ln_weight is not None else x
-    y = (h.float() @ q.float().t()) * scale.float()
-    if bias is not None:
-        y = y + bias.float()
+    """The contract in plain torch, fp32 math and one cast at the end. A FoldedInt8Linear:
+    rstd * ((x @ q^T) * scale - mean * colsum) + b'. Codes: (LN(x) rounded to x's dtype, when
+    ln_weight is given: the unfolded form the torch backend runs) @ (q * scale)^T + bias."""
+    if isinstance(q, FoldedInt8Linear):
+        h = x.float()
+        var, mean = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
+        y = torch.rsqrt(var + eps) * ((h @ q.q.float().t()) * q.scale - mean * q.colsum) + q.bias
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if ln_weight is not None else x
+        y = (h.float() @ q.float().t()) * scale.float()
+        y = y + bias.float() if bias is not None else y
     if activation == "gelu_tanh":
         y = gelu_tanh(y)
     if residual is not None:
@@ -224,45 +181,15 @@ def int8_ln_linear_ref(x, ln_weight, ln_bias, q, scale, bias=None, *, eps=1e-5, 
 # Ahead-of-time compile report entries
 # ----------------------------------------------------------------------------------------------
 
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _aot(label, tile_name, dtype, *, bias, gelu, residual, kv=False, split, vocab=False):
-    """One shipped configuration, as the JIT specialises a GPT-2 launch (q rows contiguous)."""
-    from kernels.compile_report import AotKernel
-
-    tile = _TILES[tile_name]
-    t = "*" + _TL_TYPES[dtype]
-    signature = {
-        "x_ptr": t, "q_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": t, "res_ptr": t, "out_ptr": t,
-        "ws_ptr": "*fp32", "counter_ptr": "*i32", "k_cache_ptr": t, "v_cache_ptr": t, "slot_ptr": "*i64",
-        "stride_xm": "i32", "stride_qn": "i32", "stride_rm": "i32", "stride_om": "i32",
-        "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "kv_width": "i32",
-    }
-    constexprs = dict(HAS_BIAS=bias, APPLY_GELU=gelu, HAS_RESIDUAL=residual, WRITE_KV=kv, SPLIT_K=split,
-                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
-    aligned = ["x_ptr", "q_ptr", "scale_ptr", "bias_ptr", "res_ptr", "out_ptr", "ws_ptr", "counter_ptr",
-               "k_cache_ptr", "v_cache_ptr", "slot_ptr", "stride_xm", "stride_qn", "stride_rm", "K", "k_per_split"]
-    if not vocab:   # GPT-2 widths are multiples of 16; the vocabulary 50257 is not
-        aligned += ["N", "kv_width", "stride_om"]
-    return AotKernel(label=label, fn=_int8_linear_kernel, signature=signature, constexprs=constexprs,
-                     num_warps=tile.num_warps, num_stages=tile.num_stages, aligned=tuple(aligned),
-                     tensor_cores=dtype != torch.float32, wgmma_on_sm90=dtype != torch.float32 and tile.block_m >= 64)
-
-
-_AOT_EPILOGUES = {   # what the engine launches: QKV (+ KV cache write), c_fc (+ GELU), c_proj (+ residual), LM head
-    "bias+kv": dict(bias=True, gelu=False, residual=False, kv=True),
-    "bias+gelu": dict(bias=True, gelu=True, residual=False),
-    "bias+residual": dict(bias=True, gelu=False, residual=True),
-    "lm-head": dict(bias=False, gelu=False, residual=False, vocab=True),
-}
-
-
 def aot_kernels():
-    """fp16/bf16 decode tiles (split-K, except the LM head's 786 column tiles) and prefill tiles
-    (the LM head's for prompt logits), and the fp32 decode tile."""
-    specs = [_aot(f"int8_linear {tile} {_TL_TYPES[dtype]} {name}{' split-k' if split else ''}", tile, dtype, **epilogue, split=split)
-             for dtype in (torch.float16, torch.bfloat16) for tile in ("decode", "prefill")
-             for name, epilogue in _AOT_EPILOGUES.items() for split in [tile == "decode" and name != "lm-head"]]
-    return specs + [_aot("int8_linear fp32_decode fp32 bias+gelu split-k", "fp32_decode", torch.float32,
-                         **_AOT_EPILOGUES["bias+gelu"], split=True)]
+    """Every (tile, epilogue) gemm_plan(int8=True) picks for GPT-2 small..xl: the planned split-K tiles
+    (fused_linear.planned_aot_kernels) and the unsplit tiles above M = 256 (fp16 with the LM head's
+    for prompt logits, and fp32), all on int8 codes."""
+    from kernels.launch_plan import UNSPLIT_INT8_TILES
+
+    specs = fl.planned_aot_kernels("int8_linear", int8=True)
+    for dtype, name in ((torch.float16, "int8_prefill"), (torch.float32, "fp32")):
+        for epi in ("ln+bias+kv", "ln+bias+gelu", "bias+residual") + (("lm-head wte^T",) if name != "fp32" else ()):
+            specs.append(fl._aot(f"int8_linear {name} {fl._TL_TYPES[dtype]} {epi}", UNSPLIT_INT8_TILES[name], dtype,
+                                 **fl._EPILOGUES[epi][1], split=False, int8=True))
+    return specs

@@ -1,22 +1,27 @@
 """Launch plans of the decode GEMMs and of paged decode attention: tiles, split, programs.
 
-GEMM (fused_linear's ln_linear). Decode and small-batch launches (M <= 256) are bandwidth bound:
-the weights are all of the traffic, so the launch must put >= 2 x SM-count programs in flight
-for every M, M = 1 included. The K dimension is cut into `split` ranges of k_per_split (a
-multiple of BLOCK_K); every (row tile, column tile, K range) is one program, and the last range of
-a tile to finish reduces the fp32 partials in the fixed order 0..split-1.
+GEMM (fused_linear's ln_linear on fp16/bf16/fp32 weights, int8_linear's int8_ln_linear on int8
+weight codes: one planner, `int8=True` selects the int8 kind). Decode and small-batch launches
+(M <= 256) are bandwidth bound: the weights are all of the traffic, so the launch must put
+>= 2 x SM-count programs in flight for every M, M = 1 included. The K dimension is cut into
+`split` ranges of k_per_split (a multiple of BLOCK_K); every (row tile, column tile, K range) is
+one program, and the last range of a tile to finish reduces the fp32 partials in the fixed order
+0..split-1.
 
-    reduction (BLOCK_N, BLOCK_K, k_per_split, split) = f(K, N, dtype, SM count)  -- never M
+    reduction (BLOCK_N, BLOCK_K, k_per_split, split) = f(K, N, dtype, weight kind, SM count)  -- never M
 
 So a row's sum is cut and ordered the same way whatever else is batched with it (the engine's
 batch invariance relies on that); M only changes the number of row tiles. Rows tiles are 16 rows
 (mma.sync m16) up to M = 64 and 64 rows up to M = 256, with the same BLOCK_N / BLOCK_K, so the
 program count grows with M and M = 1 is the binding case: cdiv(N, BLOCK_N) * split >= 2 * SMs.
-Among the (BLOCK_N, k_per_split) choices that meet it, the plan takes the one with the least extra
-traffic per row on top of the weights: the fp32 partials (split * N * 4 bytes written and read
-back) and the activation row re-read by every column tile (cdiv(N, BLOCK_N) * K * 2 bytes), wider
-BLOCK_N first on ties (fewer, longer coalesced rows). Where no choice reaches 2 x SMs (K too short
-to cut), the most programs wins. Above M = 256 (prefill chunks) the launcher uses unsplit
+Among the (BLOCK_N, BLOCK_K, k_per_split) choices that meet it, the plan takes the one with the
+least extra traffic per row on top of the weights: the fp32 partials (split * N * 4 bytes written
+and read back) and the activation row re-read by every column tile (cdiv(N, BLOCK_N) * K * 2
+bytes), wider BLOCK_N, then longer BLOCK_K, first on ties (fewer, longer coalesced rows). Where no
+choice reaches 2 x SMs (K too short to cut), the most programs wins. BLOCK_K is 64 for fp16/bf16
+weights and 32 for fp32; int8 codes may also take 128 (a 128-byte row segment of q per output
+channel, the same bytes per K tile as fp16 at 64), and fall back to 64 where 128 cannot fill the
+GPU (K = 768: 6 blocks of 128). Above M = 256 (prefill chunks) the launcher uses unsplit
 64 x 128 and 128 x 128 tiles (compute bound): those rows are reduced in one K loop.
 
 Paged decode attention. The context of every sequence is cut into fixed KV chunks of KV_CHUNK
@@ -78,6 +83,11 @@ UNSPLIT_TILES = {
     "prefill_sm90": TileConfig(128, 128, 64, 8, 8, 4),   # sm_90: two wgmma warpgroups
     "fp32": TileConfig(64, 64, 32, 8, 8, 2),
 }
+# int8 codes above SPLIT_MAX_M: one 64 x 128 tile (see int8_linear's docstring), fp32 as above.
+UNSPLIT_INT8_TILES = {
+    "int8_prefill": TileConfig(64, 128, 64, 8, 8, 3),    # 4 warps spill on sm_80 with the GELU epilogue
+    "fp32": UNSPLIT_TILES["fp32"],
+}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -91,26 +101,33 @@ def _is_fp32(dtype: torch.dtype) -> bool:
 _REDUCTIONS: dict[tuple, Reduction] = {}
 
 
-def reduction(K: int, N: int, dtype: torch.dtype, num_sms: int) -> Reduction:
-    """The M-independent K split of a decode GEMM (see the module docstring)."""
-    key = (K, N, dtype, num_sms)
+def _block_ks(dtype: torch.dtype, int8: bool) -> tuple[int, ...]:
+    if _is_fp32(dtype):
+        return (32,)
+    return (128, 64) if int8 else (64,)
+
+
+def reduction(K: int, N: int, dtype: torch.dtype, num_sms: int, *, int8: bool = False) -> Reduction:
+    """The M-independent K split of a decode GEMM with activations of `dtype` and weights of that
+    dtype (int8=False) or int8 codes (see the module docstring)."""
+    key = (K, N, dtype, num_sms, int8)
     found = _REDUCTIONS.get(key)
     if found is not None:
         return found
-    block_k = 32 if _is_fp32(dtype) else 64
-    k_blocks = _cdiv(K, block_k)
     target = PROGRAMS_PER_SM * num_sms
     best, best_rank = None, None
     for block_n in _BLOCK_NS:
-        tiles_n = _cdiv(N, block_n)
-        want = min(_cdiv(target, tiles_n), k_blocks)
-        k_per_split = (k_blocks // want) * block_k       # floor: cdiv(K, k_per_split) >= want
-        split = _cdiv(K, k_per_split)
-        programs = tiles_n * split
-        extra = (split * N * 8 if split > 1 else 0) + tiles_n * K * 2
-        rank = (programs < target, -programs if programs < target else extra, -block_n)
-        if best_rank is None or rank < best_rank:
-            best, best_rank = Reduction(block_n, block_k, k_per_split, split), rank
+        for block_k in _block_ks(dtype, int8):
+            k_blocks = _cdiv(K, block_k)
+            tiles_n = _cdiv(N, block_n)
+            want = min(_cdiv(target, tiles_n), k_blocks)
+            k_per_split = (k_blocks // want) * block_k       # floor: cdiv(K, k_per_split) >= want
+            split = _cdiv(K, k_per_split)
+            programs = tiles_n * split
+            extra = (split * N * 8 if split > 1 else 0) + tiles_n * K * 2
+            rank = (programs < target, -programs if programs < target else extra, -block_n, -block_k)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = Reduction(block_n, block_k, k_per_split, split), rank
     _REDUCTIONS[key] = best
     return best
 
@@ -122,18 +139,22 @@ def split_tile(M: int, red: Reduction, dtype: torch.dtype) -> tuple[str, TileCon
     return "batch", TileConfig(64, red.block_n, red.block_k, 8, 4 if red.block_n <= 64 else 8, 2 if _is_fp32(dtype) else 3)
 
 
-def gemm_plan(M: int, N: int, K: int, dtype: torch.dtype, capability: int, num_sms: int) -> GemmPlan:
+def gemm_plan(M: int, N: int, K: int, dtype: torch.dtype, capability: int, num_sms: int, *,
+              int8: bool = False) -> GemmPlan:
+    """Tiles, split and program count of one GEMM launch (int8: on int8 weight codes)."""
     if M <= SPLIT_MAX_M:
-        red = reduction(K, N, dtype, num_sms)
+        red = reduction(K, N, dtype, num_sms, int8=int8)
         name, tile = split_tile(M, red, dtype)
         return GemmPlan(name, tile, red.split, red.k_per_split, _cdiv(M, tile.block_m) * _cdiv(N, tile.block_n) * red.split)
     if _is_fp32(dtype):
         name = "fp32"
+    elif int8:
+        name = "int8_prefill"
     elif M <= SMALL_MAX_M:
         name = "small"
     else:
         name = "prefill_sm90" if capability >= 90 else "prefill"
-    tile = UNSPLIT_TILES[name]
+    tile = (UNSPLIT_INT8_TILES if int8 else UNSPLIT_TILES)[name]
     return GemmPlan(name, tile, 1, _cdiv(K, tile.block_k) * tile.block_k,
                     _cdiv(M, tile.block_m) * _cdiv(N, tile.block_n))
 
@@ -183,19 +204,21 @@ def _decode_launches(cfg):
 
 
 def plan_table(models: dict, num_sms: int, dtype: torch.dtype = torch.float16, block_size: int = 16) -> list[dict]:
-    """One row per decode launch of each model at each M of PLAN_MS (GEMMs, then paged attention at
-    a full context)."""
+    """One row per decode launch of each model at each M of PLAN_MS: the GEMMs on `dtype` weights,
+    the same GEMMs on int8 codes (launch names suffixed " int8", `weights` "int8"), then paged
+    attention at a full context."""
     rows = []
     elt = torch.finfo(dtype).bits // 8
     for model, cfg in models.items():
         for M in PLAN_MS:
-            for launch, K, N in _decode_launches(cfg):
-                plan = gemm_plan(M, N, K, dtype, 90, num_sms)
-                t = plan.tile
-                rows.append(dict(model=model, launch=launch, kind="gemm", M=M, K=K, N=N, split=plan.split,
-                                 programs=plan.programs, tile=f"{t.block_m}x{t.block_n}x{t.block_k}",
-                                 k_per_split=plan.k_per_split,
-                                 bytes_per_program=min(plan.k_per_split, K) * t.block_n * elt))
+            for int8, weights, suffix in ((False, str(dtype).removeprefix("torch."), ""), (True, "int8", " int8")):
+                for launch, K, N in _decode_launches(cfg):
+                    plan = gemm_plan(M, N, K, dtype, 90, num_sms, int8=int8)
+                    t = plan.tile
+                    rows.append(dict(model=model, launch=launch + suffix, kind="gemm", weights=weights, M=M, K=K, N=N,
+                                     split=plan.split, programs=plan.programs, tile=f"{t.block_m}x{t.block_n}x{t.block_k}",
+                                     k_per_split=plan.k_per_split,
+                                     bytes_per_program=min(plan.k_per_split, K) * t.block_n * (1 if int8 else elt)))
             splits = attention_splits(cfg.n_positions, block_size)
             head_dim = cfg.n_embd // cfg.n_head
             rows.append(dict(model=model, launch="attn.paged_decode", kind="attention", M=M, K=cfg.n_positions,
@@ -226,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_plan(rows))
     gemms = [r for r in rows if r["kind"] == "gemm"]
     short = [r for r in gemms if r["programs"] < PROGRAMS_PER_SM * args.sms]
-    print(f"\n{len(gemms) - len(short)} of {len(gemms)} decode GEMM launches have >= {PROGRAMS_PER_SM} x {args.sms} programs")
+    print(f"\n{len(gemms) - len(short)} of {len(gemms)} decode GEMM launches (fp16 and int8 weights) have "
+          f">= {PROGRAMS_PER_SM} x {args.sms} programs")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
