@@ -189,7 +189,10 @@ def draw_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) -> "Sampl
     """sample_next_tokens without waiting for the result: the draws are enqueued on logits' device."""
     if logits.shape[0] != len(states):
         raise ValueError(f"logits has {logits.shape[0]} rows for {len(states)} sequences")
-    scores = logits.float().clone()
+    # a copy only where some row's scores are written (processors, warpers); greedy reads the logits
+    writes = any(s.params.do_sample or s.params.reads_token_history or s.num_generated < s.params.min_new_tokens
+                 for s in states)
+    scores = logits.float().clone() if writes else logits.float()
     apply_repetition_penalty(scores, states)
     ban_repeated_ngrams(scores, states)
     mask_early_eos(scores, states)
