@@ -157,9 +157,11 @@ class LLMEngine:
             current = _Step(batch)
         uncommitted = [current]
         try:
+            if not self.async_scheduling:
+                return self.scheduler.postprocess(current.batch, self.runner.run(current.batch))
             if current.launched is None:
                 current.launched = self.runner.launch(current.batch)
-            if not (self.async_scheduling and self.scheduler.can_schedule_ahead(current.batch)):
+            if not self.scheduler.can_schedule_ahead(current.batch):
                 return self.scheduler.postprocess(current.batch, current.launched.outcomes())
             self.scheduler.advance(current.batch)
             batch = self.scheduler.schedule(preempt=False)     # None: commit first, then preempt

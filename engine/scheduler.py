@@ -88,13 +88,15 @@ class Scheduler:
         #    preempting the most recently admitted when the pool is dry
         units = [unit for unit in self._decode_units()
                  if all(seq.num_uncomputed == 1 and not seq.out_of_tokens for seq in unit)]
-        if not preempt and not self.block_manager.can_append_all([i for unit in units for i in self._needy(unit)]):
+        needs = [self._needy(unit) for unit in units]
+        # when all of them fit (an upper bound), no unit needs its own check
+        room = self.block_manager.can_append_all([seq_id for needy in needs for seq_id in needy])
+        if not (room or preempt):
             return None
-        for unit in units:
+        for unit, needy in zip(units, needs):
             if unit[0].status is not SequenceStatus.RUNNING or budget < len(unit):     # (preempted meanwhile)
                 continue
-            needy = self._needy(unit)
-            while unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
+            while not room and unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
                 self.preempt(self._newest_unscheduled(batch))
             if unit[0].status is not SequenceStatus.RUNNING:
                 continue
