@@ -11,6 +11,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from engine.host_staging import Readback, staging_for
 from engine.llm_engine import LLMEngine, StepError
 from engine.model import PagedGPT2
 from engine.model_runner import ModelRunner
@@ -175,6 +176,41 @@ def test_a_failed_step_rolls_back_both_steps_and_loses_no_token(models, monkeypa
     assert (overlapped.tokens, overlapped.reasons) == (expected.tokens, expected.reasons)
 
 
+def test_a_step_reads_its_tokens_back_once(models, monkeypatch):
+    """Outside the forward (whose CPU reference kernels read shapes back), an overlapped step reads
+    from tensors once: its previous step's tokens and logprobs, in one copy."""
+    model = models("torch")
+    engine = LLMEngine(model, block_size=4, num_blocks=64, async_scheduling=True)
+    for i, (_, prompt, params, _) in enumerate(REQUESTS[:3]):
+        engine.add_request(prompt, params)
+    engine.step()
+    reads, in_forward, real_forward = [], [False], PagedGPT2.forward
+
+    def forward(self, *args):
+        in_forward[0] = True
+        try:
+            return real_forward(self, *args)
+        finally:
+            in_forward[0] = False
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            if not in_forward[0]:
+                reads.append(name)
+            return real(self, *args)
+        return read
+
+    monkeypatch.setattr(PagedGPT2, "forward", forward)
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    for _ in range(3):
+        reads.clear()
+        assert len(engine.step()) == 3 and engine.in_flight is not None
+        assert reads == ["tolist"]
+
+
 def test_exponential_race_is_multinomials_draw():
     """The draw used on CUDA (no host sync) is torch.multinomial's, from the same generator state."""
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -200,3 +236,12 @@ def test_async_loop_matches_the_synchronous_loop_on_cuda(weights):
     g1, g2 = (torch.Generator(device="cuda").manual_seed(3) for _ in range(2))
     draws = [(torch.multinomial(probs, 1, generator=g1), exponential_race(probs, g2)) for _ in range(50)]
     assert all(torch.equal(a, b) for a, b in draws)
+
+
+@pytest.mark.cuda
+def test_pinned_staging_and_readback_on_cuda():
+    staging = staging_for(torch.device("cuda"))
+    first = staging.upload(list(range(5000)), torch.int64)     # grows the buffer
+    second = staging.upload([7] * 10, torch.int64)             # reuses it once the first copy has run
+    assert first.cpu().tolist() == list(range(5000)) and second.cpu().tolist() == [7] * 10
+    assert Readback(first[:3] * 2).values() == [0, 2, 4]
