@@ -219,6 +219,7 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 
 def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """argmax(p / q), q ~ Exp(1): index i wins with probability p_i (torch.multinomial's own draw)."""
     return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1, keepdim=True)
 
 
