@@ -88,7 +88,7 @@ class GPT2:
                  backend: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, source: str = "",
                  tokenizer_path=None, generation_config=None, enable_prefix_caching: bool = True,
-                 batch_invariant: bool = False, quantization: str | None = None):
+                 batch_invariant: bool = False, quantization: str | None = None, async_scheduling: bool | None = None):
         self.config = config
         self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -117,7 +117,8 @@ class GPT2:
                                                    max_num_seqs=max_num_seqs,
                                                    max_num_batched_tokens=max_num_batched_tokens,
                                                    enable_prefix_caching=enable_prefix_caching,
-                                                   batch_invariant=batch_invariant))
+                                                   batch_invariant=batch_invariant,
+                                                   async_scheduling=async_scheduling))
             # the router's thread stops when this object goes away (or at interpreter exit)
             weakref.finalize(self, self._router.shutdown)
 

@@ -58,6 +58,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams (default 1 = off)")
     gen.add_argument("--batch-invariant", action="store_true",
                      help="logits bitwise independent of the rest of the batch (fixed-shape kernels; slower)")
+    gen.add_argument("--sync-scheduling", action="store_true",
+                     help="no async scheduling (the next step is prepared only after this one's tokens are back)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_device_argument(gen)
     gen.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
@@ -98,6 +100,8 @@ def _build_model(args):
     runtime = {"device": args.device, "dtype": args.dtype, "backend": args.backend, "quantization": args.quantization}
     if args.batch_invariant:
         runtime["batch_invariant"] = True
+    if args.sync_scheduling:
+        runtime["async_scheduling"] = False
     if not args.random_weights:
         return GPT2.from_pretrained(args.model, **runtime)
     return GPT2.from_config(args.model, **({} if args.seed is None else {"seed": args.seed}), **runtime)

@@ -8,6 +8,30 @@ later from the tokens they had); an Exception is then raised as StepError naming
 were in it (KeyboardInterrupt and SystemExit propagate unchanged). So
 a retried step draws the same tokens, and no request loses or repeats a token.
 
+Async scheduling (async_scheduling=True; the default on CUDA) keeps the device busy while the host
+does its part of a step. With step n launched (ModelRunner.launch: nothing waits for the device),
+step() does
+
+    advance(n) -> schedule(n+1) -> launch(n+1) -> read back n's tokens -> commit(n) -> events of n
+
+so the host schedules and packs step n+1, and commits step n, while the device runs steps n and
+n+1; step n+1 is still in flight when step() returns. advance(n) writes what step n changes
+whatever it sampled (computed tokens, and a PLACEHOLDER token for each drawing sequence, whose
+position and slot follow from the lengths alone); step n+1's input for a placeholder is gathered on
+the device from step n's sampled-token tensor. Memory ordering: on CUDA everything (input copies,
+that gather, the forward, sampling, the readback copy) is on the model's current stream, so stream
+order makes the gather read step n's tokens after they are written, and a KV block freed on the
+host at commit(n) (a sequence that hit EOS at step n, whose step-(n+1) row is then discarded) is
+written again only by steps launched later, after step n+1 has read it. On a CPU device each launch
+has finished when it returns, so the same code runs in program order.
+
+The result is token for token the synchronous loop's: a step is scheduled ahead only when its
+structure and sampling cannot depend on the previous step's tokens (Scheduler.can_schedule_ahead:
+no beam group, no first sample forking return sequences, no repetition penalty or n-gram ban,
+which read the tokens on the host; and schedule(preempt=False): no preemption, whose victim could be
+in flight); otherwise step() launches and commits one step, as the synchronous loop does. A failure
+anywhere rolls back every step not committed yet (restoring their generators, newest first).
+
 Not thread-safe: one thread steps it (engine.router.RequestRouter in the API and the server).
 """
 from __future__ import annotations
@@ -18,9 +42,9 @@ import torch
 from engine.beam_search import BeamGroup
 from engine.block_manager import BlockManager, num_kv_blocks
 from engine.model import PagedGPT2
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.sampling import SamplingParams, generator_states, make_generator, restore_generators
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, TokenEvent
 
 
@@ -37,10 +61,19 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+class _Step:
+    """A scheduled step not committed yet: its batch, its draws' generator states before it, and its
+    launch once enqueued."""
+
+    def __init__(self, batch: ScheduledBatch):
+        self.batch, self.snapshot = batch, generator_states(batch.draws)
+        self.launched: LaunchedStep | None = None
+
+
 class LLMEngine:
     def __init__(self, model: PagedGPT2, *, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, use_cuda_graphs: bool | None = None,
-                 enable_prefix_caching: bool = True, batch_invariant: bool = False):
+                 enable_prefix_caching: bool = True, batch_invariant: bool = False, async_scheduling: bool | None = None):
         self.model, cfg = model, model.config
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -51,6 +84,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens or max(4096, cfg.n_positions))
         self.runner = ModelRunner(model, self.block_manager, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs,
                                   batch_invariant=batch_invariant)
+        # schedule step n+1 before step n's tokens are read back (module docstring); default: on CUDA
+        self.async_scheduling = model.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
+        self.in_flight: _Step | None = None     # launched by the last step(), not committed
         self.seq_ids = itertools.count()
         self.request_ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -109,19 +145,37 @@ class LLMEngine:
                 "prefix_cache_hits": bm.prefix_cache.hits if bm.prefix_cache else 0}
 
     def step(self) -> list[TokenEvent]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler can run none of its unfinished sequences (check max_num_batched_tokens)")
-            return []
-        snapshot = generator_states(batch.draws)
+        """Run a step and return its events (async scheduling: commit the step in flight, leaving
+        the next one in flight; the first call may return none)."""
+        current, self.in_flight = self.in_flight, None
+        if current is None:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("the scheduler can run none of its unfinished sequences (check max_num_batched_tokens)")
+                return []
+            current = _Step(batch)
+        uncommitted = [current]
         try:
-            sampled = self.runner.run(batch)
-            events = self.scheduler.postprocess(batch, sampled)
+            if not self.async_scheduling:
+                return self.scheduler.postprocess(current.batch, self.runner.run(current.batch))
+            if current.launched is None:
+                current.launched = self.runner.launch(current.batch)
+            if not self.scheduler.can_schedule_ahead(current.batch):
+                return self.scheduler.postprocess(current.batch, current.launched.outcomes())
+            self.scheduler.advance(current.batch)
+            batch = self.scheduler.schedule(preempt=False)     # None: commit first, then preempt
+            if batch is not None and batch.seqs:
+                uncommitted.append(_Step(batch))
+                uncommitted[1].launched = self.runner.launch(batch, previous=current.launched)
+            events = self.scheduler.commit(current.batch, current.launched.outcomes())
         except BaseException as exc:
-            restore_generators(snapshot)
-            self.scheduler.rollback(batch)
+            for step in reversed(uncommitted):
+                restore_generators(step.snapshot)
+            for step in uncommitted:
+                self.scheduler.rollback(step.batch)
             if not isinstance(exc, Exception):   # Ctrl-C and exits stay what they are
                 raise
-            raise StepError({seq.request_id for seq in batch.seqs}, exc) from exc
+            raise StepError({seq.request_id for step in uncommitted for seq in step.batch.seqs}, exc) from exc
+        self.in_flight = uncommitted[1] if len(uncommitted) > 1 else None
         return events

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import kernels
 from engine import torch_backend
 from engine.config import GPT2Config
+from engine.host_staging import PinnedStaging
 from engine.quantization import Int8Weight, check_quantization, int8_kernel_ops
 
 
@@ -221,23 +222,38 @@ def pack_step(vocab_size: int, device: torch.device, *, token_ids: list[int], po
               num_prefill_tokens: int, cu_seqlens_q: list[int] | None = None, slot_mapping: list[int] | None = None,
               cu_seqlens_k: list[int] | None = None, key_slots: list[int] | None = None,
               block_tables: list[list[int]] | None = None, context_lens: list[int] | None = None,
-              logits_indices: list[int] | None = None) -> StepInputs:
-    """StepInputs from host lists: one host-to-device copy per integer dtype, then views."""
+              logits_indices: list[int] | None = None, staging: PinnedStaging | None = None,
+              pending_tokens: torch.Tensor | None = None, pending_rows: list[int] | None = None,
+              pending_index: list[int] | None = None) -> StepInputs:
+    """StepInputs from host lists: one host-to-device copy per integer dtype (on CUDA non-blocking,
+    through `staging`'s pinned buffers), then views. Token rows `pending_rows` hold placeholders for
+    ids known only on the device (async scheduling: tokens the previous step sampled): row
+    pending_rows[i] takes pending_tokens[pending_index[i]], gathered on the device, so in stream order
+    after the step that wrote them."""
     embed = [i for pair in zip(token_ids, (vocab_size + p for p in positions)) for i in pair]
     offsets = list(range(0, len(embed), 2))
     width = max(map(len, block_tables)) if block_tables else 0
     tables = [b for row in block_tables for b in row + [0] * (width - len(row))] if block_tables else None  # pad: block 0
-    int64 = _to_device(torch.int64, device, embed_indices=embed, embed_offsets=offsets, slot_mapping=slot_mapping,
-                       key_slots=key_slots, logits_indices=logits_indices)
-    int32 = _to_device(torch.int32, device, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+    pending_at = [2 * row for row in pending_rows] if pending_rows else None    # the token's place in embed_indices
+    int64 = _to_device(torch.int64, device, staging, embed_indices=embed, embed_offsets=offsets,
+                       slot_mapping=slot_mapping, key_slots=key_slots, logits_indices=logits_indices,
+                       pending_at=pending_at, pending_index=pending_index if pending_at else None)
+    int32 = _to_device(torch.int32, device, staging, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        block_tables=tables, context_lens=context_lens)
     if tables is not None:
         int32["block_tables"] = int32["block_tables"].view(len(block_tables), width)
+    pending_at, pending_index = int64.pop("pending_at"), int64.pop("pending_index")
+    if pending_at is not None:
+        int64["embed_indices"][pending_at] = pending_tokens[pending_index]
     return StepInputs(num_prefill_tokens=num_prefill_tokens, **int64, **int32)
 
 
-def _to_device(dtype: torch.dtype, device: torch.device, **lists: list[int] | None) -> dict[str, torch.Tensor | None]:
+def _to_device(dtype: torch.dtype, device: torch.device, staging: PinnedStaging | None,
+               **lists: list[int] | None) -> dict[str, torch.Tensor | None]:
     present = {name: values for name, values in lists.items() if values is not None}
-    flat = torch.tensor([x for values in present.values() for x in values], dtype=dtype).to(device)
-    parts = dict(zip(present, flat.split([len(values) for values in present.values()])))
+    if not present:
+        return dict.fromkeys(lists)
+    flat = [x for values in present.values() for x in values]
+    tensor = staging.upload(flat, dtype) if staging is not None else torch.tensor(flat, dtype=dtype).to(device)
+    parts = dict(zip(present, tensor.split([len(values) for values in present.values()])))
     return {name: parts.get(name) for name in lists}

@@ -5,6 +5,12 @@ packs the step's tokens, replays CUDA graphs for decode-only steps, and samples.
                 forward (or graph replay) -> logits of the sampling rows -> one token per drawing
                 sequence (a request's first sample draws for all its return sequences), and one
                 proposed BeamStep per beam group from its members' rows (engine.beam_search)
+
+run(batch) is launch(batch).outcomes(). `launch` only enqueues work on the device (on CUDA its
+inputs go up through pinned buffers without waiting, and its tokens' readback is enqueued behind
+the sampling; beam proposals excepted, which read back), so the engine can launch the next step
+before reading this one's tokens: that step's placeholder tokens are then gathered on the device
+from this step's token tensor (pack_step's pending_*).
 """
 from __future__ import annotations
 
@@ -15,9 +21,32 @@ import torch
 from engine.batch_invariant import batch_invariant_model
 from engine.beam_search import BeamGroup, BeamStep
 from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
+from engine.host_staging import staging_for, upload
 from engine.model import PagedGPT2, StepInputs, pack_step
-from engine.sampling import SampledToken, sample_next_tokens
+from engine.sampling import SampledToken, SampledTokens, draw_tokens
 from engine.scheduler import ScheduledBatch
+from engine.sequence import PLACEHOLDER
+
+
+class LaunchedStep:
+    """A step enqueued on the device whose outcomes are not read back yet. `tokens` (int64 [D] on
+    the device, None without single draws) holds the tokens of its single (non-beam) draws, the
+    draw of sequence s in row `token_rows[s.seq_id]`."""
+
+    def __init__(self, batch: ScheduledBatch, sampled: SampledTokens | None, singles: list[int],
+                 beam_steps: dict[int, BeamStep]):
+        self.num_draws, self.singles, self.beam_steps, self._sampled = len(batch.draws), singles, beam_steps, sampled
+        self.tokens = sampled.tokens if sampled is not None else None
+        self.token_rows = {batch.draws[i].seq_id: row for row, i in enumerate(singles)}
+
+    def outcomes(self) -> list[SampledToken | BeamStep]:
+        """One outcome for each of batch.draws (reads the tokens back: waits for this step only)."""
+        outcomes: list[SampledToken | BeamStep | None] = [None] * self.num_draws
+        for i, token in zip(self.singles, self._sampled.result() if self._sampled is not None else []):
+            outcomes[i] = token
+        for i, step in self.beam_steps.items():
+            outcomes[i] = step
+        return outcomes
 
 
 class ModelRunner:
@@ -28,6 +57,7 @@ class ModelRunner:
         self.batch_invariant = batch_invariant
         self.model = batch_invariant_model(model) if batch_invariant else model
         self.block_manager = block_manager      # read here (tables, slots); written by the scheduler
+        self.staging = staging_for(model.device)     # pinned input buffers on CUDA, else None
         self.kv_cache = allocate_kv_cache(cfg, block_manager.num_blocks, block_manager.block_size, model.dtype,
                                           model.device)
         if use_cuda_graphs is None:
@@ -43,39 +73,41 @@ class ModelRunner:
         """Triton launches on the current CUDA device: make it the model's (e.g. cuda:1)."""
         return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken | BeamStep]:
         """One outcome for each of batch.draws: a token for a sequence, a BeamStep for a beam group."""
+        return self.launch(batch).outcomes()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Enqueue the step; `previous` is the launched step whose tokens are its placeholders."""
         with self.on_device():
             copy_blocks(self.kv_cache, batch.block_copies)
-            step, sampler_rows = self.prepare_step(batch)
+            step, sampler_rows = self.prepare_step(batch, previous)
             if self.graphs is not None and step.num_prefill_tokens == 0 and step.logits_indices is None:
                 logits = self.graphs.run(step)
             else:
                 logits = self.model.forward(step, self.kv_cache)
-            outcomes: list[SampledToken | BeamStep | None] = [None] * len(batch.draws)
             singles = [i for i, draw in enumerate(batch.draws) if not isinstance(draw, BeamGroup)]
+            sampled = None
             if singles:
                 rows = [sampler_rows[batch.draw_rows[i]] for i in singles]
-                sampled = sample_next_tokens(logits[rows] if rows != list(range(logits.shape[0])) else logits,
-                                             [batch.draws[i] for i in singles])
-                for i, token in zip(singles, sampled):
-                    outcomes[i] = token
-            for i, draw in enumerate(batch.draws):
-                if isinstance(draw, BeamGroup):
-                    outcomes[i] = draw.propose(logits[[sampler_rows[r] for r in batch.draw_rows[i]]])
-            return outcomes
+                picked = logits if rows == list(range(logits.shape[0])) else logits[upload(rows, torch.int64, logits.device)]
+                sampled = draw_tokens(picked, [batch.draws[i] for i in singles])
+            beam_steps = {i: draw.propose(logits[[sampler_rows[r] for r in batch.draw_rows[i]]])
+                          for i, draw in enumerate(batch.draws) if isinstance(draw, BeamGroup)}
+            return LaunchedStep(batch, sampled, singles, beam_steps)
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         with self.on_device():
             return self.model.prompt_logits(prompts)
 
-    def prepare_step(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int]]:
+    def prepare_step(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> tuple[StepInputs, list[int]]:
         """The step's device inputs, prefill chunks (> 1 token) first, then the one-token rows, which
         read their context through the block table (decode attention); and, for each of
         batch.samplers, its row in the logits. In batch-invariant mode every sequence's tokens are
-        prefill rows (one attention path for all)."""
+        prefill rows (one attention path for all). A sequence's last token may be a PLACEHOLDER for
+        its draw in `previous`, read from there on the device."""
         bm = self.block_manager
         as_prefill = [n > 1 or self.batch_invariant for n in batch.num_tokens]
         order = sorted(range(len(batch.seqs)), key=lambda i: not as_prefill[i])
@@ -83,10 +115,14 @@ class ModelRunner:
         logits_row = {}
         cu_q, cu_k, prefill_seqs, tables, context_lens = [0], [0], [], [], []
         has_prefix, num_prefill = False, 0
+        pending_rows, pending_index = [], []
         for i in order:
             seq, num_tokens = batch.seqs[i], batch.num_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
             ids += seq.token_ids[start:end]
+            if ids[-1] == PLACEHOLDER:
+                pending_rows.append(len(ids) - 1)
+                pending_index.append(previous.token_rows[seq.seq_id])
             positions += range(start, end)
             slots += (bm.slot(seq.seq_id, p) for p in range(start, end))
             if as_prefill[i]:
@@ -108,5 +144,7 @@ class ModelRunner:
                          cu_seqlens_q=cu_q if num_prefill else None,
                          cu_seqlens_k=cu_k if has_prefix else None, key_slots=key_slots,
                          block_tables=tables or None, context_lens=context_lens or None,
-                         logits_indices=None if len(logits_indices) == len(ids) else logits_indices)
+                         logits_indices=None if len(logits_indices) == len(ids) else logits_indices,
+                         staging=self.staging, pending_tokens=previous.tokens if pending_rows else None,
+                         pending_rows=pending_rows, pending_index=pending_index)
         return step, [logits_row[seq.seq_id] for seq in batch.samplers]

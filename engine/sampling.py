@@ -6,6 +6,10 @@ Order of operations (transformers' logits processors, then its warpers when samp
     -> greedy argmax, or one draw from softmax with the sequence's own torch.Generator.
 Every row carries its own parameters, so one batch mixes greedy and sampled sequences, and a
 sequence's draws depend only on its seed and its logits, not on what else is in the batch.
+
+`draw_tokens` only enqueues work (on CUDA the host never waits for the device there: parameters go
+up through pinned memory, draws avoid torch.multinomial's checks that read back) and enqueues the
+one readback of the step's tokens and logprobs; `SampledTokens.result()` waits for that copy.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
+
+from engine.host_staging import Readback, upload
 
 MAX_LOGPROBS = 20
 # Distinct seeds per prompt of a batch and per return sequence: seed * stride + index (mod 2^63).
@@ -67,6 +73,12 @@ class SamplingParams:
         if self.num_beams > 1 and self.logprobs is not None:
             raise ValueError("logprobs are not reported for beam search (num_beams > 1)")
 
+    @property
+    def reads_token_history(self) -> bool:
+        """Whether picking a token reads the sequence's earlier tokens on the host (repetition penalty,
+        n-gram ban), so that a step cannot sample before the previous step's token is known."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
     def for_prompt(self, row: int) -> "SamplingParams":
         """The parameters of the row-th prompt of a batch: with a seed, each prompt gets its own
         random stream (the same seed for two equal prompts must not give the same samples)."""
@@ -109,9 +121,10 @@ def apply_repetition_penalty(logits: torch.Tensor, states: Sequence[SamplingStat
     seen = [sorted(set(states[row].token_ids)) for row in rows]
     width = max(map(len, seen))
     # pad each row with one of its own ids: gather/scatter of a repeated id is idempotent
-    index = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in seen]).to(logits.device)
-    penalty = torch.tensor([states[row].params.repetition_penalty for row in rows])[:, None].to(logits.device)
-    rows_t = torch.tensor(rows).to(logits.device)
+    device = logits.device
+    index = upload([i for ids in seen for i in ids + ids[:1] * (width - len(ids))], torch.int64, device).view(-1, width)
+    penalty = upload([states[row].params.repetition_penalty for row in rows], torch.float32, device)[:, None]
+    rows_t = upload(rows, torch.int64, device)
     sub = logits[rows_t]
     values = sub.gather(1, index)
     sub.scatter_(1, index, torch.where(values < 0, values * penalty, values / penalty))
@@ -121,42 +134,47 @@ def apply_repetition_penalty(logits: torch.Tensor, states: Sequence[SamplingStat
 def ban_repeated_ngrams(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
     """no_repeat_ngram_size n: a token that would complete an n-gram already in the sequence
     (prompt included) gets -inf, as transformers' NoRepeatNGramLogitsProcessor."""
+    banned = []
     for row, state in enumerate(states):
         n, tokens = state.params.no_repeat_ngram_size, state.token_ids
         if n == 0 or len(tokens) < n:
             continue
         prefix = tuple(tokens[len(tokens) - n + 1:])
-        banned = {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
-        if banned:
-            logits[row, sorted(banned)] = float("-inf")
+        banned += ((row, t) for t in sorted({tokens[i + n - 1] for i in range(len(tokens) - n + 1)
+                                             if tuple(tokens[i:i + n - 1]) == prefix}))
+    _mask(logits, banned)
 
 
 def mask_early_eos(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
     """min_new_tokens: no EOS before it. EOS ids outside the vocabulary can never be drawn anyway."""
     vocab = logits.shape[-1]
-    for row, state in enumerate(states):
-        if state.num_generated < state.params.min_new_tokens:
-            eos = [e for e in state.params.eos_token_ids if 0 <= e < vocab]
-            if eos:
-                logits[row, eos] = float("-inf")
+    _mask(logits, [(row, e) for row, state in enumerate(states) if state.num_generated < state.params.min_new_tokens
+                   for e in state.params.eos_token_ids if 0 <= e < vocab])
+
+
+def _mask(logits: torch.Tensor, cells: list[tuple[int, int]]) -> None:
+    """-inf at these (row, token) cells: one index upload."""
+    if cells:
+        index = upload([i for cell in cells for i in cell], torch.int64, logits.device).view(-1, 2)
+        logits[index[:, 0], index[:, 1]] = float("-inf")
 
 
 def warp_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus), as transformers' warpers do, on rows [R, V]
     with per-row parameters (one batched pass, no per-row launches)."""
     device, vocab = logits.device, logits.shape[-1]
-    logits = logits / torch.tensor([p.temperature for p in params])[:, None].to(device)
+    logits = logits / upload([p.temperature for p in params], torch.float32, device)[:, None]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if min(top_k) < vocab:
-        kth_largest = logits.sort(dim=-1, descending=True).values.gather(1, torch.tensor(top_k)[:, None].to(device) - 1)
+        kth_largest = logits.sort(dim=-1, descending=True).values.gather(1, upload(top_k, torch.int64, device)[:, None] - 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params])
-    if bool((top_p < 1.0).any()):
+    if min(p.top_p for p in params) < 1.0:
+        top_p = upload([p.top_p for p in params], torch.float32, device)
         # Drop the tail whose total mass is <= 1 - top_p (ascending sort, as transformers does);
         # the most likely token always survives.
         sorted_logits, order = logits.sort(dim=-1)
         tail_mass = sorted_logits.softmax(-1).cumsum(-1)
-        drop = tail_mass <= (1 - top_p)[:, None].to(device)
+        drop = tail_mass <= (1 - top_p)[:, None]
         drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
@@ -164,44 +182,78 @@ def warp_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]) ->
 
 def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampledToken]:
     """Pick one token per row of logits [N, V] (fp32), one SampledToken per state."""
+    return draw_tokens(logits, states).result()
+
+
+def draw_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) -> "SampledTokens":
+    """sample_next_tokens without waiting for the result: the draws are enqueued on logits' device."""
     if logits.shape[0] != len(states):
         raise ValueError(f"logits has {logits.shape[0]} rows for {len(states)} sequences")
-    scores = logits.float().clone()
+    # a copy only where some row's scores are written (processors, warpers); greedy reads the logits
+    writes = any(s.params.do_sample or s.params.reads_token_history or s.num_generated < s.params.min_new_tokens
+                 for s in states)
+    scores = logits.float().clone() if writes else logits.float()
     apply_repetition_penalty(scores, states)
     ban_repeated_ngrams(scores, states)
     mask_early_eos(scores, states)
     next_tokens = scores.argmax(-1)
     sampled = [row for row, state in enumerate(states) if state.params.do_sample]
     if sampled:
-        rows = torch.tensor(sampled).to(scores.device)
+        rows = upload(sampled, torch.int64, scores.device)
         warped = warp_for_sampling(scores[rows], [states[row].params for row in sampled])
         scores[rows] = warped
         probs = warped.softmax(-1)
         # one draw per row from its own generator: a sequence's tokens depend on its seed alone
-        draws = [torch.multinomial(probs[i], 1, generator=states[row].generator) for i, row in enumerate(sampled)]
-        next_tokens[rows] = torch.cat(draws)
-    token_ids = next_tokens.tolist()     # the step's one device-to-host readback of tokens
-    logprobs = _logprobs(logits, next_tokens, states)
-    return [SampledToken(token, *logprobs.get(row, (None, None)),
-                         scores=scores[row] if state.params.output_scores else None)
-            for row, (token, state) in enumerate(zip(token_ids, states))]
+        next_tokens[rows] = torch.cat([_draw(probs[i], states[row].generator) for i, row in enumerate(sampled)])
+    return SampledTokens(logits, next_tokens, scores, states)
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, states: Sequence[SamplingState]) -> dict:
-    """row -> (logprob of its token, its top-n (token, logprob) pairs) for the rows that ask."""
-    rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
-    if not rows:
-        return {}
-    index = torch.tensor(rows, device=logits.device)
-    log_probs = torch.log_softmax(logits[index].float(), dim=-1)
-    chosen = log_probs.gather(1, tokens[index][:, None])[:, 0].tolist()
-    width = max(states[row].params.logprobs for row in rows)
-    top_values = top_ids = [[] for _ in rows]
-    if width:
-        values, ids = log_probs.topk(width, dim=-1)
-        top_values, top_ids = values.tolist(), ids.tolist()
-    return {row: (chosen[i], tuple(zip(top_ids[i], top_values[i]))[:states[row].params.logprobs])
-            for i, row in enumerate(rows)}
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index [1] drawn from probs [V], as torch.multinomial(probs, 1, generator=generator). On
+    CUDA by that function's own algorithm (argmax of probs / q, q ~ Exp(1) from the generator),
+    without its validity checks, which read values back and so wait for the device: the same draw
+    from the same generator state, leaving the generator in the same state."""
+    if probs.device.type != "cuda":
+        return torch.multinomial(probs, 1, generator=generator)
+    return exponential_race(probs, generator)
+
+
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """argmax(p / q), q ~ Exp(1): index i wins with probability p_i (torch.multinomial's own draw)."""
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1, keepdim=True)
+
+
+class SampledTokens:
+    """A step's drawn tokens on the device (`tokens` int64 [N]: async scheduling feeds them to the
+    next step there), with one readback of them and of the asked-for logprobs already enqueued
+    (a single float64 vector: token ids and fp32 log-probabilities are exact in it)."""
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor,
+                 states: Sequence[SamplingState]):
+        self.tokens, self._scores, self._states = tokens, scores, list(states)
+        self._logprob_rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
+        self._width = max((states[row].params.logprobs for row in self._logprob_rows), default=0)
+        parts = [tokens]
+        if self._logprob_rows:
+            index = upload(self._logprob_rows, torch.int64, logits.device)
+            log_probs = torch.log_softmax(logits[index].float(), dim=-1)
+            parts.append(log_probs.gather(1, tokens[index][:, None])[:, 0])
+            if self._width:
+                values, ids = log_probs.topk(self._width, dim=-1)
+                parts += [values.flatten(), ids.flatten()]
+        self._readback = Readback(torch.cat([part.double() for part in parts]))
+
+    def result(self) -> list[SampledToken]:
+        """One SampledToken per state; waits for this step's readback only."""
+        values, n, r, w = self._readback.values(), len(self._states), len(self._logprob_rows), self._width
+        chosen, top_values, top_ids = values[n:n + r], values[n + r:n + r + r * w], values[n + r + r * w:]
+        logprobs = {row: (chosen[i], tuple((int(t), v) for t, v in zip(top_ids[i * w:(i + 1) * w],
+                                                                        top_values[i * w:(i + 1) * w]))
+                          [:self._states[row].params.logprobs])
+                    for i, row in enumerate(self._logprob_rows)}
+        return [SampledToken(int(token), *logprobs.get(row, (None, None)),
+                             scores=self._scores[row] if state.params.output_scores else None)
+                for row, (token, state) in enumerate(zip(values[:n], self._states))]
 
 
 def generator_states(states: Sequence[SamplingState]) -> list[tuple[torch.Generator, torch.Tensor]]:

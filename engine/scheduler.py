@@ -8,7 +8,11 @@ chunk reaches the end of its token_ids. All of a sequence's tokens get their KV 
 admitted; after that it only needs one slot per generated token.
 
 `postprocess(batch, sampled)` is the only writer of sequence progress: computed tokens, forks of
-return sequences at a request's first sample, appended tokens, beam steps, finish and free.
+return sequences at a request's first sample, appended tokens, beam steps, finish and free. It is
+`advance` (what the step changes whatever it sampled: computed tokens, a PLACEHOLDER token per
+drawing sequence) then `commit` (the tokens themselves, events, forks, finishes). The engine's
+async scheduling calls them apart: it schedules the next step between the two, when
+`can_schedule_ahead` says the next step's structure cannot depend on this step's tokens.
 
 A beam group (engine.beam_search) is one unit: admitted with all its live members, decoded with all
 of them in one step (their rows form the group's one draw), preempted together. After a preemption
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from engine.beam_search import BeamGroup, BeamStep
 from engine.block_manager import BlockManager
 from engine.sampling import SampledToken
-from engine.sequence import Sequence, SequenceStatus, TokenEvent
+from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus, TokenEvent
 
 
 @dataclass
@@ -74,19 +78,25 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
-        """The step's sequences and token counts, and the copy-on-write block copies to apply first."""
+    def schedule(self, *, preempt: bool = True) -> ScheduledBatch | None:
+        """The step's sequences and token counts, and the copy-on-write block copies to apply first.
+        With preempt=False (a step is in flight), None instead when the pool may be too dry for the
+        decode slots: a preemption victim could be a sequence of the step in flight."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         # 1. decode slots for running sequences (a beam group's live members all together),
         #    preempting the most recently admitted when the pool is dry
-        for unit in self._decode_units():
-            if (unit[0].status is not SequenceStatus.RUNNING or budget < len(unit)     # (preempted meanwhile)
-                    or any(seq.num_uncomputed != 1 for seq in unit)):
+        units = [unit for unit in self._decode_units()
+                 if all(seq.num_uncomputed == 1 and not seq.out_of_tokens for seq in unit)]
+        needs = [self._needy(unit) for unit in units]
+        # when all of them fit (an upper bound), no unit needs its own check
+        room = self.block_manager.can_append_all([seq_id for needy in needs for seq_id in needy])
+        if not (room or preempt):
+            return None
+        for unit, needy in zip(units, needs):
+            if unit[0].status is not SequenceStatus.RUNNING or budget < len(unit):     # (preempted meanwhile)
                 continue
-            # a slot is needed unless the token's slot was allocated at admission (a prompt's last token)
-            needy = [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids)]
-            while unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
+            while not room and unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
                 self.preempt(self._newest_unscheduled(batch))
             if unit[0].status is not SequenceStatus.RUNNING:
                 continue
@@ -122,6 +132,10 @@ class Scheduler:
                     budget -= batch.num_tokens[-1]
         return batch
 
+    def _needy(self, unit: list[Sequence]) -> list[int]:
+        """The unit's sequences whose next token needs a slot (a prompt's last token got one at admission)."""
+        return [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids)]
+
     def _newest_unscheduled(self, batch: ScheduledBatch) -> Sequence:
         """The preemption victim: the most recently admitted running sequence not already in this
         step (a beam group's members are spread over `running`, so the newest may be scheduled)."""
@@ -152,24 +166,54 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
         """Commit a step: its tokens' K/V are now cached, first-sampled requests fork their return
         sequences (copy-on-write), every drawing sequence gets its token, beam groups take their
-        step (and, when done, deliver their hypotheses), finished ones are freed. The events are
+        step (and, when done, deliver their hypotheses), finished ones are freed."""
+        self.advance(batch)
+        return self.commit(batch, sampled)
+
+    def can_schedule_ahead(self, batch: ScheduledBatch) -> bool:
+        """Whether the next step may be scheduled after advance(batch), before its tokens are known:
+        not when the next step's structure or sampling depends on them (a beam group's step, a first
+        sample that forks return sequences, a sampler reading the token history on the host). A
+        preemption that it might need is schedule(preempt=False)'s to refuse."""
+        return not any(seq.forks for seq in batch.samplers) and not any(
+            isinstance(draw, BeamGroup) or draw.params.reads_token_history for draw in batch.draws)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """What the step writes whatever its tokens are: its tokens' K/V are cached (full blocks are
+        indexed for prefix caching: the device computes them before any later step reads them), and
+        each drawing sequence ends with a PLACEHOLDER, counted in num_generated, for its new token.
+        Sequences that ended since the step was launched (aborted, finished) are left alone."""
+        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
+            if seq.status is SequenceStatus.RUNNING:
+                seq.num_computed_tokens += num_tokens
+                self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        for draw, live in zip(batch.draws, self._live_draws(batch)):
+            if live and not isinstance(draw, BeamGroup):
+                draw.token_ids.append(PLACEHOLDER)
+                draw.num_generated += 1
+
+    def commit(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
+        """The rest of postprocess once the step's outcomes are known (after advance). The events are
         built before anything is written, and the writes cannot fail, so a step is either committed
-        with all its events or not at all."""
+        with all its events or not at all (then the engine rolls it back). A draw whose sequence
+        ended since the step was launched is dropped."""
         if len(sampled) != len(batch.draws):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(batch.draws)} drawing sequences")
+        live = self._live_draws(batch)
         # per draw: its events (a beam group has none until it is done, then all its hypotheses')
-        draw_events = [(draw.final_events(outcome.state) if outcome.done else []) if isinstance(draw, BeamGroup) else
-                       [TokenEvent(draw.request_id, draw.index, outcome.token_id, draw.finish_reason_after(outcome.token_id),
+        draw_events = [[] if not alive else
+                       (draw.final_events(outcome.state) if outcome.done else []) if isinstance(draw, BeamGroup) else
+                       [TokenEvent(draw.request_id, draw.index, outcome.token_id, draw.finish_reason_for(outcome.token_id),
                                    outcome.logprob, outcome.top_logprobs, outcome.scores)]
-                       for draw, outcome in zip(batch.draws, sampled)]
-        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed_tokens += num_tokens
-            self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+                       for draw, outcome, alive in zip(batch.draws, sampled, live)]
         for seq in batch.samplers:
-            for child in seq.forks:
-                self._admit_fork(seq, child)
-            seq.forks = []
-        for draw, outcome, events in zip(batch.draws, sampled, draw_events):
+            if seq.status is SequenceStatus.RUNNING:
+                for child in seq.forks:
+                    self._admit_fork(seq, child)
+                seq.forks = []
+        for draw, outcome, events, alive in zip(batch.draws, sampled, draw_events, live):
+            if not alive:
+                continue
             if isinstance(draw, BeamGroup):
                 self.num_generated_tokens += draw.num_beams
                 self.running += draw.commit(outcome, self.block_manager)
@@ -178,16 +222,26 @@ class Scheduler:
                         self._finish(member, "stop")
                 continue
             (event,) = events
-            draw.token_ids.append(event.token_id)
-            draw.num_generated += 1
+            draw.token_ids[-1] = event.token_id          # its PLACEHOLDER
             self.num_generated_tokens += 1
             if event.finish_reason is not None:
                 self._finish(draw, event.finish_reason)
         return [event for events in draw_events for event in events]
 
+    @staticmethod
+    def _live_draws(batch: ScheduledBatch) -> list[bool]:
+        """Per draw, whether its sampler (a beam group: its first live member) is still running."""
+        return [(draw.live[0] if isinstance(draw, BeamGroup) else batch.samplers[row]).status is SequenceStatus.RUNNING
+                for draw, row in zip(batch.draws, batch.draw_rows)]
+
     def rollback(self, batch: ScheduledBatch) -> None:
-        """Undo a step that failed before postprocess: its sequences give back their blocks and are
-        recomputed later from the tokens they had, so nothing a request produced is lost."""
+        """Undo a step that failed before its commit (advanced or not): its sequences drop a
+        placeholder token, give back their blocks and are recomputed later from the tokens they
+        had, so nothing a request produced is lost."""
+        for draw in batch.draws:
+            if not isinstance(draw, BeamGroup) and draw.token_ids[-1] == PLACEHOLDER:
+                draw.token_ids.pop()
+                draw.num_generated -= 1
         for seq in batch.seqs:
             if seq.status is SequenceStatus.RUNNING:
                 self.preempt(seq)

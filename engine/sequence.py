@@ -5,6 +5,10 @@ are forked off (sharing its KV blocks copy-on-write) at the request's first samp
 request is a BeamGroup of num_beams Sequences (engine.beam_search), scheduled as one unit. The scheduler
 moves a sequence between waiting, running and finished; `Scheduler.postprocess` is the only writer
 of its progress (computed tokens, appended tokens, finish).
+
+With async scheduling (engine.llm_engine) a step is scheduled before the previous step's tokens are
+read back: each sequence that drew in that step then ends its token_ids with PLACEHOLDER (already
+counted in num_generated), which the model runner fills on the device and the commit on the host.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from engine.beam_search import BeamGroup
+
+PLACEHOLDER = -1     # a token drawn on the device and not read back yet (never a real token id)
 
 
 class SequenceStatus(Enum):
@@ -55,13 +61,17 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def finish_reason_after(self, token: int) -> str | None:
-        """The reason appending this token would end the sequence ("stop", "length"), or None."""
+    @property
+    def out_of_tokens(self) -> bool:
+        """All max_new_tokens are drawn (the last maybe not read back yet): nothing more to decode."""
+        return self.num_generated >= self.params.max_new_tokens
+
+    def finish_reason_for(self, token: int) -> str | None:
+        """Why the sequence ends with `token` as its newest token (counted in num_generated already):
+        "stop" (eos), "length", or None."""
         if token in self.params.eos_token_ids:
             return "stop"
-        if self.num_generated + 1 >= self.params.max_new_tokens:
-            return "length"
-        return None
+        return "length" if self.out_of_tokens else None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="default: triton on CUDA, torch on CPU")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="a request's logits do not depend on what else is batched (bitwise; slower)")
+    parser.add_argument("--sync-scheduling", action="store_true",
+                        help="no async scheduling (the next step is prepared only after this one's tokens are back)")
 
 
 def int_at_least(minimum: int):
@@ -51,7 +53,7 @@ def model_spec(args) -> dict:
     """What a process needs to build the model and app (sent to each Ray replica)."""
     return {name: getattr(args, name) for name in ("model", "random_weights", "seed", "tokenizer", "served_model_name",
                                                    "api_key", "max_num_seqs", "max_queue", "device", "dtype", "backend",
-                                                   "batch_invariant")}
+                                                   "batch_invariant", "sync_scheduling")}
 
 
 def build_from_spec(spec: dict):
@@ -61,7 +63,7 @@ def build_from_spec(spec: dict):
     from engine.server.app import build_app
 
     runtime = dict(device=spec["device"], dtype=spec["dtype"], backend=spec["backend"], max_num_seqs=spec["max_num_seqs"],
-                   batch_invariant=spec["batch_invariant"])
+                   batch_invariant=spec["batch_invariant"], async_scheduling=False if spec["sync_scheduling"] else None)
     if spec["random_weights"]:
         if spec["model"] not in PRESETS:
             raise ValueError(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {spec['model']!r}")
