@@ -14,10 +14,13 @@ compiles each one for sm_80 (A100) and sm_90 (H100) with `triton.compile` and a 
                    the main loops, not in a prologue, an epilogue or a dead path
     vector stores  STG.E.128 in the SASS, for configurations that must store 16-byte vectors (the
                    LM head, whose odd N would otherwise force scalar stores)
+    prefetch       LDGSTS (cp.async) inside the loop bodies, for loops that must prefetch their
+                   next tiles (paged decode attention)
 
 Run it as `gpt2-engine kernels` or `python -m kernels.compile_report`; it exits non-zero when a
 configuration fails to compile, spills, exceeds shared memory, lacks the tensor-core instructions
-it is expected to use in its main loop, or lacks the vector stores it must make.
+it is expected to use in its main loop, lacks the vector stores it must make, or does not prefetch
+where it must.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ class AotKernel:
     tensor_cores: bool = True   # the SASS's loops must hold HMMA/HGMMA
     wgmma_on_sm90: bool = False  # on sm_90 it must be HGMMA specifically (large-tile GEMM/attention)
     vector_store: bool = False   # the SASS must hold 16-byte global stores (STG.E.128)
+    async_copies: bool = False   # the SASS's loops must hold cp.async (LDGSTS): a prefetching loop
 
 
 @dataclass
@@ -122,7 +126,7 @@ def inspect_kernel(spec: AotKernel, capability: int) -> ReportRow:
     row.registers = int(fields.get("REG", 0))
     row.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
     row.shared_bytes = max(int(compiled.metadata.shared), int(fields.get("SHARED", 0)))
-    hgmma, hmma = (mma_counts(sass, op) for op in ("HGMMA", "HMMA"))
+    hgmma, hmma = (counts_in_loops(sass, op) for op in ("HGMMA", "HMMA"))
     kind, (in_loops, total) = ("HGMMA", hgmma) if hgmma[1] else ("HMMA", hmma)
     row.mma_in_loops, row.mma_total = in_loops, total
     row.tensor_core_ops = f"{kind} {in_loops}/{total} in loops" if total else "none"
@@ -137,6 +141,8 @@ def inspect_kernel(spec: AotKernel, capability: int) -> ReportRow:
         row.problems.append("no HGMMA (wgmma) in a loop on sm_90")
     if spec.vector_store and not re.search(r"\bSTG\.E\.128\b", sass):
         row.problems.append("no 16-byte vector stores")
+    if spec.async_copies and not counts_in_loops(sass, "LDGSTS")[0]:
+        row.problems.append("no cp.async (LDGSTS) in a loop: the loop does not prefetch")
     return row
 
 
@@ -144,8 +150,8 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)")
 
 
-def mma_counts(sass: str, op: str) -> tuple[int, int]:
-    """(instructions `op` inside loop bodies, all of them) in cuobjdump SASS. A loop body is the
+def counts_in_loops(sass: str, op: str) -> tuple[int, int]:
+    """(instructions `op` (e.g. HMMA, LDGSTS) inside loop bodies, all of them) in cuobjdump SASS. A loop body is the
     address range [target, branch] of a branch whose target lies before it (a back edge)."""
     instructions = [(int(addr, 16), text) for addr, text in _SASS_LINE.findall(sass)]
     loops = [(int(m.group(1), 16), addr) for addr, text in instructions

@@ -18,8 +18,8 @@ ids are read from the table and its K/V rows gathered, 16 bytes per load along D
 owns tiles [s * T, (s + 1) * T) with T = KV_CHUNK / BLOCK_N fixed (kernels/launch_plan.py): how a
 sequence's softmax is cut depends on its own length only, never on what else is batched. S is
 sized by the block tables' width (no host sync); a split past a sequence's end is empty. The loop
-is software-pipelined: the K/V rows of tile i + 1 and the block ids of tile i + 2 are loaded
-before tile i is used, so a program keeps one tile's loads in flight while it computes. Each
+is software-pipelined by Triton (PIPELINE_STAGES): the K/V rows of the next tiles are copied
+asynchronously (cp.async) into shared memory while the current tile is computed. Each
 program streams its tiles with an online softmax in fp32, base 2 (q is prescaled by
 sm_scale * log2(e), so p = exp2(s - m)):
 
@@ -63,6 +63,9 @@ LOG2E = 1.4426950408889634
 # 8 warps over a 64-token tile: 2 rows of K and V per thread (16-byte loads), ~64 registers,
 # so 4 programs (32 warps) fit on an SM and keep enough K/V bytes in flight.
 DECODE_WARPS = 8
+# The decode loop's pipeline depth: 2 tiles of K and V in flight ahead of the one computed, in a
+# shared-memory ring (fp16: 32 KiB per program, so the 4 programs that the registers allow fit).
+PIPELINE_STAGES = tl.constexpr(3)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -142,29 +145,20 @@ def _paged_decode_kernel(
     m_i = tl.full([BLOCK_N], -1e30, dtype=tl.float32)                                  # [BLOCK_N]
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)                                        # [BLOCK_N]
     acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)                              # [BLOCK_N, HEAD_DIM]
-    # Table indices are clamped to the sequence's last used block, so every load is in bounds: rows
-    # past context_len re-read real cache rows (L1/L2 hits) and are masked out of the softmax;
-    # entries past the last used block are never read. Each row reads its block's id (rows of one
-    # block share the address). Pipeline: K/V of the current tile in registers, the next tile's
-    # K/V and the block ids of the one after are loaded before the current tile is used; the
-    # prefetch is masked off past the split's last tile (per token row, constant along D: the
-    # loads stay 16-byte vectors).
+    # Table indices are clamped to the sequence's last used block, so every load is in bounds and
+    # needs no mask: rows past context_len re-read real cache rows (L1/L2 hits) and are masked out
+    # of the softmax; entries past the last used block are never read. Each row reads its block's
+    # id (rows of one block share the address). Prefetch: Triton's software pipeliner
+    # (tl.range(..., num_stages=PIPELINE_STAGES)) turns the K/V gathers into cp.async copies into a
+    # shared-memory ring of PIPELINE_STAGES - 1 tiles, issued that many tiles ahead of the tile being
+    # computed (compile report: LDGSTS in the loop body, DEPBAR before the shared loads), so each
+    # program keeps the next tiles' K/V bytes in flight while it computes the current one.
     n = tile_lo * BLOCK_N + tl.arange(0, BLOCK_N)                                      # [BLOCK_N] token positions
-    split_end = tile_hi * BLOCK_N                                                      # first position past the split
-    live = n < split_end                                                               # [BLOCK_N]; all False if empty
-    block = tl.load(table_row + _table_index(n, last_block, BLOCK_SIZE), mask=live, other=0)   # [BLOCK_N]
-    kv_off = (block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE)[:, None] * stride_cs + head_off
-    k = tl.load(k_cache_ptr + kv_off, mask=live[:, None], other=0.0)                   # [BLOCK_N, HEAD_DIM]
-    v = tl.load(v_cache_ptr + kv_off, mask=live[:, None], other=0.0)
-    block_next = tl.load(table_row + _table_index(n + BLOCK_N, last_block, BLOCK_SIZE))  # ids of the next tile
-    for _tile in range(tile_lo, tile_hi):
-        n_next = n + BLOCK_N
-        has_next = (n_next < split_end)[:, None]                                       # [BLOCK_N, 1]
-        next_off = (block_next.to(tl.int64) * BLOCK_SIZE + n_next % BLOCK_SIZE)[:, None] * stride_cs + head_off
-        k_next = tl.load(k_cache_ptr + next_off, mask=has_next, other=0.0)
-        v_next = tl.load(v_cache_ptr + next_off, mask=has_next, other=0.0)
-        block_next = tl.load(table_row + _table_index(n_next + BLOCK_N, last_block, BLOCK_SIZE))
-
+    for _tile in tl.range(tile_lo, tile_hi, num_stages=PIPELINE_STAGES):
+        block = tl.load(table_row + _table_index(n, last_block, BLOCK_SIZE))          # [BLOCK_N] block ids
+        kv_off = (block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE)[:, None] * stride_cs + head_off
+        k = tl.load(k_cache_ptr + kv_off)                                              # [BLOCK_N, HEAD_DIM]
+        v = tl.load(v_cache_ptr + kv_off)
         valid = n < context_len
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)                         # [BLOCK_N]
         scores = tl.where(valid, scores, -float("inf"))
@@ -176,7 +170,7 @@ def _paged_decode_kernel(
         pv = tl.where(valid[:, None], p[:, None] * v.to(tl.float32), 0.0)              # [BLOCK_N, HEAD_DIM]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-        k, v, n = k_next, v_next, n_next
+        n += BLOCK_N
 
     m, l, a = _combine_softmax_states(m_i, l_i, acc)                                   # scalar, scalar, [HEAD_DIM]
     out_row = out_ptr + b * stride_ob + h * stride_oh + d                              # [HEAD_DIM]
@@ -465,6 +459,6 @@ def aot_kernels():
                 aligned=("q_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "context_lens_ptr", "out_ptr",
                          "ws_ptr", "counter_ptr",
                          "stride_qb", "stride_qh", "stride_cs", "stride_ch", "stride_ob", "stride_oh"),
-                tensor_cores=False,
+                tensor_cores=False, async_copies=True,
             ))
     return specs

@@ -1,5 +1,5 @@
-"""The compile report's SASS reading: tensor-core instructions count only inside loop bodies."""
-from kernels.compile_report import mma_counts
+"""The compile report's SASS reading: tensor-core instructions and async copies count only inside loop bodies."""
+from kernels.compile_report import counts_in_loops
 
 SASS = """
         /*0100*/                   HMMA.16816.F32 R4, R8, R12, R4 ;      /* prologue: not in a loop */
@@ -13,6 +13,12 @@ SASS = """
 
 
 def test_mma_counted_in_loops_only():
-    assert mma_counts(SASS, "HMMA") == (1, 3)
-    assert mma_counts(SASS, "HGMMA") == (1, 1)
-    assert mma_counts("", "HMMA") == (0, 0)
+    assert counts_in_loops(SASS, "HMMA") == (1, 3)
+    assert counts_in_loops(SASS, "HGMMA") == (1, 1)
+    assert counts_in_loops("", "HMMA") == (0, 0)
+
+
+def test_prefetching_copies_counted_in_loops_only():
+    sass = SASS.replace("HGMMA.64x128x16.F32 gdesc[UR4], RZ", "LDGSTS.E.BYPASS.LTC128B.128 [R2], desc[UR4][R6.64]")
+    assert counts_in_loops(sass, "LDGSTS") == (1, 1)
+    assert counts_in_loops(SASS, "LDGSTS") == (0, 0)
