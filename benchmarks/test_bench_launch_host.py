@@ -12,7 +12,8 @@ import torch
 
 from benchmarks.conftest import HAS_CUDA
 
-fl, pa, fa = (importlib.import_module(f"kernels.{name}") for name in ("fused_linear", "paged_attention", "flash_attention"))
+fl, pa, fa, i8 = (importlib.import_module(f"kernels.{name}")
+                  for name in ("fused_linear", "paged_attention", "flash_attention", "int8_linear"))
 C, H, D, B, BLOCK = 768, 12, 64, 8, 16
 
 
@@ -46,18 +47,21 @@ def _calls(device):
     q = _randn(B, H, D, device=device)
     tables = torch.arange(B * 64, dtype=torch.int32, device=device).view(B, 64)
     lens = torch.full((B,), 100, dtype=torch.int32, device=device)
+    qkv_int8 = i8.fold_layernorm_int8(_randn(C, device=device), _randn(C, device=device), _randn(C, 3 * C, device=device),
+                                      _randn(3 * C, device=device))
     qp = _randn(256, H, D, device=device)
     cu = torch.tensor([0, 128, 256], dtype=torch.int32, device=device)
     return {
         "ln_linear qkv+kv-write": lambda: fl.ln_linear(x, None, None, qkv, None, kv_cache=(k_cache, v_cache, slots)),
         "ln_linear proj+residual": lambda: fl.ln_linear(x, None, None, proj, proj_b, residual=residual),
+        "int8_ln_linear qkv+kv-write": lambda: i8.int8_ln_linear(x, None, None, qkv_int8, kv_cache=(k_cache, v_cache, slots)),
         "paged_decode_attention": lambda: pa.paged_decode_attention(q, k_cache, v_cache, tables, lens),
         "flash_attention varlen": lambda: fa.flash_attention(qp, qp, qp, cu),
     }
 
 
-@pytest.mark.parametrize("launcher", ["ln_linear qkv+kv-write", "ln_linear proj+residual", "paged_decode_attention",
-                                      "flash_attention varlen"])
+@pytest.mark.parametrize("launcher", ["ln_linear qkv+kv-write", "ln_linear proj+residual", "int8_ln_linear qkv+kv-write",
+                                      "paged_decode_attention", "flash_attention varlen"])
 def test_bench_launcher_host_time(benchmark, stubbed, launcher):
     benchmark.group = "launcher-host-time" + ("" if HAS_CUDA else " (kernel stubbed, interpreter)")
     call = _calls(stubbed)[launcher]
