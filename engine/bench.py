@@ -6,7 +6,7 @@ Method. Each system generates `new_tokens` greedy tokens for a batch of random p
 `prompt_len` tokens (EOS disabled, so every row decodes the full length). A timestamp is taken
 after the prefill and after every decode step (engine: around `LLMEngine.step`; eager baseline:
 its per-token callback; transformers: a logits processor, which runs once per step right after
-the forward; CTranslate2: its per-token callback of batch row 0). One run's decode tokens/s =
+the forward; CTranslate2: its per-token callback of batch row 0, in the worker process it runs in). One run's decode tokens/s =
 batch / median step interval; prefill tokens/s = batch * prompt_len / prefill time. GPU work is
 synchronised before each timestamp. One warm-up run per (system, batch) is excluded.
 

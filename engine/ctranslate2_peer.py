@@ -7,13 +7,23 @@ The converter reads a tokenizer from the model directory for the vocabulary only
 feeds token ids, so a synthetic GPT-2 tokenizer with one placeholder token per id (EOS at its id,
 no merges) is written beside the model: any vocabulary size works, no tokenizer files are needed.
 
+Its own process: the Generator runs in a worker process (multiprocessing, spawn) that the peer
+starts and stops. In the bench's process, CTranslate2's own OpenMP runtime and oneDNN beside
+torch's slowed the engine's decode step by ~30% for the rest of the process once CTranslate2 had
+run (measured twice; not so with CTranslate2 in another process), which would bias every ratio.
+
 Timing: `generate_batch(..., callback=...)` calls back once per generated token of each batch row;
-the clock stamps row 0's callbacks, which come once per decode step (like the other systems).
+the worker stamps row 0's callbacks, which come once per decode step (like the other systems), with
+time.perf_counter (CLOCK_MONOTONIC: one clock for both processes) and returns the stamps.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import multiprocessing
 import tempfile
+import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -22,11 +32,8 @@ COMPUTE_TYPES = {"float32": {"cpu": "float32", "cuda": "float32"}, "int8": {"cpu
 
 
 def available() -> bool:
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ctranslate2 is installed (found, not imported: its native code runs only in the worker)."""
+    return importlib.util.find_spec("ctranslate2") is not None
 
 
 def _write_placeholder_tokenizer(directory: Path, vocab_size: int, eos_token_id: int) -> None:
@@ -39,10 +46,10 @@ def _write_placeholder_tokenizer(directory: Path, vocab_size: int, eos_token_id:
 
 
 class CTranslate2Peer:
-    """A ctranslate2.Generator on a conversion of `hf_model`, with the token strings of each id."""
+    """A ctranslate2.Generator on a conversion of `hf_model`, in a worker process; with the token
+    strings of each id. close() (or garbage collection, or exit) stops the worker."""
 
     def __init__(self, hf_model, quantization: str, device: torch.device, workdir: Path | None = None):
-        import ctranslate2
         from transformers.utils import logging as hf_logging
 
         if quantization not in COMPUTE_TYPES:
@@ -51,28 +58,88 @@ class CTranslate2Peer:
         root = Path(workdir or self._tmp.name)
         hf_dir, out_dir = root / "hf", root / f"ct2-{quantization}"
         config = hf_model.config
-        hf_logging.disable_progress_bar()   # saving and converting: no progress bars inside the bench's own
+        hf_logging.disable_progress_bar()   # no progress bars inside the bench's own
         try:
             hf_model.save_pretrained(hf_dir)
-            _write_placeholder_tokenizer(hf_dir, config.vocab_size, config.eos_token_id)
-            ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out_dir), quantization=quantization, force=True)
         finally:
             hf_logging.enable_progress_bar()
+        _write_placeholder_tokenizer(hf_dir, config.vocab_size, config.eos_token_id)
+        # everything that runs CTranslate2's native code (converting, loading, generating) is in the worker
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._worker = context.Process(
+            target=_serve, daemon=True, name=f"ctranslate2-{quantization}",
+            args=(child, str(hf_dir), str(out_dir), quantization, device.type, COMPUTE_TYPES[quantization][device.type],
+                  torch.get_num_threads() if device.type == "cpu" else 0))
+        self._worker.start()
+        child.close()
+        self._finalizer = weakref.finalize(self, _stop, self._conn, self._worker)
+        self._reply()   # converted and loaded
         self.tokens = json.loads((out_dir / "vocabulary.json").read_text())
-        self.generator = ctranslate2.Generator(str(out_dir), device=device.type, compute_type=COMPUTE_TYPES[quantization][device.type],
-                                               intra_threads=torch.get_num_threads() if device.type == "cpu" else 0)
+
+    def _reply(self):
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the CTranslate2 worker exited (code {self._worker.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"CTranslate2 worker: {value}")
+        return value
+
+    def generate(self, batch: list[list[str]], new_tokens: int) -> tuple[list[list[int]], float, list[float]]:
+        """(ids of each row, start time, row 0's per-step stamps) of one greedy generation."""
+        self._conn.send((batch, new_tokens))
+        return self._reply()
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _stop(conn, worker) -> None:
+    try:
+        conn.send(None)
+    except OSError:
+        pass
+    worker.join(timeout=10)
+    if worker.is_alive():
+        worker.kill()
+    conn.close()
+
+
+def _serve(conn, hf_dir: str, out_dir: str, quantization: str, device: str, compute_type: str, threads: int) -> None:
+    """Worker process: convert the saved model, load the Generator, then run each (batch,
+    new_tokens) request until None."""
+    try:
+        import ctranslate2
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        ctranslate2.converters.TransformersConverter(hf_dir).convert(out_dir, quantization=quantization, force=True)
+        generator = ctranslate2.Generator(out_dir, device=device, compute_type=compute_type, intra_threads=threads)
+        conn.send(("ok", None))
+    except Exception as exc:   # reported to the parent, which raises it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    while (request := conn.recv()) is not None:
+        batch, new_tokens = request
+        stamps: list[float] = []
+
+        def on_step(step) -> bool:
+            if step.batch_id == 0:
+                stamps.append(time.perf_counter())
+            return False   # keep going
+
+        try:
+            start = time.perf_counter()
+            results = generator.generate_batch(batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
+                                                include_prompt_in_result=False, callback=on_step)
+            conn.send(("ok", ([r.sequences_ids[0] for r in results], start, stamps)))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def run_ctranslate2(peer: CTranslate2Peer, prompts: torch.Tensor, new_tokens: int, clock) -> list[list[int]]:
-    """Greedy generation of exactly new_tokens per row (EOS suppressed by min_length); returns the ids."""
-    batch = [[peer.tokens[i] for i in row] for row in prompts.tolist()]
-
-    def on_step(step) -> bool:
-        if step.batch_id == 0:
-            clock.stamp()
-        return False   # keep going
-
-    clock.begin()
-    results = peer.generator.generate_batch(batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
-                                            include_prompt_in_result=False, callback=on_step)
-    return [r.sequences_ids[0] for r in results]
+    """Greedy generation of exactly new_tokens per row (EOS suppressed by min_length); returns the ids.
+    The clock gets the worker's start and per-step stamps (CPU peer: no device to synchronise)."""
+    ids, clock.start, clock.stamps = peer.generate([[peer.tokens[i] for i in row] for row in prompts.tolist()], new_tokens)
+    return ids

@@ -1,5 +1,7 @@
 """The bench command end to end on a tiny checkpoint: it runs, and what it writes is complete."""
 import json
+import multiprocessing
+import sys
 
 import pytest
 import torch
@@ -74,6 +76,10 @@ def test_ctranslate2_peer_generates_what_the_engine_generates():
     ids = ctranslate2_peer.run_ctranslate2(peer, prompts, 6, clock)
     expected = model.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=None)[:, 7:]
     assert ids == expected.tolist() and len(clock.stamps) == 6
+    workers = [p for p in multiprocessing.active_children() if p.name == "ctranslate2-float32"]
+    assert len(workers) == 1 and "ctranslate2" not in sys.modules   # its native code runs in the worker only
+    peer.close()
+    assert not workers[0].is_alive()
 
 
 def test_roofline_counts_weights_once_and_kv_per_token():
