@@ -310,7 +310,7 @@ def _store_choice(path: Path, key: str, name: str) -> None:
 def _choose(key: tuple, candidates, weight, epilogue: Epilogue) -> str:
     """The path name for a key: this process's choice, else the cache file's, else a probe's."""
     if key not in _CHOICES:
-        path, text_key = cache_file(), f"{key[0]}x{key[1]} {_epilogue_label(key[2])} {' | '.join(map(str, key[3:]))}"
+        path, text_key = cache_file(), f"{_label(key)} {' | '.join(map(str, key[4:]))}"
         names = {p.name for p in candidates}
         stored = _stored_choices(path).get(text_key) if path is not None else None
         if stored in names:
@@ -343,11 +343,14 @@ def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candid
 
 def chosen_paths() -> dict[str, str]:
     """The probe's choices so far, as 'in x out epilogue dtype -> path' (for reports)."""
-    return {f"{k[0]}x{k[1]} {_epilogue_label(k[2])} {k[3]}": name for k, name in _CHOICES.items()}
+    return {_label(key): name for key, name in _CHOICES.items()}
 
 
-def _epilogue_label(e: Epilogue) -> str:
-    return "+".join(n for n, on in (("bias", e.bias), ("gelu", e.gelu), ("residual", e.residual)) if on) or "plain"
+def _label(key: tuple) -> str:
+    """'in x out epilogue dtype' of a choice key."""
+    in_features, out_features, e, dtype = key[:4]
+    epilogue = "+".join(n for n, on in (("bias", e.bias), ("gelu", e.gelu), ("residual", e.residual)) if on) or "plain"
+    return f"{in_features}x{out_features} {epilogue} {dtype}"
 
 
 def _copy(weight):
