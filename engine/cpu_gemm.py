@@ -20,10 +20,13 @@ Fixed after load: a linear's path never changes with the batch size M of a call,
 which path another batch size would have preferred (batch invariance, issue 14; the library kernel
 inside one path may still block differently by M).
 
-Candidates, fp32: "onednn_m1" / "onednn_m8" (weight reordered once into oneDNN's blocked layout for
+Candidates, fp32: "stream" (our own streaming GEMM, kernels/cpu/stream_gemm.cpp, built for this CPU on
+first use: measured 24-31 GB/s where the library paths streamed 12-25 on an AVX-512 EPYC; bias and
+residual fused), "onednn_m1" / "onednn_m8" (weight reordered once into oneDNN's blocked layout for
 batch 1 or 8, fused post-ops),
 "matmul_in_out" (torch.addmm on W [in, out], MKL/OpenBLAS), "matmul_out_in" (F.linear on W [out, in]).
-Int8 (engine/quantization.py codes q [out, in], fp32 scales): "int8_bag_<splits>" (fbgemm's int8
+Int8 (engine/quantization.py codes q [out, in], fp32 scales): "int8_stream" (the streaming GEMM on int8
+codes, widened to fp32 in registers), "int8_bag_<splits>" (fbgemm's int8
 embedding bag, which streams one byte per weight: measured 4x faster than fp32 at batch 1 on an
 AVX-512 EPYC), "int8_dequant_<KiB>" (widen a chunk
 of rows of q to fp32 into a reused scratch buffer that stays in cache, F.linear on it, scale the
@@ -39,6 +42,7 @@ import platform
 import tempfile
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.quantization import Int8Weight
+from kernels import cpu as cpu_kernels
+from kernels.cpu import stream_gemm as cpu_stream_gemm
 
 PROBE_BATCHES = (1, 8, 64)   # decode batches, timed on cold weights; and a prefill-sized guard, on one copy
 _COLD_BATCHES = 8
@@ -71,6 +77,39 @@ def _finish(y: torch.Tensor, activation, residual) -> torch.Tensor:
     if residual is not None:
         y.add_(residual)
     return y
+
+
+@functools.cache
+def cpu_kernel_library():
+    """kernels/cpu built for this CPU (kept in cache_dir()), or None, with one warning, where no C++
+    compiler can build it: then the library paths remain."""
+    try:
+        return cpu_kernels.library(None if cache_dir() is None else cache_dir() / "kernels")
+    except cpu_kernels.BuildError as err:
+        warnings.warn(f"gpt2-engine: the C++ CPU kernels are unavailable ({err}); CPU linears use the library "
+                      "GEMMs and decode attention the gather path")
+        return None
+
+
+class Streaming:
+    """Our streaming GEMM (kernels/cpu/stream_gemm.cpp) on fp32 weights or int8 codes: the LayerNorm
+    before it, bias, GELU and residual in its epilogue, all in one call."""
+
+    def __init__(self, int8: bool):
+        self.int8, self.name = int8, "int8_stream" if int8 else "stream"
+
+    @staticmethod
+    def available(dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 and cpu_kernel_library() is not None
+
+    def prepare(self, weight):
+        if self.int8:
+            return cpu_stream_gemm.pack(weight.q, weight.scale, lib=cpu_kernel_library())
+        return cpu_stream_gemm.pack(weight, lib=cpu_kernel_library())
+
+    def __call__(self, packed, h, bias, activation, residual, layer_norm=None):
+        return cpu_stream_gemm.stream_linear(h, packed, bias, activation=activation, residual=residual,
+                                             layer_norm=layer_norm)
 
 
 class OneDnnPacked:
@@ -254,13 +293,14 @@ def cpu_signature() -> str:
 
 
 def fp32_candidates(dtype: torch.dtype) -> list:
-    return [p for p in (OneDnnPacked(1), OneDnnPacked(8), Blas("in_out"), Blas("out_in")) if p.available(dtype)]
+    paths = (Streaming(int8=False), OneDnnPacked(1), OneDnnPacked(8), Blas("in_out"), Blas("out_in"))
+    return [p for p in paths if p.available(dtype)]
 
 
 @functools.cache
 def int8_candidates() -> tuple:
     llc = llc_bytes()
-    paths = (Int8EmbeddingBag(2), Int8EmbeddingBag(8), Int8Dequant(llc // 4), Int8PackMM())
+    paths = (Streaming(int8=True), Int8EmbeddingBag(2), Int8EmbeddingBag(8), Int8Dequant(llc // 4), Int8PackMM())
     return tuple(p for p in paths if p.available(torch.float32))
 
 
@@ -272,19 +312,29 @@ class CpuLinear:
     in_features: int
     out_features: int
 
-    def __call__(self, h, bias=None, activation=None, residual=None):
-        return self.path(self.weight, h, bias, activation, residual)
+    def __call__(self, h, bias=None, activation=None, residual=None, layer_norm=None):
+        """y = act(LN(h) @ W^T + bias) + residual; layer_norm = (weight, bias, eps) or None (no LN)."""
+        if isinstance(self.path, Streaming):
+            return self.path(self.weight, h, bias, activation, residual, layer_norm)
+        if layer_norm is not None:
+            h = F.layer_norm(h, (h.shape[-1],), layer_norm[0], layer_norm[1], layer_norm[2])
+        return self.path(self.weight, h.contiguous(), bias, activation, residual)
 
 
 _CHOICES: dict[tuple, str] = {}
 
 
-def cache_file() -> Path | None:
-    """Where probe choices persist between processes: cpu_gemm_paths.json in $GPT2_ENGINE_CACHE_DIR
-    (default ~/.cache/gpt2-engine; "off": in-process only). A CLI call or a server start on a
-    machine that has probed these shapes before loads without probing again."""
+def cache_dir() -> Path | None:
+    """$GPT2_ENGINE_CACHE_DIR (default ~/.cache/gpt2-engine; "off": None, nothing kept between processes)."""
     root = os.environ.get("GPT2_ENGINE_CACHE_DIR", str(Path.home() / ".cache" / "gpt2-engine"))
-    return None if root == "off" else Path(root) / "cpu_gemm_paths.json"
+    return None if root == "off" else Path(root)
+
+
+def cache_file() -> Path | None:
+    """Where probe choices persist between processes: cpu_gemm_paths.json in cache_dir(). A CLI call or
+    a server start on a machine that has probed these shapes before loads without probing again."""
+    root = cache_dir()
+    return None if root is None else root / "cpu_gemm_paths.json"
 
 
 def _stored_choices(path: Path) -> dict[str, str]:

@@ -94,11 +94,12 @@ class PagedGPT2:
         self.device, self.dtype = torch.device(device), dtype
         self.quantization = check_quantization(quantization)
         self.ops = KernelOps.for_backend(backend)
-        # The torch backend builds the paged-attention gather index once per step; on CPU it runs
-        # each GEMM on the path a load-time probe picked for it (engine/torch_backend.py, cpu_gemm.py).
+        # The torch backend's decode attention: on CPU our C++ kernel, else the gather index built once per
+        # step; on CPU it runs each GEMM on the path a load-time probe picked for it (engine/torch_backend.py,
+        # cpu_gemm.py).
         cpu_paths = backend == "torch" and torch_backend.supported(self.device, dtype)
         if backend == "torch":
-            self.ops = dataclasses.replace(self.ops, paged_decode_attention=torch_backend.PagedDecodeAttention())
+            self.ops = dataclasses.replace(self.ops, paged_decode_attention=torch_backend.decode_attention(self.device, dtype))
         if cpu_paths:
             self.ops = dataclasses.replace(self.ops, ln_linear=torch_backend.ln_linear, ln_gelu_mlp=torch_backend.ln_gelu_mlp)
         elif self.quantization:

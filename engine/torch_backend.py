@@ -8,21 +8,24 @@ epilogue (bias, GELU-tanh, residual) done by that path; results equal the refere
 rounding (accumulation order only), or for int8 weights equal the int8 reference
 (kernels.int8_linear.int8_ln_linear_ref).
 
-Paged decode attention with the gather index built once per step: every layer of a step gets the
-same block tables and context lengths, so PagedDecodeAttention computes the reference's index on
-the first layer and reuses it (measured 1.4 ms of a 27 ms GPT-2-small decode step otherwise).
+Paged decode attention (decode_attention): on CPU in fp32 our C++ kernel, which reads K and V in place
+from the pools (kernels/cpu/paged_attention.cpp); elsewhere, or where it cannot be built, the reference
+with its gather index built once per step: every layer of a step gets the same block tables and context
+lengths, so PagedDecodeAttention computes the index on the first layer and reuses it.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import functools
 
-from engine.cpu_gemm import CpuLinear, Epilogue, prepare_linear
+import torch
+
+from engine.cpu_gemm import CpuLinear, Epilogue, cpu_kernel_library, prepare_linear
+from kernels.cpu import paged_attention as cpu_paged_attention
 from kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
 from kernels.paged_attention import gathered_decode_attention, paged_gather_index
 
 __all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "ln_linear", "ln_gelu_mlp", "mlp_of",
-           "PagedDecodeAttention"]
+           "PagedDecodeAttention", "decode_attention"]
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -39,11 +42,21 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {weight.in_features}")
-    h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if ln_weight is not None else x
-    y = weight(h.contiguous(), bias, activation, residual)
+    y = weight(x, bias, activation, residual, layer_norm=(ln_weight, ln_bias, eps) if ln_weight is not None else None)
     if kv_cache is not None:
-        write_kv_columns_ref(y, kv_cache)
+        _write_kv_columns(y, kv_cache)
     return y
+
+
+def _write_kv_columns(qkv, kv_cache) -> None:
+    """write_kv_columns_ref's contract; in fp32 through our C++ write where it is built (one call
+    instead of the reference's mask check and two index copies)."""
+    lib = cpu_kernel_library()
+    if lib is None or qkv.dtype != torch.float32:
+        return write_kv_columns_ref(qkv, kv_cache)
+    k_cache, v_cache, slot_mapping = kv_cache
+    _, k, v = qkv.view(qkv.shape[0], 3, *k_cache.shape[2:]).unbind(1)
+    cpu_paged_attention.write_kv(k, v, k_cache, v_cache, slot_mapping, lib=lib)
 
 
 def mlp_of(linear):
@@ -55,6 +68,14 @@ def mlp_of(linear):
 
 
 ln_gelu_mlp = mlp_of(ln_linear)
+
+
+def decode_attention(device: torch.device, dtype: torch.dtype):
+    """kernels.paged_decode_attention's contract for the torch backend on `device` / `dtype`."""
+    lib = cpu_kernel_library() if supported(device, dtype) else None
+    if lib is None:
+        return PagedDecodeAttention()
+    return functools.partial(cpu_paged_attention.paged_decode_attention, lib=lib)
 
 
 class PagedDecodeAttention:

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from engine import cpu_gemm, torch_backend
+from engine.api import GPT2
+from kernels import cpu as cpu_kernels
 from engine.quantization import Int8Weight
 from kernels.fused_linear import ln_gelu_mlp_ref, ln_linear_ref
 from kernels.int8_linear import int8_ln_linear_ref
 from kernels.paged_attention import paged_decode_attention_ref
+from tests.engine.tiny_models import tiny_hf_model
 
 FP32_PATHS = cpu_gemm.fp32_candidates(torch.float32)
 INT8_PATHS = [*cpu_gemm.int8_candidates(), cpu_gemm.Int8Dequant(chunk_bytes=4 * 72 * 7)]   # 7-row chunks: the multi-chunk loop
@@ -140,3 +143,25 @@ def test_paged_attention_reuses_its_index_only_for_the_same_unchanged_tensors():
     torch.testing.assert_close(attention(q, k_cache, v_cache, tables, lens), paged_decode_attention_ref(q, k_cache, v_cache, tables, lens))
     other = torch.tensor([[4, 6, 0], [1, 2, 5]], dtype=torch.int32)   # a new step's tables
     torch.testing.assert_close(attention(q, k_cache, v_cache, other, lens), paged_decode_attention_ref(q, k_cache, v_cache, other, lens))
+
+
+def test_without_a_compiler_the_cpu_path_falls_back_to_the_libraries(monkeypatch, tmp_path):
+    """No C++ compiler: one warning, no streaming candidates, decode attention on the gather path, and
+    a model still generates the same tokens as with the C++ kernels."""
+    hf = tiny_hf_model()
+    prompt = torch.tensor([[5, 7, 11, 13]])
+    with_kernels = GPT2.from_hf(hf, backend="torch").generate(prompt, max_new_tokens=6, do_sample=False)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GPT2_ENGINE_CACHE_DIR", str(tmp_path))
+    cpu_gemm.cpu_kernel_library.cache_clear()
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="C\\+\\+ CPU kernels are unavailable"):
+            assert cpu_gemm.cpu_kernel_library() is None
+        assert not any(isinstance(p, cpu_gemm.Streaming) for p in cpu_gemm.fp32_candidates(torch.float32))
+        assert isinstance(torch_backend.decode_attention(torch.device("cpu"), torch.float32), torch_backend.PagedDecodeAttention)
+        without = GPT2.from_hf(hf, backend="torch").generate(prompt, max_new_tokens=6, do_sample=False)
+        assert torch.equal(without, with_kernels)
+    finally:
+        cpu_gemm.cpu_kernel_library.cache_clear()
+        cpu_kernels.library.cache_clear()

@@ -1,0 +1,78 @@
+"""Our C++ CPU kernels for the engine's CPU path, and their build.
+
+- stream_gemm: y = (x @ W^T) * scale + bias + residual on fp32 or int8 weights in a column-blocked
+  layout, streamed at the DRAM read rate at decode batches.
+- paged_attention: one query per sequence over its paged K/V cache, read in place (no gather); and
+  the K/V write into the cache.
+
+Build: the .cpp files beside this module are compiled on first use with the system's C++ compiler
+($CXX, default g++), `-O3 -march=native -fopenmp`, into one shared library, so the binary targets the
+CPU it runs on (vector width and register tiles follow its ISA). The library is kept in `build_dir`
+under a name that hashes the sources, the compiler's version and the ISA macros -march=native defines
+here: a changed source, compiler or CPU builds afresh, and a later process reuses the build. It links
+libgomp by soname, which torch has already loaded (torch is imported first, here): the kernels'
+threads are torch's OpenMP pool, not a second pool competing for the cores.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401  (loads torch's libgomp before the library; see above)
+
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+
+
+class BuildError(RuntimeError):
+    """The C++ compiler is missing or failed: the CPU kernels are unavailable on this machine."""
+
+
+def _compiler_output(compiler: str, *args: str, stdin: str = "") -> str:
+    try:
+        done = subprocess.run([compiler, *args], input=stdin, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BuildError(f"C++ compiler {compiler!r} could not run: {err}") from None
+    if done.returncode:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise BuildError(f"{compiler} {' '.join(args[-3:])} failed (exit {done.returncode}): {tail}")
+    return done.stdout
+
+
+@functools.cache
+def library(build_dir: Path | None = None) -> ctypes.CDLL:
+    """The compiled kernels, built into build_dir (None: a temporary directory) unless already there."""
+    compiler = os.environ.get("CXX", "g++")
+    isa_macros = _compiler_output(compiler, "-march=native", "-dM", "-E", "-x", "c++", "-")
+    version = _compiler_output(compiler, "--version").splitlines()[0]
+    sources = "\0".join(f"{path.name}\0{path.read_text()}" for path in SOURCES + HEADERS)
+    key = hashlib.sha256("\0".join([sources, version, " ".join(FLAGS), isa_macros]).encode()).hexdigest()
+    directory = Path(build_dir) if build_dir is not None else Path(tempfile.mkdtemp(prefix="gpt2-engine-kernels-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"gpt2_engine_cpu_kernels-{key[:16]}.so"
+    if not target.exists():
+        # compile beside the target, then rename: a concurrent process never loads a half-written library
+        fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
+        os.close(fd)
+        try:
+            _compiler_output(compiler, *FLAGS, *map(str, SOURCES), "-o", partial)
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    lib = ctypes.CDLL(str(target))
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.stream_gemm.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr, ptr, ptr, ctypes.c_float, ptr, i32, ptr, ptr, i32]
+    lib.paged_decode_attention_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64,
+                                               ctypes.c_float, ptr, i64, i32]
+    lib.paged_write_kv_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64]
+    lib.paged_decode_attention_f32.restype = lib.paged_write_kv_f32.restype = i64
+    lib.stream_gemm.restype = None
+    lib.cpu_kernels_isa.restype = ctypes.c_char_p
+    return lib

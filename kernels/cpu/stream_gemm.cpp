@@ -1,0 +1,158 @@
+// Streaming GEMM for decode-sized batches: y[M, N] = (x[M, K] @ W[K, N]) * scale + bias + residual,
+// W in fp32 or int8 codes (weight-only int8: codes widened to fp32 in registers, one scale per column).
+//
+// Why hand-written: at decode batches a linear layer is a weight stream (each weight is used by M <= 8
+// rows), so its speed is the DRAM read rate. The library GEMMs reachable from torch (oneDNN packed, MKL
+// on either layout) were measured streaming 12-25 GB/s where a plain read of the same bytes streamed
+// 24-28 GB/s on a 2-core AVX-512 EPYC; this kernel reads at that rate (benchmarks/test_bench_cpu_gemm.py).
+//
+// Memory layout (stream_gemm.py packs it once at load): W is cut into column blocks of NB
+// output channels, and block b is stored as K contiguous rows of NB values:
+//     packed[b][k][c] = W[k][b * NB + c]      (zero where b * NB + c >= N)
+// so a block is one contiguous run of K * NB values, read front to back: the hardware prefetcher sees a
+// plain sequential stream and every cache line fetched is used whole.
+//
+// Register tile: R <= MR rows of x times one block, NV vectors of VL floats per row (NB = NV * VL
+// columns), all R * NV accumulators held in registers for the whole K loop. Per k: NV vector loads of W
+// (widened from int8 where quantized), R scalar broadcasts of x, R * NV fused multiply-adds. x's rows
+// stay in L1/L2 across blocks; a block is re-read from L1/L2 (not DRAM) by each further group of MR rows.
+//
+// Batch invariance: every output y[m][n] is one accumulator summed over k = 0 .. K-1 in order, whatever
+// M is, whichever rows share its tile and whichever thread runs it. So a row's result is bitwise the
+// same at every batch size and thread count (tests/kernels/test_cpu_stream_gemm.py checks it).
+//
+// Vector width and tile come from the ISA the compiler targets (built with -march=native for the CPU
+// it runs on): AVX-512 has 32 vector registers (8 x 2 = 16 accumulators), AVX2 16 (6 x 2 = 12).
+#include <cmath>
+#include <vector>
+#include <omp.h>
+
+#include "vector.h"
+
+#if defined(__AVX512F__)
+#define MR 8
+#else
+#define MR 6
+#endif
+#define NV 2
+#define NB (NV * VL)
+
+typedef int8_t vq __attribute__((vector_size(VL)));
+
+// VL int8 codes -> VL floats (exact: |code| <= 127).
+static inline vf widen(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  vq q; std::memcpy(&q, p, sizeof q); return __builtin_convertvector(q, vf);
+#endif
+}
+
+struct Problem {
+  const float* x; int64_t M, K;       // x [M, K], row-major (LayerNorm applied first, when given)
+  const void* w; int64_t N;           // packed blocks (layout above), fp32 or int8
+  const float* scale;                 // [N] or null (int8 only)
+  const float* bias;                  // [N] or null
+  bool gelu;                          // GELU (tanh form) after the bias
+  const float* residual;              // [M, N] or null, added last
+  float* y;                           // [M, N]
+};
+
+// h[m] = (x[m] - mean) / sqrt(var + eps) * weight + bias over the K features of row m (two-pass moments).
+static void layer_norm_row(const float* x, int64_t K, const float* weight, const float* bias, float eps, float* h) {
+  float mean = 0.f, var = 0.f;
+  for (int64_t k = 0; k < K; ++k) mean += x[k];
+  mean /= K;
+  for (int64_t k = 0; k < K; ++k) var += (x[k] - mean) * (x[k] - mean);
+  const float rstd = 1.f / std::sqrt(var / K + eps);
+  for (int64_t k = 0; k < K; ++k) h[k] = (x[k] - mean) * rstd * weight[k] + (bias ? bias[k] : 0.f);
+}
+
+// Rows m0 .. m0+R-1 of y times column block b.
+template <int R, bool INT8>
+static inline void tile(const Problem& p, int64_t m0, int64_t b) {
+  const int64_t n0 = b * NB, cols = p.N - n0 < NB ? p.N - n0 : NB;
+  const float* x = p.x + m0 * p.K;
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = (vf){};
+  for (int64_t k = 0; k < p.K; ++k) {
+    vf w[NV];
+    for (int j = 0; j < NV; ++j)
+      w[j] = INT8 ? widen((const int8_t*)p.w + (b * p.K + k) * NB + j * VL)
+                  : load((const float*)p.w + (b * p.K + k) * NB + j * VL);
+    for (int r = 0; r < R; ++r) {
+      const float xs = x[r * p.K + k];
+      for (int j = 0; j < NV; ++j) acc[r][j] += xs * w[j];
+    }
+  }
+  // Epilogue: gelu(acc * scale + bias) + residual, in that order; the last block stores only its `cols`.
+  float scale[NB], bias[NB];
+  for (int c = 0; c < NB; ++c) {
+    scale[c] = p.scale && c < cols ? p.scale[n0 + c] : 1.f;
+    bias[c] = p.bias && c < cols ? p.bias[n0 + c] : 0.f;
+  }
+  for (int r = 0; r < R; ++r) {
+    float out[NB];
+    for (int j = 0; j < NV; ++j) {
+      vf v = acc[r][j];
+      if (INT8) v *= load(scale + j * VL);
+      v += load(bias + j * VL);
+      if (p.gelu) v = gelu_tanh(v);
+      std::memcpy(out + j * VL, &v, sizeof v);
+    }
+    float* y = p.y + (m0 + r) * p.N + n0;
+    const float* res = p.residual ? p.residual + (m0 + r) * p.N + n0 : nullptr;
+    for (int64_t c = 0; c < cols; ++c) y[c] = res ? out[c] + res[c] : out[c];
+  }
+}
+
+template <bool INT8>
+static void run(const Problem& p, int threads, const float* ln_weight, const float* ln_bias, float eps) {
+  const int64_t blocks = (p.N + NB - 1) / NB, groups = (p.M + MR - 1) / MR;
+  std::vector<float> normalized(ln_weight ? p.M * p.K : 0);
+  Problem q = p;
+  if (ln_weight) q.x = normalized.data();
+#pragma omp parallel num_threads(threads)
+  {
+    if (ln_weight) {
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < p.M; ++m) layer_norm_row(p.x + m * p.K, p.K, ln_weight, ln_bias, eps, normalized.data() + m * p.K);
+    }   // (implicit barrier: every normalized row is written before a tile reads it)
+    // Work items are (block, row group) pairs, block-major: at decode (one group) each thread streams a
+    // contiguous range of blocks; at prompt sizes a small N still gives every thread work.
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < blocks * groups; ++item) {
+      const int64_t b = item / groups, m0 = (item % groups) * MR;
+      switch (q.M - m0 < MR ? q.M - m0 : MR) {
+        case 1: tile<1, INT8>(q, m0, b); break;
+        case 2: tile<2, INT8>(q, m0, b); break;
+        case 3: tile<3, INT8>(q, m0, b); break;
+        case 4: tile<4, INT8>(q, m0, b); break;
+        case 5: tile<5, INT8>(q, m0, b); break;
+        case 6: tile<6, INT8>(q, m0, b); break;
+#if MR > 6
+        case 7: tile<7, INT8>(q, m0, b); break;
+        case 8: tile<8, INT8>(q, m0, b); break;
+#endif
+      }
+    }
+  }
+}
+
+extern "C" {
+int stream_gemm_block_cols(void) { return NB; }
+const char* cpu_kernels_isa(void) { return ISA; }
+
+// y = gelu?(LN?(x) @ W * scale + bias) + residual; w: fp32 blocks, or int8 codes (int8 != 0) with scale.
+// Null ln_weight: no LayerNorm; null ln_bias / scale / bias / residual: absent.
+void stream_gemm(const float* x, int64_t M, int64_t K, const void* w, int int8, int64_t N, const float* scale,
+                 const float* ln_weight, const float* ln_bias, float eps, const float* bias, int gelu,
+                 const float* residual, float* y, int threads) {
+  const Problem p{x, M, K, w, N, int8 ? scale : nullptr, bias, gelu != 0, residual, y};
+  if (int8) run<true>(p, threads, ln_weight, ln_bias, eps);
+  else run<false>(p, threads, ln_weight, ln_bias, eps);
+}
+}

@@ -1,0 +1,90 @@
+"""The streaming GEMM (stream_gemm.cpp): weight packing and the call.
+
+y = act(LN(x) @ W^T * scale + bias) + residual for an fp32 or int8 (weight-only, per-output-channel
+scale) weight, LayerNorm and GELU optional, in a column-blocked layout streamed front to back (the .cpp file has the layout, the tile and
+why the kernel exists). It is a candidate path for the engine's CPU linears, chosen by their timing
+probe like the library paths (engine/cpu_gemm.py). `lib` is a kernels.cpu.library() build.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight in the kernel's column-blocked layout: blocks [ceil(N / NB), K, NB] (fp32 or int8 codes),
+    with the int8 codes' per-output-channel scale (fp32 [N]; None for fp32), and the library built for
+    that NB."""
+    blocks: torch.Tensor
+    out_features: int
+    scale: torch.Tensor | None
+    lib: ctypes.CDLL
+
+    @property
+    def in_features(self) -> int:
+        return self.blocks.shape[1]
+
+
+def pack(weight_out_in: torch.Tensor, scale: torch.Tensor | None = None, *, lib: ctypes.CDLL) -> PackedWeight:
+    """W [out, in] (fp32, or int8 codes with their fp32 scale [out]) in the blocked layout of `lib`
+    (a library() build)."""
+    int8 = weight_out_in.dtype == torch.int8
+    if weight_out_in.dim() != 2 or weight_out_in.dtype not in (torch.float32, torch.int8):
+        raise ValueError(f"weight must be a 2-D float32 or int8 [out, in] tensor, got {weight_out_in.dtype} "
+                         f"of shape {tuple(weight_out_in.shape)}")
+    if int8 != (scale is not None):
+        raise ValueError("int8 codes need their per-output-channel scale; a float32 weight takes none")
+    n, k = weight_out_in.shape
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (n,)):
+        raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} of shape {tuple(scale.shape)}")
+    nb = lib.stream_gemm_block_cols()
+    blocks = -(-n // nb)
+    padded = torch.zeros(blocks * nb, k, dtype=weight_out_in.dtype)
+    padded[:n] = weight_out_in
+    return PackedWeight(padded.view(blocks, nb, k).transpose(1, 2).contiguous(), n,
+                        None if scale is None else scale.contiguous(), lib)
+
+
+def _contiguous_f32(t: torch.Tensor | None, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """t as a contiguous fp32 CPU tensor of the given shape (None: absent), or ValueError naming it."""
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or t.device.type != "cpu" or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be a float32 CPU tensor of shape {shape}, got {t.dtype} on {t.device} "
+                         f"of shape {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _address(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def stream_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
+                  activation: str | None = None, residual: torch.Tensor | None = None,
+                  layer_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    """y [M, N] = act(LN(x) [M, K] @ W^T * scale + bias) + residual, in fp32 on the CPU, on torch's threads.
+
+    activation: None or "gelu_tanh"; layer_norm: (weight [K], bias [K], eps) or None."""
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"x must be a 2-D float32 CPU tensor, got {x.dtype} on {x.device} of shape {tuple(x.shape)}")
+    if activation not in (None, "gelu_tanh"):
+        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
+    m, k = x.shape
+    n = weight.out_features
+    if k != weight.in_features:
+        raise ValueError(f"x has {k} features, the weight takes {weight.in_features}")
+    x = x.contiguous()
+    bias, residual = _contiguous_f32(bias, "bias", (n,)), _contiguous_f32(residual, "residual", (m, n))
+    ln_weight = ln_bias = None
+    eps = 0.0
+    if layer_norm is not None:
+        ln_weight, ln_bias, eps = layer_norm
+        ln_weight, ln_bias = _contiguous_f32(ln_weight, "ln_weight", (k,)), _contiguous_f32(ln_bias, "ln_bias", (k,))
+    y = torch.empty(m, n, dtype=torch.float32)
+    weight.lib.stream_gemm(x.data_ptr(), m, k, weight.blocks.data_ptr(), weight.scale is not None, n,
+                           _address(weight.scale), _address(ln_weight), _address(ln_bias), eps, _address(bias),
+                           activation is not None, _address(residual), y.data_ptr(), torch.get_num_threads())
+    return y

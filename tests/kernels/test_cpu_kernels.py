@@ -1,0 +1,175 @@
+"""The C++ CPU kernels (kernels/cpu): the streaming GEMM and paged decode attention equal their torch
+references, are bitwise batch- and thread-count-invariant, and reject bad input by name; the build is
+reused across calls and fails with a clear error where no compiler runs."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu as cpu_kernels
+from kernels.cpu import paged_attention as cpu_attention
+from kernels.cpu import stream_gemm
+from kernels.paged_attention import paged_decode_attention_ref, write_kv_ref
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return cpu_kernels.library(tmp_path_factory.mktemp("cpu-kernels"))
+
+
+def _reference(x, w, bias=None, activation=None, residual=None, layer_norm=None):
+    """fp64 torch of what stream_linear computes (w: the dequantised [out, in] weight)."""
+    h = x.double()
+    if layer_norm is not None:
+        h = F.layer_norm(h, (h.shape[-1],), layer_norm[0].double(), layer_norm[1].double(), layer_norm[2])
+    y = h @ w.double().t() + (bias.double() if bias is not None else 0)
+    if activation:
+        y = F.gelu(y, approximate="tanh")
+    return (y + residual.double() if residual is not None else y).float()
+
+
+def _weights(n, k, int8):
+    w = torch.randn(n, k) / k ** 0.5
+    if not int8:
+        return w, (w,)
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    return q.float() * scale[:, None], (q, scale)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 17])
+@pytest.mark.parametrize("k,n", [(72, 100), (130, 33), (64, 257)])
+def test_stream_linear_equals_the_reference(lib, int8, m, k, n):
+    """Every epilogue combination; N not a multiple of the block width; M across the row-tile sizes."""
+    dense, packed_args = _weights(n, k, int8)
+    packed = stream_gemm.pack(*packed_args, lib=lib)
+    x, bias, residual = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
+    layer_norm = (torch.randn(k), torch.randn(k), 1e-5)
+    for kwargs in ({}, {"bias": bias}, {"bias": bias, "activation": "gelu_tanh", "layer_norm": layer_norm},
+                   {"bias": bias, "residual": residual}, {"layer_norm": layer_norm, "residual": residual}):
+        got = stream_gemm.stream_linear(x, packed, **kwargs)
+        torch.testing.assert_close(got, _reference(x, dense, **kwargs), rtol=1e-5, atol=2e-5, msg=str(kwargs.keys()))
+
+
+def test_fused_gelu_is_accurate_over_the_whole_range(lib):
+    """W = I, so y = gelu(x): the vectorised e^x's clamps give x and 0 in the tails, no inf or NaN."""
+    x = torch.linspace(-60, 60, 4096).view(64, 64)
+    got = stream_gemm.stream_linear(x, stream_gemm.pack(torch.eye(64), lib=lib), activation="gelu_tanh")
+    torch.testing.assert_close(got, F.gelu(x.double(), approximate="tanh").float(), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_a_rows_result_is_bitwise_the_same_at_every_batch_size_and_thread_count(lib, int8):
+    _, packed_args = _weights(300, 96, int8)
+    packed = stream_gemm.pack(*packed_args, lib=lib)
+    x, bias = torch.randn(23, 96), torch.randn(300)
+    layer_norm = (torch.randn(96), torch.randn(96), 1e-5)
+    alone = torch.cat([stream_gemm.stream_linear(x[i:i + 1], packed, bias, activation="gelu_tanh", layer_norm=layer_norm)
+                       for i in range(23)])
+    threads = torch.get_num_threads()
+    try:
+        for count in sorted({1, 2, threads}):
+            torch.set_num_threads(count)
+            batched = stream_gemm.stream_linear(x, packed, bias, activation="gelu_tanh", layer_norm=layer_norm)
+            assert torch.equal(batched, alone), f"{count} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_stream_linear_rejects_bad_input_by_name(lib):
+    packed = stream_gemm.pack(torch.randn(40, 24), lib=lib)
+    x = torch.randn(3, 24)
+    cases = [((x.double(), packed), "x must be"), ((torch.randn(3, 25), packed), "x has 25 features"),
+             ((x, packed, torch.randn(41)), "bias must be"),
+             ((x, packed), "residual must be", {"residual": torch.randn(2, 40)}),
+             ((x, packed), "activation must be", {"activation": "relu"}),
+             ((x, packed), "ln_weight must be", {"layer_norm": (torch.randn(23), torch.randn(24), 1e-5)})]
+    for args, message, *kwargs in cases:
+        with pytest.raises(ValueError, match=message):
+            stream_gemm.stream_linear(*args, **(kwargs[0] if kwargs else {}))
+    with pytest.raises(ValueError, match="need their per-output-channel scale"):
+        stream_gemm.pack(torch.zeros(4, 4, dtype=torch.int8), lib=lib)
+    with pytest.raises(ValueError, match="weight must be"):
+        stream_gemm.pack(torch.zeros(4, 4, dtype=torch.float16), lib=lib)
+
+
+def _paged_case(lengths, heads=4, head_dim=64, block_size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(blocks_per_seq) + 3
+    k_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=g)
+    order = torch.randperm(num_blocks, generator=g).int()          # scattered blocks, as after frees
+    width = max(blocks_per_seq)
+    tables, used = torch.zeros(len(lengths), width, dtype=torch.int32), 0
+    for i, count in enumerate(blocks_per_seq):
+        tables[i, :count] = order[used:used + count]
+        used += count
+    q = torch.randn(len(lengths), 3, heads, head_dim, generator=g)[:, 0]    # strided, as a QKV view
+    return q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("lengths", [[1], [16], [17], [100, 1, 33, 16], [300, 5]])
+def test_paged_attention_equals_the_reference(lib, lengths):
+    q, k_cache, v_cache, tables, lens = _paged_case(lengths)
+    got = cpu_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, lib=lib)
+    torch.testing.assert_close(got, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens), rtol=1e-5, atol=1e-5)
+    out = torch.empty_like(got)
+    assert cpu_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, sm_scale=0.3, out=out, lib=lib) is out
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, sm_scale=0.3),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_is_bitwise_batch_invariant(lib):
+    q, k_cache, v_cache, tables, lens = _paged_case([100, 1, 33, 250, 16])
+    batched = cpu_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, lib=lib)
+    for i in range(len(lens)):
+        alone = cpu_attention.paged_decode_attention(q[i:i + 1], k_cache, v_cache, tables[i:i + 1], lens[i:i + 1], lib=lib)
+        assert torch.equal(alone, batched[i:i + 1])
+
+
+def test_paged_attention_rejects_out_of_range_tables_and_lengths(lib):
+    q, k_cache, v_cache, tables, lens = _paged_case([20, 5])
+    bad_block = tables.clone()
+    bad_block[0, 1] = k_cache.shape[0]
+    for t, n, message in ((bad_block, lens, "sequence 0"), (tables, torch.tensor([20, 0], dtype=torch.int32), "sequence 1"),
+                          (tables, torch.tensor([20, 33], dtype=torch.int32), "sequence 1")):
+        with pytest.raises(ValueError, match=message):
+            cpu_attention.paged_decode_attention(q, k_cache, v_cache, t, n, lib=lib)
+    with pytest.raises(ValueError, match="block_tables must be"):
+        cpu_attention.paged_decode_attention(q, k_cache, v_cache, tables.long(), lens, lib=lib)
+    with pytest.raises(ValueError, match="k_cache and v_cache"):
+        cpu_attention.paged_decode_attention(q, k_cache, v_cache[:, :, :2], tables, lens, lib=lib)
+
+
+def test_write_kv_equals_the_reference_and_skips_negative_slots(lib):
+    _, k_cache, v_cache, _, _ = _paged_case([40])
+    qkv = torch.randn(5, 3, 4, 64)
+    k, v = qkv[:, 1], qkv[:, 2]                                  # strided views, as the engine passes them
+    slots = torch.tensor([3, -1, 17, 40, 0])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    write_kv_ref(k, v, expected_k, expected_v, slots)
+    cpu_attention.write_kv(k, v, k_cache, v_cache, slots, lib=lib)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = 9999"):
+        cpu_attention.write_kv(k[:2], v[:2], k_cache, v_cache, torch.tensor([0, 9999]), lib=lib)
+
+
+def test_the_build_is_reused_and_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    first = cpu_kernels.library(tmp_path / "a")
+    built = sorted((tmp_path / "a").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    cpu_kernels.library.cache_clear()
+    try:
+        mtime = built[0].stat().st_mtime_ns
+        again = cpu_kernels.library(tmp_path / "a")        # a later process: loads the same file, no rebuild
+        assert again.cpu_kernels_isa() == first.cpu_kernels_isa() and built[0].stat().st_mtime_ns == mtime
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        with pytest.raises(cpu_kernels.BuildError, match="could not run"):
+            cpu_kernels.library(tmp_path / "b")
+    finally:
+        cpu_kernels.library.cache_clear()
