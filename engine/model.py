@@ -151,6 +151,9 @@ class PagedGPT2:
         else:
             self.embedding = torch.cat([wte, param("wpe.weight")])      # [V + n_positions, C]
         self.h = [block(i) for i in range(config.n_layer)]
+        # CPU, every linear on the streaming GEMM: decode-only steps run each block as one C++ call
+        self.decode_blocks = (torch_backend.fused_decode_blocks(self.h, config.n_head, config.layer_norm_epsilon)
+                              if cpu_paths else None)
         self.ln_f = affine("ln_f")
         # LM head from the [V, C] weight: on CPU the probed path's layout; on GPU a [C, V] view of the
         # tied wte (no second copy of the largest matrix; the GEMM reads W column-major, which tl.dot
@@ -172,8 +175,12 @@ class PagedGPT2:
         ops, cfg = self.ops, self.config
         x = self._embed(step)                                                                    # [T, C]
         num_tokens = x.shape[0]
+        fused = self.decode_blocks is not None and step.num_prefill_tokens == 0 and kv_cache is not None
         for i, blk in enumerate(self.h):
             k_cache, v_cache = (kv_cache[i, 0], kv_cache[i, 1]) if kv_cache is not None else (None, None)
+            if fused:   # the whole block in one call, bitwise equal to the ops below
+                x = self.decode_blocks[i](x, k_cache, v_cache, step.slot_mapping, step.block_tables, step.context_lens)
+                continue
             # the QKV GEMM's epilogue also stores this step's K/V rows into the pools (before attention reads them)
             kv_write = (k_cache, v_cache, step.slot_mapping) if step.slot_mapping is not None else None
             qkv = ops.ln_linear(x, blk.ln_1.weight, blk.ln_1.bias, blk.attn.c_attn.weight, blk.attn.c_attn.bias,

@@ -8,6 +8,10 @@ epilogue (bias, GELU-tanh, residual) done by that path; results equal the refere
 rounding (accumulation order only), or for int8 weights equal the int8 reference
 (kernels.int8_linear.int8_ln_linear_ref).
 
+Decode-only steps (fused_decode_blocks): where every linear of every block runs on our streaming GEMM,
+each block's decode step is one C++ call (kernels/cpu/decode_block.cpp), bitwise equal to the
+op-by-op path; steps with prompt tokens run op by op.
+
 Paged decode attention (decode_attention): on CPU in fp32 our C++ kernel, which reads K and V in place
 from the pools (kernels/cpu/paged_attention.cpp); elsewhere, or where it cannot be built, the reference
 with its gather index built once per step: every layer of a step gets the same block tables and context
@@ -19,13 +23,14 @@ import functools
 
 import torch
 
-from engine.cpu_gemm import CpuLinear, Epilogue, cpu_kernel_library, prepare_linear
+from engine.cpu_gemm import CpuLinear, Epilogue, Streaming, cpu_kernel_library, prepare_linear
 from kernels.cpu import paged_attention as cpu_paged_attention
+from kernels.cpu.decode_block import DecodeBlock, Linear
 from kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
 from kernels.paged_attention import gathered_decode_attention, paged_gather_index
 
 __all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "ln_linear", "ln_gelu_mlp", "mlp_of",
-           "PagedDecodeAttention", "decode_attention"]
+           "PagedDecodeAttention", "decode_attention", "fused_decode_blocks"]
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -96,3 +101,18 @@ class PagedDecodeAttention:
             self._index = paged_gather_index(block_tables, context_lens, k_cache.shape[1], q.dtype)
             self._key = (block_tables, context_lens, block_tables.clone(), context_lens.clone(), q.dtype)
         return gathered_decode_attention(q, k_cache, v_cache, self._index, sm_scale=sm_scale, out=out)
+
+
+def fused_decode_blocks(blocks, heads: int, eps: float) -> list[DecodeBlock] | None:
+    """The model's blocks (engine.model.Block, CpuLinear weights) as DecodeBlocks, or None unless every
+    linear's probed path is the streaming GEMM (a fused block has no other GEMM inside)."""
+    linears = [lin for blk in blocks for lin in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)]
+    if not all(isinstance(lin.weight, CpuLinear) and isinstance(lin.weight.path, Streaming) for lin in linears):
+        return None
+
+    def linear(affine) -> Linear:
+        return Linear(affine.weight.weight, affine.bias)
+
+    return [DecodeBlock((blk.ln_1.weight, blk.ln_1.bias), linear(blk.attn.c_attn), linear(blk.attn.c_proj),
+                        (blk.ln_2.weight, blk.ln_2.bias), linear(blk.mlp.c_fc), linear(blk.mlp.c_proj), heads, eps)
+            for blk in blocks]

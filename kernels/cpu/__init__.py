@@ -4,6 +4,7 @@
   layout, streamed at the DRAM read rate at decode batches.
 - paged_attention: one query per sequence over its paged K/V cache, read in place (no gather); and
   the K/V write into the cache.
+- decode_block: a GPT-2 block's whole decode step (the above, in one parallel region).
 
 Build: the .cpp files beside this module are compiled on first use with the system's C++ compiler
 ($CXX, default g++), `-O3 -march=native -fopenmp`, into one shared library, so the binary targets the
@@ -24,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp before the library; see above)
+
+from kernels.cpu import decode_block
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
@@ -74,5 +77,7 @@ def library(build_dir: Path | None = None) -> ctypes.CDLL:
     lib.paged_write_kv_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.paged_decode_attention_f32.restype = lib.paged_write_kv_f32.restype = i64
     lib.stream_gemm.restype = None
+    lib.gpt2_decode_block.argtypes = decode_block.argtypes()
+    lib.gpt2_decode_block.restype = i64
     lib.cpu_kernels_isa.restype = ctypes.c_char_p
     return lib

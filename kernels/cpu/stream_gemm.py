@@ -8,9 +8,31 @@ probe like the library paths (engine/cpu_gemm.py). `lib` is a kernels.cpu.librar
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a packed weight. From 2 MiB up, on Linux, in 2 MiB-aligned memory advised for
+    transparent huge pages: a stream over 4 KiB pages restarts the hardware prefetcher at every page
+    boundary (measured: ~15-20% more read rate with huge pages on a 2-core EPYC). Elsewhere, or where
+    the kernel does not grant them, the memory is plain pages and nothing else changes."""
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or nbytes < _HUGE_PAGE:
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, (-(-nbytes // _HUGE_PAGE) + 1) * _HUGE_PAGE,   # one page spare for the alignment
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # (shared anonymous memory gets no THP)
+    region.madvise(advice)
+    offset = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % _HUGE_PAGE
+    return torch.frombuffer(region, dtype=dtype, count=numel, offset=offset).view(shape)   # keeps `region` alive
 
 
 @dataclass(frozen=True)
@@ -44,8 +66,9 @@ def pack(weight_out_in: torch.Tensor, scale: torch.Tensor | None = None, *, lib:
     blocks = -(-n // nb)
     padded = torch.zeros(blocks * nb, k, dtype=weight_out_in.dtype)
     padded[:n] = weight_out_in
-    return PackedWeight(padded.view(blocks, nb, k).transpose(1, 2).contiguous(), n,
-                        None if scale is None else scale.contiguous(), lib)
+    packed = huge_page_empty((blocks, k, nb), weight_out_in.dtype)
+    packed.copy_(padded.view(blocks, nb, k).transpose(1, 2))
+    return PackedWeight(packed, n, None if scale is None else scale.contiguous(), lib)
 
 
 def _contiguous_f32(t: torch.Tensor | None, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -165,3 +165,33 @@ def test_without_a_compiler_the_cpu_path_falls_back_to_the_libraries(monkeypatch
     finally:
         cpu_gemm.cpu_kernel_library.cache_clear()
         cpu_kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_fused_decode_blocks_equal_the_op_by_op_steps_bitwise(monkeypatch, quantization):
+    """Every linear on the streaming GEMM: decode-only steps run each block as one C++ call. Its scores
+    (full-vocabulary logits of every step, batch of mixed prompt lengths) equal the op-by-op path's bitwise."""
+    monkeypatch.setattr(cpu_gemm, "fp32_candidates", lambda dtype: [cpu_gemm.Streaming(int8=False)])
+    monkeypatch.setattr(cpu_gemm, "int8_candidates", lambda: (cpu_gemm.Streaming(int8=True),))
+    model = GPT2.from_hf(tiny_hf_model(), backend="torch", quantization=quantization)
+    paged = model.engine.runner.model
+    assert paged.decode_blocks is not None and len(paged.decode_blocks) == len(paged.h)
+    prompts = torch.tensor([[5, 7, 11, 13, 17, 19], [0, 0, 0, 23, 29, 31]])
+    mask = (prompts != 0).long()
+
+    def scores():
+        out = model.generate(prompts, attention_mask=mask, max_new_tokens=8, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        return out.sequences, torch.stack(out.scores)
+
+    fused_tokens, fused_scores = scores()
+    fused_blocks, paged.decode_blocks = paged.decode_blocks, None
+    tokens, op_scores = scores()
+    assert torch.equal(fused_tokens, tokens) and torch.equal(fused_scores, op_scores)
+    k_cache = torch.zeros(4, 16, 3, 16)
+    step_inputs = (torch.randn(1, 48), k_cache, k_cache.clone(), torch.tensor([0]), torch.tensor([[0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sequence 0"):
+        fused_blocks[0](*step_inputs, torch.tensor([17], dtype=torch.int32))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        fused_blocks[0](*step_inputs[:3], torch.tensor([64]), step_inputs[4], torch.tensor([1], dtype=torch.int32))
+    assert torch.equal(k_cache, torch.zeros_like(k_cache))     # bad input: nothing written

@@ -1,0 +1,86 @@
+"""A GPT-2 block's whole decode step in one call (decode_block.cpp): LayerNorms, the four linears on
+streaming-GEMM weights, the K/V write and paged attention, bitwise equal to running them one by one.
+`lib` is a kernels.cpu.library() build."""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels.cpu.paged_attention import _check, _check_caches
+from kernels.cpu.stream_gemm import PackedWeight
+
+
+@dataclass(frozen=True)
+class Linear:
+    weight: PackedWeight
+    bias: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecodeBlock:
+    """One block's parameters: LayerNorms (weight, bias), linears on [in, out] = (C, 3C), (C, C), (C, 4C), (4C, C)."""
+    ln_1: tuple[torch.Tensor, torch.Tensor]
+    attn: Linear
+    proj: Linear
+    ln_2: tuple[torch.Tensor, torch.Tensor]
+    fc: Linear
+    mlp_proj: Linear
+    heads: int
+    eps: float
+
+    def __post_init__(self):
+        c = self.attn.weight.in_features
+        shapes = {"attn": (self.attn, c, 3 * c), "proj": (self.proj, c, c), "fc": (self.fc, c, 4 * c),
+                  "mlp_proj": (self.mlp_proj, 4 * c, c)}
+        for name, (linear, k, n) in shapes.items():
+            if (linear.weight.in_features, linear.weight.out_features) != (k, n) or linear.bias.shape != (n,):
+                raise ValueError(f"{name} must be {k} -> {n} with a bias of {n}, got {linear.weight.in_features} -> "
+                                 f"{linear.weight.out_features}, bias {tuple(linear.bias.shape)}")
+        if len({linear.weight.scale is None for linear, _, _ in shapes.values()}) != 1:
+            raise ValueError("the four linears must all be fp32 or all int8")
+        if c % self.heads:
+            raise ValueError(f"{self.heads} heads do not divide the width {c}")
+
+    def __call__(self, x, k_cache, v_cache, slot_mapping, block_tables, context_lens) -> torch.Tensor:
+        """x [B, C] (one decode token per sequence) -> the block's output [B, C]; writes the tokens' K/V."""
+        c = self.attn.weight.in_features
+        _check("x", x, torch.float32, 2)
+        _check("slot_mapping", slot_mapping, torch.int64, 1)
+        _check("block_tables", block_tables, torch.int32, 2)
+        _check("context_lens", context_lens, torch.int32, 1)
+        batch = x.shape[0]
+        if x.shape[1] != c or slot_mapping.shape != (batch,) or block_tables.shape[0] != batch or context_lens.shape != (batch,):
+            raise ValueError(f"x must be [B, {c}] with slot_mapping, block_tables and context_lens of B rows, got "
+                             f"{tuple(x.shape)}, {tuple(slot_mapping.shape)}, {tuple(block_tables.shape)}, "
+                             f"{tuple(context_lens.shape)}")
+        _check_caches(k_cache, v_cache, self.heads, c // self.heads)
+        x, slots, tables, lens = x.contiguous(), slot_mapping.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+        out = torch.empty_like(x)
+        linears = [self.attn, self.proj, self.fc, self.mlp_proj]
+        weights = [(lin.weight.blocks.data_ptr(), None if lin.weight.scale is None else lin.weight.scale.data_ptr(),
+                    lin.bias.data_ptr()) for lin in linears]
+        lib = self.attn.weight.lib
+        bad = lib.gpt2_decode_block(
+            x.data_ptr(), batch, c, self.heads, self.attn.weight.scale is not None, self.eps,
+            self.ln_1[0].data_ptr(), self.ln_1[1].data_ptr(), *weights[0], *weights[1],
+            self.ln_2[0].data_ptr(), self.ln_2[1].data_ptr(), *weights[2], *weights[3],
+            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], slots.data_ptr(),
+            tables.data_ptr(), tables.shape[1], lens.data_ptr(), 1.0 / math.sqrt(c // self.heads), out.data_ptr(),
+            torch.get_num_threads())
+        if bad > 0:
+            raise ValueError(f"sequence {bad - 1}: context length {int(lens[bad - 1])} or its block table entries are "
+                             f"out of range")
+        if bad < 0:
+            raise ValueError(f"slot_mapping[{-bad - 1}] = {int(slots[-bad - 1])} is past the cache")
+        return out
+
+
+def argtypes() -> list:
+    """gpt2_decode_block's C signature for ctypes."""
+    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    linear = [ptr, ptr, ptr]
+    return [ptr, i64, i64, i64, i32, f32, ptr, ptr, *linear, *linear, ptr, ptr, *linear, *linear,
+            ptr, ptr, i64, i64, ptr, ptr, i64, ptr, f32, ptr, i32]
