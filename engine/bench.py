@@ -20,7 +20,8 @@ exceeds 10%.
 Roofline: a decode step must read every weight once plus the KV cache of every sequence, so
 tokens/s <= batch * bandwidth / (weight bytes + KV bytes at the mid-decode context), with the
 weights at 1 byte each for int8 systems. The bandwidth is the machine's read bandwidth, measured
-before every repeat as a sum over a buffer 8x the last-level cache (CPU) or 1 GiB (GPU) (median). On
+right before every run as a sum over a buffer 8x the last-level cache (CPU) or 1 GiB (GPU) (median
+of 5), and each run's roofline share uses its own measurement (the table: the median share). On
 CPU that buffer is in transparent huge pages where the OS grants them, like the streaming GEMM's
 weights: a torch sum over 4 KiB pages was measured reading only ~0.6x as fast on a 2-core EPYC, which
 would flatter every system's roofline share.
@@ -65,10 +66,11 @@ class Measurement:
     decode_max: float
     decode_spread: float                             # (max - min) / median
     decode_runs: list[float]                         # one per repeat, in run order
-    decode_roofline_pct: float
+    decode_roofline_pct: float                       # median over repeats of each run's share (its own bandwidth)
     decode_step_ms: float
     speedup_vs_transformers: float | None = None     # median of per-repeat ratios
     speedup_vs_ctranslate2: float | None = None      # vs CTranslate2 of the same precision
+    bandwidth_runs: list[float] = field(default_factory=list)   # GB/s measured right before each run
 
 
 @dataclass
@@ -81,7 +83,7 @@ class BenchReport:
     new_tokens: int
     repeats: int
     bandwidth_gb_s: float                            # read bandwidth, median over repeats
-    bandwidth_runs: list[float]
+    bandwidth_runs: list[float]                      # every run's, in run order
     weight_bytes: int
     flops_per_token: int
     timestamp: str
@@ -285,25 +287,28 @@ def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
     for system in systems:   # warm-up at every batch size: weights faulted in, kernels compiled / primitives built
         for b in args.batch_sizes:
             system.runner(system.handle, prompts[b], 2, clock)
-    runs = {(s.label, b): ([], []) for s in systems for b in args.batch_sizes}   # (prefill tok/s, decode tok/s) per repeat
+    # per (system, batch), one entry per repeat: prefill tok/s, decode tok/s, read bandwidth just before the run
+    runs = {(s.label, b): ([], [], []) for s in systems for b in args.batch_sizes}
     grid = [(r, b, s) for r in range(args.repeats) for b in args.batch_sizes for s in systems]
     bar = tqdm(grid, desc="bench", unit="run")
     for r, b, system in bar:
-        if system is systems[0] and b == args.batch_sizes[0]:
-            report.bandwidth_runs.append(measure_bandwidth(device))
+        prefill, decode, bandwidth = runs[(system.label, b)]
+        bandwidth.append(measure_bandwidth(device))
+        report.bandwidth_runs.append(bandwidth[-1])
         bar.set_description(f"{system.label}, batch {b}, repeat {r + 1}/{args.repeats}")
         system.runner(system.handle, prompts[b], args.new_tokens, clock)
-        prefill, decode = runs[(system.label, b)]
         prefill.append(b * args.prompt_len / clock.prefill_seconds())
         decode.append(b / statistics.median(clock.step_intervals()))
     report.bandwidth_gb_s = statistics.median(report.bandwidth_runs)
     for b in args.batch_sizes:
         for system in systems:
-            prefill, decode = runs[(system.label, b)]
+            prefill, decode, bandwidth = runs[(system.label, b)]
             median = statistics.median(decode)
-            roofline = b * report.bandwidth_gb_s * 1e9 / decode_bytes_per_step(config, dtype, b, context, int8=system.int8)
+            step_bytes = decode_bytes_per_step(config, dtype, b, context, int8=system.int8)
+            roofline_pct = statistics.median(100 * tok_s * step_bytes / (b * gb_s * 1e9) for tok_s, gb_s in zip(decode, bandwidth))
             m = Measurement(system.label, b, statistics.median(prefill), median, min(decode), max(decode),
-                            (max(decode) - min(decode)) / median, decode, 100 * median / roofline, 1e3 * b / median)
+                            (max(decode) - min(decode)) / median, decode, roofline_pct, 1e3 * b / median,
+                            bandwidth_runs=bandwidth)
             if (REFERENCE, b) in runs and system.label != REFERENCE:
                 m.speedup_vs_transformers = _paired_ratio(decode, runs[(REFERENCE, b)][1])
             if system.peer_of is not None:

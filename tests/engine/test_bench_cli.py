@@ -25,9 +25,9 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
         expected |= {"CTranslate2 fp32", "CTranslate2 int8"}
     assert systems == expected
     assert [r["batch"] for r in report["results"]][::len(systems)] == [1, 3]
-    assert report["repeats"] == 3 and len(report["bandwidth_runs"]) == 3 and report["bandwidth_gb_s"] > 0
+    assert report["repeats"] == 3 and len(report["bandwidth_runs"]) == 3 * 2 * len(systems) and report["bandwidth_gb_s"] > 0
     for r in report["results"]:
-        assert len(r["decode_runs"]) == 3 and r["decode_min"] <= r["decode_tokens_per_s"] <= r["decode_max"]
+        assert len(r["decode_runs"]) == len(r["bandwidth_runs"]) == 3 and r["decode_min"] <= r["decode_tokens_per_s"] <= r["decode_max"]
         assert r["decode_spread"] == pytest.approx((r["decode_max"] - r["decode_min"]) / r["decode_tokens_per_s"])
         assert r["prefill_tokens_per_s"] > 0 and r["decode_roofline_pct"] > 0
         assert (r["speedup_vs_ctranslate2"] is not None) == (ctranslate2_peer.available() and r["system"].startswith("gpt2-engine"))
