@@ -1,10 +1,11 @@
-// Streaming GEMM for decode-sized batches: y[M, N] = (x[M, K] @ W[K, N]) * scale + bias + residual,
+// Streaming GEMM for decode-sized batches: y[M, N] = gelu?(LN?(x)[M, K] @ W[K, N] * scale + bias) + residual,
 // W in fp32 or int8 codes (weight-only int8: codes widened to fp32 in registers, one scale per column).
 //
 // Why hand-written: at decode batches a linear layer is a weight stream (each weight is used by M <= 8
 // rows), so its speed is the DRAM read rate. The library GEMMs reachable from torch (oneDNN packed, MKL
 // on either layout) were measured streaming 12-25 GB/s where a plain read of the same bytes streamed
-// 24-28 GB/s on a 2-core AVX-512 EPYC; this kernel reads at that rate (benchmarks/test_bench_cpu_gemm.py).
+// 24-28 GB/s on a 2-core AVX-512 EPYC (4 KiB pages); this kernel reads at about the plain read's rate
+// (benchmarks/test_bench_cpu_gemm.py; huge pages: below).
 //
 // Memory layout (stream_gemm.py packs it once at load): W is cut into column blocks of NB
 // output channels, and block b is stored as K contiguous rows of NB values:
