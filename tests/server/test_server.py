@@ -241,9 +241,11 @@ def test_full_queue_is_429(guarded_server):
 
 
 def _refused(url: str) -> bool:
+    """No new request is served: the connection is refused, or (in the moment the listener closes) the
+    kernel had already accepted it and the server closes it without a response."""
     try:
         httpx.get(f"{url}/health", timeout=5)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
         return True
     return False
 
