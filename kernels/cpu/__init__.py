@@ -16,6 +16,7 @@ threads are torch's OpenMP pool, not a second pool competing for the cores.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -60,15 +61,16 @@ def library(build_dir: Path | None = None) -> ctypes.CDLL:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"gpt2_engine_cpu_kernels-{key[:16]}.so"
     if not target.exists():
-        # compile beside the target, then rename: a concurrent process never loads a half-written library
-        fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
-        os.close(fd)
-        try:
-            _compiler_output(compiler, *FLAGS, *map(str, SOURCES), "-o", partial)
+        # each source compiled in parallel, linked beside the target, then renamed into place: a
+        # concurrent process never loads a half-written library
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            objects = [str(Path(scratch) / f"{path.stem}.o") for path in SOURCES]
+            with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
+                list(pool.map(lambda src, obj: _compiler_output(compiler, *FLAGS, "-c", str(src), "-o", obj),
+                              SOURCES, objects))
+            partial = str(Path(scratch) / target.name)
+            _compiler_output(compiler, *FLAGS, *objects, "-o", partial)
             os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
     lib = ctypes.CDLL(str(target))
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.stream_gemm.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr, ptr, ptr, ctypes.c_float, ptr, i32, ptr, ptr, i32]

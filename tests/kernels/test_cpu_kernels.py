@@ -16,8 +16,13 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ comp
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    return cpu_kernels.library(tmp_path_factory.mktemp("cpu-kernels"))
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cpu-kernels")
+
+
+@pytest.fixture(scope="module")
+def lib(build_dir):
+    return cpu_kernels.library(build_dir)
 
 
 def _reference(x, w, bias=None, activation=None, residual=None, layer_norm=None):
@@ -159,15 +164,14 @@ def test_write_kv_equals_the_reference_and_skips_negative_slots(lib):
         cpu_attention.write_kv(k[:2], v[:2], k_cache, v_cache, torch.tensor([0, 9999]), lib=lib)
 
 
-def test_the_build_is_reused_and_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
-    first = cpu_kernels.library(tmp_path / "a")
-    built = sorted((tmp_path / "a").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"
+def test_the_build_is_reused_and_a_missing_compiler_is_a_clear_error(lib, build_dir, tmp_path, monkeypatch):
+    built = sorted(build_dir.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"      # the library alone: no scratch left behind
     cpu_kernels.library.cache_clear()
     try:
         mtime = built[0].stat().st_mtime_ns
-        again = cpu_kernels.library(tmp_path / "a")        # a later process: loads the same file, no rebuild
-        assert again.cpu_kernels_isa() == first.cpu_kernels_isa() and built[0].stat().st_mtime_ns == mtime
+        again = cpu_kernels.library(build_dir)             # a later process: loads the same file, no rebuild
+        assert again.cpu_kernels_isa() == lib.cpu_kernels_isa() and built[0].stat().st_mtime_ns == mtime
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
         with pytest.raises(cpu_kernels.BuildError, match="could not run"):
             cpu_kernels.library(tmp_path / "b")
