@@ -1,7 +1,9 @@
 """Triton kernels of gpt2-engine. Each family has a launcher and a plain-torch `<name>_ref` twin
 with the same signature; the engine calls kernels only through these names. fold_layernorm
 prepares a LayerNorm + linear pair once at load for ln_linear / ln_gelu_mlp (FoldedLinear), and
-fold_layernorm_int8 for int8_ln_linear (FoldedInt8Linear: the folded weight quantized)."""
+fold_layernorm_int8 for int8_ln_linear (FoldedInt8Linear: the folded weight quantized).
+kernels.cpu holds the C++ CPU kernels (streaming GEMM, in-place paged attention, a fused decode block)
+that the engine's CPU path runs; importing this package does not build them."""
 import os
 
 # Keep Triton 3.9's current default (fused multiply-add in kernels) explicitly: 3.10 will change it,

@@ -49,16 +49,29 @@ def _compiler_output(compiler: str, *args: str, stdin: str = "") -> str:
     return done.stdout
 
 
+def _writable_directory(build_dir: Path | None) -> Path:
+    """build_dir, created if need be; a fresh temporary directory when it is None or cannot be written
+    (a read-only home: the build then lasts for this process only)."""
+    if build_dir is not None:
+        try:
+            Path(build_dir).mkdir(parents=True, exist_ok=True)
+            if os.access(build_dir, os.W_OK):
+                return Path(build_dir)
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="gpt2-engine-kernels-"))
+
+
 @functools.cache
 def library(build_dir: Path | None = None) -> ctypes.CDLL:
-    """The compiled kernels, built into build_dir (None: a temporary directory) unless already there."""
+    """The compiled kernels, built into build_dir (None or unwritable: a temporary directory) unless
+    already there."""
     compiler = os.environ.get("CXX", "g++")
     isa_macros = _compiler_output(compiler, "-march=native", "-dM", "-E", "-x", "c++", "-")
     version = _compiler_output(compiler, "--version").splitlines()[0]
     sources = "\0".join(f"{path.name}\0{path.read_text()}" for path in SOURCES + HEADERS)
     key = hashlib.sha256("\0".join([sources, version, " ".join(FLAGS), isa_macros]).encode()).hexdigest()
-    directory = Path(build_dir) if build_dir is not None else Path(tempfile.mkdtemp(prefix="gpt2-engine-kernels-"))
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _writable_directory(build_dir)
     target = directory / f"gpt2_engine_cpu_kernels-{key[:16]}.so"
     if not target.exists():
         # each source compiled in parallel, linked beside the target, then renamed into place: a

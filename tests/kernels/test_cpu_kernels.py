@@ -172,6 +172,8 @@ def test_the_build_is_reused_and_a_missing_compiler_is_a_clear_error(lib, build_
         mtime = built[0].stat().st_mtime_ns
         again = cpu_kernels.library(build_dir)             # a later process: loads the same file, no rebuild
         assert again.cpu_kernels_isa() == lib.cpu_kernels_isa() and built[0].stat().st_mtime_ns == mtime
+        (tmp_path / "a-file").write_text("")           # a build directory that cannot be made: a temporary one
+        assert cpu_kernels.library(tmp_path / "a-file" / "kernels").cpu_kernels_isa() == lib.cpu_kernels_isa()
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
         with pytest.raises(cpu_kernels.BuildError, match="could not run"):
             cpu_kernels.library(tmp_path / "b")
