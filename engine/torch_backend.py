@@ -1,12 +1,12 @@
 """The torch backend's CPU speed-ups: the kernels' references, prepared once and shared per step.
 
 GEMMs: every linear layer's weight is prepared at load time for the GEMM path a short timing probe
-found fastest on this CPU for its shape and epilogue (engine/cpu_gemm.py: oneDNN packed, BLAS on
-[in, out] or [out, in], and for int8 weights a cache-resident dequantisation or torch's int8 GEMM).
-ln_linear / ln_gelu_mlp are the kernels' references with the LayerNorm in torch and the GEMM plus
-epilogue (bias, GELU-tanh, residual) done by that path; results equal the references to fp32
-rounding (accumulation order only), or for int8 weights equal the int8 reference
-(kernels.int8_linear.int8_ln_linear_ref).
+found fastest on this CPU for its shape and epilogue (engine/cpu_gemm.py: our streaming GEMM on fp32
+or int8 weights, oneDNN packed, BLAS on [in, out] or [out, in], fbgemm's int8 paths, ...).
+ln_linear / ln_gelu_mlp are the kernels' references with the LayerNorm, GEMM and epilogue (bias,
+GELU-tanh, residual) done by that path (the streaming GEMM fuses them all; the others take the
+LayerNorm from torch); results equal the references to fp32 rounding (accumulation order only), or
+for int8 weights equal the int8 reference (kernels.int8_linear.int8_ln_linear_ref).
 
 Decode-only steps (fused_decode_blocks): where every linear of every block runs on our streaming GEMM,
 each block's decode step is one C++ call (kernels/cpu/decode_block.cpp), bitwise equal to the

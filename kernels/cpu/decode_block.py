@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu.paged_attention import _check, _check_caches
+from kernels.cpu.paged_attention import check_caches, check_cpu_tensor
 from kernels.cpu.stream_gemm import PackedWeight
 
 
@@ -47,16 +47,16 @@ class DecodeBlock:
     def __call__(self, x, k_cache, v_cache, slot_mapping, block_tables, context_lens) -> torch.Tensor:
         """x [B, C] (one decode token per sequence) -> the block's output [B, C]; writes the tokens' K/V."""
         c = self.attn.weight.in_features
-        _check("x", x, torch.float32, 2)
-        _check("slot_mapping", slot_mapping, torch.int64, 1)
-        _check("block_tables", block_tables, torch.int32, 2)
-        _check("context_lens", context_lens, torch.int32, 1)
+        check_cpu_tensor("x", x, torch.float32, 2)
+        check_cpu_tensor("slot_mapping", slot_mapping, torch.int64, 1)
+        check_cpu_tensor("block_tables", block_tables, torch.int32, 2)
+        check_cpu_tensor("context_lens", context_lens, torch.int32, 1)
         batch = x.shape[0]
         if x.shape[1] != c or slot_mapping.shape != (batch,) or block_tables.shape[0] != batch or context_lens.shape != (batch,):
             raise ValueError(f"x must be [B, {c}] with slot_mapping, block_tables and context_lens of B rows, got "
                              f"{tuple(x.shape)}, {tuple(slot_mapping.shape)}, {tuple(block_tables.shape)}, "
                              f"{tuple(context_lens.shape)}")
-        _check_caches(k_cache, v_cache, self.heads, c // self.heads)
+        check_caches(k_cache, v_cache, self.heads, c // self.heads)
         x, slots, tables, lens = x.contiguous(), slot_mapping.contiguous(), block_tables.contiguous(), context_lens.contiguous()
         out = torch.empty_like(x)
         linears = [self.attn, self.proj, self.fc, self.mlp_proj]

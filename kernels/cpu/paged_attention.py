@@ -15,13 +15,13 @@ import math
 import torch
 
 
-def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int) -> None:
+def check_cpu_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int) -> None:
     if t.dtype != dtype or t.device.type != "cpu" or t.dim() != dims:
         raise ValueError(f"{name} must be a {dims}-D {dtype} CPU tensor, got {t.dim()}-D {t.dtype} on {t.device}")
 
 
-def _check_caches(k_cache, v_cache, heads: int, head_dim: int) -> None:
-    _check("k_cache", k_cache, torch.float32, 4)
+def check_caches(k_cache, v_cache, heads: int, head_dim: int) -> None:
+    check_cpu_tensor("k_cache", k_cache, torch.float32, 4)
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or k_cache.shape[2:] != (heads, head_dim):
         raise ValueError(f"k_cache and v_cache must both be float32 [num_blocks, block_size, {heads}, {head_dim}], "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -30,14 +30,14 @@ def _check_caches(k_cache, v_cache, heads: int, head_dim: int) -> None:
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping, *, lib: ctypes.CDLL) -> None:
-    _check("k", k, torch.float32, 3)
-    _check("v", v, torch.float32, 3)
-    _check("slot_mapping", slot_mapping, torch.int64, 1)
+    check_cpu_tensor("k", k, torch.float32, 3)
+    check_cpu_tensor("v", v, torch.float32, 3)
+    check_cpu_tensor("slot_mapping", slot_mapping, torch.int64, 1)
     tokens, heads, head_dim = k.shape
     if v.shape != k.shape or slot_mapping.shape != (tokens,) or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError(f"k, v must be [T, H, D] with D contiguous and slot_mapping [T], got {tuple(k.shape)}, "
                          f"{tuple(v.shape)} and {tuple(slot_mapping.shape)}")
-    _check_caches(k_cache, v_cache, heads, head_dim)
+    check_caches(k_cache, v_cache, heads, head_dim)
     slots = slot_mapping.contiguous()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     bad = lib.paged_write_kv_f32(k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
@@ -49,13 +49,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, lib: ctypes.CDLL) -> None:
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, sm_scale=None, num_splits=None,
                            out=None, lib: ctypes.CDLL):
-    _check("q", q, torch.float32, 3)
-    _check("block_tables", block_tables, torch.int32, 2)
-    _check("context_lens", context_lens, torch.int32, 1)
+    check_cpu_tensor("q", q, torch.float32, 3)
+    check_cpu_tensor("block_tables", block_tables, torch.int32, 2)
+    check_cpu_tensor("context_lens", context_lens, torch.int32, 1)
     batch, heads, head_dim = q.shape
     if q.stride(2) != 1:
         raise ValueError("q's last dimension must be contiguous")
-    _check_caches(k_cache, v_cache, heads, head_dim)
+    check_caches(k_cache, v_cache, heads, head_dim)
     if block_tables.shape[0] != batch or context_lens.shape != (batch,):
         raise ValueError(f"block_tables and context_lens must have {batch} rows (one per query), got "
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
