@@ -4,6 +4,7 @@ streaming-GEMM weights, the K/V write and paged attention, bitwise equal to runn
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,15 @@ class DecodeBlock:
         if c % self.heads:
             raise ValueError(f"{self.heads} heads do not divide the width {c}")
 
+    @functools.cached_property
+    def _parameter_addresses(self) -> tuple:
+        """The block's fixed arguments of gpt2_decode_block, in its order (the tensors never move)."""
+        def linear(lin: Linear) -> tuple:
+            scale = lin.weight.scale
+            return lin.weight.blocks.data_ptr(), None if scale is None else scale.data_ptr(), lin.bias.data_ptr()
+        return (self.ln_1[0].data_ptr(), self.ln_1[1].data_ptr(), *linear(self.attn), *linear(self.proj),
+                self.ln_2[0].data_ptr(), self.ln_2[1].data_ptr(), *linear(self.fc), *linear(self.mlp_proj))
+
     def __call__(self, x, k_cache, v_cache, slot_mapping, block_tables, context_lens) -> torch.Tensor:
         """x [B, C] (one decode token per sequence) -> the block's output [B, C]; writes the tokens' K/V."""
         c = self.attn.weight.in_features
@@ -59,14 +69,8 @@ class DecodeBlock:
         check_caches(k_cache, v_cache, self.heads, c // self.heads)
         x, slots, tables, lens = x.contiguous(), slot_mapping.contiguous(), block_tables.contiguous(), context_lens.contiguous()
         out = torch.empty_like(x)
-        linears = [self.attn, self.proj, self.fc, self.mlp_proj]
-        weights = [(lin.weight.blocks.data_ptr(), None if lin.weight.scale is None else lin.weight.scale.data_ptr(),
-                    lin.bias.data_ptr()) for lin in linears]
-        lib = self.attn.weight.lib
-        bad = lib.gpt2_decode_block(
-            x.data_ptr(), batch, c, self.heads, self.attn.weight.scale is not None, self.eps,
-            self.ln_1[0].data_ptr(), self.ln_1[1].data_ptr(), *weights[0], *weights[1],
-            self.ln_2[0].data_ptr(), self.ln_2[1].data_ptr(), *weights[2], *weights[3],
+        bad = self.attn.weight.lib.gpt2_decode_block(
+            x.data_ptr(), batch, c, self.heads, self.attn.weight.scale is not None, self.eps, *self._parameter_addresses,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], slots.data_ptr(),
             tables.data_ptr(), tables.shape[1], lens.data_ptr(), 1.0 / math.sqrt(c // self.heads), out.data_ptr(),
             torch.get_num_threads())

@@ -170,8 +170,8 @@ int64_t paged_write_kv_f32(const float* k, int64_t k_stride_t, int64_t k_stride_
                            int64_t v_stride_h, float* k_cache, float* v_cache, const int64_t* slot_mapping, int64_t T,
                            int64_t num_slots, int64_t H, int64_t D) {
   if (const int64_t bad = check_slots(slot_mapping, T, num_slots)) return bad;
-#pragma omp parallel num_threads(1)
-  write_kv_phase(k, k_stride_t, k_stride_h, v, v_stride_t, v_stride_h, k_cache, v_cache, slot_mapping, T, H, D);
+  write_kv_phase(   // outside a parallel region its `omp for` runs on this thread alone
+      k, k_stride_t, k_stride_h, v, v_stride_t, v_stride_h, k_cache, v_cache, slot_mapping, T, H, D);
   return 0;
 }
 }
