@@ -4,15 +4,25 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# The package is installed editable as a link tree (setuptools' strict mode): the repository's engine/
+# and kernels/ appear as gpt2_engine/ and gpt2_engine/kernels/ (pyproject.toml). A new source file
+# needs the tree relinked, so the link step depends on every file the package ships.
+PACKAGE_FILES := $(shell find engine kernels -type f -not -name '*.pyc' 2>/dev/null)
+STRICT := --config-settings editable_mode=strict
 
 .PHONY: setup bench test gpu-check
-setup: $(VENV)/.installed
+setup: $(VENV)/.linked
 
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(PY) -m pip install -q -e ".[dev,ray]" $(STRICT)
+	touch $@
+
+$(VENV)/.linked: $(VENV)/.installed $(PACKAGE_FILES)
+	rm -rf build/__editable__.gpt2_engine-*
+	$(PY) -m pip install -q --no-deps -e . $(STRICT)
 	touch $@
 
 bench: setup

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from engine import cpu_gemm
-from engine.quantization import Int8Weight
-from kernels.cpu.stream_gemm import huge_page_empty
+from gpt2_engine import cpu_gemm
+from gpt2_engine.quantization import Int8Weight
+from gpt2_engine.kernels.cpu.stream_gemm import huge_page_empty
 
 SHAPE = (768, 3072)   # GPT-2 small's c_fc, [in, out]
 PATHS = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import HAS_CUDA
-from kernels.flash_attention import flash_attention
+from gpt2_engine.kernels.flash_attention import flash_attention
 
 HEADS, HEAD_DIM, TOKENS = 12, 64, 16384
 SEQLENS = [128, 512, 1024, 2048, 4096]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import HAS_CUDA
-from kernels.fused_linear import fold_layernorm, ln_gelu_mlp, ln_gelu_mlp_ref
+from gpt2_engine.kernels.fused_linear import fold_layernorm, ln_gelu_mlp, ln_gelu_mlp_ref
 
 WIDTHS = (768, 1024, 1280, 1600)
 DECODE_M = (1, 4, 16)

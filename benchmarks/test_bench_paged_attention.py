@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import HAS_CUDA
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from gpt2_engine.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
 HEADS, HEAD_DIM, BLOCK_SIZE = 12, 64, 16
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="Triton kernel timing needs a CUDA GPU (the CPU interpreter is not a benchmark)")

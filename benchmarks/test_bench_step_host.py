@@ -21,11 +21,11 @@ import torch
 
 from benchmarks.conftest import HAS_CUDA
 from benchmarks.test_bench_launch_host import stubbed  # noqa: F401  (the kernel-stubbing fixture)
-from engine.config import GPT2Config
-from engine.llm_engine import LLMEngine
-from engine.model import PagedGPT2
-from engine.sampling import SamplingParams
-from engine.weights import random_state_dict
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.llm_engine import LLMEngine
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.sampling import SamplingParams
+from gpt2_engine.weights import random_state_dict
 
 
 @pytest.mark.parametrize("batch, vocab", [(1, None), (1, 512), (256, None), (256, 512)],

@@ -2,7 +2,7 @@
 
 Backends: "triton" runs the runtime on our kernels (default on CUDA), "torch" the same runtime on
 each kernel's torch reference (default on CPU), "eager" the plain PyTorch baseline. The runtime
-backends serve every call through one request router (engine.router) in front of one LLMEngine,
+backends serve every call through one request router (gpt2_engine.router) in front of one LLMEngine,
 so concurrent `stream()` iterators and `generate()` calls (from one thread or several) are batched
 together.
 
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from engine.baseline import EagerGPT2, generate_eager
-from engine.config import GPT2Config
-from engine.generation import (
+from gpt2_engine.baseline import EagerGPT2, generate_eager
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.generation import (
     GeneratedSequence, GenerateOptions, assemble_output, check_streamer, left_pad,
     prompts_from_batch, resolve_generate_options,
 )
-from engine.quantization import check_quantization
-from engine.weights import load_checkpoint, load_hf_model_state, random_state_dict
+from gpt2_engine.quantization import check_quantization
+from gpt2_engine.weights import load_checkpoint, load_hf_model_state, random_state_dict
 
 BACKENDS = ("auto", "triton", "torch", "eager")
 
@@ -81,7 +81,7 @@ class GPT2:
     """A GPT-2 model served by gpt2-engine. Build it with from_pretrained / from_config / from_hf.
 
     It constructs, converts and delegates: options become SamplingParams at this boundary
-    (engine.generation), requests go to the request router (engine.router), which steps the one
+    (gpt2_engine.generation), requests go to the request router (gpt2_engine.router), which steps the one
     LLMEngine in its own thread; the eager backend runs the baseline model in the caller's thread."""
 
     def __init__(self, config: GPT2Config, state_dict: dict[str, torch.Tensor], *, device=None, dtype=None,
@@ -107,9 +107,9 @@ class GPT2:
         if self.backend == "eager":
             self._eager = EagerGPT2(config, weights)
         else:
-            from engine.llm_engine import LLMEngine
-            from engine.model import PagedGPT2
-            from engine.router import RequestRouter
+            from gpt2_engine.llm_engine import LLMEngine
+            from gpt2_engine.model import PagedGPT2
+            from gpt2_engine.router import RequestRouter
 
             model = PagedGPT2(config, weights, backend=self.backend, device=self.device, dtype=self.dtype,
                               quantization=self.quantization)
@@ -269,7 +269,7 @@ class GPT2:
     def tokenizer(self):
         """A tiktoken Encoding for GPT-2's BPE (from the checkpoint directory when it has the files)."""
         if self._tokenizer is None:
-            from engine.tokenizer import load_tokenizer, tokenizer_files_in
+            from gpt2_engine.tokenizer import load_tokenizer, tokenizer_files_in
 
             path = self._tokenizer_path if self._tokenizer_path and tokenizer_files_in(self._tokenizer_path) else None
             self._tokenizer = load_tokenizer(path)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.config import GPT2Config
-from engine.generation import GeneratedSequence, GenerateOptions
-from engine.sampling import SamplingParams, make_generator, sample_next_tokens
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.generation import GeneratedSequence, GenerateOptions
+from gpt2_engine.sampling import SamplingParams, make_generator, sample_next_tokens
 
 
 class ContiguousKVCache:
@@ -91,7 +91,7 @@ class EagerGPT2(torch.nn.Module):
 
 @dataclass
 class _EagerSequence:
-    """Sampling state of one row (the fields engine.sampling reads)."""
+    """Sampling state of one row (the fields gpt2_engine.sampling reads)."""
     params: SamplingParams
     token_ids: list[int]
     generator: torch.Generator | None

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.sampling import apply_repetition_penalty, ban_repeated_ngrams, mask_early_eos
-from engine.sequence import Sequence, SequenceStatus, TokenEvent
+from gpt2_engine.sampling import apply_repetition_penalty, ban_repeated_ngrams, mask_early_eos
+from gpt2_engine.sequence import Sequence, SequenceStatus, TokenEvent
 
 NEG = -1.0e9     # transformers' "never pick this" score offset
 

@@ -41,14 +41,14 @@ from pathlib import Path
 
 import torch
 
-from engine import cpu_gemm, ctranslate2_peer
-from engine.api import GPT2
-from engine.cli import add_device_argument
-from engine.config import PRESETS, GPT2Config
-from engine.generation import resolve_generate_options
-from engine.sampling import SamplingParams
-from engine.weights import load_config
-from kernels.cpu.stream_gemm import huge_page_empty
+from gpt2_engine import cpu_gemm, ctranslate2_peer
+from gpt2_engine.api import GPT2
+from gpt2_engine.cli import add_device_argument
+from gpt2_engine.config import PRESETS, GPT2Config
+from gpt2_engine.generation import resolve_generate_options
+from gpt2_engine.sampling import SamplingParams
+from gpt2_engine.weights import load_config
+from gpt2_engine.kernels.cpu.stream_gemm import huge_page_empty
 
 OUTPUT_FILES = ("results.json", "results.md", "decode_tokens_per_s.png")  # written into --out
 

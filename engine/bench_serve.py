@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.cli import Parser
-from engine.server.serve import int_at_least
+from gpt2_engine.cli import Parser
+from gpt2_engine.server.serve import int_at_least
 
 PERCENTILES = (50, 90, 99)
 

@@ -9,7 +9,7 @@ copies in every layer's K and V pool before the step writes). Running out of blo
 condition: the scheduler asks `can_allocate` / `can_append` first, and `allocate` / `append` are only
 called when the answer was yes.
 
-With prefix caching (engine.prefix_cache), `allocate(seq_id, n, token_ids)` starts the table with
+With prefix caching (gpt2_engine.prefix_cache), `allocate(seq_id, n, token_ids)` starts the table with
 the cached blocks of the longest cached prefix and returns how many tokens they hold; the scheduler
 reports computed tokens (`mark_computed`) so full blocks get indexed. A freed block keeps its
 content and key in the free list, which hands out the least recently freed block first: cached
@@ -22,8 +22,8 @@ from collections import OrderedDict
 
 import torch
 
-from engine.config import GPT2Config
-from engine.prefix_cache import PrefixCache
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.prefix_cache import PrefixCache
 
 CPU_KV_BUDGET_BYTES = 1 << 30       # the pool on CPU: 1 GiB
 CUDA_KV_FREE_FRACTION = 0.45        # the pool on CUDA: this share of the memory free after the weights

@@ -26,7 +26,7 @@ class Parser(argparse.ArgumentParser):
 
 def device_argument(value: str) -> str:
     """argparse type of --device: the API's rule (cpu, cuda or cuda:N, where this machine has it)."""
-    from engine.api import resolve_device
+    from gpt2_engine.api import resolve_device
 
     try:
         resolve_device(value)
@@ -88,14 +88,14 @@ def _generation_options(args) -> dict:
 
 
 def _check_model_flags(args) -> None:
-    from engine.config import PRESETS
+    from gpt2_engine.config import PRESETS
 
     if args.random_weights and args.model not in PRESETS:
         raise ValueError(f"--random-weights needs a preset --model ({', '.join(PRESETS)}), got {args.model!r}")
 
 
 def _build_model(args):
-    from engine.api import GPT2
+    from gpt2_engine.api import GPT2
 
     runtime = {"device": args.device, "dtype": args.dtype, "backend": args.backend, "quantization": args.quantization}
     if args.batch_invariant:
@@ -108,7 +108,7 @@ def _build_model(args):
 
 
 def _generate(args) -> int:
-    from engine.tokenizer import load_tokenizer
+    from gpt2_engine.tokenizer import load_tokenizer
 
     options = _generation_options(args)
     _check_model_flags(args)
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gpt2-engine", description="GPT-2 inference on Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from engine import bench
+    from gpt2_engine import bench
 
     bench_parser = sub.add_parser("bench", help="tokens/s of the engine vs the eager baseline and transformers",
                                   description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt")
     _add_generate_arguments(gen)
 
-    from engine.server import serve
+    from gpt2_engine.server import serve
 
     serve_parser = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching; Ray Serve replicas)",
                                   description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:2] == ["bench", "serve"]:   # the serving load generator has its own flags
-            from engine import bench_serve
+            from gpt2_engine import bench_serve
 
             return bench_serve.main(argv[2:])
         args, unknown = build_parser().parse_known_args(argv)
@@ -182,20 +182,20 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:  # reported here, not by the top-level parser, to name the subcommand
             raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command == "bench":
-            from engine import bench
+            from gpt2_engine import bench
 
             return bench.main(args)
         if args.command == "generate":
             return _generate(args)
         if args.command == "serve":
-            from engine.server import serve
+            from gpt2_engine.server import serve
 
             return serve.main(args)
         if args.plan:
-            from kernels import launch_plan
+            from gpt2_engine.kernels import launch_plan
 
             return launch_plan.main(["--sms", str(args.sms)] + (["--json", args.json] if args.json else []))
-        from kernels import compile_report
+        from gpt2_engine.kernels import compile_report
 
         return compile_report.main(["--filter", args.filter] + (["--json", args.json] if args.json else []))
     except (FileNotFoundError, ValueError, TypeError) as exc:  # bad input: the message says what is wrong

@@ -50,9 +50,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.quantization import Int8Weight
-from kernels import cpu as cpu_kernels
-from kernels.cpu import stream_gemm as cpu_stream_gemm
+from gpt2_engine.quantization import Int8Weight
+from gpt2_engine.kernels import cpu as cpu_kernels
+from gpt2_engine.kernels.cpu import stream_gemm as cpu_stream_gemm
 
 PROBE_BATCHES = (1, 8, 64)   # decode batches, timed on cold weights; and a prefill-sized guard, on one copy
 _COLD_BATCHES = 8

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.model import PagedGPT2, StepInputs
-from kernels.arrival_counter import graph_buffers
+from gpt2_engine.model import PagedGPT2, StepInputs
+from gpt2_engine.kernels.arrival_counter import graph_buffers
 
 
 class DecodeGraphs:
@@ -28,6 +28,12 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         stream, pool = torch.cuda.Stream(device), None
+        # The warm-ups and captures run on a side stream (capture needs one that is not the legacy
+        # default stream). It waits for everything queued so far on the current stream (the static
+        # buffers' fills above, the KV cache's allocation and zeroing, the weights' uploads), and the
+        # current stream waits for it at the end: work after __init__ sees the warm-ups' writes (the
+        # KV cache's padding rows) and their workspaces.
+        stream.wait_stream(torch.cuda.current_stream(device))
         for b in reversed(self.buckets):          # largest first, so the smaller ones reuse its pool
             step = StepInputs(self.embed_indices[:2 * b], self.embed_offsets[:b], 0, slot_mapping=self.slot_mapping[:b],
                               block_tables=self.block_tables[:b], context_lens=self.context_lens[:b])
@@ -40,6 +46,7 @@ class DecodeGraphs:
                 self.logits[b] = model.forward(step, kv_cache)
             pool = graph.pool()
             self.graphs[b] = graph
+        torch.cuda.current_stream(device).wait_stream(stream)
 
     def run(self, step: StepInputs) -> torch.Tensor:
         """fp32 logits [B, V] of a decode-only step (every row samples)."""

@@ -7,7 +7,7 @@
 
 Defaults are transformers' (max_length 20, top_k 50, ...). num_return_sequences rows follow their
 prompt (repeat_interleave order), as in transformers; with num_beams > 1 they are the prompt's best
-hypotheses, best first (engine.beam_search).
+hypotheses, best first (gpt2_engine.beam_search).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.beam_search import beam_fill_value
-from engine.config import GPT2Config
-from engine.sampling import SamplingParams
+from gpt2_engine.beam_search import beam_fill_value
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.sampling import SamplingParams
 
 # transformers' defaults for the options this engine implements.
 HF_DEFAULTS = {

@@ -2,7 +2,7 @@
 
 A blocking `.to(cuda)` from pageable memory synchronises the stream, i.e. waits for every kernel
 already queued; so does any readback. A step that is to run while the host prepares the next one
-(engine.llm_engine, async scheduling) may do neither between its first launch and its one readback:
+(gpt2_engine.llm_engine, async scheduling) may do neither between its first launch and its one readback:
 
 - `PinnedStaging.upload`: a step's integer inputs written into a reused page-locked buffer and
   copied with non_blocking=True. The buffer is overwritten only after the copy out of it has run

@@ -14,7 +14,7 @@ the same launch) and a batch of short contexts (S = 1). The runtime is GPU-sized
 132-SM heuristics), so S is what an H100 would run. In fp16, as served, the LM head's logits are
 cast to fp32 (one more launch per step than in fp32).
 
-    python -m engine.launch_count      (set TRITON_INTERPRET=1 on a machine without a GPU)
+    python -m gpt2_engine.launch_count      (set TRITON_INTERPRET=1 on a machine without a GPU)
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.config import GPT2Config
-from engine.llm_engine import LLMEngine
-from engine.model import PagedGPT2
-from engine.sampling import SamplingParams
-from engine.weights import random_state_dict
-from kernels import paged_attention
-from kernels.launch_plan import attention_splits
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.llm_engine import LLMEngine
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.sampling import SamplingParams
+from gpt2_engine.weights import random_state_dict
+from gpt2_engine.kernels import paged_attention
+from gpt2_engine.kernels.launch_plan import attention_splits
 
 _aten = torch.ops.aten
 NOT_LAUNCHES = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.empty_like.default,

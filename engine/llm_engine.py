@@ -32,20 +32,20 @@ which read the tokens on the host; and schedule(preempt=False): no preemption, w
 in flight); otherwise step() launches and commits one step, as the synchronous loop does. A failure
 anywhere rolls back every step not committed yet (restoring their generators, newest first).
 
-Not thread-safe: one thread steps it (engine.router.RequestRouter in the API and the server).
+Not thread-safe: one thread steps it (gpt2_engine.router.RequestRouter in the API and the server).
 """
 from __future__ import annotations
 
 import itertools
 import torch
 
-from engine.beam_search import BeamGroup
-from engine.block_manager import BlockManager, num_kv_blocks
-from engine.model import PagedGPT2
-from engine.model_runner import LaunchedStep, ModelRunner
-from engine.sampling import SamplingParams, generator_states, make_generator, restore_generators
-from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence, TokenEvent
+from gpt2_engine.beam_search import BeamGroup
+from gpt2_engine.block_manager import BlockManager, num_kv_blocks
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.model_runner import LaunchedStep, ModelRunner
+from gpt2_engine.sampling import SamplingParams, generator_states, make_generator, restore_generators
+from gpt2_engine.scheduler import ScheduledBatch, Scheduler
+from gpt2_engine.sequence import Sequence, TokenEvent
 
 
 class StepError(RuntimeError):

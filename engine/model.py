@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
-from engine import torch_backend
-from engine.config import GPT2Config
-from engine.host_staging import PinnedStaging
-from engine.quantization import Int8Weight, check_quantization, int8_kernel_ops
+from gpt2_engine import torch_backend
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.host_staging import PinnedStaging
+from gpt2_engine.kernels import flash_attention, fused_linear, int8_linear, paged_attention
+from gpt2_engine.quantization import Int8Weight, check_quantization, int8_kernel_ops
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,9 @@ class KernelOps:
         suffixes = {"triton": "", "torch": "_ref"}
         if backend not in suffixes:
             raise ValueError(f"backend must be one of {sorted(suffixes)}, got {backend!r}")
-        return cls(**{f.name: getattr(kernels, f.name + suffixes[backend]) for f in fields(cls)})
+        modules = {"ln_linear": fused_linear, "ln_gelu_mlp": fused_linear, "flash_attention": flash_attention,
+                   "paged_decode_attention": paged_attention}
+        return cls(**{f.name: getattr(modules[f.name], f.name + suffixes[backend]) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -130,11 +132,11 @@ class PagedGPT2:
 
         def ln_then(ln: Affine, conv: Affine, **epilogue) -> tuple[Affine, Affine]:
             """LN then a Conv1D as loaded ([in, out], float). triton backend: the LayerNorm folded into the
-            linear (kernels.fold_layernorm; int8: fold_layernorm_int8, which quantizes the folded weight),
+            linear (fused_linear.fold_layernorm; int8: fold_layernorm_int8, which quantizes the folded weight),
             the LN left as Affine(None, None); other backends keep the LN and prepare the linear."""
             if backend != "triton":
                 return ln, prepared(conv, **epilogue)
-            fold = kernels.fold_layernorm_int8 if self.quantization else kernels.fold_layernorm
+            fold = int8_linear.fold_layernorm_int8 if self.quantization else fused_linear.fold_layernorm
             return Affine(None, None), Affine(fold(ln.weight, ln.bias, conv.weight, conv.bias), None)
 
         def block(i: int) -> Block:

@@ -4,7 +4,7 @@ packs the step's tokens, replays CUDA graphs for decode-only steps, and samples.
     run(batch): block copies -> pack (prefill chunks first, then one-token decode rows) ->
                 forward (or graph replay) -> logits of the sampling rows -> one token per drawing
                 sequence (a request's first sample draws for all its return sequences), and one
-                proposed BeamStep per beam group from its members' rows (engine.beam_search)
+                proposed BeamStep per beam group from its members' rows (gpt2_engine.beam_search)
 
 run(batch) is launch(batch).outcomes(). `launch` only enqueues work on the device (on CUDA its
 inputs go up through pinned buffers without waiting, and its tokens' readback is enqueued behind
@@ -18,14 +18,14 @@ import contextlib
 
 import torch
 
-from engine.batch_invariant import batch_invariant_model
-from engine.beam_search import BeamGroup, BeamStep
-from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
-from engine.host_staging import staging_for, upload
-from engine.model import PagedGPT2, StepInputs, pack_step
-from engine.sampling import SampledToken, SampledTokens, draw_tokens
-from engine.scheduler import ScheduledBatch
-from engine.sequence import PLACEHOLDER
+from gpt2_engine.batch_invariant import batch_invariant_model
+from gpt2_engine.beam_search import BeamGroup, BeamStep
+from gpt2_engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
+from gpt2_engine.host_staging import staging_for, upload
+from gpt2_engine.model import PagedGPT2, StepInputs, pack_step
+from gpt2_engine.sampling import SampledToken, SampledTokens, draw_tokens
+from gpt2_engine.scheduler import ScheduledBatch
+from gpt2_engine.sequence import PLACEHOLDER
 
 
 class LaunchedStep:
@@ -53,7 +53,7 @@ class ModelRunner:
     def __init__(self, model: PagedGPT2, block_manager: BlockManager, *, max_num_seqs: int,
                  use_cuda_graphs: bool | None = None, batch_invariant: bool = False):
         cfg = model.config
-        # batch-invariant mode: fixed-shape GEMMs and one attention path for every row (engine.batch_invariant)
+        # batch-invariant mode: fixed-shape GEMMs and one attention path for every row (gpt2_engine.batch_invariant)
         self.batch_invariant = batch_invariant
         self.model = batch_invariant_model(model) if batch_invariant else model
         self.block_manager = block_manager      # read here (tables, slots); written by the scheduler
@@ -64,7 +64,7 @@ class ModelRunner:
             use_cuda_graphs = model.device.type == "cuda" and model.backend == "triton" and not batch_invariant
         self.graphs = None
         if use_cuda_graphs:
-            from engine.cuda_graphs import DecodeGraphs
+            from gpt2_engine.cuda_graphs import DecodeGraphs
             with self.on_device():
                 self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs,
                                            -(-cfg.n_positions // block_manager.block_size))

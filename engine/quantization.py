@@ -67,12 +67,12 @@ class Int8Weight:
 
 def int8_kernel_ops(backend: str) -> dict:
     """ln_linear / ln_gelu_mlp for int8 weights on the int8 kernel ("triton") or its reference: an
-    Int8Weight (no LayerNorm on triton), or a kernels.FoldedInt8Linear (triton: the LayerNorm folded
+    Int8Weight (no LayerNorm on triton), or a FoldedInt8Linear (gpt2_engine.kernels.int8_linear) (triton: the LayerNorm folded
     in at load, its statistics accumulated inside the GEMM)."""
-    import kernels
-    from engine.torch_backend import mlp_of
+    from gpt2_engine.kernels import int8_linear
+    from gpt2_engine.torch_backend import mlp_of
 
-    launch = kernels.int8_ln_linear if backend == "triton" else kernels.int8_ln_linear_ref
+    launch = int8_linear.int8_ln_linear if backend == "triton" else int8_linear.int8_ln_linear_ref
 
     def ln_linear(x, ln_weight, ln_bias, weight, bias=None, **kwargs):
         if isinstance(weight, Int8Weight):

@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import torch
 
-from engine.llm_engine import LLMEngine, StepError
-from engine.sequence import TokenEvent
-from engine.sampling import SamplingParams
+from gpt2_engine.llm_engine import LLMEngine, StepError
+from gpt2_engine.sequence import TokenEvent
+from gpt2_engine.sampling import SamplingParams
 
 MAX_STEP_FAILURES = 2
 

@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from engine.host_staging import Readback, upload
+from gpt2_engine.host_staging import Readback, upload
 
 MAX_LOGPROBS = 20
 # Distinct seeds per prompt of a batch and per return sequence: seed * stride + index (mod 2^63).
@@ -40,7 +40,7 @@ class SamplingParams:
     output_scores: bool = False
     logprobs: int | None = None   # also return the sampled token's log-probability and this many top ones
     no_repeat_ngram_size: int = 0  # 0 = off
-    # beam search (engine.beam_search) when num_beams > 1, with transformers' meaning of these
+    # beam search (gpt2_engine.beam_search) when num_beams > 1, with transformers' meaning of these
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False   # True, False or "never"

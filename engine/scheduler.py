@@ -14,7 +14,7 @@ drawing sequence) then `commit` (the tokens themselves, events, forks, finishes)
 async scheduling calls them apart: it schedules the next step between the two, when
 `can_schedule_ahead` says the next step's structure cannot depend on this step's tokens.
 
-A beam group (engine.beam_search) is one unit: admitted with all its live members, decoded with all
+A beam group (gpt2_engine.beam_search) is one unit: admitted with all its live members, decoded with all
 of them in one step (their rows form the group's one draw), preempted together. After a preemption
 its members recompute all but their last token by prefill, then decode that token together.
 """
@@ -23,10 +23,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.beam_search import BeamGroup, BeamStep
-from engine.block_manager import BlockManager
-from engine.sampling import SampledToken
-from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus, TokenEvent
+from gpt2_engine.beam_search import BeamGroup, BeamStep
+from gpt2_engine.block_manager import BlockManager
+from gpt2_engine.sampling import SampledToken
+from gpt2_engine.sequence import PLACEHOLDER, Sequence, SequenceStatus, TokenEvent
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ScheduledBatch:
     samplers: list[Sequence] = field(default_factory=list)   # seqs whose chunk ends their token_ids
     # Who draws this step, and from which samplers' logits rows: a request's first sample also
     # draws for its other return sequences (not yet forked) from the same logits row; a beam group
-    # draws once, from the rows of all its live members (engine.beam_search).
+    # draws once, from the rows of all its live members (gpt2_engine.beam_search).
     draws: list[Sequence | BeamGroup] = field(default_factory=list)
     draw_rows: list[int | list[int]] = field(default_factory=list)
 

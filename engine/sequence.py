@@ -2,11 +2,11 @@
 
 A request with n return sequences starts as one Sequence whose `forks` are the other n - 1; they
 are forked off (sharing its KV blocks copy-on-write) at the request's first sample. A beam-search
-request is a BeamGroup of num_beams Sequences (engine.beam_search), scheduled as one unit. The scheduler
+request is a BeamGroup of num_beams Sequences (gpt2_engine.beam_search), scheduled as one unit. The scheduler
 moves a sequence between waiting, running and finished; `Scheduler.postprocess` is the only writer
 of its progress (computed tokens, appended tokens, finish).
 
-With async scheduling (engine.llm_engine) a step is scheduled before the previous step's tokens are
+With async scheduling (gpt2_engine.llm_engine) a step is scheduled before the previous step's tokens are
 read back: each sequence that drew in that step then ends its token_ids with PLACEHOLDER (already
 counted in num_generated), which the model runner fills on the device and the commit on the host.
 """
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.sampling import SamplingParams
+from gpt2_engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.beam_search import BeamGroup
+    from gpt2_engine.beam_search import BeamGroup
 
 PLACEHOLDER = -1     # a token drawn on the device and not read back yet (never a real token id)
 
@@ -45,7 +45,7 @@ class Sequence:
     num_generated: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" (eos), "length" or "abort"
-    group: BeamGroup | None = None    # the beam search this sequence is a beam of (engine.beam_search)
+    group: BeamGroup | None = None    # the beam search this sequence is a beam of (gpt2_engine.beam_search)
 
     @property
     def seats(self) -> int:

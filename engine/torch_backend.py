@@ -6,7 +6,7 @@ or int8 weights, oneDNN packed, BLAS on [in, out] or [out, in], fbgemm's int8 pa
 ln_linear / ln_gelu_mlp are the kernels' references with the LayerNorm, GEMM and epilogue (bias,
 GELU-tanh, residual) done by that path (the streaming GEMM fuses them all; the others take the
 LayerNorm from torch); results equal the references to fp32 rounding (accumulation order only), or
-for int8 weights equal the int8 reference (kernels.int8_linear.int8_ln_linear_ref).
+for int8 weights equal the int8 reference (gpt2_engine.kernels.int8_linear.int8_ln_linear_ref).
 
 Decode-only steps (fused_decode_blocks): where every linear of every block runs on our streaming GEMM,
 each block's decode step is one C++ call (kernels/cpu/decode_block.cpp), bitwise equal to the
@@ -23,11 +23,11 @@ import functools
 
 import torch
 
-from engine.cpu_gemm import CpuLinear, Epilogue, Streaming, cpu_kernel_library, prepare_linear
-from kernels.cpu import paged_attention as cpu_paged_attention
-from kernels.cpu.decode_block import DecodeBlock, Linear
-from kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
-from kernels.paged_attention import gathered_decode_attention, paged_gather_index
+from gpt2_engine.cpu_gemm import CpuLinear, Epilogue, Streaming, cpu_kernel_library, prepare_linear
+from gpt2_engine.kernels.cpu import paged_attention as cpu_paged_attention
+from gpt2_engine.kernels.cpu.decode_block import DecodeBlock, Linear
+from gpt2_engine.kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
+from gpt2_engine.kernels.paged_attention import gathered_decode_attention, paged_gather_index
 
 __all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "ln_linear", "ln_gelu_mlp", "mlp_of",
            "PagedDecodeAttention", "decode_attention", "fused_decode_blocks"]
@@ -39,7 +39,7 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None, kv_cache=None):
-    """kernels.ln_linear's contract with a CpuLinear weight (a plain weight goes to the reference)."""
+    """fused_linear.ln_linear's contract with a CpuLinear weight (a plain weight goes to the reference)."""
     if not isinstance(weight, CpuLinear):
         return ln_linear_ref(x, ln_weight, ln_bias, weight, bias, eps=eps, activation=activation, residual=residual,
                              kv_cache=kv_cache)
@@ -65,7 +65,7 @@ def _write_kv_columns(qkv, kv_cache) -> None:
 
 
 def mlp_of(linear):
-    """kernels.ln_gelu_mlp's contract as two calls of an ln_linear-contract function."""
+    """fused_linear.ln_gelu_mlp's contract as two calls of an ln_linear-contract function."""
     def ln_gelu_mlp(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5):
         hidden = linear(x, ln_weight, ln_bias, fc_weight, fc_bias, eps=eps, activation="gelu_tanh")
         return linear(hidden, None, None, proj_weight, proj_bias, residual=x)
@@ -76,7 +76,7 @@ ln_gelu_mlp = mlp_of(ln_linear)
 
 
 def decode_attention(device: torch.device, dtype: torch.dtype):
-    """kernels.paged_decode_attention's contract for the torch backend on `device` / `dtype`."""
+    """paged_attention.paged_decode_attention's contract for the torch backend on `device` / `dtype`."""
     lib = cpu_kernel_library() if supported(device, dtype) else None
     if lib is None:
         return PagedDecodeAttention()
@@ -84,7 +84,7 @@ def decode_attention(device: torch.device, dtype: torch.dtype):
 
 
 class PagedDecodeAttention:
-    """kernels.paged_decode_attention's contract; the gather index is computed once per step.
+    """paged_attention.paged_decode_attention's contract; the gather index is computed once per step.
 
     Every layer of a step passes the same block_tables and context_lens: the index is reused while
     the same two tensors come back with the same contents and q's dtype (checked against copies, since tensors
@@ -104,7 +104,7 @@ class PagedDecodeAttention:
 
 
 def fused_decode_blocks(blocks, heads: int, eps: float) -> list[DecodeBlock] | None:
-    """The model's blocks (engine.model.Block, CpuLinear weights) as DecodeBlocks, or None unless every
+    """The model's blocks (gpt2_engine.model.Block, CpuLinear weights) as DecodeBlocks, or None unless every
     linear's probed path is the streaming GEMM (a fused block has no other GEMM inside)."""
     linears = [lin for blk in blocks for lin in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)]
     if not all(isinstance(lin.weight, CpuLinear) and isinstance(lin.weight.path, Streaming) for lin in linears):

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from gpt2_engine.kernels import triton_defaults  # noqa: F401  (before triton)
 import triton
 import triton.language as tl
 

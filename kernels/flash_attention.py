@@ -39,11 +39,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gpt2_engine.kernels import triton_defaults  # noqa: F401  (before triton)
 import triton
 import triton.language as tl
 
-from kernels import checks
-from kernels.launching import aligned, launch
+from gpt2_engine.kernels import checks
+from gpt2_engine.kernels.launching import aligned, launch
 
 LOG2E = 1.4426950408889634
 
@@ -363,7 +364,7 @@ _STRIDES = [f"stride_{t}{d}" for t in "qkvo" for d in "bth"]
 def _aot_kernel(archs: list[int], dtype: torch.dtype, head_dim: int, varlen: bool):
     """The kernel as GPT-2 launches it: q, k, v slices of a fused [T, 3, H, D] QKV output
     (row stride 3*H*D, head stride D, all multiples of 16) into a contiguous [T, H, D] out."""
-    from kernels.compile_report import AotKernel  # deferred: the report module imports this one
+    from gpt2_engine.kernels.compile_report import AotKernel  # deferred: the report module imports this one
 
     cfg = _config(archs[0], dtype, head_dim)
     ptr = f"*{_TRITON_DTYPE[dtype]}"

@@ -99,14 +99,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gpt2_engine.kernels import triton_defaults  # noqa: F401  (before triton)
 import triton
 import triton.language as tl
 
-from kernels import checks
-from kernels.arrival_counter import buffers, guarded_launch, last_to_arrive
-from kernels.launch_plan import UNSPLIT_TILES, gemm_plan, reduction, split_tile
-from kernels.launching import aligned, launch
-from kernels.paged_attention import check_caches, check_slot_mapping, write_kv_ref
+from gpt2_engine.kernels import checks
+from gpt2_engine.kernels.arrival_counter import buffers, guarded_launch, last_to_arrive
+from gpt2_engine.kernels.launch_plan import UNSPLIT_TILES, gemm_plan, reduction, split_tile
+from gpt2_engine.kernels.launching import aligned, launch
+from gpt2_engine.kernels.paged_attention import check_caches, check_slot_mapping, write_kv_ref
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,7 +610,7 @@ def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, kv=False, lm_he
     """One shipped configuration, described as the JIT would specialise a real GPT-2 launch: W [K, N]
     contiguous, or a K-major view (the LM head's wte^T; int8: every weight is the view q^T of int8
     codes [N, K], with fp32 scales). The LM head's N = 50257 is not a multiple of 16."""
-    from kernels.compile_report import AotKernel
+    from gpt2_engine.kernels.compile_report import AotKernel
 
     t = "*" + _TL_TYPES[dtype]
     signature = {
@@ -643,7 +644,7 @@ def _aot(label, tile, dtype, *, ln, bias, gelu, residual, split, kv=False, lm_he
 def planned_aot_kernels(prefix: str, *, int8: bool = False):
     """The planned split-K tiles (M <= 256) the launch plan picks for GPT-2 small..xl: fp16 decode
     and batch tiles; for bf16 and fp32 (the same code in another dtype) the decode tiles."""
-    from kernels.launch_plan import DECODE_MAX_M, SPLIT_MAX_M
+    from gpt2_engine.kernels.launch_plan import DECODE_MAX_M, SPLIT_MAX_M
 
     specs, seen = [], set()
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -70,9 +70,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import checks
-from kernels import fused_linear as fl
-from kernels.fused_linear import gelu_tanh, write_kv_columns_ref
+from gpt2_engine.kernels import checks
+from gpt2_engine.kernels import fused_linear as fl
+from gpt2_engine.kernels.fused_linear import gelu_tanh, write_kv_columns_ref
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ class FoldedInt8Linear:
 def fold_layernorm_int8(ln_weight, ln_bias, weight, bias=None) -> FoldedInt8Linear:
     """fold_layernorm(ln_weight, ln_bias, weight [K, N], bias) in fp32, then W' quantized with
     engine/quantization.py's scheme; ln_bias None = 0, weight in any float dtype and strides."""
-    from engine.quantization import Int8Weight   # imported here: the engine package imports kernels
+    from gpt2_engine.quantization import Int8Weight   # imported here: the engine package imports kernels
 
     folded = fl.fold_layernorm(ln_weight, ln_bias, weight.float(), bias)   # W' and b' in fp32, the checks
     codes = Int8Weight.quantize(folded.weight.t())                         # [N, K], one scale per output channel
@@ -185,7 +185,7 @@ def aot_kernels():
     """Every (tile, epilogue) gemm_plan(int8=True) picks for GPT-2 small..xl: the planned split-K tiles
     (fused_linear.planned_aot_kernels) and the unsplit tiles above M = 256 (fp16 with the LM head's
     for prompt logits, and fp32), all on int8 codes."""
-    from kernels.launch_plan import UNSPLIT_INT8_TILES
+    from gpt2_engine.kernels.launch_plan import UNSPLIT_INT8_TILES
 
     specs = fl.planned_aot_kernels("int8_linear", int8=True)
     for dtype, name in ((torch.float16, "int8_prefill"), (torch.float32, "fp32")):

@@ -237,7 +237,7 @@ def format_plan(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import PRESETS
+    from gpt2_engine.config import PRESETS
 
     parser = argparse.ArgumentParser(prog="gpt2-engine kernels --plan", description="decode launch plan")
     parser.add_argument("--sms", type=int, default=132, help="SM count of the GPU planned for (default 132, H100 SXM)")

@@ -15,6 +15,7 @@ launch takes the JIT path.
 """
 from __future__ import annotations
 
+from gpt2_engine.kernels import triton_defaults  # noqa: F401  (before triton)
 import triton
 
 _COMPILED: dict = {}

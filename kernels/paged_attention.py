@@ -51,13 +51,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from gpt2_engine.kernels import triton_defaults  # noqa: F401  (before triton)
 import triton
 import triton.language as tl
 
-from kernels import checks
-from kernels.arrival_counter import buffers, guarded_launch, last_to_arrive
-from kernels.launch_plan import MAX_SPLITS, attention_plan, kv_tile
-from kernels.launching import aligned, launch
+from gpt2_engine.kernels import checks
+from gpt2_engine.kernels.arrival_counter import buffers, guarded_launch, last_to_arrive
+from gpt2_engine.kernels.launch_plan import MAX_SPLITS, attention_plan, kv_tile
+from gpt2_engine.kernels.launching import aligned, launch
 
 LOG2E = 1.4426950408889634
 # 8 warps over a 64-token tile: 2 rows of K and V per thread (16-byte loads), ~64 registers,
@@ -424,7 +425,7 @@ def gathered_decode_attention(q, k_cache, v_cache, index, *, sm_scale=None, out=
 def aot_kernels():
     """Every configuration the launchers pick for GPT-2 models: head_dim 64, the engine's
     block_size 16, fp16/bf16/fp32; write_kv at BLOCK_H 16 (12 or 16 heads) and 32 (20 or 25)."""
-    from kernels.compile_report import AotKernel
+    from gpt2_engine.kernels.compile_report import AotKernel
 
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):

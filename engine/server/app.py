@@ -22,10 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine.router import RouterClosed
-from engine.server.choices import Choice
-from engine.server.metrics import ServerMetrics
-from engine.server.protocol import APIError, CompletionRequest, for_prompts, prompts_of, sampling_params
+from gpt2_engine.router import RouterClosed
+from gpt2_engine.server.choices import Choice
+from gpt2_engine.server.metrics import ServerMetrics
+from gpt2_engine.server.protocol import APIError, CompletionRequest, for_prompts, prompts_of, sampling_params
 
 _DONE = object()          # a pump's end marker in the streaming queue
 

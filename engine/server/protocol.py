@@ -6,7 +6,7 @@ Mapping onto the engine (vLLM's conventions):
                           with temperature, top_p and top_k (-1 or 0 = off); OpenAI's default is 1.0
     max_tokens         -> max_new_tokens (default 16; null = up to the model's context)
     seed               -> SamplingParams.seed, per prompt as GPT2.generate derives it for a batch
-    stop               -> cut by the server (engine.server.choices); EOS always stops unless ignore_eos
+    stop               -> cut by the server (gpt2_engine.server.choices); EOS always stops unless ignore_eos
     min_tokens, ignore_eos, repetition_penalty, top_k: vLLM's extensions
 Value checks are SamplingParams' and the router's (the rules of generate()); only what OpenAI's API
 adds (logprobs <= 5, at most 4 stop strings, the unsupported options) is checked here.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from engine.sampling import SamplingParams
+from gpt2_engine.sampling import SamplingParams
 
 MAX_LOGPROBS = 5          # OpenAI's completions limit
 MAX_STOP_STRINGS = 4

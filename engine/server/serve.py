@@ -1,5 +1,5 @@
 """`gpt2-engine serve`: load a model and serve the OpenAI-compatible app with uvicorn (or, with
---replicas N > 1, as a Ray Serve deployment of N engines; see engine.server.ray_serve).
+--replicas N > 1, as a Ray Serve deployment of N engines; see gpt2_engine.server.ray_serve).
 
 SIGTERM drains: uvicorn closes the listening socket (new connections are refused), lets running
 requests finish (streams end with their finish_reason), then the app's lifespan waits for the
@@ -14,7 +14,7 @@ import socket
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from engine.cli import add_device_argument
+    from gpt2_engine.cli import add_device_argument
 
     parser.add_argument("--model", default="gpt2", help="checkpoint directory or hub id (or a preset with --random-weights)")
     parser.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
@@ -58,9 +58,9 @@ def model_spec(args) -> dict:
 
 def build_from_spec(spec: dict):
     """The FastAPI app of one engine built from model_spec()."""
-    from engine.api import GPT2
-    from engine.config import PRESETS
-    from engine.server.app import build_app
+    from gpt2_engine.api import GPT2
+    from gpt2_engine.config import PRESETS
+    from gpt2_engine.server.app import build_app
 
     runtime = dict(device=spec["device"], dtype=spec["dtype"], backend=spec["backend"], max_num_seqs=spec["max_num_seqs"],
                    batch_invariant=spec["batch_invariant"], async_scheduling=False if spec["sync_scheduling"] else None)
@@ -71,7 +71,7 @@ def build_from_spec(spec: dict):
     else:
         model = GPT2.from_pretrained(spec["model"], **runtime)
     if spec["tokenizer"]:
-        from engine.tokenizer import load_tokenizer
+        from gpt2_engine.tokenizer import load_tokenizer
 
         model.tokenizer = load_tokenizer(spec["tokenizer"])
     model.tokenizer   # load it now: a missing tokenizer is a startup error, not a failed request
@@ -84,7 +84,7 @@ def main(args) -> int:
         if args.port == 0:
             raise ValueError("--port 0 is not supported with --replicas (Ray Serve's proxy needs a fixed port)")
         try:
-            from engine.server.ray_serve import run_replicas
+            from gpt2_engine.server.ray_serve import run_replicas
         except ImportError as exc:
             raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install 'gpt2-engine[ray]'") from None
         return run_replicas(args)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp before the library; see above)
 
-from kernels.cpu import decode_block
+from gpt2_engine.kernels.cpu import decode_block
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu.paged_attention import check_caches, check_cpu_tensor
-from kernels.cpu.stream_gemm import PackedWeight
+from gpt2_engine.kernels.cpu.paged_attention import check_caches, check_cpu_tensor
+from gpt2_engine.kernels.cpu.stream_gemm import PackedWeight
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
-"""The public API (engine.GPT2, engine.optimize) against transformers, on every backend.
+"""The public API (gpt2_engine.GPT2, gpt2_engine.optimize) against transformers, on every backend.
 
 The triton backend runs under Triton's CPU interpreter here, so its cases use the smallest
 models and fewest tokens that still exercise prefill, decode and padding."""
 import pytest
 import torch
 
-import engine
-from engine.sampling import SamplingParams
+import gpt2_engine
+from gpt2_engine.sampling import SamplingParams
 from tests.engine.tiny_models import left_padded_batch, tiny_hf_model
 
 BACKENDS = ["eager", "torch", "triton"]
@@ -20,7 +20,7 @@ def _positions(mask):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_match_transformers_on_a_left_padded_batch(backend):
     hf = tiny_hf_model()
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids, mask = left_padded_batch([11, 4, 7], hf.config.vocab_size)
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask, position_ids=_positions(mask)).logits
@@ -34,7 +34,7 @@ def test_logits_match_transformers_on_a_left_padded_batch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_generate_is_token_identical_to_transformers(backend):
     hf = tiny_hf_model(seed=1)
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids = torch.randint(0, hf.config.vocab_size, (1, 9))
     new = 6 if backend == "triton" else 20
     expected = hf.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -44,7 +44,7 @@ def test_greedy_generate_is_token_identical_to_transformers(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_left_padded_batch_with_eos_pads_after_it_like_transformers(backend):
     hf = tiny_hf_model(seed=2)
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids, mask = left_padded_batch([3, 8, 5], hf.config.vocab_size, pad_id=0)
     new = 5 if backend == "triton" else 16
     plain = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -60,7 +60,7 @@ def test_left_padded_batch_with_eos_pads_after_it_like_transformers(backend):
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_max_length_min_new_tokens_and_eos_list(backend):
     hf = tiny_hf_model(seed=3)
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids = torch.randint(0, hf.config.vocab_size, (2, 6))
     first = hf.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     eos = [int(first[0, 6]), int(first[1, 7])]
@@ -73,7 +73,7 @@ def test_max_length_min_new_tokens_and_eos_list(backend):
 @pytest.mark.parametrize("backend", ["eager", "torch", "triton"])
 def test_num_return_sequences_with_top_k_1_matches_transformers(backend):
     hf = tiny_hf_model(seed=4)
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids, mask = left_padded_batch([5, 3], hf.config.vocab_size)
     new = 4 if backend == "triton" else 10
     kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=True, top_k=1, num_return_sequences=3, pad_token_id=0)
@@ -84,7 +84,7 @@ def test_num_return_sequences_with_top_k_1_matches_transformers(backend):
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_scores_and_return_dict_match_transformers(backend):
     hf = tiny_hf_model(seed=5)
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids = torch.randint(0, hf.config.vocab_size, (2, 5))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
                   repetition_penalty=1.3)
@@ -98,7 +98,7 @@ def test_scores_and_return_dict_match_transformers(backend):
 
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_seeded_sampling_is_reproducible(backend):
-    model = engine.GPT2.from_hf(tiny_hf_model(seed=6), backend=backend)
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(seed=6), backend=backend)
     ids = torch.randint(0, 101, (2, 5))
     kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9, seed=42, num_return_sequences=2)
     first = model.generate(ids, **kwargs)
@@ -110,7 +110,7 @@ def test_sampling_is_the_same_on_eager_and_runtime_backends():
     hf = tiny_hf_model(seed=7)
     ids = torch.randint(0, 101, (2, 5))
     kwargs = dict(max_new_tokens=10, do_sample=True, top_k=20, seed=5, num_return_sequences=2)
-    outs = [engine.GPT2.from_hf(hf, backend=b).generate(ids, **kwargs) for b in ("eager", "torch")]
+    outs = [gpt2_engine.GPT2.from_hf(hf, backend=b).generate(ids, **kwargs) for b in ("eager", "torch")]
     assert torch.equal(outs[0], outs[1])
 
 
@@ -128,7 +128,7 @@ class RecordingStreamer:
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_streamer_protocol_like_transformers(backend):
     hf = tiny_hf_model(seed=8)
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids = torch.randint(0, 101, (1, 4))
     theirs, mine = RecordingStreamer(), RecordingStreamer()
     hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, streamer=theirs)
@@ -141,7 +141,7 @@ def test_optimize_makes_hf_generate_run_on_the_engine_sharing_weights(backend):
     hf = tiny_hf_model(seed=9)
     ids, mask = left_padded_batch([6, 2], 101)
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert engine.optimize(hf, backend=backend) is hf
+    assert gpt2_engine.optimize(hf, backend=backend) is hf
     out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(out, expected)
     shared = hf.gpt2_engine.state_dict()["h.0.attn.c_attn.weight"]
@@ -149,20 +149,20 @@ def test_optimize_makes_hf_generate_run_on_the_engine_sharing_weights(backend):
 
 
 def test_from_config_uses_seeded_random_weights_and_says_so():
-    config = engine.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)
-    a = engine.GPT2.from_config(config, seed=3)
-    b = engine.GPT2.from_config(config, seed=3)
+    config = gpt2_engine.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    a = gpt2_engine.GPT2.from_config(config, seed=3)
+    b = gpt2_engine.GPT2.from_config(config, seed=3)
     ids = torch.randint(0, 64, (1, 5))
     assert torch.equal(a(ids), b(ids))
-    assert not torch.equal(a(ids), engine.GPT2.from_config(config, seed=4)(ids))
+    assert not torch.equal(a(ids), gpt2_engine.GPT2.from_config(config, seed=4)(ids))
     assert "random weights" in a.source and "seed=3" in a.source
 
 
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_generate_text_and_stream_agree(backend, tokenizer_dir):
     hf = tiny_hf_model(vocab_size=50257, n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=10, init=0.5)
-    model = engine.GPT2.from_hf(hf, backend=backend)
-    model.tokenizer = engine.load_tokenizer(tokenizer_dir)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
+    model.tokenizer = gpt2_engine.load_tokenizer(tokenizer_dir)
     prompts = ["Hello world", "Once upon a time, émigrés 🤖"]
     texts = model.generate_text(prompts, max_new_tokens=12)
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
@@ -190,7 +190,7 @@ def test_generate_text_and_stream_agree(backend, tokenizer_dir):
     (dict(temperature=-1.0, do_sample=True), "temperature"),
 ])
 def test_bad_generate_options_raise_naming_them(kwargs, message):
-    model = engine.GPT2.from_hf(tiny_hf_model(), backend="torch")
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(), backend="torch")
     with pytest.raises(ValueError, match=message):
         model.generate(torch.randint(0, 101, (1, 5)), **kwargs)
 
@@ -206,7 +206,7 @@ def test_bad_generate_options_raise_naming_them(kwargs, message):
 ])
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_bad_input_ids_raise(make_input, error, message, backend):
-    model = engine.GPT2.from_hf(tiny_hf_model(), backend=backend)
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(), backend=backend)
     with pytest.raises(error, match=message):
         model.generate(make_input(), max_new_tokens=2)
     with pytest.raises(error, match=message):
@@ -214,7 +214,7 @@ def test_bad_input_ids_raise(make_input, error, message, backend):
 
 
 def test_bad_attention_masks_raise():
-    model = engine.GPT2.from_hf(tiny_hf_model(), backend="torch")
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(), backend="torch")
     ids = torch.ones(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="not left-padded"):
         model.generate(ids, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), max_new_tokens=2)
@@ -227,19 +227,19 @@ def test_bad_attention_masks_raise():
 def test_bad_constructor_arguments_raise():
     hf = tiny_hf_model()
     with pytest.raises(ValueError, match="backend"):
-        engine.GPT2.from_hf(hf, backend="cuda-graphs")
+        gpt2_engine.GPT2.from_hf(hf, backend="cuda-graphs")
     with pytest.raises(TypeError, match="dtype"):
-        engine.GPT2.from_hf(hf, backend="torch", dtype=torch.int8)
+        gpt2_engine.GPT2.from_hf(hf, backend="torch", dtype=torch.int8)
     with pytest.raises(ValueError, match="preset"):
-        engine.GPT2.from_config("gpt3")
+        gpt2_engine.GPT2.from_config("gpt3")
     with pytest.raises(ValueError, match="empty"):
-        engine.GPT2.from_hf(hf, backend="eager").generate_text("")
+        gpt2_engine.GPT2.from_hf(hf, backend="eager").generate_text("")
 
 
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_none_and_greedy_only_options_follow_transformers(backend):
     hf = tiny_hf_model(seed=11)
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids = torch.randint(0, 101, (1, 6))
     greedy = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     eos = int(greedy[0, 7])
@@ -253,7 +253,7 @@ def test_none_and_greedy_only_options_follow_transformers(backend):
 
 
 def test_top_k_none_turns_top_k_off():
-    model = engine.GPT2.from_hf(tiny_hf_model(vocab_size=400, seed=12), backend="torch")
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(vocab_size=400, seed=12), backend="torch")
     ids = torch.randint(0, 400, (1, 3))
     out = model.generate(ids, max_new_tokens=1, do_sample=True, top_k=None, temperature=50.0, seed=1,
                          num_return_sequences=64, output_scores=True, return_dict_in_generate=True)
@@ -265,7 +265,7 @@ def test_generation_configs_layer_like_transformers():
     from transformers import GenerationConfig
 
     hf = tiny_hf_model(seed=13)
-    model = engine.GPT2.from_hf(hf, backend="torch")
+    model = gpt2_engine.GPT2.from_hf(hf, backend="torch")
     model.generation_config = {"do_sample": True, "top_k": 1}    # e.g. a checkpoint's generation_config.json
     ids = torch.randint(0, 101, (1, 5))
     out = model.generate(ids, generation_config=GenerationConfig(max_new_tokens=4), num_return_sequences=2)
@@ -278,7 +278,7 @@ def test_generation_configs_layer_like_transformers():
 
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_a_seed_gives_each_prompt_of_a_batch_its_own_samples(backend):
-    model = engine.GPT2.from_hf(tiny_hf_model(seed=14), backend=backend)
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(seed=14), backend=backend)
     ids = torch.randint(0, 101, (1, 4)).repeat(3, 1)
     out = model.generate(ids, max_new_tokens=12, do_sample=True, seed=0)
     assert len({tuple(row.tolist()) for row in out}) == 3
@@ -288,7 +288,7 @@ def test_a_seed_gives_each_prompt_of_a_batch_its_own_samples(backend):
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_default_pad_outside_a_small_vocabulary_is_only_an_output_value(backend):
     hf = tiny_hf_model(seed=15)  # config eos/pad default 50256 > vocab 101
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids, mask = left_padded_batch([2, 6], 101)
     first = model.generate(ids, attention_mask=mask, max_new_tokens=3)
     eos = int(first[0, 6])
@@ -300,7 +300,7 @@ def test_default_pad_outside_a_small_vocabulary_is_only_an_output_value(backend)
 def test_threads_sharing_one_model_get_their_own_tokens():
     import threading
 
-    model = engine.GPT2.from_hf(tiny_hf_model(seed=16), backend="torch")
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(seed=16), backend="torch")
     prompts = [torch.randint(0, 101, (1, 3 + i)) for i in range(6)]
     alone = [model.generate(p, max_new_tokens=10) for p in prompts]
     results = [None] * len(prompts)
@@ -319,7 +319,7 @@ def test_threads_sharing_one_model_get_their_own_tokens():
 def test_argument_mistakes_raise_clearly():
     from transformers import GenerationConfig
 
-    model = engine.GPT2.from_hf(tiny_hf_model(), backend="torch")
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(), backend="torch")
     ids = torch.randint(0, 101, (1, 4))
     with pytest.raises(ValueError, match="not both"):
         model.generate(ids, inputs=ids, max_new_tokens=2)
@@ -328,8 +328,8 @@ def test_argument_mistakes_raise_clearly():
     with pytest.raises(ValueError, match="prompt is empty"):
         model.stream("")  # checked when called, not at the first next()
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        engine.GPT2.from_hf(tiny_hf_model(), backend="torch", max_num_batched_tokens=0)
-    assert engine.GPT2.from_hf(tiny_hf_model(), backend="eager", dtype="bf16").dtype == torch.bfloat16
+        gpt2_engine.GPT2.from_hf(tiny_hf_model(), backend="torch", max_num_batched_tokens=0)
+    assert gpt2_engine.GPT2.from_hf(tiny_hf_model(), backend="eager", dtype="bf16").dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("backend", ["eager", "torch"])
@@ -338,7 +338,7 @@ def test_gpt2_small_shape_logits_match_transformers(backend):
 
     torch.manual_seed(1)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()   # the real GPT-2 small shape
-    model = engine.GPT2.from_hf(hf, backend=backend)
+    model = gpt2_engine.GPT2.from_hf(hf, backend=backend)
     ids, mask = left_padded_batch([64, 40], hf.config.vocab_size)
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask, position_ids=_positions(mask)).logits

@@ -11,12 +11,12 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from engine.host_staging import Readback, staging_for
-from engine.llm_engine import LLMEngine, StepError
-from engine.model import PagedGPT2
-from engine.model_runner import ModelRunner
-from engine.sampling import SampledTokens, SamplingParams, exponential_race
-from engine.weights import load_hf_model_state
+from gpt2_engine.host_staging import Readback, staging_for
+from gpt2_engine.llm_engine import LLMEngine, StepError
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.model_runner import ModelRunner
+from gpt2_engine.sampling import SampledTokens, SamplingParams, exponential_race
+from gpt2_engine.weights import load_hf_model_state
 from tests.engine.tiny_models import tiny_hf_model
 
 SAMPLED = dict(do_sample=True, top_k=30, top_p=0.9, temperature=0.8, logprobs=2)

@@ -5,14 +5,14 @@ the triton backend (Triton's interpreter on CPU)."""
 import pytest
 import torch
 
-from engine import cpu_gemm
-from engine.batch_invariant import ROW_BLOCK, row_blocked
-from engine.config import GPT2Config
-from engine.llm_engine import LLMEngine
-from engine.model import PagedGPT2
-from engine.weights import random_state_dict
-from engine.sampling import SamplingParams
-from kernels.fused_linear import ln_linear_ref
+from gpt2_engine import cpu_gemm
+from gpt2_engine.batch_invariant import ROW_BLOCK, row_blocked
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.llm_engine import LLMEngine
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.weights import random_state_dict
+from gpt2_engine.sampling import SamplingParams
+from gpt2_engine.kernels.fused_linear import ln_linear_ref
 
 CONFIG = GPT2Config(vocab_size=97, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=96, eos_token_id=96)
 STATE = random_state_dict(CONFIG, seed=1)

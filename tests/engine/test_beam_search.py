@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
-import engine
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+import gpt2_engine
+from gpt2_engine.llm_engine import LLMEngine
+from gpt2_engine.sampling import SamplingParams
 from tests.engine.tiny_models import left_padded_batch, tiny_hf_model
 
 # sequences_scores within 1e-5, relative to the score once it exceeds 1 in magnitude (a negative
@@ -33,7 +33,7 @@ def hf():
 
 @pytest.fixture(scope="module")
 def torch_model(hf):
-    return engine.GPT2.from_hf(hf, backend="torch")
+    return gpt2_engine.GPT2.from_hf(hf, backend="torch")
 
 
 def assert_same_beams(expected, got):
@@ -89,7 +89,7 @@ def test_plain_tensor_output_and_generate_text(hf, torch_model):
 def test_gpt2_small_shape_matches_transformers():
     torch.manual_seed(3)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()   # the real GPT-2 small shape
-    model = engine.GPT2.from_hf(hf, backend="torch")
+    model = gpt2_engine.GPT2.from_hf(hf, backend="torch")
     ids, mask = left_padded_batch([9, 6], hf.config.vocab_size)
     expected, got = generate_both(hf, model, ids, mask, num_beams=3, max_new_tokens=5, num_return_sequences=2)
     assert_same_beams(expected, got)
@@ -97,7 +97,7 @@ def test_gpt2_small_shape_matches_transformers():
 
 def test_triton_backend_matches_transformers(hf):
     """Under the interpreter on CPU; on the GPU when there is one."""
-    model = engine.GPT2.from_hf(hf, backend="triton", block_size=4, device="cuda" if torch.cuda.is_available() else "cpu")
+    model = gpt2_engine.GPT2.from_hf(hf, backend="triton", block_size=4, device="cuda" if torch.cuda.is_available() else "cpu")
     ids, mask = left_padded_batch([6, 3], hf.config.vocab_size)
     expected, got = generate_both(hf, model, ids, mask, num_beams=2, max_new_tokens=4, eos_token_id=9)
     assert_same_beams(expected, dataclasses.replace(got, sequences=got.sequences.cpu(), beam_indices=got.beam_indices.cpu(),
@@ -153,8 +153,8 @@ def test_bad_beam_options_raise_naming_them(torch_model, kwargs, message):
 
 
 def test_a_beam_group_must_fit_the_pool(torch_model):
-    small = engine.GPT2.from_hf(tiny_hf_model(), backend="torch", num_blocks=6, block_size=4)
+    small = gpt2_engine.GPT2.from_hf(tiny_hf_model(), backend="torch", num_blocks=6, block_size=4)
     with pytest.raises(ValueError, match="KV blocks"):
         small.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, num_beams=4)
     with pytest.raises(ValueError, match="eager"):
-        engine.GPT2.from_hf(tiny_hf_model(), backend="eager").generate(torch.tensor([[1, 2]]), num_beams=2)
+        gpt2_engine.GPT2.from_hf(tiny_hf_model(), backend="eager").generate(torch.tensor([[1, 2]]), num_beams=2)

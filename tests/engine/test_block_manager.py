@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks, num_kv_blocks
-from engine.config import GPT2Config
+from gpt2_engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks, num_kv_blocks
+from gpt2_engine.config import GPT2Config
 
 ops = st.lists(st.tuples(st.sampled_from(["allocate", "append", "fork", "free"]), st.integers(0, 10**6),
                          st.integers(1, 40)), max_size=60)

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import engine.bench
-from engine import GPT2
-from engine.cli import main
+import gpt2_engine.bench
+from gpt2_engine import GPT2
+from gpt2_engine.cli import main
 from tests.conftest import REPO_ROOT
 from tests.engine.tiny_models import tiny_hf_model
 
@@ -97,7 +97,7 @@ def test_generate_random_weights_with_no_flags_and_no_network(tmp_path):
     cache = tmp_path / "empty-tiktoken-cache"
     cache.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TIKTOKEN_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--random-weights", "--prompt", "Hi",
+    result = subprocess.run([sys.executable, "-m", "gpt2_engine.cli", "generate", "--random-weights", "--prompt", "Hi",
                              "--max-new-tokens", "2", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hi") and len(result.stdout) > len("Hi\n") and result.stderr == ""
@@ -153,8 +153,8 @@ def no_bench_run(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the bench started although its arguments are invalid")
 
-    monkeypatch.setattr(engine.bench, "run_bench", fail)
-    monkeypatch.setattr(engine.bench, "_systems", fail)
+    monkeypatch.setattr(gpt2_engine.bench, "run_bench", fail)
+    monkeypatch.setattr(gpt2_engine.bench, "_systems", fail)
 
 
 def bench(checkpoint, capsys, *flags):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from engine.config import PRESETS, GPT2Config
+from gpt2_engine.config import PRESETS, GPT2Config
 
 
 @pytest.mark.parametrize("name,n_embd,n_layer,n_head", [
@@ -92,7 +92,7 @@ def test_bad_eos_token_id_names_the_field(value):
 def test_a_model_without_eos_generates_to_the_length_limit(tmp_path):
     """eos_token_id [] is no EOS: generation never stops early. With the first greedy token as EOS it
     stops after that token; with [] the same model runs all max_new_tokens."""
-    from engine import GPT2
+    from gpt2_engine import GPT2
     from tests.engine.tiny_models import tiny_hf_model
 
     tiny_hf_model().save_pretrained(tmp_path)

@@ -3,13 +3,13 @@ or the right result (transformers' behaviour)."""
 import pytest
 import torch
 
-import engine
+import gpt2_engine
 from tests.engine.tiny_models import tiny_hf_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    return engine.GPT2.from_hf(tiny_hf_model(seed=31), backend="torch")
+    return gpt2_engine.GPT2.from_hf(tiny_hf_model(seed=31), backend="torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])

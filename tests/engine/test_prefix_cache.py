@@ -6,12 +6,12 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import engine
-from engine.config import GPT2Config
-from engine.llm_engine import LLMEngine
-from engine.model import PagedGPT2
-from engine.sampling import SamplingParams
-from engine.weights import random_state_dict
+import gpt2_engine
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.llm_engine import LLMEngine
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.sampling import SamplingParams
+from gpt2_engine.weights import random_state_dict
 
 CONFIG = GPT2Config(vocab_size=97, n_positions=640, n_embd=32, n_layer=2, n_head=2, bos_token_id=96, eos_token_id=96)
 MODEL = PagedGPT2(CONFIG, random_state_dict(CONFIG, seed=0), backend="torch")
@@ -95,7 +95,7 @@ def test_a_shared_cached_block_is_never_written():
 
 
 def test_router_stats_report_the_prefix_cache():
-    model = engine.GPT2.from_config(CONFIG, backend="torch")
+    model = gpt2_engine.GPT2.from_config(CONFIG, backend="torch")
     ids = torch.tensor([list(range(40))])
     model.generate(ids, max_new_tokens=2)
     model.generate(ids, max_new_tokens=2)

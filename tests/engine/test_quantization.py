@@ -3,10 +3,10 @@ dequantised weights (every backend path), its quality against the fp32 model, an
 import pytest
 import torch
 
-from engine.api import GPT2
-from engine.config import GPT2Config
-from engine.quantization import Int8Weight
-from engine.weights import random_state_dict
+from gpt2_engine.api import GPT2
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.quantization import Int8Weight
+from gpt2_engine.weights import random_state_dict
 
 TINY = GPT2Config(vocab_size=97, n_positions=64, n_embd=48, n_layer=2, n_head=3)
 

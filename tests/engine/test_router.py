@@ -7,21 +7,21 @@ import threading
 import pytest
 import torch
 
-import engine
-import engine.sampling as sampling
-import engine.scheduler as scheduler_module
-from engine.llm_engine import LLMEngine, StepError
-from engine.model import PagedGPT2
-from engine.router import MAX_STEP_FAILURES
-from engine.sampling import SamplingParams
-from engine.weights import load_hf_model_state
+import gpt2_engine
+import gpt2_engine.sampling as sampling
+import gpt2_engine.scheduler as scheduler_module
+from gpt2_engine.llm_engine import LLMEngine, StepError
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.router import MAX_STEP_FAILURES
+from gpt2_engine.sampling import SamplingParams
+from gpt2_engine.weights import load_hf_model_state
 from tests.engine.tiny_models import tiny_hf_model
 
 SAMPLED = dict(max_new_tokens=8, do_sample=True, top_k=20, seed=11)
 
 
 def _model(backend="torch", **runtime):
-    return engine.GPT2.from_hf(tiny_hf_model(seed=21), backend=backend, **runtime)
+    return gpt2_engine.GPT2.from_hf(tiny_hf_model(seed=21), backend=backend, **runtime)
 
 
 def _assert_idle(model):

@@ -6,11 +6,11 @@ import pytest
 import torch
 import transformers
 
-from engine.config import GPT2Config
-from engine.launch_count import count_decode_step, per_layer_counts
-from engine.llm_engine import LLMEngine
-from engine.model import PagedGPT2
-from engine.sampling import SamplingParams
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.launch_count import count_decode_step, per_layer_counts
+from gpt2_engine.llm_engine import LLMEngine
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.sampling import SamplingParams
 
 CONFIG = GPT2Config(vocab_size=97, n_positions=96, n_embd=64, n_layer=2, n_head=4, bos_token_id=96, eos_token_id=96)
 PROMPTS = [[5, 7, 9, 11, 3, 2, 1], [40, 41], [8] * 19 + [50, 60, 70], [90]]

@@ -1,4 +1,4 @@
-"""engine.sampling against transformers' logits processors, plus statistical checks of the draw."""
+"""gpt2_engine.sampling against transformers' logits processors, plus statistical checks of the draw."""
 from dataclasses import dataclass
 
 import pytest
@@ -8,7 +8,7 @@ from transformers import (
     TopKLogitsWarper, TopPLogitsWarper,
 )
 
-from engine.sampling import SamplingParams, make_generator, sample_next_tokens
+from gpt2_engine.sampling import SamplingParams, make_generator, sample_next_tokens
 
 
 @dataclass

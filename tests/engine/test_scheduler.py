@@ -2,10 +2,10 @@
 resume, freeing."""
 import torch
 
-from engine.block_manager import BlockManager
-from engine.sampling import SampledToken, SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from gpt2_engine.block_manager import BlockManager
+from gpt2_engine.sampling import SampledToken, SamplingParams
+from gpt2_engine.scheduler import Scheduler
+from gpt2_engine.sequence import Sequence, SequenceStatus
 
 
 def make_seq(seq_id: int, num_tokens: int, max_new_tokens: int = 20) -> Sequence:
@@ -104,7 +104,7 @@ def test_abort_and_finish_free_everything():
 
 
 def test_a_beam_group_is_admitted_decoded_and_preempted_as_one_unit():
-    from engine.beam_search import BeamGroup, BeamStep
+    from gpt2_engine.beam_search import BeamGroup, BeamStep
 
     bm = BlockManager(32, 4)
     scheduler = Scheduler(bm, max_num_seqs=3, max_num_batched_tokens=100)

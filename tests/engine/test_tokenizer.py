@@ -1,4 +1,4 @@
-"""engine.tokenizer: GPT-2's BPE built offline from encoder.json + vocab.bpe, vocab.json + merges.txt
+"""gpt2_engine.tokenizer: GPT-2's BPE built offline from encoder.json + vocab.bpe, vocab.json + merges.txt
 or tokenizer.json gives transformers' ids on tricky text and round-trips; a tiny BPE checked by hand;
 missing and corrupt files raise errors that name the file; with no path and no network, tiktoken's cache or
 else the BPE files packaged with gpt2-engine (checked by sha256)."""
@@ -15,7 +15,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 from transformers import GPT2TokenizerFast
 
-from engine.tokenizer import (
+from gpt2_engine.tokenizer import (
     ENDOFTEXT, EOS_TOKEN_ID, GPT2_FILES, GPT2_PAT_STR, PACKAGED_DIR, UNICODE_TO_BYTE, load_tokenizer, packaged_tokenizer,
     tokenizer_files_in,
 )
@@ -320,11 +320,11 @@ def test_no_path_with_a_damaged_tiktoken_cache_falls_back_to_the_packaged_files(
 @pytest.fixture
 def package_copy(tmp_path, monkeypatch):
     """engine/gpt2_bpe copied to a directory the test may damage, the packaged encoding not yet built."""
-    import engine.tokenizer
+    import gpt2_engine.tokenizer
 
     copy = tmp_path / "gpt2_bpe"
     shutil.copytree(PACKAGED_DIR, copy)
-    monkeypatch.setattr(engine.tokenizer, "PACKAGED_DIR", copy)
+    monkeypatch.setattr(gpt2_engine.tokenizer, "PACKAGED_DIR", copy)
     packaged_tokenizer.cache_clear()
     yield copy
     packaged_tokenizer.cache_clear()
@@ -341,7 +341,7 @@ def test_damaged_packaged_file_is_an_error_naming_it(no_network, package_copy):
 
 
 def test_text_generation_works_offline_with_no_tokenizer_files(no_network):
-    from engine import GPT2, GPT2Config
+    from gpt2_engine import GPT2, GPT2Config
 
     model = GPT2.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=32), device="cpu")
     [text] = model.generate_text(["Hello"], max_new_tokens=3)

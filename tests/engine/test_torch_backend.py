@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-from engine import cpu_gemm, torch_backend
-from engine.api import GPT2
-from kernels import cpu as cpu_kernels
-from engine.quantization import Int8Weight
-from kernels.fused_linear import ln_gelu_mlp_ref, ln_linear_ref
-from kernels.int8_linear import int8_ln_linear_ref
-from kernels.paged_attention import paged_decode_attention_ref
+from gpt2_engine import cpu_gemm, torch_backend
+from gpt2_engine.api import GPT2
+from gpt2_engine.kernels import cpu as cpu_kernels
+from gpt2_engine.quantization import Int8Weight
+from gpt2_engine.kernels.fused_linear import ln_gelu_mlp_ref, ln_linear_ref
+from gpt2_engine.kernels.int8_linear import int8_ln_linear_ref
+from gpt2_engine.kernels.paged_attention import paged_decode_attention_ref
 from tests.engine.tiny_models import tiny_hf_model
 
 FP32_PATHS = cpu_gemm.fp32_candidates(torch.float32)
@@ -49,7 +49,7 @@ def _int8_layer(path, k, n):
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("activation,with_ln,with_residual", EPILOGUES)
 def test_paths_equal_their_reference(path, make, m, activation, with_ln, with_residual):
-    """fp32 paths equal kernels.ln_linear_ref, int8 paths kernels.int8_ln_linear_ref."""
+    """fp32 paths equal ln_linear_ref, int8 paths int8_ln_linear_ref."""
     k, n = 72, 100
     x, b, ln, residual = _inputs(m, k, n, with_ln, with_residual)
     layer, reference = make(path, k, n)
@@ -124,7 +124,7 @@ def test_probe_choices_persist_for_later_processes(monkeypatch, tmp_path):
 
 def test_the_cpu_signature_is_the_same_in_every_process():
     """It keys the persisted choices: nothing in it may vary per process (e.g. Python's salted str hash)."""
-    code = "from engine.cpu_gemm import cpu_signature; print(cpu_signature())"
+    code = "from gpt2_engine.cpu_gemm import cpu_signature; print(cpu_signature())"
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
     assert runs[0] == runs[1] == cpu_gemm.cpu_signature() + "\n"

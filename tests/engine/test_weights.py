@@ -1,4 +1,4 @@
-"""engine.weights: HF checkpoints written here by transformers (safetensors, sharded, .bin, the
+"""gpt2_engine.weights: HF checkpoints written here by transformers (safetensors, sharded, .bin, the
 openai-community key layout) load to exactly the model's tensors; seeded random weights; every bad
 input raises an error that names the file or tensor."""
 import json
@@ -9,8 +9,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from engine.config import GPT2Config
-from engine.weights import (
+from gpt2_engine.config import GPT2Config
+from gpt2_engine.weights import (
     expected_shapes,
     load_checkpoint,
     load_hf_model_state,

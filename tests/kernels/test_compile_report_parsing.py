@@ -1,5 +1,5 @@
 """The compile report's SASS reading: tensor-core instructions and async copies count only inside loop bodies."""
-from kernels.compile_report import counts_in_loops
+from gpt2_engine.kernels.compile_report import counts_in_loops
 
 SASS = """
         /*0100*/                   HMMA.16816.F32 R4, R8, R12, R4 ;      /* prologue: not in a loop */

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu as cpu_kernels
-from kernels.cpu import paged_attention as cpu_attention
-from kernels.cpu import stream_gemm
-from kernels.paged_attention import paged_decode_attention_ref, write_kv_ref
+from gpt2_engine.kernels import cpu as cpu_kernels
+from gpt2_engine.kernels.cpu import paged_attention as cpu_attention
+from gpt2_engine.kernels.cpu import stream_gemm
+from gpt2_engine.kernels.paged_attention import paged_decode_attention_ref, write_kv_ref
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
 

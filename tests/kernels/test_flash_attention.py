@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.flash_attention import aot_kernels, flash_attention, flash_attention_ref
+from gpt2_engine.kernels.flash_attention import aot_kernels, flash_attention, flash_attention_ref
 
 FP32_RTOL = 1e-5
 HALF_FLOOR = 1e-4

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.fused_linear as fl
-from kernels import arrival_counter
-from kernels.arrival_counter import arrival_counters
-from kernels.fused_linear import (
+import gpt2_engine.kernels.fused_linear as fl
+from gpt2_engine.kernels import arrival_counter
+from gpt2_engine.kernels.arrival_counter import arrival_counters
+from gpt2_engine.kernels.fused_linear import (
     FoldedLinear,
     fold_layernorm,
     gelu_tanh,
@@ -28,8 +28,8 @@ from kernels.fused_linear import (
     ln_linear,
     ln_linear_ref,
 )
-from kernels.launch_plan import UNSPLIT_TILES, gemm_plan
-from kernels.paged_attention import write_kv_ref
+from gpt2_engine.kernels.launch_plan import UNSPLIT_TILES, gemm_plan
+from gpt2_engine.kernels.paged_attention import write_kv_ref
 
 FP32_RTOL = 1e-5
 FP16_FLOOR = 1e-5

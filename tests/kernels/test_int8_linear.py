@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.quantization import Int8Weight
-from kernels.int8_linear import FoldedInt8Linear, fold_layernorm_int8, int8_ln_linear, int8_ln_linear_ref
-from kernels.launch_plan import gemm_plan
+from gpt2_engine.quantization import Int8Weight
+from gpt2_engine.kernels.int8_linear import FoldedInt8Linear, fold_layernorm_int8, int8_ln_linear, int8_ln_linear_ref
+from gpt2_engine.kernels.launch_plan import gemm_plan
 from tests.kernels.test_fused_linear import _gpt2_like, _poisoned, few_sms  # noqa: F401 (fixture: plans for 8 SMs)
 
 EPS = 1e-5
@@ -206,10 +206,10 @@ def test_engine_folds_every_layernorm_into_int8_codes():
     """The triton backend's int8 model: ln_1 / ln_2 / ln_f folded into c_attn / c_fc / the LM head
     (FoldedInt8Linear), c_proj plain codes, and its logits within int8 rounding of the fp32 model on
     LayerNorms that are not the identity."""
-    from engine.api import GPT2
-    from engine.config import GPT2Config
-    from engine.model import PagedGPT2
-    from engine.weights import random_state_dict
+    from gpt2_engine.api import GPT2
+    from gpt2_engine.config import GPT2Config
+    from gpt2_engine.model import PagedGPT2
+    from gpt2_engine.weights import random_state_dict
 
     config = GPT2Config(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=3)
     g = torch.Generator().manual_seed(0)

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from engine.cli import main as cli_main
-from engine.config import PRESETS
-from kernels.launch_plan import PLAN_MS, PROGRAMS_PER_SM, SPLIT_MAX_M, gemm_plan, plan_table
+from gpt2_engine.cli import main as cli_main
+from gpt2_engine.config import PRESETS
+from gpt2_engine.kernels.launch_plan import PLAN_MS, PROGRAMS_PER_SM, SPLIT_MAX_M, gemm_plan, plan_table
 
 
 @pytest.mark.parametrize("num_sms", [132, 108, 78])   # H100 SXM / A100 / H20

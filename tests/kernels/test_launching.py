@@ -4,7 +4,7 @@ same bits."""
 import pytest
 import torch
 
-from kernels import launching
+from gpt2_engine.kernels import launching
 
 
 class _Recorder:
@@ -32,7 +32,8 @@ def test_launch_caches_the_compiled_kernel_per_key(monkeypatch):
 
 @pytest.mark.cuda
 def test_direct_launch_equals_jit_launch():
-    from kernels import fold_layernorm, ln_linear, paged_decode_attention
+    from gpt2_engine.kernels.fused_linear import fold_layernorm, ln_linear
+    from gpt2_engine.kernels.paged_attention import paged_decode_attention
 
     torch.manual_seed(0)
     x = torch.randn(5, 768, device="cuda", dtype=torch.float16)

@@ -9,15 +9,15 @@ import sys
 import pytest
 import torch
 
-from kernels.arrival_counter import arrival_counters
-from kernels.paged_attention import (
+from gpt2_engine.kernels.arrival_counter import arrival_counters
+from gpt2_engine.kernels.paged_attention import (
     MAX_SPLITS,
     paged_decode_attention,
     paged_decode_attention_ref,
     write_kv,
     write_kv_ref,
 )
-from kernels.launch_plan import attention_plan
+from gpt2_engine.kernels.launch_plan import attention_plan
 from tests.conftest import DEVICE, REPO_ROOT
 
 

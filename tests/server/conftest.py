@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from engine.api import GPT2
+from gpt2_engine.api import GPT2
 from tests.conftest import REPO_ROOT, TOKENIZER_DIR
 
 MODEL_NAME = "tiny-gpt2"
@@ -47,12 +47,12 @@ def model(checkpoint):
 
 
 class ServerProcess:
-    """`python -m engine.cli serve ...` on 127.0.0.1 (by default --port 0: the port is read from the
+    """`python -m gpt2_engine.cli serve ...` on 127.0.0.1 (by default --port 0: the port is read from the
     line it prints). Its own session, so that stop() can end whatever it started if it hangs."""
 
     def __init__(self, *args: str, port: int = 0):
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2_engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                       "--served-model-name", MODEL_NAME, *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT,
                                      start_new_session=True)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cli import main as cli_main
-from engine.server.choices import Choice, token_string
-from engine.server.protocol import APIError, CompletionRequest, for_prompts, prompts_of, sampling_params
-from engine.tokenizer import load_tokenizer
-from tests.conftest import TOKENIZER_DIR
+from tests.conftest import require_modules
+
+require_modules("pydantic", "fastapi")
+
+from gpt2_engine.cli import main as cli_main
+from gpt2_engine.server.choices import Choice, token_string
+from gpt2_engine.server.protocol import APIError, CompletionRequest, for_prompts, prompts_of, sampling_params
+from gpt2_engine.tokenizer import load_tokenizer
+from tests.conftest import TOKENIZER_DIR  # noqa: E402
 
 EOS = 50256
 

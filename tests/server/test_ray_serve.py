@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-import openai
 import pytest
+
+from tests.conftest import require_modules
+
+require_modules("openai", "fastapi", "uvicorn", "pydantic", "ray")
+
+import openai  # noqa: E402
 
 from tests.server.conftest import MODEL_NAME, ServerProcess, free_port
 

@@ -9,11 +9,16 @@ import signal
 import time
 
 import httpx
-import openai
 import pytest
 import torch
 
-from engine import bench_serve
+from tests.conftest import require_modules
+
+require_modules("openai", "fastapi", "uvicorn", "pydantic")
+
+import openai  # noqa: E402
+
+from gpt2_engine import bench_serve
 from tests.server.conftest import MODEL_NAME, ServerProcess, metric
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1492,", "def main():"]
