@@ -96,7 +96,7 @@ def test_generate_random_weights_with_no_flags_and_no_network(tmp_path):
     """The issue's command as a user types it: the gpt2 preset, no tokenizer given, nothing cached."""
     cache = tmp_path / "empty-tiktoken-cache"
     cache.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TIKTOKEN_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-m", "gpt2_engine.cli", "generate", "--random-weights", "--prompt", "Hi",
                              "--max-new-tokens", "2", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
