@@ -10,9 +10,9 @@ import statistics
 import pytest
 import torch
 
-from gpt2_engine import ctranslate2_peer
+from gpt2_engine.bench import ctranslate2_peer
 from gpt2_engine.api import GPT2
-from gpt2_engine.bench import StepClock, build_hf_model, decode_bytes_per_step, measure_bandwidth, run_eager, run_engine, run_transformers
+from gpt2_engine.bench.decode import StepClock, build_hf_model, decode_bytes_per_step, measure_bandwidth, run_eager, run_engine, run_transformers
 from gpt2_engine.config import GPT2Config
 from tests.conftest import DEVICE, HAS_CUDA
 

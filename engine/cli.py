@@ -2,7 +2,7 @@
 
 Every bad argument or input ends the command with one line on stderr, `gpt2-engine <command>: error:
 <what is wrong>`, and exit status 2: argparse's own errors (printed on one line by `Parser`), the
-shared argument types here (`add_device_argument`), and the ValueError / TypeError / FileNotFoundError
+shared argument types (`gpt2_engine.cli_args`), and the ValueError / TypeError / FileNotFoundError
 that the API raises for bad options, checkpoints and prompts. The generation options go through the
 public API (`GPT2.generate_text` / `GPT2.stream`, transformers-style keyword arguments), which
 validates them; the CLI checks only what the API cannot know (which flags the user typed).
@@ -12,33 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2_engine.cli_args import Parser, add_device_argument
+
 # generate's sampling flags: transformers ignores them when decoding greedily, so without --do-sample
 # (and unless --temperature is 0, which means greedy) they are an error instead of a silent no-op.
 SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse's parser, with its usage errors on one line (`--help` shows the usage)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def device_argument(value: str) -> str:
-    """argparse type of --device: the API's rule (cpu, cuda or cuda:N, where this machine has it)."""
-    from gpt2_engine.api import resolve_device
-
-    try:
-        resolve_device(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
-
-
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """--device, checked when the arguments are parsed (shared by the subcommands that run a model)."""
-    parser.add_argument("--device", type=device_argument, default=None,
-                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 
 
 def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
@@ -145,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gpt2-engine", description="GPT-2 inference on Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from gpt2_engine import bench
+    from gpt2_engine.bench import decode as bench
 
     bench_parser = sub.add_parser("bench", help="tokens/s of the engine vs the eager baseline and transformers",
                                   description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:2] == ["bench", "serve"]:   # the serving load generator has its own flags
-            from gpt2_engine import bench_serve
+            from gpt2_engine.bench import serve as bench_serve
 
             return bench_serve.main(argv[2:])
         args, unknown = build_parser().parse_known_args(argv)
@@ -182,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:  # reported here, not by the top-level parser, to name the subcommand
             raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command == "bench":
-            from gpt2_engine import bench
+            from gpt2_engine.bench import decode as bench
 
             return bench.main(args)
         if args.command == "generate":
@@ -191,13 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             from gpt2_engine.server import serve
 
             return serve.main(args)
+        from gpt2_engine import cli_kernels
+
         if args.plan:
-            from gpt2_engine.kernels import launch_plan
-
-            return launch_plan.main(["--sms", str(args.sms)] + (["--json", args.json] if args.json else []))
-        from gpt2_engine.kernels import compile_report
-
-        return compile_report.main(["--filter", args.filter] + (["--json", args.json] if args.json else []))
+            return cli_kernels.plan_main(args.sms, args.json)
+        return cli_kernels.compile_report_main(args.filter, args.json)
     except (FileNotFoundError, ValueError, TypeError) as exc:  # bad input: the message says what is wrong
         print(f"gpt2-engine {args.command}: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2

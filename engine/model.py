@@ -26,7 +26,7 @@ from gpt2_engine import torch_backend
 from gpt2_engine.config import GPT2Config
 from gpt2_engine.host_staging import PinnedStaging
 from gpt2_engine.kernels import flash_attention, fused_linear, int8_linear, paged_attention
-from gpt2_engine.quantization import Int8Weight, check_quantization, int8_kernel_ops
+from gpt2_engine.quantization import Int8Weight, check_quantization
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,20 @@ class KernelOps:
         modules = {"ln_linear": fused_linear, "ln_gelu_mlp": fused_linear, "flash_attention": flash_attention,
                    "paged_decode_attention": paged_attention}
         return cls(**{f.name: getattr(modules[f.name], f.name + suffixes[backend]) for f in fields(cls)})
+
+
+def int8_kernel_ops(backend: str) -> dict:
+    """ln_linear / ln_gelu_mlp for int8 weights on the int8 kernel ("triton") or its reference: an
+    Int8Weight (no LayerNorm on triton), or a FoldedInt8Linear (triton: the LayerNorm folded
+    in at load, its statistics accumulated inside the GEMM)."""
+    launch = int8_linear.int8_ln_linear if backend == "triton" else int8_linear.int8_ln_linear_ref
+
+    def ln_linear(x, ln_weight, ln_bias, weight, bias=None, **kwargs):
+        if isinstance(weight, Int8Weight):
+            return launch(x, ln_weight, ln_bias, weight.q, weight.scale, bias, **kwargs)
+        return launch(x, ln_weight, ln_bias, weight, None, bias, **kwargs)
+
+    return {"ln_linear": ln_linear, "ln_gelu_mlp": torch_backend.mlp_of(ln_linear)}
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2_engine.kernels.int8_linear import quantize_per_channel
+
 QUANTIZATIONS = (None, "int8")
-_QMAX = 127
 
 
 def check_quantization(quantization) -> str | None:
@@ -47,14 +48,7 @@ class Int8Weight:
     @classmethod
     def quantize(cls, weight_out_in: torch.Tensor) -> "Int8Weight":
         """Symmetric per-output-channel (per-row) int8 codes of a floating-point [out, in] weight."""
-        if weight_out_in.dim() != 2 or not weight_out_in.is_floating_point():
-            raise ValueError(f"weight must be a 2-D floating-point [out, in] tensor, got {weight_out_in.dtype} "
-                             f"of shape {tuple(weight_out_in.shape)}")
-        w = weight_out_in.float()
-        amax = w.abs().amax(dim=1)
-        scale = torch.where(amax > 0, amax / _QMAX, torch.ones_like(amax))
-        q = torch.round(w / scale[:, None]).clamp_(-_QMAX, _QMAX).to(torch.int8)
-        return cls(q.contiguous(), scale.contiguous())
+        return cls(*quantize_per_channel(weight_out_in))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W ~= q * scale as a [out, in] tensor of `dtype` (rounded once, from fp32)."""
@@ -63,20 +57,3 @@ class Int8Weight:
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows q[index] * scale[index] (the embedding lookup of a quantized wte)."""
         return (self.q[index].to(torch.float32) * self.scale[index, None]).to(dtype)
-
-
-def int8_kernel_ops(backend: str) -> dict:
-    """ln_linear / ln_gelu_mlp for int8 weights on the int8 kernel ("triton") or its reference: an
-    Int8Weight (no LayerNorm on triton), or a FoldedInt8Linear (gpt2_engine.kernels.int8_linear) (triton: the LayerNorm folded
-    in at load, its statistics accumulated inside the GEMM)."""
-    from gpt2_engine.kernels import int8_linear
-    from gpt2_engine.torch_backend import mlp_of
-
-    launch = int8_linear.int8_ln_linear if backend == "triton" else int8_linear.int8_ln_linear_ref
-
-    def ln_linear(x, ln_weight, ln_bias, weight, bias=None, **kwargs):
-        if isinstance(weight, Int8Weight):
-            return launch(x, ln_weight, ln_bias, weight.q, weight.scale, bias, **kwargs)
-        return launch(x, ln_weight, ln_bias, weight, None, bias, **kwargs)
-
-    return {"ln_linear": ln_linear, "ln_gelu_mlp": mlp_of(ln_linear)}

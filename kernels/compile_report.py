@@ -17,22 +17,19 @@ compiles each one for sm_80 (A100) and sm_90 (H100) with `triton.compile` and a 
     prefetch       LDGSTS (cp.async) inside the loop bodies, for loops that must prefetch their
                    next tiles (paged decode attention)
 
-Run it as `gpt2-engine kernels` or `python -m kernels.compile_report`; it exits non-zero when a
+Run it as `gpt2-engine kernels` (gpt2_engine.cli_kernels); it exits non-zero when a
 configuration fails to compile, spills, exceeds shared memory, lacks the tensor-core instructions
 it is expected to use in its main loop, lacks the vector stores it must make, or does not prefetch
 where it must.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 KERNEL_MODULES = ("kernels.flash_attention", "kernels.fused_linear", "kernels.paged_attention", "kernels.int8_linear")
 TARGETS = (80, 90)
@@ -182,23 +179,3 @@ def format_table(rows: list[ReportRow]) -> str:
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in body)])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpt2-engine kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--filter", default="", help="only configurations whose label contains this text")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
-    args = parser.parse_args(argv)
-    specs = [s for s in shipped_kernels() if args.filter in s.label]
-    rows = build_report(specs)
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) | {"ok": r.ok} for r in rows], f, indent=2)
-    failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} (configuration, target) builds clean ({len(specs)} configurations)")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -74,6 +74,8 @@ from gpt2_engine.kernels import checks
 from gpt2_engine.kernels import fused_linear as fl
 from gpt2_engine.kernels.fused_linear import gelu_tanh, write_kv_columns_ref
 
+_QMAX = 127         # symmetric int8 codes: -127..127
+
 
 # ----------------------------------------------------------------------------------------------
 # LayerNorm folding and quantization (done once at load by the engine)
@@ -90,15 +92,26 @@ class FoldedInt8Linear:
     colsum: torch.Tensor
 
 
+def quantize_per_channel(weight_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel (per-row) int8 codes q [out, in] and fp32 scales s [out] of a
+    floating-point [out, in] weight: s = max |row| / 127 (1 for an all-zero row), q = round(W / s)."""
+    if weight_out_in.dim() != 2 or not weight_out_in.is_floating_point():
+        raise ValueError(f"weight must be a 2-D floating-point [out, in] tensor, got {weight_out_in.dtype} "
+                         f"of shape {tuple(weight_out_in.shape)}")
+    w = weight_out_in.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / _QMAX, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-_QMAX, _QMAX).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
 def fold_layernorm_int8(ln_weight, ln_bias, weight, bias=None) -> FoldedInt8Linear:
     """fold_layernorm(ln_weight, ln_bias, weight [K, N], bias) in fp32, then W' quantized with
-    engine/quantization.py's scheme; ln_bias None = 0, weight in any float dtype and strides."""
-    from gpt2_engine.quantization import Int8Weight   # imported here: the engine package imports kernels
-
+    quantize_per_channel; ln_bias None = 0, weight in any float dtype and strides."""
     folded = fl.fold_layernorm(ln_weight, ln_bias, weight.float(), bias)   # W' and b' in fp32, the checks
-    codes = Int8Weight.quantize(folded.weight.t())                         # [N, K], one scale per output channel
-    colsum = (codes.q.sum(1, dtype=torch.int64).double() * codes.scale.double()).float()
-    return FoldedInt8Linear(codes.q, codes.scale, folded.bias, colsum.contiguous())
+    q, scale = quantize_per_channel(folded.weight.t())                   # [N, K], one scale per output channel
+    colsum = (q.sum(1, dtype=torch.int64).double() * scale.double()).float()
+    return FoldedInt8Linear(q, scale, folded.bias, colsum.contiguous())
 
 
 # ----------------------------------------------------------------------------------------------

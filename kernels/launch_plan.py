@@ -32,9 +32,6 @@ and exit after writing a neutral partial.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -226,36 +223,3 @@ def plan_table(models: dict, num_sms: int, dtype: torch.dtype = torch.float16, b
                              tile=f"{KV_TILE}x{head_dim}", k_per_split=kv_chunk(block_size),
                              bytes_per_program=2 * kv_chunk(block_size) * head_dim * elt))
     return rows
-
-
-def format_plan(rows: list[dict]) -> str:
-    cols = ("model", "launch", "M", "K", "N", "tile", "split", "programs", "bytes_per_program")
-    body = [[str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*cols), *(fmt.format(*b) for b in body)])
-
-
-def main(argv: list[str] | None = None) -> int:
-    from gpt2_engine.config import PRESETS
-
-    parser = argparse.ArgumentParser(prog="gpt2-engine kernels --plan", description="decode launch plan")
-    parser.add_argument("--sms", type=int, default=132, help="SM count of the GPU planned for (default 132, H100 SXM)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    args = parser.parse_args(argv)
-    if args.sms < 1:
-        raise ValueError(f"--sms must be >= 1, got {args.sms}")
-    rows = plan_table(PRESETS, args.sms)
-    print(format_plan(rows))
-    gemms = [r for r in rows if r["kind"] == "gemm"]
-    short = [r for r in gemms if r["programs"] < PROGRAMS_PER_SM * args.sms]
-    print(f"\n{len(gemms) - len(short)} of {len(gemms)} decode GEMM launches (fp16 and int8 weights) have "
-          f">= {PROGRAMS_PER_SM} x {args.sms} programs")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

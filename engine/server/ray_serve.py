@@ -16,7 +16,7 @@ import threading
 
 from ray import serve
 
-from gpt2_engine.server.serve import build_from_spec, model_spec
+from gpt2_engine.server.spec import build_from_spec, model_spec
 
 APP_NAME = "gpt2-engine"
 

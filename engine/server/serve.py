@@ -12,10 +12,11 @@ import argparse
 import signal
 import socket
 
+from gpt2_engine.cli_args import add_device_argument, int_at_least
+from gpt2_engine.server.spec import build_from_spec, model_spec
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gpt2_engine.cli import add_device_argument
-
     parser.add_argument("--model", default="gpt2", help="checkpoint directory or hub id (or a preset with --random-weights)")
     parser.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
@@ -36,47 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a request's logits do not depend on what else is batched (bitwise; slower)")
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="no async scheduling (the next step is prepared only after this one's tokens are back)")
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum (else argparse's one-line error, exit 2)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-    parse.__name__ = "integer"      # argparse names the type in "invalid integer value"
-    return parse
-
-
-def model_spec(args) -> dict:
-    """What a process needs to build the model and app (sent to each Ray replica)."""
-    return {name: getattr(args, name) for name in ("model", "random_weights", "seed", "tokenizer", "served_model_name",
-                                                   "api_key", "max_num_seqs", "max_queue", "device", "dtype", "backend",
-                                                   "batch_invariant", "sync_scheduling")}
-
-
-def build_from_spec(spec: dict):
-    """The FastAPI app of one engine built from model_spec()."""
-    from gpt2_engine.api import GPT2
-    from gpt2_engine.config import PRESETS
-    from gpt2_engine.server.app import build_app
-
-    runtime = dict(device=spec["device"], dtype=spec["dtype"], backend=spec["backend"], max_num_seqs=spec["max_num_seqs"],
-                   batch_invariant=spec["batch_invariant"], async_scheduling=False if spec["sync_scheduling"] else None)
-    if spec["random_weights"]:
-        if spec["model"] not in PRESETS:
-            raise ValueError(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {spec['model']!r}")
-        model = GPT2.from_config(spec["model"], seed=spec["seed"], **runtime)
-    else:
-        model = GPT2.from_pretrained(spec["model"], **runtime)
-    if spec["tokenizer"]:
-        from gpt2_engine.tokenizer import load_tokenizer
-
-        model.tokenizer = load_tokenizer(spec["tokenizer"])
-    model.tokenizer   # load it now: a missing tokenizer is a startup error, not a failed request
-    return build_app(model, served_model_name=spec["served_model_name"] or spec["model"], api_key=spec["api_key"],
-                     max_queue=spec["max_queue"])
 
 
 def main(args) -> int:

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from gpt2_engine import ctranslate2_peer
-from gpt2_engine.bench import BenchReport, Measurement, decode_bytes_per_step, flops_per_token, format_markdown
+from gpt2_engine.bench import ctranslate2_peer
+from gpt2_engine.bench.decode import BenchReport, Measurement, decode_bytes_per_step, flops_per_token, format_markdown
 from gpt2_engine.cli import main
 from gpt2_engine.config import GPT2Config
 from tests.engine.tiny_models import tiny_hf_model
@@ -58,7 +58,7 @@ def test_table_shows_spread_ratios_and_warnings():
 
 
 def test_paired_ratios_pair_runs_of_the_same_repeat():
-    from gpt2_engine.bench import _paired_ratio
+    from gpt2_engine.bench.decode import _paired_ratio
 
     # a burst of load in repeat 2 slows both systems: pairs see 2x throughout, unpaired medians would not
     assert _paired_ratio([20.0, 5.0, 22.0], [10.0, 2.5, 11.0]) == 2.0
@@ -67,7 +67,7 @@ def test_paired_ratios_pair_runs_of_the_same_repeat():
 @pytest.mark.skipif(not ctranslate2_peer.available(), reason="ctranslate2 (extra 'peers') is not installed")
 def test_ctranslate2_peer_generates_what_the_engine_generates():
     from gpt2_engine.api import GPT2
-    from gpt2_engine.bench import StepClock, build_hf_model
+    from gpt2_engine.bench.decode import StepClock, build_hf_model
 
     model = GPT2.from_hf(tiny_hf_model(vocab_size=211, n_embd=32, n_layer=2, n_head=2, n_positions=64))
     peer = ctranslate2_peer.CTranslate2Peer(build_hf_model(model, compiled=False), "float32", torch.device("cpu"))

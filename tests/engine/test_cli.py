@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import gpt2_engine.bench
+import gpt2_engine.bench.decode
 from gpt2_engine import GPT2
 from gpt2_engine.cli import main
 from tests.conftest import REPO_ROOT
@@ -153,8 +153,8 @@ def no_bench_run(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the bench started although its arguments are invalid")
 
-    monkeypatch.setattr(gpt2_engine.bench, "run_bench", fail)
-    monkeypatch.setattr(gpt2_engine.bench, "_systems", fail)
+    monkeypatch.setattr(gpt2_engine.bench.decode, "run_bench", fail)
+    monkeypatch.setattr(gpt2_engine.bench.decode, "_systems", fail)
 
 
 def bench(checkpoint, capsys, *flags):

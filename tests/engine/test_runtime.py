@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from gpt2_engine.config import GPT2Config
-from gpt2_engine.launch_count import count_decode_step, per_layer_counts
+from gpt2_engine.bench.launch_count import count_decode_step, per_layer_counts
 from gpt2_engine.llm_engine import LLMEngine
 from gpt2_engine.model import PagedGPT2
 from gpt2_engine.sampling import SamplingParams

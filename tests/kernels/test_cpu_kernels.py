@@ -1,6 +1,7 @@
 """The C++ CPU kernels (kernels/cpu): the streaming GEMM and paged decode attention equal their torch
 references, are bitwise batch- and thread-count-invariant, and reject bad input by name; the build is
 reused across calls and fails with a clear error where no compiler runs."""
+import os
 import shutil
 
 import pytest
@@ -12,7 +13,10 @@ from gpt2_engine.kernels.cpu import paged_attention as cpu_attention
 from gpt2_engine.kernels.cpu import stream_gemm
 from gpt2_engine.kernels.paged_attention import paged_decode_attention_ref, write_kv_ref
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
+# Users without a compiler get the library fallback (tested in test_torch_backend); CI has one, so
+# there a missing compiler fails these tests instead of skipping them.
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and not os.environ.get("CI"),
+                                reason="no C++ compiler on this machine")
 
 
 @pytest.fixture(scope="module")

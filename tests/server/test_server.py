@@ -18,7 +18,7 @@ require_modules("openai", "fastapi", "uvicorn", "pydantic")
 
 import openai  # noqa: E402
 
-from gpt2_engine import bench_serve
+from gpt2_engine.bench import serve as bench_serve
 from tests.server.conftest import MODEL_NAME, ServerProcess, metric
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1492,", "def main():"]

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_engine.cli import Parser
-from gpt2_engine.server.serve import int_at_least
+from gpt2_engine.cli_args import Parser, int_at_least
 
 PERCENTILES = (50, 90, 99)
 

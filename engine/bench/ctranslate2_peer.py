@@ -1,6 +1,6 @@
 """CTranslate2 as a benchmark peer (extra `peers`): the same weights, converted, generating greedily.
 
-Conversion: the engine's weights go into transformers' GPT2LMHeadModel (gpt2_engine.bench.build_hf_model),
+Conversion: the engine's weights go into transformers' GPT2LMHeadModel (gpt2_engine.bench.decode.build_hf_model),
 which is saved to a temporary directory and converted by ctranslate2's TransformersConverter, with
 `quantization="int8"` for its int8 mode (int8 weights and activations, CTranslate2's own scheme).
 The converter reads a tokenizer from the model directory for the vocabulary only; the benchmark

@@ -41,9 +41,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2_engine import cpu_gemm, ctranslate2_peer
+from gpt2_engine import cpu_gemm
+from gpt2_engine.bench import ctranslate2_peer
 from gpt2_engine.api import GPT2
-from gpt2_engine.cli import add_device_argument
+from gpt2_engine.cli_args import add_device_argument
 from gpt2_engine.config import PRESETS, GPT2Config
 from gpt2_engine.generation import resolve_generate_options
 from gpt2_engine.sampling import SamplingParams

@@ -14,7 +14,7 @@ the same launch) and a batch of short contexts (S = 1). The runtime is GPU-sized
 132-SM heuristics), so S is what an H100 would run. In fp16, as served, the LM head's logits are
 cast to fp32 (one more launch per step than in fp32).
 
-    python -m gpt2_engine.launch_count      (set TRITON_INTERPRET=1 on a machine without a GPU)
+    python -m gpt2_engine.bench.launch_count      (set TRITON_INTERPRET=1 on a machine without a GPU)
 """
 from __future__ import annotations
 

@@ -1,0 +1,40 @@
+"""Argument helpers shared by the `gpt2-engine` subcommands (generate, serve, bench, bench serve): a parser
+whose usage errors are one line with exit status 2, and argument types checked at parse time."""
+from __future__ import annotations
+
+import argparse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with its usage errors on one line (`--help` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def device_argument(value: str) -> str:
+    """argparse type of --device: the API's rule (cpu, cuda or cuda:N, where this machine has it)."""
+    from gpt2_engine.api import resolve_device
+
+    try:
+        resolve_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device, checked when the arguments are parsed (shared by the subcommands that run a model)."""
+    parser.add_argument("--device", type=device_argument, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum (else argparse's one-line error, exit 2)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    parse.__name__ = "integer"      # argparse names the type in "invalid integer value"
+    return parse
