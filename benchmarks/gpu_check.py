@@ -197,14 +197,14 @@ def section_tests(chk: Check):
         return
 
     def measure():
-        timeout = max(30.0, min(240.0, chk.left() - 300))
+        timeout = max(30.0, min(150.0, chk.left() - 240))
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
                               cwd=REPO, capture_output=True, text=True, timeout=timeout)
         (chk.out / "tests.log").write_text(proc.stdout[-200_000:] + proc.stderr[-50_000:])
         last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
         return dict(status="ok" if proc.returncode == 0 else "FAIL", note=last[:120])
 
-    chk.item("tests", "cuda-marked tests", 250, measure, min_left_s=60)
+    chk.item("tests", "cuda-marked tests", 160, measure, min_left_s=60)
 
 
 def _model_configs(chk: Check):
@@ -478,10 +478,9 @@ def section_e2e(chk: Check):
         for batch in batches:
             def measure_compiled(batch=batch):
                 nonlocal compiled
-                if compiled is None:
+                if compiled is None:     # transformers compiles its own decode step for a static cache
                     compiled = _hf_model(cfg, chk.dtype, chk.device)
                     compiled.generation_config.cache_implementation = "static"
-                    compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)
                 ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=chk.device)
                 mask = torch.ones_like(ids)
                 run = lambda n: compiled.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa: E731

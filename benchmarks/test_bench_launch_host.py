@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.conftest import HAS_CUDA
 
-fl, pa, fa, i8 = (importlib.import_module(f"kernels.{name}")
+fl, pa, fa, i8 = (importlib.import_module(f"gpt2_engine.kernels.{name}")
                   for name in ("fused_linear", "paged_attention", "flash_attention", "int8_linear"))
 C, H, D, B, BLOCK = 768, 12, 64, 8, 16
 

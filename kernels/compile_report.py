@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-KERNEL_MODULES = ("kernels.flash_attention", "kernels.fused_linear", "kernels.paged_attention", "kernels.int8_linear")
+KERNEL_MODULES = tuple(f"gpt2_engine.kernels.{name}" for name in ("flash_attention", "fused_linear", "paged_attention", "int8_linear"))
 TARGETS = (80, 90)
 # Largest dynamic shared memory one block may opt into: A100 163 KiB, H100 227 KiB.
 MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}

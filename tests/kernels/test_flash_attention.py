@@ -161,7 +161,7 @@ def test_compile_report_clean(tmp_path):
     subprocess: this process has Triton's interpreter switched on, which cannot compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_report", "--filter", "flash_attn_fwd", "--json", str(report)],
+    proc = subprocess.run([sys.executable, "-m", "gpt2_engine.cli", "kernels", "--filter", "flash_attn_fwd", "--json", str(report)],
                           cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(report.read_text())

@@ -340,7 +340,7 @@ def test_compile_report_clean(tmp_path):
     specs = fl.aot_kernels()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_report", "--filter", "ln_linear", "--json", str(report)],
+    proc = subprocess.run([sys.executable, "-m", "gpt2_engine.cli", "kernels", "--filter", "ln_linear", "--json", str(report)],
                           cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600)
     assert report.exists(), proc.stdout + proc.stderr
     rows = json.loads(report.read_text())

@@ -1,4 +1,4 @@
-"""kernels.launching: the first launch with a key goes through the JIT, later ones call the compiled
+"""gpt2_engine.kernels.launching: the first launch with a key goes through the JIT, later ones call the compiled
 kernel directly with every argument in declaration order (constexprs last); on a GPU, both give the
 same bits."""
 import pytest

@@ -274,7 +274,7 @@ def test_compile_report_clean(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_report", "--filter", "paged_", "--json", str(report)],
+    proc = subprocess.run([sys.executable, "-m", "gpt2_engine.cli", "kernels", "--filter", "paged_", "--json", str(report)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and report.exists(), proc.stdout + proc.stderr
     rows = json.loads(report.read_text())
