@@ -230,7 +230,10 @@ def test_async_loop_matches_the_synchronous_loop_on_cuda(weights):
     requests = with_eos(REQUESTS, eos_of(model, REQUESTS))
     sync = run(model, requests, async_scheduling=False)
     overlapped = run(model, requests, async_scheduling=None)     # the default on CUDA: async
-    assert overlapped.ahead > 4 and (overlapped.tokens, overlapped.reasons) == (sync.tokens, sync.reasons)
+    # how many steps go ahead depends on the tokens the device's generator draws (when requests end,
+    # which of them fork or fall back): the CPU tests pin the count, this one that overlap happened
+    assert overlapped.ahead > 0
+    assert (overlapped.tokens, overlapped.reasons) == (sync.tokens, sync.reasons)
     assert_same_logprobs(overlapped, sync)
     probs = torch.rand(1000, device="cuda").softmax(-1)
     g1, g2 = (torch.Generator(device="cuda").manual_seed(3) for _ in range(2))
