@@ -562,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for results.json and results.md")
     parser.add_argument("--dry-run", action="store_true", help="CPU: tiny sizes under Triton's interpreter")
     parser.add_argument("--budget-s", type=float, default=450, help="time budget in seconds (default 450)")
+    parser.add_argument("--sections", nargs="+", choices=[name for name, _ in SECTIONS], default=None,
+                        help="run only these sections, in the usual order (default: all; copy runs whenever a "
+                             "later section reports a share of the copy bandwidth)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -582,7 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     chk.copy_gbps = float("nan")
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu (dry run)"
     chk.header = dict(device=device_name, versions=_versions())
+    wanted = set(args.sections or [name for name, _ in SECTIONS])
+    if wanted & {"paged", "gemm", "e2e"}:
+        wanted.add("copy")
     for name, fn in SECTIONS:
+        if name not in wanted:
+            continue
         if chk.left() <= 0:
             chk.add(name, "(section)", status="skipped", note="time budget spent")
             continue
