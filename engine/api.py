@@ -90,6 +90,9 @@ class GPT2:
                  tokenizer_path=None, generation_config=None, enable_prefix_caching: bool = True,
                  batch_invariant: bool = False, quantization: str | None = None, async_scheduling: bool | None = None):
         self.config = config
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= config.n_positions:
+            # a block longer than the context holds nothing more, and its cache is allocated up front
+            raise ValueError(f"block_size must be an integer in [1, n_positions={config.n_positions}], got {block_size!r}")
         self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = _resolve_backend(backend, self.device)
