@@ -6,7 +6,9 @@ import asyncio
 import json
 import math
 import signal
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -19,6 +21,7 @@ require_modules("openai", "fastapi", "uvicorn", "pydantic")
 import openai  # noqa: E402
 
 from gpt2_engine.bench import serve as bench_serve
+from gpt2_engine.server.choices import token_string
 from tests.server.conftest import MODEL_NAME, ServerProcess, metric
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1492,", "def main():"]
@@ -106,7 +109,9 @@ def _check_logprobs(model, logprobs, token_ids: list[int], shown_from: int, k: i
     for entry, i in enumerate(range(max(shown_from, 1), len(token_ids)), max(shown_from, 1) - shown_from):
         assert math.isclose(logprobs.token_logprobs[entry], log_probs[i - 1, token_ids[i]].item(), abs_tol=1e-3)
         top = logprobs.top_logprobs[entry]
-        assert list(top) == [tokenizer.decode([t]) for t in log_probs[i - 1].topk(k).indices.tolist()]
+        expected = [token_string(tokenizer, t) for t in log_probs[i - 1].topk(k).indices.tolist()]
+        expected += [] if logprobs.tokens[entry] in expected else [logprobs.tokens[entry]]   # the chosen one too
+        assert list(top) == expected
         assert max(top.values()) >= logprobs.token_logprobs[entry] - 1e-3
     assert logprobs.text_offset == [len(tokenizer.decode(shown[:i])) for i in range(len(shown))]
     assert "".join(logprobs.tokens) == text
@@ -177,11 +182,14 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
 
 
 @pytest.mark.parametrize("options, param", [
-    ({"temperature": -1.0}, None), ({"max_tokens": 0}, None), ({"max_tokens": 2000}, None), ({"logprobs": 6}, "logprobs"),
+    ({"temperature": -1.0}, "temperature"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2000}, "max_tokens"),
+    ({"logprobs": 6}, "logprobs"),
     ({"extra_body": {"best_of": 2}}, "best_of"), ({"suffix": "x"}, "suffix"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 2}}, "logit_bias"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
-    ({"prompt": [[1, 2, 60000]]}, None), ({"prompt": ""}, "prompt"), ({"n": 0}, None),
+    ({"prompt": [[1, 2, 60000]]}, "prompt"), ({"prompt": ""}, "prompt"), ({"n": 0}, "n"),
+    ({"n": 65}, "n"), ({"prompt": ["hello world"] * 4000}, "prompt"), ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),
+    ({"max_tokens": True}, "max_tokens"), ({"prompt": [1.0, 2.0]}, "prompt"),
 ])
 def test_bad_parameters_are_400_naming_them(client, options, param):
     kwargs = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 4} | options
@@ -189,9 +197,8 @@ def test_bad_parameters_are_400_naming_them(client, options, param):
         client.completions.create(**kwargs)
     error = info.value.body
     assert info.value.status_code == 400 and error["type"] == "invalid_request_error"
-    assert error["param"] == param
-    if param:
-        assert param in error["message"]
+    assert error["param"] == param and param in error["message"]
+    assert "n (n)" not in error["message"]
 
 
 def test_unknown_model_is_404(client):
@@ -290,3 +297,169 @@ def test_metrics_count_prefix_cache_reuse(client, server):
         client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0)
     assert metric(server.url, "gpt2_engine_prefix_cache_queries_total") > queries
     assert metric(server.url, "gpt2_engine_prefix_cache_hits_total") >= hits + 32   # the second reused full blocks
+
+
+# ---- hostile or careless clients (issue 22) -------------------------------------------------------------
+
+
+def _sse_events(response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_client_leaving_while_its_prompts_are_prepared_gets_nothing_generated(server, model):
+    """Echo + logprobs scores prompts one request at a time before anything is queued: a client that
+    leaves meanwhile must not have its 64 prompts admitted and generated for nobody."""
+    prompt = model.tokenizer.encode(" ".join(["alpha beta"] * 200))[:400]
+    body = {"model": MODEL_NAME, "prompt": [prompt[i:] for i in range(64)], "max_tokens": 200, "ignore_eos": True,
+            "echo": True, "logprobs": 1}
+    generated = metric(server.url, "gpt2_engine_generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{server.url}/health", timeout=30).json()["num_requests"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)          # what would have been admitted after the client left, had the abort not reached it
+    assert httpx.get(f"{server.url}/health", timeout=30).json()["num_requests"] == 0
+    assert metric(server.url, "gpt2_engine_generation_tokens_total") - generated < 64 * 200 / 4
+
+
+def test_body_size_limit_is_413(server):
+    body = b'{"model": "%s", "prompt": "%s"}' % (MODEL_NAME.encode(), b"x" * (10 * 1024 * 1024))
+    response = httpx.post(f"{server.url}/v1/completions", content=body, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunks():                 # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b"x" * (1024 * 1024)
+
+    response = httpx.post(f"{server.url}/v1/completions", content=chunks(), timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
+                                                  ("DELETE", "/health", 405)])
+def test_unknown_routes_and_methods_answer_in_openais_shape(server, method, path, status):
+    response = httpx.request(method, f"{server.url}{path}", timeout=10)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_deeply_nested_json_is_400_and_the_connection_serves_on(server):
+    nested = '{"model": "%s", "prompt": %s}' % (MODEL_NAME, "[" * 3000 + "]" * 3000)
+    with httpx.Client(timeout=30) as http:      # one keep-alive connection for both requests
+        response = http.post(f"{server.url}/v1/completions", content=nested, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+        assert http.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}
+                         ).status_code == 200
+    assert "RecursionError" not in "".join(server.output)
+
+
+def test_stream_chunks_carry_usage_null_only_when_usage_is_asked(server):
+    """OpenAI: with stream_options.include_usage every chunk but the last has "usage": null; without
+    it, no usage field at all."""
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 5, "stream": True}
+    for include_usage in (False, True):
+        options = {"stream_options": {"include_usage": True}} if include_usage else {}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body | options, timeout=30) as response:
+            chunks = [json.loads(e) for e in _sse_events(response) if e != "[DONE]"]
+        if include_usage:
+            assert all("usage" in c and c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["total_tokens"]
+        else:
+            assert all("usage" not in c for c in chunks)
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_only(client, model):
+    prompt = model.tokenizer.encode(PROMPTS[1])
+    response = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=1)
+    choice = response.choices[0]
+    assert choice.text == PROMPTS[1] and choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 0 and response.usage.prompt_tokens == len(prompt)
+    _check_logprobs(model, choice.logprobs, prompt, 0, 1, choice.text)
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=1,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPTS[1]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_logprobs_0_lists_the_chosen_token(client, model):
+    response = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[3], max_tokens=4, temperature=0, logprobs=0,
+                                         extra_body={"ignore_eos": True})
+    logprobs = response.choices[0].logprobs
+    assert logprobs.top_logprobs == [{token: lp} for token, lp in zip(logprobs.tokens, logprobs.token_logprobs)]
+
+
+def test_cancelled_requests_leave_no_noise_in_the_log(server):
+    before = len(server.output)
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True}
+    for _ in range(6):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    for _ in range(3):          # the server collects the cancelled requests' futures meanwhile
+        httpx.post(f"{server.url}/v1/completions", json=body | {"max_tokens": 40}, timeout=60).raise_for_status()
+    log = "".join(server.output[before:])
+    assert "never retrieved" not in log and "Traceback" not in log, log
+
+
+def test_never_fitting_request_is_400_not_429(guarded_server):
+    body = {"model": MODEL_NAME, "prompt": ["a", "b"], "max_tokens": 2}
+    response = httpx.post(f"{guarded_server.url}/v1/completions", json=body, timeout=30,
+                          headers={"authorization": "Bearer sk-test"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_metrics_and_health_stay_open_with_an_api_key(guarded_server):
+    """As vLLM's: --api-key guards /v1 only (documented in the README)."""
+    assert httpx.get(f"{guarded_server.url}/metrics", timeout=10).status_code == 200
+    assert httpx.get(f"{guarded_server.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{guarded_server.url}/v1/models", timeout=10).status_code == 401
+
+
+def _half_sent(url: str) -> socket.socket:
+    """A connection that sent its headers and 17 of the 1,000 body bytes it announced, then waits."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n" + b'{"model": "tiny",')
+    return sock
+
+
+def test_sigterm_drain_is_bounded_and_every_accepted_request_is_answered(checkpoint):
+    """--shutdown-timeout 0: the running requests are ended at once, each with an answer (an SSE
+    error event, a 503), a half-sent request does not hold the exit, and the process exits 0."""
+    process = ServerProcess("--model", str(checkpoint), "--shutdown-timeout", "0")
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True}
+    try:
+        half = _half_sent(process.url)
+        with httpx.Client(timeout=60) as http, \
+                http.stream("POST", f"{process.url}/v1/completions", json=body | {"stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            plain = ThreadPoolExecutor(1).submit(httpx.post, f"{process.url}/v1/completions", json=body, timeout=60)
+            deadline = time.monotonic() + 30
+            while http.get(f"{process.url}/health").json()["num_requests"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.proc.send_signal(signal.SIGTERM)
+            events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+            assert json.loads(events[-1])["error"]["type"] == "service_unavailable"
+            response = plain.result(timeout=60)
+            assert response.status_code == 503 and response.json()["error"]["message"] == "the server is shutting down"
+        assert process.proc.wait(timeout=60) == 0
+        half.close()
+    finally:
+        process.stop()
+
+
+def test_ctrl_c_drains_and_exits_without_a_traceback(checkpoint):
+    process = ServerProcess("--model", str(checkpoint))
+    try:
+        httpx.post(f"{process.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2},
+                   timeout=30).raise_for_status()
+        process.proc.send_signal(signal.SIGINT)
+        assert process.proc.wait(timeout=60) == 130
+        log = "".join(process.output)
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    finally:
+        process.stop()
