@@ -93,3 +93,11 @@ def test_unusable_arguments_name_themselves(model, kwargs, error, message):
 def test_block_size_beyond_the_context_is_refused_before_allocating(block_size):
     with pytest.raises(ValueError, match="block_size must be an integer in"):
         gpt2_engine.GPT2.from_hf(tiny_hf_model(seed=31), backend="torch", block_size=block_size)
+
+
+def test_generate_documents_every_option_it_takes():
+    """help(gpt2_engine.GPT2.generate) lists the options, as transformers' documentation does."""
+    from gpt2_engine.generation import HF_DEFAULTS
+
+    doc = gpt2_engine.GPT2.generate.__doc__
+    assert [name for name in HF_DEFAULTS if name not in doc] == []

@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -213,7 +214,7 @@ def test_models_and_health(client, server):
     assert health["status"] == "ok" and health["kv_blocks_total"] > 0
 
 
-def test_bench_serve_reports_every_level(server, tmp_path):
+def test_bench_serve_reports_every_level(server, tmp_path, capsys):
     code = bench_serve.main(["--url", server.url, "--num-prompts", "4", "--concurrency", "1", "2", "--input-len", "8",
                              "--output-len", "6", "--out", str(tmp_path)])
     assert code == 0
@@ -221,6 +222,9 @@ def test_bench_serve_reports_every_level(server, tmp_path):
     assert [(r["concurrency"], r["completed"], r["total_output_tokens"]) for r in rows] == [(1, 4, 24), (2, 4, 24)]
     assert all(r["p99_ttft_ms"] >= r["p50_ttft_ms"] > 0 for r in rows)
     assert "out tok/s" in (tmp_path / "results.md").read_text()
+    captured = capsys.readouterr()
+    assert f"wrote {tmp_path / 'results.json'}, {tmp_path / 'results.md'}" in captured.out
+    assert "concurrency 2: 100%" in captured.err and "4/4" in captured.err      # the progress bar of each level
 
 
 @pytest.fixture(scope="module")
@@ -463,3 +467,37 @@ def test_ctrl_c_drains_and_exits_without_a_traceback(checkpoint):
         assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
     finally:
         process.stop()
+
+
+def test_prompt_logprobs_are_scored_one_request_at_a_time(model):
+    """Echo + logprobs holds a whole prompt's logits (~200 MB for 1,023 GPT-2 tokens): concurrent
+    requests take turns, so that memory is bounded whatever the concurrency (in-process app)."""
+    from gpt2_engine.server.app import build_app
+
+    app = build_app(model, served_model_name=MODEL_NAME)    # its lifespan (router shutdown) never runs here
+    server = app.state.server
+    active, most = [0], [0]
+    score = server.prompt_logprobs
+
+    def counted(*args):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.05)           # long enough for the other requests to arrive meanwhile
+        try:
+            return score(*args)
+        finally:
+            active[0] -= 1
+
+    server.prompt_logprobs = counted
+
+    async def requests():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            body = {"model": MODEL_NAME, "max_tokens": 0, "echo": True, "logprobs": 1}
+            return await asyncio.gather(*(http.post("/v1/completions", json=body | {"prompt": p}) for p in PROMPTS))
+
+    responses = asyncio.run(asyncio.wait_for(requests(), 120))
+    assert most[0] == 1
+    for prompt, response in zip(PROMPTS, responses):
+        logprobs = SimpleNamespace(**response.json()["choices"][0]["logprobs"])
+        _check_logprobs(model, logprobs, model.tokenizer.encode(prompt), 0, 1, prompt)
