@@ -67,6 +67,7 @@ class CompletionServer:
         # computes them at a time, so their memory is bounded whatever the concurrency.
         self._prompt_scoring = asyncio.Semaphore(1)
         self._scrape: asyncio.Future | None = None
+        self.draining = False      # set by a Ray Serve replica's drain: new completions get a 503
         self.created = int(time.time())
 
     @property
@@ -327,6 +328,8 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
     async def completions(request: Request):
         arrival = time.perf_counter()
         server.check_auth(request)
+        if server.draining:
+            raise APIError(503, "the server is shutting down")
         body = await server.read_body(request)
         watcher = asyncio.ensure_future(_until_disconnect(request))
         gone = threading.Event()
