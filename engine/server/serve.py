@@ -59,7 +59,9 @@ def _draining_server(config, timeout: float, abort):
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        async def _wait_tasks_to_complete(self):      # uvicorn's drain, awaited under timeout_graceful_shutdown
+        # uvicorn's drain, which its shutdown() awaits under timeout_graceful_shutdown (a private
+        # method of uvicorn's Server, as of uvicorn 0.55; tests/server covers this drain)
+        async def _wait_tasks_to_complete(self):
             try:
                 async with asyncio.timeout(timeout):
                     return await super()._wait_tasks_to_complete()

@@ -7,6 +7,7 @@ import json
 import math
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -517,3 +518,38 @@ def test_a_client_leaving_while_its_prompts_are_prepared_gets_nothing_queued(mod
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 120))
     assert model.stats()["prompt_tokens"] == queued
     assert sent[0]["status"] == 499
+
+
+def test_metrics_and_tokenizing_leave_the_event_loop_free(model, monkeypatch):
+    """/metrics (the engine's stats wait for a step to end) and tokenizing (a 4 MB prompt takes
+    seconds) run in worker threads: while they work, the event loop serves the other connections.
+    Each waits for a signal that only the running event loop can give."""
+    from gpt2_engine.server.app import build_app
+
+    loop_free, seen = threading.Event(), []
+
+    def waiting_for_the_loop(work):
+        def wrapped(*args, **kwargs):
+            seen.append(loop_free.wait(10))
+            return work(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(model.router, "stats", waiting_for_the_loop(model.router.stats))
+    monkeypatch.setattr(model.tokenizer, "encode", waiting_for_the_loop(model.tokenizer.encode))
+    app = build_app(model, served_model_name=MODEL_NAME)    # its lifespan (router shutdown) never runs here
+
+    async def signal_from_the_loop():
+        await asyncio.sleep(0.1)
+        loop_free.set()
+
+    async def requests():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            for request in (http.get("/metrics"),
+                            http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1})):
+                loop_free.clear()
+                response, _ = await asyncio.gather(request, signal_from_the_loop())
+                assert response.status_code == 200
+
+    asyncio.run(asyncio.wait_for(requests(), 120))
+    assert seen and all(seen)
