@@ -90,6 +90,9 @@ class GPT2:
                  tokenizer_path=None, generation_config=None, enable_prefix_caching: bool = True,
                  batch_invariant: bool = False, quantization: str | None = None, async_scheduling: bool | None = None):
         self.config = config
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= config.n_positions:
+            # a block longer than the context holds nothing more, and its cache is allocated up front
+            raise ValueError(f"block_size must be an integer in [1, n_positions={config.n_positions}], got {block_size!r}")
         self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = _resolve_backend(backend, self.device)
@@ -213,7 +216,37 @@ class GPT2:
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                  inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """transformers' generate() for the options listed in the README; others raise ValueError."""
+        """Continue a batch of token prompts, as transformers' `model.generate(...)`.
+
+        Args:
+            input_ids: int tensor [batch, seq_len] (or [seq_len]), left-padded when rows differ in length
+                (also accepted as `inputs`).
+            attention_mask: 1 for prompt tokens, 0 for the left padding (default: all ones).
+            generation_config: a transformers GenerationConfig or dict; keyword arguments override it,
+                and it overrides the checkpoint's generation_config.json.
+
+        Options (keyword arguments, transformers' names and defaults):
+            max_new_tokens: tokens to add (default: max_length - prompt length, max_length=20).
+            min_new_tokens / min_length: EOS is suppressed until this many (default 0).
+            do_sample: False = greedy (default); True samples with temperature (1.0), top_k (50;
+                0 or None = off) and top_p (1.0 = off).
+            num_beams: beam search with this many beams (default 1 = off), with length_penalty (1.0),
+                early_stopping (False, True or "never") and no_repeat_ngram_size (0 = off).
+            num_return_sequences: continuations per prompt (default 1; more need do_sample or beams).
+            repetition_penalty: transformers' CTRL penalty (default 1.0 = off).
+            seed: seeds the sampler per row (gpt2-engine's addition; default unseeded).
+            eos_token_id: int or list of ints ending a sequence (default: the model's; None = never).
+            pad_token_id: fills finished rows (default: the first EOS id).
+            streamer: a transformers streamer (put/end), for a single sequence.
+            output_scores, return_dict_in_generate: transformers' output object with scores
+                (beam search: sequences_scores and beam_indices).
+        Other transformers options raise ValueError unless given at their neutral value; every bad
+        value is a ValueError or TypeError naming the option.
+
+        Returns:
+            int64 tensor [batch * num_return_sequences, prompt + new tokens], right-padded with
+            pad_token_id (or transformers' output object with return_dict_in_generate=True).
+        """
         if input_ids is not None and inputs is not None:
             raise ValueError("pass input_ids or inputs, not both")
         input_ids = input_ids if input_ids is not None else inputs

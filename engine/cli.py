@@ -101,6 +101,8 @@ def _generate(args) -> int:
     if tokenizer is not None:
         model.tokenizer = tokenizer
     if args.stream:
+        if options.get("num_beams", 1) > 1:
+            raise ValueError("--stream cannot show beam search (--num-beams > 1): the best beam is known only at the end")
         pieces = model.stream(prompt, **options)  # options are checked here, before anything is printed
         sys.stdout.write(prompt)
         for piece in pieces:
@@ -108,7 +110,10 @@ def _generate(args) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        for text in model.generate_text(prompt, **options):
+        texts = model.generate_text(prompt, **options)
+        for i, text in enumerate(texts):
+            if len(texts) > 1:     # the sequences may span lines: each gets a header line
+                print(f"--- sequence {i + 1} of {len(texts)} ---")
             print(prompt + text)
     return 0
 
@@ -148,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        build_parser().print_help(sys.stderr)
+        return 2
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:      # Ctrl-C: the command stops (a server after its drain) without a traceback
+        print(file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv[:2] == ["bench", "serve"]:   # the serving load generator has its own flags
             from gpt2_engine.bench import serve as bench_serve

@@ -6,7 +6,12 @@ import argparse
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse's parser, with its usage errors on one line (`--help` shows the usage)."""
+    """argparse's parser, with its usage errors on one line (`--help` shows the usage), and no
+    abbreviated flags (a typo such as --max-new-token is an error, not --max-new-tokens)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -31,10 +36,16 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 def int_at_least(minimum: int):
     """An argparse type: an integer >= minimum (else argparse's one-line error, exit 2)."""
+    return int_in_range(minimum, None)
+
+
+def int_in_range(minimum: int, maximum: int | None):
+    """An argparse type: an integer in [minimum, maximum] (no maximum when None)."""
     def parse(text: str) -> int:
         value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
         return value
     parse.__name__ = "integer"      # argparse names the type in "invalid integer value"
     return parse

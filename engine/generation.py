@@ -149,7 +149,7 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
     num_beams = _as_int("num_beams", values["num_beams"])
     if num_beams < 1:
         raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
-    do_sample = bool(values["do_sample"])
+    do_sample = _as_bool("do_sample", values["do_sample"])
     if num_return > 1 and not do_sample and num_beams == 1:
         raise ValueError(f"greedy decoding (do_sample=False) without beam search does not support "
                          f"num_return_sequences={num_return}, as in transformers; pass do_sample=True or num_beams")
@@ -165,13 +165,14 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
         do_sample=do_sample, repetition_penalty=_as_float("repetition_penalty", values["repetition_penalty"]),
         eos_token_ids=eos_ids,
         seed=None if values["seed"] is None else _as_int("seed", values["seed"]),
-        output_scores=bool(values["output_scores"]) and num_beams == 1, **warpers,
+        output_scores=_as_bool("output_scores", values["output_scores"]) and num_beams == 1, **warpers,
         no_repeat_ngram_size=_as_int("no_repeat_ngram_size", values["no_repeat_ngram_size"]),
         num_beams=num_beams, length_penalty=_as_float("length_penalty", values["length_penalty"]),
         early_stopping=values["early_stopping"],
     )
-    return GenerateOptions(sampling, int(num_return), int(pad), bool(values["return_dict_in_generate"]),
-                           values["streamer"], bool(values["output_scores"]))
+    return GenerateOptions(sampling, int(num_return), int(pad),
+                           _as_bool("return_dict_in_generate", values["return_dict_in_generate"]),
+                           _check_streamer_object(values["streamer"]), bool(values["output_scores"]))
 
 
 def _is_int(value) -> bool:
@@ -191,6 +192,23 @@ def _as_int(name: str, value) -> int:
     return int(value)
 
 
+def _as_bool(name: str, value) -> bool:
+    """A flag: Python, numpy or 0-d torch booleans only (bool("false") is True, so strings are refused)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool:
+        return bool(value)
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def _check_streamer_object(streamer):
+    """transformers' streamer protocol: put(tensor) and end()."""
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must have put(value) and end() methods (transformers' BaseStreamer), "
+                        f"got {type(streamer).__name__}")
+    return streamer
+
+
 def _as_float(name: str, value) -> float:
     if isinstance(value, bool) or not _is_real_scalar(value):
         raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
@@ -208,6 +226,9 @@ def prompts_from_batch(input_ids, attention_mask, config: GPT2Config) -> list[li
     """Validate a transformers-style batch (any integer dtype) and strip its left padding."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (shape only, no values): move it to the cpu or a GPU")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2:

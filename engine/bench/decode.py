@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -266,12 +267,18 @@ def _paired_ratio(runs: list[float], reference: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(runs, reference))
 
 
+def _progress(message: str) -> None:
+    print(f"gpt2-engine bench: {message}", file=sys.stderr, flush=True)
+
+
 def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
     from tqdm import tqdm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(args.seed)
+    _progress(f"loading {args.model} for {', '.join(args.systems)} on {device} ({dtype}); on the CPU the torch backend "
+              "also times its GEMM paths per layer shape")
     engine, systems = _systems(args, device, dtype)
     config = engine.config
     context = args.prompt_len + args.new_tokens // 2
@@ -286,6 +293,8 @@ def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
     clock = StepClock(device)
     prompts = {b: torch.randint(0, config.vocab_size, (b, args.prompt_len)) for b in args.batch_sizes}
     for system in systems:   # warm-up at every batch size: weights faulted in, kernels compiled / primitives built
+        _progress(f"warming up {system.label} (batch sizes {' '.join(map(str, args.batch_sizes))}: kernels compiled, "
+                  "weights faulted in)")
         for b in args.batch_sizes:
             system.runner(system.handle, prompts[b], 2, clock)
     # per (system, batch), one entry per repeat: prefill tok/s, decode tok/s, read bandwidth just before the run
@@ -360,6 +369,13 @@ def format_markdown(report: BenchReport) -> str:
     return "\n".join(lines + [""] + report.warnings) + "\n"
 
 
+def offset_batches(batches: list[int], index: int, count: int, spread: float = 0.15) -> list[float]:
+    """The x positions of system `index` of `count`: each batch size nudged sideways (on the plot's
+    log2 axis, within +-spread/2 of an octave) so that the systems' min-max bars stand side by side."""
+    shift = 0.0 if count == 1 else spread * (index / (count - 1) - 0.5)
+    return [b * 2 ** shift for b in batches]
+
+
 def save_plot(report: BenchReport, path: Path, config: GPT2Config, dtype: torch.dtype) -> None:
     import matplotlib
 
@@ -369,9 +385,11 @@ def save_plot(report: BenchReport, path: Path, config: GPT2Config, dtype: torch.
     batches = sorted({m.batch for m in report.results})
     context = report.prompt_len + report.new_tokens // 2
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in dict.fromkeys(m.system for m in report.results):
+    systems = list(dict.fromkeys(m.system for m in report.results))
+    for i, system in enumerate(systems):
         rows = [m for m in report.results if m.system == system]
-        ax.errorbar([m.batch for m in rows], [m.decode_tokens_per_s for m in rows], marker="o", capsize=3, label=system,
+        ax.errorbar(offset_batches([m.batch for m in rows], i, len(systems)), [m.decode_tokens_per_s for m in rows],
+                    marker="o", capsize=3, label=system,
                     yerr=[[m.decode_tokens_per_s - m.decode_min for m in rows], [m.decode_max - m.decode_tokens_per_s for m in rows]])
     for int8, style in ((False, "--"), (True, ":")):
         roof = [b * report.bandwidth_gb_s * 1e9 / decode_bytes_per_step(config, dtype, b, context, int8=int8) for b in batches]

@@ -94,16 +94,23 @@ async def _one_request(client, url: str, payload: dict) -> RequestResult:
 
 async def run_level(url: str, headers: dict, payloads: list[dict], concurrency: int, timeout: float) -> dict:
     import httpx
+    from tqdm import tqdm
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
+        # on stderr, one bar per level: requests done (a run of minutes is otherwise silent)
+        bar = tqdm(total=len(payloads), desc=f"concurrency {concurrency}", unit="req", file=sys.stderr)
+
         async def bounded(payload):
             async with semaphore:
-                return await _one_request(client, f"{url}/v1/completions", payload)
+                result = await _one_request(client, f"{url}/v1/completions", payload)
+            bar.update()
+            return result
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(bounded(p) for p in payloads))
+        with bar:
+            results = await asyncio.gather(*(bounded(p) for p in payloads))
         duration = time.perf_counter() - start
     return summarize(results, duration, concurrency)
 
@@ -179,4 +186,5 @@ def main(argv: list[str] | None = None) -> int:
         config = {k: v for k, v in vars(args).items() if k != "api_key"} | {"model": model}
         (out / "results.json").write_text(json.dumps({"config": config, "results": rows}, indent=2))
         (out / "results.md").write_text(f"# bench serve\n\n{header}\n\n{table}\n")
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
     return 1 if any(row["failed"] for row in rows) else 0

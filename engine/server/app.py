@@ -1,11 +1,18 @@
 """The FastAPI app: OpenAI's /v1/completions and /v1/models, /health and /metrics, on one GPT2's
 request router (so every HTTP request is batched with the others by the engine's scheduler).
 
-    build_app(model, served_model_name=..., api_key=..., max_queue=...) -> FastAPI
+    build_app(model, served_model_name=..., api_key=..., max_queue=..., max_body_size=...) -> FastAPI
 
 A request's prompts each become one router request with n return sequences (choice index =
 prompt * n + sequence, as OpenAI orders them). A streaming client that disconnects, or a choice
 cut at a stop string, closes its router stream, which frees the KV blocks before it returns.
+
+The event loop only moves bytes: parsing the body, tokenizing, the engine's checks, queueing the
+router requests, prompt logprobs and /metrics run in worker threads, so one request's size cannot
+stall the streams of the others. A client that leaves while its request is still being prepared or
+queued aborts it there (the prompts queued so far are closed). A request asks for at most
+max_num_seqs sequences (prompts x n): more could never run at once (so they would never fit,
+whatever max_queue), and one request must not fill the waiting queue ahead of everybody else.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
 import uuid
 
@@ -21,29 +29,50 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from gpt2_engine.router import RouterClosed
 from gpt2_engine.server.choices import Choice
 from gpt2_engine.server.metrics import ServerMetrics
-from gpt2_engine.server.protocol import APIError, CompletionRequest, for_prompts, prompts_of, sampling_params
+from gpt2_engine.server.protocol import (APIError, CompletionRequest, Prompt, bad_request, for_prompts, prompts_of,
+                                         sampling_params)
 
 _DONE = object()          # a pump's end marker in the streaming queue
+DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
+PROMPT_LOGPROBS_ROWS = 256    # prompt positions whose log-softmax is computed at once (echo + logprobs)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was admitted."""
 
 
 class CompletionServer:
     """The routes' state: the model, its name, admission control, metrics."""
 
-    def __init__(self, model, *, served_model_name: str, api_key: str | None, max_queue: int | None):
+    def __init__(self, model, *, served_model_name: str, api_key: str | None, max_queue: int | None,
+                 max_body_size: int = DEFAULT_MAX_BODY_SIZE):
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
             raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
+        if not isinstance(max_body_size, int) or max_body_size < 1:
+            raise ValueError(f"max_body_size must be a positive integer, got {max_body_size!r}")
         if model.router is None:
             raise ValueError("the server needs a runtime backend (triton or torch), not backend='eager'")
         self.model, self.router = model, model.router
         self.name, self.api_key, self.max_queue = served_model_name, api_key, max_queue
+        self.max_body_size = max_body_size
         self.metrics = ServerMetrics(self.router.stats)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self._admission = asyncio.Lock()
+        # Prompt logprobs need the whole prompt's logits (~200 MB for 1,023 GPT-2 tokens): one request
+        # computes them at a time, so their memory is bounded whatever the concurrency.
+        self._prompt_scoring = asyncio.Semaphore(1)
+        self._scrape: asyncio.Future | None = None
+        self.draining = False      # set by a Ray Serve replica's drain: new completions get a 503
         self.created = int(time.time())
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.router.engine.scheduler.max_num_seqs
 
     # ---- checks ------------------------------------------------------------------------------
 
@@ -60,22 +89,41 @@ class CompletionServer:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
 
-    async def admit(self, prompts, params, n: int):
+    async def read_body(self, request: Request) -> bytes:
+        """The body, or 413 as soon as it is known to exceed max_body_size (by Content-Length, or by
+        what has arrived)."""
+        too_large = APIError(413, f"the request body exceeds {self.max_body_size} bytes", code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_size:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_size:
+                raise too_large
+        return bytes(body)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    async def admit(self, prompts: list[Prompt], params, n: int, gone: threading.Event):
         """Queue the prompts as router requests, or refuse with 429 when the waiting queue is full.
         With max_queue, admissions are serialised so that concurrent requests cannot overfill it."""
         if self.max_queue is None:
-            return await asyncio.to_thread(self._add, prompts, params, n)
+            return await asyncio.to_thread(self._add, prompts, params, n, gone)
         async with self._admission:
             stats = await asyncio.to_thread(self.router.stats)
             if stats["num_waiting"] + n * len(prompts) > self.max_queue + max(0, self._free_seats(stats)):
                 raise APIError(429, f"the waiting queue is full ({stats['num_waiting']} sequences waiting, "
                                     f"max_queue={self.max_queue}); retry later", code="queue_full")
-            return await asyncio.to_thread(self._add, prompts, params, n)
+            return await asyncio.to_thread(self._add, prompts, params, n, gone)
 
-    def _add(self, prompts, params, n: int):
+    def _add(self, prompts, params, n: int, gone: threading.Event):
+        """Add the router requests (a worker thread); stop, closing those added, once `gone` is set."""
         streams = []
         try:
             for prompt, p in zip(prompts, params):
+                if gone.is_set():
+                    raise ClientGone
                 streams.append(self.router.add(prompt.token_ids, p, n))
         except BaseException as exc:
             for stream in streams:
@@ -87,41 +135,62 @@ class CompletionServer:
 
     def _free_seats(self, stats) -> int:
         """Running slots nobody holds: a request that takes them does not wait."""
-        return self.router.engine.scheduler.max_num_seqs - stats["num_running"] - stats["num_waiting"]
+        return self.max_num_seqs - stats["num_running"] - stats["num_waiting"]
 
     # ---- one completion ----------------------------------------------------------------------
 
-    async def prepare(self, request: CompletionRequest):
+    def prepare(self, body: bytes):
+        """Parse, tokenize and check one request (a worker thread): the request, its prompts,
+        their SamplingParams and the choices to fill."""
+        request = CompletionRequest.parse(body)
         self.check_model(request.model)
         tokenizer, config = self.model.tokenizer, self.model.config
         prompts = prompts_of(request, tokenizer)
+        # the cap on sequences per request (module docstring); a request beyond it can never fit: 400, not 429
+        cap = self.max_num_seqs
+        if len(prompts) * request.n > cap:
+            raise APIError(400, f"a request asks for at most {cap} sequences (prompts x n, the server's max_num_seqs), "
+                                f"got {len(prompts)} prompts x n={request.n}",
+                           param="n" if len(prompts) == 1 else "prompt")
         stop = request.stop_strings
         params = for_prompts([sampling_params(request, p, config.n_positions, config.eos_token_id) for p in prompts])
         for prompt, p in zip(prompts, params):
             try:
                 self.router.check(prompt.token_ids, p, request.n)
             except ValueError as exc:
-                raise APIError(400, str(exc).replace("num_return_sequences", "n")) from None
+                raise bad_request(str(exc)) from None
         choices = [Choice(tokenizer, eos_token_ids=p.eos_token_ids, stop=stop, logprobs=request.logprobs,
                           prefix=prompt.text if request.echo else "")
                    for prompt, p in zip(prompts, params) for _ in range(request.n)]
-        if request.echo and request.logprobs is not None:
-            for r, prompt in enumerate(prompts):
+        return request, prompts, params, choices
+
+    async def score_prompts(self, request: CompletionRequest, prompts: list[Prompt], choices: list[Choice],
+                            gone: threading.Event) -> None:
+        """Echo with logprobs: each choice starts with its prompt's logprobs."""
+        for r, prompt in enumerate(prompts):
+            async with self._prompt_scoring:
+                if gone.is_set():
+                    raise ClientGone
                 entries = await asyncio.to_thread(self.prompt_logprobs, prompt.token_ids, request.logprobs)
-                for choice in choices[r * request.n:(r + 1) * request.n]:
-                    choice.add_prompt_logprobs(prompt.token_ids, *entries)
-        return prompts, params, choices
+            for choice in choices[r * request.n:(r + 1) * request.n]:
+                choice.add_prompt_logprobs(prompt.token_ids, *entries)
 
     def prompt_logprobs(self, token_ids: list[int], k: int):
-        """Each prompt token's logprob under the model given the tokens before it (None for the first)."""
+        """Each prompt token's logprob under the model given the tokens before it (None for the first),
+        and its top k; the log-softmax is taken PROMPT_LOGPROBS_ROWS positions at a time."""
         logits = self.model(torch.tensor([token_ids]))[0]
-        log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
-        targets = torch.tensor(token_ids[1:], dtype=torch.long, device=log_probs.device)
-        chosen = log_probs.gather(1, targets[:, None])[:, 0].tolist()
-        top = [()] * len(chosen)
-        if k:
-            values, ids = log_probs.topk(k, dim=-1)
-            top = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        chosen, top = [], []
+        for start in range(0, len(token_ids) - 1, PROMPT_LOGPROBS_ROWS):
+            rows = slice(start, min(start + PROMPT_LOGPROBS_ROWS, len(token_ids) - 1))
+            log_probs = torch.log_softmax(logits[rows].float(), dim=-1)
+            targets = torch.tensor(token_ids[rows.start + 1:rows.stop + 1], dtype=torch.long, device=log_probs.device)
+            chosen += log_probs.gather(1, targets[:, None])[:, 0].tolist()
+            if k:
+                values, ids = log_probs.topk(k, dim=-1)
+                top += [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+            else:
+                top += [()] * (rows.stop - rows.start)
+            del log_probs
         return [None, *chosen], [None, *top]
 
     async def pump(self, r: int, stream, n: int, choices: list[Choice], arrival: float, emit) -> None:
@@ -152,6 +221,14 @@ class CompletionServer:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
+    async def scrape(self) -> bytes:
+        """/metrics' text, made in a worker thread (the engine's stats wait for a step to end); scrapes
+        that arrive while one is being made share it."""
+        if self._scrape is None:
+            self._scrape = asyncio.ensure_future(asyncio.to_thread(generate_latest, self.metrics.registry))
+            self._scrape.add_done_callback(lambda _: setattr(self, "_scrape", None))
+        return await asyncio.shield(self._scrape)
+
 
 class _ReplicaHeader:
     """ASGI middleware naming the process that answered (x-gpt2-engine-replica), so that clients can
@@ -177,17 +254,36 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
+async def _unless_gone(work, watcher: asyncio.Future, gone: threading.Event, undo=None):
+    """Await `work` (a coroutine); if the client disconnects first, set `gone` (the work stops at its
+    next check), wait for it to stop, undo(result) if it completed, and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    gone.set()
+    await asyncio.wait([task])
+    if task.exception() is None and undo is not None:     # it completed before it saw `gone`
+        undo(task.result())
+    raise ClientGone
+
+
+def _close_all(streams) -> None:
+    for stream in streams:
+        stream.close()
+
+
 def build_app(model, *, served_model_name: str | None = None, api_key: str | None = None,
-              max_queue: int | None = None) -> FastAPI:
+              max_queue: int | None = None, max_body_size: int = DEFAULT_MAX_BODY_SIZE) -> FastAPI:
     """The server's ASGI app on `model` (an engine.GPT2 on a runtime backend). The router is shut down
-    when the app's lifespan ends, after the running requests have finished."""
+    when the app's lifespan ends (`gpt2-engine serve` has drained the requests by then); the
+    requests still running then end with an error answer."""
     server = CompletionServer(model, served_model_name=served_model_name or model.source or "gpt2",
-                              api_key=api_key, max_queue=max_queue)
+                              api_key=api_key, max_queue=max_queue, max_body_size=max_body_size)
 
     async def lifespan(app):
         yield
-        await asyncio.to_thread(server.router.wait_idle, 60)
-        server.router.shutdown()
+        await asyncio.to_thread(server.router.shutdown)
 
     app = FastAPI(title="gpt2-engine", lifespan=lifespan)
     app.state.server = server
@@ -196,6 +292,12 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
     async def api_error(request: Request, exc: APIError):
         server.metrics.requests.labels(str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """Starlette's own answers (404 unknown path, 405 wrong method) in OpenAI's error shape."""
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -213,7 +315,8 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Unauthenticated, as vLLM's and as /health: --api-key guards /v1 only (README, Serve).
+        return Response(await server.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -225,32 +328,49 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
     async def completions(request: Request):
         arrival = time.perf_counter()
         server.check_auth(request)
+        if server.draining:
+            raise APIError(503, "the server is shutting down")
+        body = await server.read_body(request)
+        watcher = asyncio.ensure_future(_until_disconnect(request))
+        gone = threading.Event()
+        streams = []
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
-        req = CompletionRequest.parse(body)
-        prompts, params, choices = await server.prepare(req)
-        streams = await server.admit(prompts, params, req.n)
+            req, prompts, params, choices = await _unless_gone(asyncio.to_thread(server.prepare, body), watcher, gone)
+            if req.echo and req.logprobs is not None:
+                await _unless_gone(server.score_prompts(req, prompts, choices, gone), watcher, gone)
+            if not req.score_only:
+                streams = await _unless_gone(server.admit(prompts, params, req.n, gone), watcher, gone, _close_all)
+        except ClientGone:
+            watcher.cancel()
+            return Response(status_code=499)
+        except BaseException:
+            watcher.cancel()
+            raise
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.name}
         server.metrics.requests.labels("200").inc()
+        if req.score_only:
+            for choice in choices:
+                choice.finish_reason = "length"
         if req.stream:
-            return StreamingResponse(_sse(server, request, req, head, prompts, streams, choices, arrival),
+            return StreamingResponse(_sse(server, watcher, req, head, prompts, streams, choices, arrival),
                                      media_type="text/event-stream")
         emit = lambda *event: None  # noqa: E731 (the choices keep the text)
-        pumps = asyncio.gather(*(server.pump(r, s, req.n, choices, arrival, emit) for r, s in enumerate(streams)))
-        watcher = asyncio.ensure_future(_until_disconnect(request))
+        pumps = [asyncio.ensure_future(server.pump(r, s, req.n, choices, arrival, emit)) for r, s in enumerate(streams)]
         try:
-            await asyncio.wait([pumps, watcher], return_when=asyncio.FIRST_COMPLETED)
-            if not pumps.done():     # the client went away: nobody will read the answer
-                pumps.cancel()
+            pending = set(pumps)
+            while pending and not watcher.done():
+                done, _ = await asyncio.wait([*pending, watcher], return_when=asyncio.FIRST_COMPLETED)
+                pending -= done
+                for pump in done & set(pumps):
+                    pump.result()        # the request's error (the engine failed or shut down), if any
+            if pending:            # the client went away: nobody will read the answer
                 return Response(status_code=499)
-            pumps.result()
         finally:
             watcher.cancel()
-            for stream in streams:
-                stream.close()
+            for pump in pumps:
+                pump.cancel()
+            _close_all(streams)
         return {**head, "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                                      "logprobs": c.logprobs.as_dict() if c.want_logprobs else None}
                                     for i, c in enumerate(choices)],
@@ -259,11 +379,15 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
     return app
 
 
-async def _sse(server: CompletionServer, request: Request, req: CompletionRequest, head: dict, prompts, streams,
+async def _sse(server: CompletionServer, watcher: asyncio.Future, req: CompletionRequest, head: dict, prompts, streams,
                choices: list[Choice], arrival: float):
     """Server-sent events: one chunk per token that adds text (or logprobs, or ends a choice), a
-    usage chunk when stream_options.include_usage, then [DONE]. Ends early on disconnect."""
+    usage chunk when stream_options.include_usage (the other chunks then carry "usage": null, as
+    OpenAI's do), then [DONE]. Ends early on disconnect (`watcher` done); a request the engine could
+    not finish (it shut down) ends with an error event."""
     queue: asyncio.Queue = asyncio.Queue()
+    if req.include_usage:
+        head = {**head, "usage": None}
 
     async def run(r, stream):
         try:
@@ -272,12 +396,13 @@ async def _sse(server: CompletionServer, request: Request, req: CompletionReques
         except Exception as exc:     # the request's error (e.g. the engine shut down): the client sees it
             queue.put_nowait(exc)
 
+    for index, choice in enumerate(choices if req.score_only else ()):      # the echoed prompt is the answer
+        queue.put_nowait((index, choice.text, choice.finish_reason, choice.take_logprobs()))
     tasks = [asyncio.ensure_future(run(r, s)) for r, s in enumerate(streams)]
-    watcher = asyncio.ensure_future(_until_disconnect(request))
     watcher.add_done_callback(lambda _: queue.put_nowait(None))
     remaining = len(tasks)
     try:
-        while remaining:
+        while remaining or not queue.empty():
             items = [await queue.get()]
             while not queue.empty():       # send what has piled up in one write
                 items.append(queue.get_nowait())
@@ -288,7 +413,8 @@ async def _sse(server: CompletionServer, request: Request, req: CompletionReques
                 if item is _DONE:
                     remaining -= 1
                 elif isinstance(item, Exception):
-                    error = APIError(500, f"{type(item).__name__}: {item}")
+                    error = APIError(503, "the server is shutting down") if isinstance(item, RouterClosed) else \
+                        APIError(500, f"{type(item).__name__}: {item}")
                     yield "".join(events) + f"data: {json.dumps(error.body())}\n\n"
                     return
                 else:
@@ -302,8 +428,7 @@ async def _sse(server: CompletionServer, request: Request, req: CompletionReques
         watcher.cancel()
         for task in tasks:
             task.cancel()
-        for stream in streams:
-            stream.close()
+        _close_all(streams)
 
 
 def _chunk(head: dict, index: int, delta: str, finish_reason: str | None, logprobs: dict | None) -> str:

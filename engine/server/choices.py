@@ -6,7 +6,8 @@ len(longest stop) - 1 characters are held back until the next token shows they d
 stop string; once one appears, the text is cut before it and the choice is finished ("stop").
 Logprobs follow OpenAI's completions shape: tokens, token_logprobs, top_logprobs (token string ->
 logprob) and text_offset (character offset of each token's text in the choice's full text, the
-echoed prompt included).
+echoed prompt included). As OpenAI documents (and vLLM does), each top_logprobs entry also holds the
+chosen token, so it has up to logprobs + 1 entries: `logprobs: 0` gives the chosen token's alone.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class Choice:
         decoder, offset = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
         for token_id, logprob, top in zip(token_ids, logprobs, top_logprobs):
             self.logprobs.add(token_string(self.tokenizer, token_id), logprob,
-                              None if top is None else self._top_dict(top), offset)
+                              None if top is None else self._top_dict(top, token_id, logprob), offset)
             offset += len(decoder.decode(self.tokenizer.decode_single_token_bytes(token_id)))
 
     def push(self, token_id: int, finish_reason: str | None, logprob=None, top_logprobs=()) -> str:
@@ -80,8 +81,8 @@ class Choice:
             return ""
         self.num_tokens += 1
         if self.want_logprobs:
-            self.logprobs.add(token_string(self.tokenizer, token_id), logprob, self._top_dict(top_logprobs or ()),
-                              len(self._text))
+            self.logprobs.add(token_string(self.tokenizer, token_id), logprob,
+                              self._top_dict(top_logprobs or (), token_id, logprob), len(self._text))
         if token_id not in self.eos:
             self._text += self._decoder.decode(self.tokenizer.decode_single_token_bytes(token_id))
         if finish_reason is not None:
@@ -100,8 +101,11 @@ class Choice:
         start, self._logprobs_sent = self._logprobs_sent, len(self.logprobs.tokens)
         return {name: values[start:] for name, values in self.logprobs.as_dict().items()}
 
-    def _top_dict(self, pairs) -> dict[str, float]:
-        return {token_string(self.tokenizer, t): lp for t, lp in pairs}
+    def _top_dict(self, pairs, chosen: int, logprob: float) -> dict[str, float]:
+        """The top-k tokens and the chosen one (when it is not among them)."""
+        top = {token_string(self.tokenizer, t): lp for t, lp in pairs}
+        top.setdefault(token_string(self.tokenizer, chosen), logprob)
+        return top
 
     def _find_stop(self) -> int | None:
         if not self.stop:

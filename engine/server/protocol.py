@@ -8,8 +8,14 @@ Mapping onto the engine (vLLM's conventions):
     seed               -> SamplingParams.seed, per prompt as GPT2.generate derives it for a batch
     stop               -> cut by the server (gpt2_engine.server.choices); EOS always stops unless ignore_eos
     min_tokens, ignore_eos, repetition_penalty, top_k: vLLM's extensions
+    max_tokens 0       -> with echo, the prompt is scored only (no generation; OpenAI's and vLLM's way to
+                          get prompt logprobs); without echo a 400
 Value checks are SamplingParams' and the router's (the rules of generate()); only what OpenAI's API
 adds (logprobs <= 5, at most 4 stop strings, the unsupported options) is checked here.
+
+Parsing is strict, as OpenAI's and vLLM's: the body is parsed by pydantic's JSON parser (nesting
+deeper than its recursion limit, NaN and Infinity are invalid JSON) with no coercion between types
+(`true` is not the integer 1, `1.0` is not a token id, `"yes"` is not a boolean).
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ class APIError(Exception):
     """An error the client sees as OpenAI's {"error": {...}} JSON with this HTTP status."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             429: "rate_limit_error", 503: "service_unavailable"}
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -41,9 +48,18 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+
+    include_usage: bool = False
+
+
 class CompletionRequest(BaseModel):
     """OpenAI's CreateCompletionRequest; unknown fields are refused (never silently ignored)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -56,7 +72,7 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     n: int = 1
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: int | None = None
@@ -69,16 +85,24 @@ class CompletionRequest(BaseModel):
     logit_bias: dict | None = None
 
     @classmethod
-    def parse(cls, body) -> "CompletionRequest":
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+    def parse(cls, body: bytes | str) -> "CompletionRequest":
+        """The request from its raw JSON body (a 400 naming the first bad parameter)."""
         try:
-            request = cls.model_validate(body)
+            request = cls.model_validate_json(body)
         except ValidationError as exc:
             first = exc.errors()[0]
-            param = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or None
+            loc = first["loc"]
+            if first["type"] == "json_invalid":
+                raise APIError(400, f"the request body is not valid JSON: {first['msg']}") from None
+            if not loc:
+                raise APIError(400, f"the request body must be a JSON object ({first['msg']})") from None
+            # the field, and the option of stream_options (later parts name union members and indices)
+            param = ".".join(str(part) for part in loc[:2 if loc[0] == "stream_options" else 1])
             if first["type"] == "extra_forbidden":
                 raise APIError(400, f"unsupported parameter {param!r}", param=param) from None
+            if param == "prompt":
+                raise APIError(400, "prompt must be a string, a list of strings, a list of token ids (integers) "
+                                    "or a list of lists of token ids", param=param) from None
             raise APIError(400, f"invalid {param}: {first['msg']}", param=param) from None
         for name, accepted in UNSUPPORTED.items():
             if getattr(request, name) not in accepted:
@@ -97,7 +121,12 @@ class CompletionRequest(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def score_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs) only, nothing generated."""
+        return self.max_tokens == 0 and self.echo
 
 
 @dataclass(frozen=True)
@@ -139,6 +168,8 @@ def sampling_params(request: CompletionRequest, prompt: Prompt, n_positions: int
     temperature = 1.0 if request.temperature is None else request.temperature
     top_k = request.top_k if request.top_k not in (None, -1) else 0
     max_tokens = request.max_tokens if request.max_tokens is not None else max(1, n_positions - len(prompt.token_ids))
+    if request.score_only:     # nothing is generated; the other values are still checked
+        max_tokens = 1
     try:
         return SamplingParams(
             max_new_tokens=max_tokens, min_new_tokens=request.min_tokens, do_sample=temperature != 0,
@@ -148,7 +179,7 @@ def sampling_params(request: CompletionRequest, prompt: Prompt, n_positions: int
             eos_token_ids=() if request.ignore_eos else (eos_token_id,), seed=request.seed,
             logprobs=request.logprobs)
     except ValueError as exc:
-        raise APIError(400, _openai_names(str(exc))) from None
+        raise bad_request(str(exc)) from None
 
 
 def for_prompts(params: list[SamplingParams]) -> list[SamplingParams]:
@@ -156,8 +187,20 @@ def for_prompts(params: list[SamplingParams]) -> list[SamplingParams]:
     return [p.for_prompt(row) for row, p in enumerate(params)]
 
 
-def _openai_names(message: str) -> str:
-    """SamplingParams' messages use generate()'s option names; say the API's names too."""
+# The request's parameters that a message of SamplingParams' or the engine's checks can start with.
+_PARAMS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "seed", "n ",
+           "prompt")
+
+
+def bad_request(message: str) -> APIError:
+    """A 400 from SamplingParams' or the engine's check, in the API's names and naming its parameter.
+    A prompt that with max_tokens exceeds the context, or needs more KV blocks than the pool holds,
+    names max_tokens (the one that can be lowered)."""
+    message = message.replace("n (num_return_sequences)", "n")
     for engine_name, api_name in (("max_new_tokens", "max_tokens"), ("min_new_tokens", "min_tokens")):
         message = message.replace(engine_name, f"{api_name} ({engine_name})")
-    return message
+    if "max_tokens (max_new_tokens)=" in message or message.startswith("request needs"):
+        param = "max_tokens"
+    else:
+        param = next((name.strip() for name in _PARAMS if message.startswith(name)), None)
+    return APIError(400, message, param=param)

@@ -5,6 +5,13 @@ Each replica takes one GPU when the cluster has GPUs (num_gpus=1), else an equal
 (at most one each); Ray Serve's proxy spreads requests over the replicas, and every response names
 its replica in the x-gpt2-engine-replica header (also in /health). /metrics is per replica.
 
+Drain (SIGTERM or Ctrl-C on the command): Ray Serve removes an application's route as soon as it
+is deleted, so its proxy would answer new requests with a plain-text 404 while the replicas finish.
+Instead the command first raises a flag (a named Ray actor) that every replica polls: from then on
+the replicas answer new completions with a 503 in OpenAI's error JSON while the running ones
+finish; after --shutdown-timeout seconds the replicas end what still runs (streams with an SSE
+error event); then the application is deleted and Serve shut down.
+
 Cluster: by default a local Ray instance is started for the command and stopped with it. To use
 an existing cluster, start it (`ray start --head` on the head node, `ray start --address HEAD:6379`
 on the others) and set RAY_ADDRESS=HEAD:6379 (or `auto` on a cluster node) before `gpt2-engine serve`.
@@ -13,12 +20,37 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
+import ray
 from ray import serve
 
 from gpt2_engine.server.spec import build_from_spec, model_spec
 
 APP_NAME = "gpt2-engine"
+DRAIN_FLAG, DRAIN_NAMESPACE = "drain", "gpt2-engine"    # the replicas run in Serve's namespace
+POLL_S = 0.25
+
+
+@ray.remote(num_cpus=0)
+class DrainFlag:
+    """The command's drain state, polled by every replica; each reports its live requests back."""
+
+    def __init__(self):
+        self.state, self.live = "serving", {}
+
+    def set(self, state: str) -> None:
+        self.state = state
+
+    def poll(self, replica: str, num_requests: int, seen: str) -> str:
+        self.live[replica] = (num_requests, seen)
+        return self.state
+
+    def num_requests(self) -> int | None:
+        """The replicas' live requests; None until every replica has reported since seeing the state."""
+        if any(seen != self.state for _, seen in self.live.values()):
+            return None
+        return sum(n for n, _ in self.live.values())
 
 
 @serve.deployment(name="GPT2Engine")
@@ -28,6 +60,20 @@ class GPT2Replica:
 
     def __init__(self, spec: dict):
         self._app = build_from_spec(spec)
+        threading.Thread(target=self._follow_drain, name="gpt2-engine-drain", daemon=True).start()
+
+    def _follow_drain(self) -> None:
+        """Poll the command's DrainFlag: "draining" refuses new completions, "abort" ends the running ones."""
+        server = self._app.state.server
+        flag = ray.get_actor(DRAIN_FLAG, namespace=DRAIN_NAMESPACE)
+        state = "serving"
+        while True:
+            state = ray.get(flag.poll.remote(server.replica, server.router.stats()["num_requests"], state))
+            server.draining = state != "serving"
+            if state == "abort":
+                server.router.shutdown()
+                return
+            time.sleep(POLL_S)
 
     def __serve_build_asgi_app__(self):
         return self._app
@@ -40,11 +86,11 @@ def replica_resources(cluster: dict, replicas: int) -> dict:
 
 
 def run_replicas(args) -> int:
-    """Deploy, print the address, serve until SIGTERM/SIGINT, then shut Serve (and a local Ray) down."""
-    import ray
-
+    """Deploy, print the address, serve until SIGTERM/SIGINT, drain (module docstring), then shut
+    Serve (and a local Ray) down."""
     ray.init(logging_level="warning")    # RAY_ADDRESS (if set) names an existing cluster
     try:
+        flag = DrainFlag.options(name=DRAIN_FLAG, namespace=DRAIN_NAMESPACE).remote()
         serve.start(http_options={"host": args.host, "port": args.port})
         deployment = GPT2Replica.options(num_replicas=args.replicas,
                                          ray_actor_options=replica_resources(ray.cluster_resources(), args.replicas))
@@ -55,7 +101,13 @@ def run_replicas(args) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
-        serve.delete(APP_NAME)      # replicas drain their running requests first
+        ray.get(flag.set.remote("draining"))
+        deadline = time.monotonic() + args.shutdown_timeout
+        while ray.get(flag.num_requests.remote()) != 0 and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        ray.get(flag.set.remote("abort"))
+        time.sleep(2 * POLL_S)      # the replicas' ended requests send their error answers
+        serve.delete(APP_NAME)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -1,19 +1,23 @@
 """`gpt2-engine serve`: load a model and serve the OpenAI-compatible app with uvicorn (or, with
 --replicas N > 1, as a Ray Serve deployment of N engines; see gpt2_engine.server.ray_serve).
 
-SIGTERM drains: uvicorn closes the listening socket (new connections are refused), lets running
-requests finish (streams end with their finish_reason), then the app's lifespan waits for the
-router to go idle and shuts it down; the process exits 0. The bound address is printed as
-"gpt2-engine serve: listening on http://HOST:PORT" (with --port 0 the kernel picks the port).
+SIGTERM (or Ctrl-C) drains: uvicorn closes the listening socket (new connections are refused) and
+running requests finish (streams end with their finish_reason), for at most --shutdown-timeout
+seconds. Then the requests still running are ended: streams with an SSE error event, the others
+with a 503 in OpenAI's error JSON; connections that never finished sending their request are
+closed. The app's lifespan shuts the router down and the process exits 0. The bound address is
+printed as "gpt2-engine serve: listening on http://HOST:PORT" (with --port 0 the kernel picks
+the port).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import socket
 
-from gpt2_engine.cli_args import add_device_argument, int_at_least
-from gpt2_engine.server.spec import build_from_spec, model_spec
+from gpt2_engine.cli_args import add_device_argument, int_at_least, int_in_range
+from gpt2_engine.server.spec import build_from_spec, check_spec, model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="directory with the GPT-2 tokenizer files (default: the checkpoint's)")
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default 8000)")
-    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    parser.add_argument("--port", type=int_in_range(0, 65535), default=8000, help="port to bind; 0 picks a free one (default 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require Authorization: Bearer KEY on /v1 routes (/health and /metrics stay open, as in vLLM)")
     parser.add_argument("--max-num-seqs", type=int_at_least(1), default=256, help="running sequences per engine (default 256)")
     parser.add_argument("--max-queue", type=int_at_least(0), default=None,
                         help="sequences allowed to wait for a running slot; beyond it requests get 429 (default: no limit)")
+    parser.add_argument("--max-body-size", type=int_at_least(1), default=4 * 1024 * 1024,
+                        help="largest request body in bytes; beyond it 413 (default 4 MiB)")
+    parser.add_argument("--shutdown-timeout", type=float, default=60.0,
+                        help="seconds SIGTERM waits for running requests before ending them with an error (default 60)")
     parser.add_argument("--replicas", type=int_at_least(1), default=1,
                         help="engines behind the endpoint; > 1 runs a Ray Serve deployment (pip install gpt2-engine[ray])")
     add_device_argument(parser)
@@ -39,7 +48,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no async scheduling (the next step is prepared only after this one's tokens are back)")
 
 
+ABORT_GRACE_S = 5.0     # after the drain's timeout: for the ended requests' error answers to be sent
+
+
+def _draining_server(config, timeout: float, abort):
+    """uvicorn's Server with a bounded drain: after `timeout` seconds of waiting for the running
+    requests, abort() ends them (their handlers answer with an error), and uvicorn has
+    ABORT_GRACE_S more to send those answers before it cancels what is left (such as a connection
+    whose request never finished arriving)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        # uvicorn's drain, which its shutdown() awaits under timeout_graceful_shutdown (a private
+        # method of uvicorn's Server, as of uvicorn 0.55; tests/server covers this drain)
+        async def _wait_tasks_to_complete(self):
+            try:
+                async with asyncio.timeout(timeout):
+                    return await super()._wait_tasks_to_complete()
+            except TimeoutError:
+                await asyncio.to_thread(abort)
+            await super()._wait_tasks_to_complete()
+
+    config.timeout_graceful_shutdown = timeout + ABORT_GRACE_S
+    return DrainingServer(config)
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """The listening socket; an address that cannot be bound is a ValueError saying why."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)     # connections made as soon as the address is printed wait in the backlog
+    return sock
+
+
 def main(args) -> int:
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.replicas > 1:
         if args.port == 0:
             raise ValueError("--port 0 is not supported with --replicas (Ray Serve's proxy needs a fixed port)")
@@ -47,19 +100,20 @@ def main(args) -> int:
             from gpt2_engine.server.ray_serve import run_replicas
         except ImportError as exc:
             raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install 'gpt2-engine[ray]'") from None
+        check_spec(model_spec(args))      # here, in one line, not in N replicas' tracebacks
+        _bound_socket(args.host, args.port).close()
         return run_replicas(args)
     import uvicorn
 
+    check_spec(model_spec(args))
+    sock = _bound_socket(args.host, args.port)
     app = build_from_spec(model_spec(args))
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    sock.listen(2048)     # connections made as soon as the address is printed wait in the backlog
     host, port = sock.getsockname()[:2]
     print(f"gpt2-engine serve: listening on http://{host}:{port}", flush=True)
     # uvicorn re-raises the signal that stopped it once it has drained; ignoring it then makes a
-    # SIGTERM'd server exit 0 after the graceful shutdown instead of dying by the signal.
+    # SIGTERM'd server exit 0 after the graceful shutdown instead of dying by the signal (Ctrl-C's
+    # KeyboardInterrupt is caught by the CLI).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None)).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level="warning")
+    _draining_server(config, args.shutdown_timeout, app.state.server.router.shutdown).run(sockets=[sock])
     return 0
-

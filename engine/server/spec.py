@@ -6,21 +6,32 @@ from __future__ import annotations
 def model_spec(args) -> dict:
     """What a process needs to build the model and app (sent to each Ray replica)."""
     return {name: getattr(args, name) for name in ("model", "random_weights", "seed", "tokenizer", "served_model_name",
-                                                   "api_key", "max_num_seqs", "max_queue", "device", "dtype", "backend",
+                                                   "api_key", "max_num_seqs", "max_queue", "max_body_size", "device", "dtype", "backend",
                                                    "batch_invariant", "sync_scheduling")}
+
+
+def check_spec(spec: dict) -> None:
+    """What can be checked of the spec without building the model: the preset or the checkpoint's
+    config (FileNotFoundError / ValueError saying what is wrong)."""
+    from gpt2_engine.config import PRESETS
+    from gpt2_engine.weights import load_config
+
+    if spec["random_weights"]:
+        if spec["model"] not in PRESETS:
+            raise ValueError(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {spec['model']!r}")
+    else:
+        load_config(spec["model"])
 
 
 def build_from_spec(spec: dict):
     """The FastAPI app of one engine built from model_spec()."""
     from gpt2_engine.api import GPT2
-    from gpt2_engine.config import PRESETS
     from gpt2_engine.server.app import build_app
 
     runtime = dict(device=spec["device"], dtype=spec["dtype"], backend=spec["backend"], max_num_seqs=spec["max_num_seqs"],
                    batch_invariant=spec["batch_invariant"], async_scheduling=False if spec["sync_scheduling"] else None)
+    check_spec(spec)
     if spec["random_weights"]:
-        if spec["model"] not in PRESETS:
-            raise ValueError(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {spec['model']!r}")
         model = GPT2.from_config(spec["model"], seed=spec["seed"], **runtime)
     else:
         model = GPT2.from_pretrained(spec["model"], **runtime)
@@ -30,4 +41,4 @@ def build_from_spec(spec: dict):
         model.tokenizer = load_tokenizer(spec["tokenizer"])
     model.tokenizer   # load it now: a missing tokenizer is a startup error, not a failed request
     return build_app(model, served_model_name=spec["served_model_name"] or spec["model"], api_key=spec["api_key"],
-                     max_queue=spec["max_queue"])
+                     max_queue=spec["max_queue"], max_body_size=spec["max_body_size"])

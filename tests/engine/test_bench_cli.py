@@ -39,6 +39,8 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "| gpt2-engine int8 (torch) | 3 |" in captured.out
     assert "gpt2-engine (torch), batch 3, repeat 3/3" in captured.err   # the progress bar names what runs
+    # before the bar: what it loads and warms up (the silent first minute of a GPT-2 small run)
+    assert "gpt2-engine bench: loading" in captured.err and "gpt2-engine bench: warming up eager baseline" in captured.err
 
 
 def _measurement(system, runs, **ratios):

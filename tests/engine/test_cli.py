@@ -75,7 +75,8 @@ def test_generate_several_sequences_and_stream(checkpoint, api, capsys):
     code, captured = generate(checkpoint, capsys, "--do-sample", "--seed", "5", "--num-return-sequences", "3")
     assert code == 0
     expected = api.generate_text(PROMPT, max_new_tokens=6, do_sample=True, seed=5, num_return_sequences=3)
-    assert captured.out == "".join(PROMPT + text + "\n" for text in expected)
+    # each sequence under a header line: they may span lines themselves
+    assert captured.out == "".join(f"--- sequence {i + 1} of 3 ---\n{PROMPT}{text}\n" for i, text in enumerate(expected))
     code, captured = generate(checkpoint, capsys, "--stream", "--do-sample", "--seed", "5")
     assert code == 0 and captured.out == PROMPT + expected[0] + "\n"
 
@@ -140,8 +141,9 @@ def test_generate_bad_input_is_one_error_line(checkpoint, capsys, flags, phrases
 def test_missing_checkpoint_and_missing_subcommand(tmp_path, capsys):
     assert_one_error_line(main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]), capsys.readouterr(),
                           "generate", "checkpoint directory not found")
-    code = main([])
-    assert code == 2 and len(capsys.readouterr().err.splitlines()) == 1
+    code = main([])         # no command at all: the usage, as a new user needs it
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("usage: gpt2-engine") and all(c in err for c in ("generate", "serve", "bench"))
     assert main(["generate", "--help"]) == 0 and "--do-sample" in capsys.readouterr().out
 
 
@@ -182,3 +184,27 @@ def test_bench_out_must_be_writable(checkpoint, capsys, no_bench_run, tmp_path):
                           "not a writable directory")
     (tmp_path / "out" / "results.json").mkdir(parents=True)  # a directory where a result file goes
     assert_one_error_line(*bench(checkpoint, capsys, "--out", str(tmp_path / "out")), "bench", "results.json")
+
+
+@pytest.mark.parametrize("flags, phrases", [
+    (["--max-new-token", "3"], ["unrecognized arguments: --max-new-token"]),     # no abbreviations
+    (["--num-beams", "2", "--stream"], ["--stream cannot show beam search"]),
+])
+def test_generate_typos_and_streamed_beams_are_refused(checkpoint, capsys, flags, phrases):
+    assert_one_error_line(*generate(checkpoint, capsys, *flags), "generate", *phrases)
+
+
+def test_ctrl_c_while_streaming_exits_130_without_a_traceback(checkpoint, capsys, monkeypatch):
+    def interrupted(self, prompt, **options):
+        yield " one"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GPT2, "stream", interrupted)
+    code, captured = generate(checkpoint, capsys, "--stream")
+    assert code == 130 and captured.out == PROMPT + " one" and "Traceback" not in captured.err
+
+
+def test_bench_plot_offsets_the_systems_sideways():
+    columns = [gpt2_engine.bench.decode.offset_batches([1, 8], i, 3) for i in range(3)]
+    assert columns[1] == [1, 8] and columns[0][0] < 1 < columns[2][0] and columns[0][1] < 8 < columns[2][1]
+    assert gpt2_engine.bench.decode.offset_batches([1, 8], 0, 1) == [1, 8]

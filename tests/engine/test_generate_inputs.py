@@ -73,3 +73,31 @@ def _byte_tokenizer():
     import tiktoken
 
     return tiktoken.Encoding("bytes", pat_str=r".", mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(input_ids=torch.ones(1, 3, dtype=torch.long, device="meta")), ValueError, "input_ids is on the meta device"),
+    (dict(attention_mask=torch.ones(1, 3, dtype=torch.long, device="meta")), ValueError,
+     "attention_mask is on the meta device"),
+    (dict(streamer=object()), TypeError, "streamer must have put"),
+    (dict(do_sample="false"), TypeError, "do_sample must be a bool"),
+    (dict(return_dict_in_generate="yes"), TypeError, "return_dict_in_generate must be a bool"),
+])
+def test_unusable_arguments_name_themselves(model, kwargs, error, message):
+    arguments = dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2) | kwargs
+    with pytest.raises(error, match=message):
+        model.generate(**arguments)
+
+
+@pytest.mark.parametrize("block_size", [10**9, 0, 2.0])
+def test_block_size_beyond_the_context_is_refused_before_allocating(block_size):
+    with pytest.raises(ValueError, match="block_size must be an integer in"):
+        gpt2_engine.GPT2.from_hf(tiny_hf_model(seed=31), backend="torch", block_size=block_size)
+
+
+def test_generate_documents_every_option_it_takes():
+    """help(gpt2_engine.GPT2.generate) lists the options, as transformers' documentation does."""
+    from gpt2_engine.generation import HF_DEFAULTS
+
+    doc = gpt2_engine.GPT2.generate.__doc__
+    assert [name for name in HF_DEFAULTS if name not in doc] == []

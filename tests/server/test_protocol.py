@@ -2,6 +2,9 @@
 a server (the server tests cover the same through HTTP)."""
 from __future__ import annotations
 
+import json
+import socket
+
 import pytest
 
 from tests.conftest import require_modules
@@ -23,7 +26,7 @@ def tokenizer():
 
 
 def params_of(body: dict, tokenizer, n_positions: int = 1024):
-    request = CompletionRequest.parse({"model": "m", "prompt": "hi"} | body)
+    request = CompletionRequest.parse(json.dumps({"model": "m", "prompt": "hi"} | body))
     return [sampling_params(request, p, n_positions, EOS) for p in prompts_of(request, tokenizer)]
 
 
@@ -39,7 +42,7 @@ def test_temperature_zero_is_greedy_and_openai_defaults_sample(tokenizer):
 def test_prompt_forms_and_per_prompt_seeds(tokenizer):
     ids = tokenizer.encode("Hello world")
     for prompt in ("Hello world", ["Hello world"], ids, [ids]):
-        request = CompletionRequest.parse({"model": "m", "prompt": prompt})
+        request = CompletionRequest.parse(json.dumps({"model": "m", "prompt": prompt}))
         assert [(p.token_ids, p.text) for p in prompts_of(request, tokenizer)] == [(ids, "Hello world")]
     seeded = for_prompts(params_of({"prompt": ["a", "b", "c"], "seed": 5}, tokenizer))
     base, = params_of({"seed": 5}, tokenizer)
@@ -94,11 +97,54 @@ def test_stop_strings_are_not_searched_in_the_echoed_prompt(tokenizer):
 @pytest.mark.parametrize("argv", [["serve", "--max-num-seqs", "0"], ["serve", "--port", "x"], ["serve", "--max-queue", "-1"],
                                   ["serve", "--device", "tpu"], ["serve", "--no-such-flag"],
                                   ["serve", "--replicas", "2", "--port", "0"],
-                                  ["serve", "--random-weights", "--model", "not-a-preset"]])
+                                  ["serve", "--random-weights", "--model", "not-a-preset"],
+                                  ["serve", "--port", "70000"], ["serve", "--port", "-1"],
+                                  ["serve", "--random-weights", "--host", "999.1.1.1", "--port", "0"],
+                                  ["serve", "--model", "/nonexistent/checkpoint", "--replicas", "2", "--port", "8123"],
+                                  ["serve", "--shutdown-timeout", "-1"], ["serve", "--max-body-size", "0"]])
 def test_serve_bad_flags_exit_2(argv, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("gpt2-engine serve: error: ") and err.count("\n") == 1
+    assert err.startswith("gpt2-engine serve: error: ") and err.count("\n") == 1, err
+
+
+def test_serve_on_a_port_in_use_is_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli_main(["serve", "--random-weights", "--model", "gpt2", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2-engine serve: error: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"model": "m", "prompt": "hi", "max_tokens": true}', "max_tokens"),
+    ('{"model": "m", "prompt": "hi", "max_tokens": 2.0}', "max_tokens"),
+    ('{"model": "m", "prompt": [true, false]}', "prompt"), ('{"model": "m", "prompt": [1.0, 2.0]}', "prompt"),
+    ('{"model": "m", "prompt": "hi", "ignore_eos": "yes"}', "ignore_eos"),
+    ('{"model": "m", "prompt": "hi", "temperature": Infinity}', "temperature"),
+    ('{"model": "m", "prompt": "hi", "temperature": NaN}', "temperature"),
+    ('{"model": "m", "prompt": "hi", "stream_options": {"include_usage": 1}}', "stream_options.include_usage"),
+    ('{"model": "m", "prompt": ' + "[" * 3000 + "]" * 3000 + "}", None),      # 6 KB, nested past any sane depth
+    ('[{"model": "m", "prompt": "hi"}]', None), ('{"model": "m", "prompt": "hi",', None),
+])
+def test_no_coercion_and_no_recursion(body, param):
+    with pytest.raises(APIError) as info:
+        CompletionRequest.parse(body)
+    assert info.value.status == 400 and info.value.param == param
+    assert param is None or param in info.value.message
+
+
+def test_top_logprobs_hold_the_chosen_token_as_openai_documents(tokenizer):
+    """OpenAI: 'the API will always return the logprob of the sampled token, so there may be up to
+    logprobs+1 elements' (vLLM does the same); logprobs 0 gives the chosen token alone."""
+    chosen, other = tokenizer.encode(" the")[0], tokenizer.encode(" a")[0]
+    for k, top, expected in ((0, (), {" the": -0.5}), (1, ((other, -0.1),), {" a": -0.1, " the": -0.5}),
+                             (1, ((chosen, -0.5),), {" the": -0.5})):
+        choice = Choice(tokenizer, eos_token_ids=(EOS,), stop=[], logprobs=k)
+        choice.push(chosen, None, -0.5, top)
+        assert choice.take_logprobs()["top_logprobs"] == [expected]
 
 
 def test_bench_serve_bad_flags_exit_2(capsys):

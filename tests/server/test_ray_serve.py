@@ -1,8 +1,10 @@
 """`gpt2-engine serve --replicas 2`: a local Ray instance with a Ray Serve deployment of two engines
-on the CPU, started and stopped by the test."""
+on the CPU, started and stopped by the test (one test: Ray starts slowly on two cores)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 
 import httpx
 import pytest
@@ -21,7 +23,8 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1
 
 
 def test_two_replicas_share_the_load_and_answer_as_in_process(checkpoint, model):
-    process = ServerProcess("--model", str(checkpoint), "--replicas", "2", "--max-num-seqs", "16", port=free_port())
+    process = ServerProcess("--model", str(checkpoint), "--replicas", "2", "--max-num-seqs", "16", "--shutdown-timeout", "1",
+                            port=free_port())
     try:
         async def one(http, i):
             body = {"model": MODEL_NAME, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 24, "temperature": 1.0,
@@ -42,6 +45,23 @@ def test_two_replicas_share_the_load_and_answer_as_in_process(checkpoint, model)
         with openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", timeout=120, max_retries=0) as client:
             stream = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True)
             assert "".join(chunk.choices[0].text for chunk in stream) == model.generate_text(PROMPTS[0], max_new_tokens=8)[0]
-        assert process.stop(timeout=90) == 0
+        # drain: new requests get a 503 in OpenAI's shape (not Ray's 404), a running stream past
+        # --shutdown-timeout ends with an SSE error event, and the command exits 0
+        long = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=120) as http, http.stream("POST", f"{process.url}/v1/completions", json=long) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            process.proc.send_signal(signal.SIGTERM)
+            statuses = []
+            for _ in range(50):        # until the replicas have seen the drain (they poll for it)
+                response = http.post(f"{process.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "hi",
+                                                                             "max_tokens": 1})
+                statuses.append(response.status_code)
+                if response.status_code != 200:
+                    break
+            assert statuses[-1] == 503 and response.json()["error"]["type"] == "service_unavailable", statuses
+            events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+            assert json.loads(events[-1])["error"]["type"] == "service_unavailable"
+        assert process.proc.wait(timeout=120) == 0
     finally:
         process.stop()

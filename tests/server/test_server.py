@@ -6,7 +6,11 @@ import asyncio
 import json
 import math
 import signal
+import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,6 +23,7 @@ require_modules("openai", "fastapi", "uvicorn", "pydantic")
 import openai  # noqa: E402
 
 from gpt2_engine.bench import serve as bench_serve
+from gpt2_engine.server.choices import token_string
 from tests.server.conftest import MODEL_NAME, ServerProcess, metric
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1492,", "def main():"]
@@ -106,7 +111,9 @@ def _check_logprobs(model, logprobs, token_ids: list[int], shown_from: int, k: i
     for entry, i in enumerate(range(max(shown_from, 1), len(token_ids)), max(shown_from, 1) - shown_from):
         assert math.isclose(logprobs.token_logprobs[entry], log_probs[i - 1, token_ids[i]].item(), abs_tol=1e-3)
         top = logprobs.top_logprobs[entry]
-        assert list(top) == [tokenizer.decode([t]) for t in log_probs[i - 1].topk(k).indices.tolist()]
+        expected = [token_string(tokenizer, t) for t in log_probs[i - 1].topk(k).indices.tolist()]
+        expected += [] if logprobs.tokens[entry] in expected else [logprobs.tokens[entry]]   # the chosen one too
+        assert list(top) == expected
         assert max(top.values()) >= logprobs.token_logprobs[entry] - 1e-3
     assert logprobs.text_offset == [len(tokenizer.decode(shown[:i])) for i in range(len(shown))]
     assert "".join(logprobs.tokens) == text
@@ -177,11 +184,14 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
 
 
 @pytest.mark.parametrize("options, param", [
-    ({"temperature": -1.0}, None), ({"max_tokens": 0}, None), ({"max_tokens": 2000}, None), ({"logprobs": 6}, "logprobs"),
+    ({"temperature": -1.0}, "temperature"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2000}, "max_tokens"),
+    ({"logprobs": 6}, "logprobs"),
     ({"extra_body": {"best_of": 2}}, "best_of"), ({"suffix": "x"}, "suffix"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 2}}, "logit_bias"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
-    ({"prompt": [[1, 2, 60000]]}, None), ({"prompt": ""}, "prompt"), ({"n": 0}, None),
+    ({"prompt": [[1, 2, 60000]]}, "prompt"), ({"prompt": ""}, "prompt"), ({"n": 0}, "n"),
+    ({"n": 65}, "n"), ({"prompt": ["hello world"] * 4000}, "prompt"), ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),
+    ({"max_tokens": True}, "max_tokens"), ({"prompt": [1.0, 2.0]}, "prompt"),
 ])
 def test_bad_parameters_are_400_naming_them(client, options, param):
     kwargs = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 4} | options
@@ -189,9 +199,8 @@ def test_bad_parameters_are_400_naming_them(client, options, param):
         client.completions.create(**kwargs)
     error = info.value.body
     assert info.value.status_code == 400 and error["type"] == "invalid_request_error"
-    assert error["param"] == param
-    if param:
-        assert param in error["message"]
+    assert error["param"] == param and param in error["message"]
+    assert "n (n)" not in error["message"]
 
 
 def test_unknown_model_is_404(client):
@@ -206,7 +215,7 @@ def test_models_and_health(client, server):
     assert health["status"] == "ok" and health["kv_blocks_total"] > 0
 
 
-def test_bench_serve_reports_every_level(server, tmp_path):
+def test_bench_serve_reports_every_level(server, tmp_path, capsys):
     code = bench_serve.main(["--url", server.url, "--num-prompts", "4", "--concurrency", "1", "2", "--input-len", "8",
                              "--output-len", "6", "--out", str(tmp_path)])
     assert code == 0
@@ -214,6 +223,9 @@ def test_bench_serve_reports_every_level(server, tmp_path):
     assert [(r["concurrency"], r["completed"], r["total_output_tokens"]) for r in rows] == [(1, 4, 24), (2, 4, 24)]
     assert all(r["p99_ttft_ms"] >= r["p50_ttft_ms"] > 0 for r in rows)
     assert "out tok/s" in (tmp_path / "results.md").read_text()
+    captured = capsys.readouterr()
+    assert f"wrote {tmp_path / 'results.json'}, {tmp_path / 'results.md'}" in captured.out
+    assert "concurrency 2: 100%" in captured.err and "4/4" in captured.err      # the progress bar of each level
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +302,254 @@ def test_metrics_count_prefix_cache_reuse(client, server):
         client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0)
     assert metric(server.url, "gpt2_engine_prefix_cache_queries_total") > queries
     assert metric(server.url, "gpt2_engine_prefix_cache_hits_total") >= hits + 32   # the second reused full blocks
+
+
+# ---- hostile or careless clients (issue 22) -------------------------------------------------------------
+
+
+def _sse_events(response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_body_size_limit_is_413(server):
+    body = b'{"model": "%s", "prompt": "%s"}' % (MODEL_NAME.encode(), b"x" * (10 * 1024 * 1024))
+    response = httpx.post(f"{server.url}/v1/completions", content=body, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunks():                 # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b"x" * (1024 * 1024)
+
+    response = httpx.post(f"{server.url}/v1/completions", content=chunks(), timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
+                                                  ("DELETE", "/health", 405)])
+def test_unknown_routes_and_methods_answer_in_openais_shape(server, method, path, status):
+    response = httpx.request(method, f"{server.url}{path}", timeout=10)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_deeply_nested_json_is_400_and_the_connection_serves_on(server):
+    nested = '{"model": "%s", "prompt": %s}' % (MODEL_NAME, "[" * 3000 + "]" * 3000)
+    with httpx.Client(timeout=30) as http:      # one keep-alive connection for both requests
+        response = http.post(f"{server.url}/v1/completions", content=nested, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+        assert http.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}
+                         ).status_code == 200
+    assert "RecursionError" not in "".join(server.output)
+
+
+def test_stream_chunks_carry_usage_null_only_when_usage_is_asked(server):
+    """OpenAI: with stream_options.include_usage every chunk but the last has "usage": null; without
+    it, no usage field at all."""
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 5, "stream": True}
+    for include_usage in (False, True):
+        options = {"stream_options": {"include_usage": True}} if include_usage else {}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body | options, timeout=30) as response:
+            chunks = [json.loads(e) for e in _sse_events(response) if e != "[DONE]"]
+        if include_usage:
+            assert all("usage" in c and c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["total_tokens"]
+        else:
+            assert all("usage" not in c for c in chunks)
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_only(client, model):
+    prompt = model.tokenizer.encode(PROMPTS[1])
+    response = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=1)
+    choice = response.choices[0]
+    assert choice.text == PROMPTS[1] and choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 0 and response.usage.prompt_tokens == len(prompt)
+    _check_logprobs(model, choice.logprobs, prompt, 0, 1, choice.text)
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=1,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPTS[1]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_logprobs_0_lists_the_chosen_token(client, model):
+    response = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[3], max_tokens=4, temperature=0, logprobs=0,
+                                         extra_body={"ignore_eos": True})
+    logprobs = response.choices[0].logprobs
+    assert logprobs.top_logprobs == [{token: lp} for token, lp in zip(logprobs.tokens, logprobs.token_logprobs)]
+
+
+def test_cancelled_requests_leave_no_noise_in_the_log(server):
+    before = len(server.output)
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True}
+    for _ in range(6):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    for _ in range(3):          # the server collects the cancelled requests' futures meanwhile
+        httpx.post(f"{server.url}/v1/completions", json=body | {"max_tokens": 40}, timeout=60).raise_for_status()
+    log = "".join(server.output[before:])
+    assert "never retrieved" not in log and "Traceback" not in log, log
+
+
+def test_never_fitting_request_is_400_not_429(guarded_server):
+    body = {"model": MODEL_NAME, "prompt": ["a", "b"], "max_tokens": 2}
+    response = httpx.post(f"{guarded_server.url}/v1/completions", json=body, timeout=30,
+                          headers={"authorization": "Bearer sk-test"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_metrics_and_health_stay_open_with_an_api_key(guarded_server):
+    """As vLLM's: --api-key guards /v1 only (documented in the README)."""
+    assert httpx.get(f"{guarded_server.url}/metrics", timeout=10).status_code == 200
+    assert httpx.get(f"{guarded_server.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{guarded_server.url}/v1/models", timeout=10).status_code == 401
+
+
+def _half_sent(url: str) -> socket.socket:
+    """A connection that sent its headers and 17 of the 1,000 body bytes it announced, then waits."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n" + b'{"model": "tiny",')
+    return sock
+
+
+def test_sigterm_drain_is_bounded_and_every_accepted_request_is_answered(checkpoint):
+    """--shutdown-timeout 0: the running requests are ended at once, each with an answer (an SSE
+    error event, a 503), a half-sent request does not hold the exit, and the process exits 0."""
+    process = ServerProcess("--model", str(checkpoint), "--shutdown-timeout", "0")
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True}
+    try:
+        half = _half_sent(process.url)
+        with httpx.Client(timeout=60) as http, \
+                http.stream("POST", f"{process.url}/v1/completions", json=body | {"stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            plain = ThreadPoolExecutor(1).submit(httpx.post, f"{process.url}/v1/completions", json=body, timeout=60)
+            deadline = time.monotonic() + 30
+            while http.get(f"{process.url}/health").json()["num_requests"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.proc.send_signal(signal.SIGTERM)
+            events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+            assert json.loads(events[-1])["error"]["type"] == "service_unavailable"
+            response = plain.result(timeout=60)
+            assert response.status_code == 503 and response.json()["error"]["message"] == "the server is shutting down"
+        assert process.proc.wait(timeout=60) == 0
+        half.close()
+    finally:
+        process.stop()
+
+
+def test_ctrl_c_drains_and_exits_without_a_traceback(checkpoint):
+    process = ServerProcess("--model", str(checkpoint))
+    try:
+        httpx.post(f"{process.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2},
+                   timeout=30).raise_for_status()
+        process.proc.send_signal(signal.SIGINT)
+        assert process.proc.wait(timeout=60) == 130
+        log = "".join(process.output)
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    finally:
+        process.stop()
+
+
+def test_prompt_logprobs_are_scored_one_request_at_a_time(model):
+    """Echo + logprobs holds a whole prompt's logits (~200 MB for 1,023 GPT-2 tokens): concurrent
+    requests take turns, so that memory is bounded whatever the concurrency (in-process app)."""
+    from gpt2_engine.server.app import build_app
+
+    app = build_app(model, served_model_name=MODEL_NAME)    # its lifespan (router shutdown) never runs here
+    server = app.state.server
+    active, most = [0], [0]
+    score = server.prompt_logprobs
+
+    def counted(*args):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.05)           # long enough for the other requests to arrive meanwhile
+        try:
+            return score(*args)
+        finally:
+            active[0] -= 1
+
+    server.prompt_logprobs = counted
+
+    async def requests():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            body = {"model": MODEL_NAME, "max_tokens": 0, "echo": True, "logprobs": 1}
+            return await asyncio.gather(*(http.post("/v1/completions", json=body | {"prompt": p}) for p in PROMPTS))
+
+    responses = asyncio.run(asyncio.wait_for(requests(), 120))
+    assert most[0] == 1
+    for prompt, response in zip(PROMPTS, responses):
+        logprobs = SimpleNamespace(**response.json()["choices"][0]["logprobs"])
+        _check_logprobs(model, logprobs, model.tokenizer.encode(prompt), 0, 1, prompt)
+
+
+def test_a_client_leaving_while_its_prompts_are_prepared_gets_nothing_queued(model):
+    """A request of 64 prompts with echo + logprobs is still being scored when its client leaves: none of
+    its prompts may be queued (in-process app, driven through ASGI with a client that disconnects)."""
+    from gpt2_engine.server.app import build_app
+
+    app = build_app(model, served_model_name=MODEL_NAME)    # its lifespan (router shutdown) never runs here
+    server = app.state.server
+    score = server.prompt_logprobs
+    server.prompt_logprobs = lambda *args: (time.sleep(0.05), score(*args))[1]     # ~3 s for the 64
+    body = json.dumps({"model": MODEL_NAME, "prompt": [[464, 2068 + i] for i in range(64)], "max_tokens": 50,
+                       "echo": True, "logprobs": 1}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(0.3)           # the client leaves while the prompts are scored
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    queued = model.stats()["prompt_tokens"]
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 120))
+    assert model.stats()["prompt_tokens"] == queued
+    assert sent[0]["status"] == 499
+
+
+def test_metrics_and_tokenizing_leave_the_event_loop_free(model, monkeypatch):
+    """/metrics (the engine's stats wait for a step to end) and tokenizing (a 4 MB prompt takes
+    seconds) run in worker threads: while they work, the event loop serves the other connections.
+    Each waits for a signal that only the running event loop can give."""
+    from gpt2_engine.server.app import build_app
+
+    loop_free, seen = threading.Event(), []
+
+    def waiting_for_the_loop(work):
+        def wrapped(*args, **kwargs):
+            seen.append(loop_free.wait(10))
+            return work(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(model.router, "stats", waiting_for_the_loop(model.router.stats))
+    monkeypatch.setattr(model.tokenizer, "encode", waiting_for_the_loop(model.tokenizer.encode))
+    app = build_app(model, served_model_name=MODEL_NAME)    # its lifespan (router shutdown) never runs here
+
+    async def signal_from_the_loop():
+        await asyncio.sleep(0.1)
+        loop_free.set()
+
+    async def requests():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            for request in (http.get("/metrics"),
+                            http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1})):
+                loop_free.clear()
+                response, _ = await asyncio.gather(request, signal_from_the_loop())
+                assert response.status_code == 200
+
+    asyncio.run(asyncio.wait_for(requests(), 120))
+    assert seen and all(seen)
