@@ -40,7 +40,8 @@ import itertools
 import torch
 
 from gpt2_engine.beam_search import BeamGroup
-from gpt2_engine.block_manager import BlockManager, num_kv_blocks
+from gpt2_engine.block_manager import BlockManager
+from gpt2_engine.kv_cache import num_kv_blocks
 from gpt2_engine.model import PagedGPT2
 from gpt2_engine.model_runner import LaunchedStep, ModelRunner
 from gpt2_engine.sampling import SamplingParams, generator_states, make_generator, restore_generators

@@ -20,8 +20,9 @@ import torch
 
 from gpt2_engine.batch_invariant import batch_invariant_model
 from gpt2_engine.beam_search import BeamGroup, BeamStep
-from gpt2_engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
+from gpt2_engine.block_manager import BlockManager
 from gpt2_engine.host_staging import staging_for, upload
+from gpt2_engine.kv_cache import allocate_kv_cache, copy_blocks
 from gpt2_engine.model import PagedGPT2, StepInputs, pack_step
 from gpt2_engine.sampling import SampledToken, SampledTokens, draw_tokens
 from gpt2_engine.scheduler import ScheduledBatch

@@ -7,8 +7,10 @@ prompt + generated tokens, after a preemption) otherwise. A sequence samples in 
 chunk reaches the end of its token_ids. All of a sequence's tokens get their KV slots when it is
 admitted; after that it only needs one slot per generated token.
 
-`postprocess(batch, sampled)` is the only writer of sequence progress: computed tokens, forks of
-return sequences at a request's first sample, appended tokens, beam steps, finish and free. It is
+The scheduler is the only writer of sequence state once a request is added (gpt2_engine.sequence
+lists each field's writers): `schedule` admits and preempts, `postprocess(batch, sampled)` writes a
+step's progress (computed tokens, forks of return sequences at a request's first sample, appended
+tokens, beam steps, finish and free) and `rollback` undoes a failed step's. postprocess is
 `advance` (what the step changes whatever it sampled: computed tokens, a PLACEHOLDER token per
 drawing sequence) then `commit` (the tokens themselves, events, forks, finishes). The engine's
 async scheduling calls them apart: it schedules the next step between the two, when

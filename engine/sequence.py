@@ -2,9 +2,17 @@
 
 A request with n return sequences starts as one Sequence whose `forks` are the other n - 1; they
 are forked off (sharing its KV blocks copy-on-write) at the request's first sample. A beam-search
-request is a BeamGroup of num_beams Sequences (gpt2_engine.beam_search), scheduled as one unit. The scheduler
-moves a sequence between waiting, running and finished; `Scheduler.postprocess` is the only writer
-of its progress (computed tokens, appended tokens, finish).
+request is a BeamGroup of num_beams Sequences (gpt2_engine.beam_search), scheduled as one unit.
+
+Who writes what: LLMEngine.add_request creates it (prompt, params, generator); after that only the
+Scheduler writes it, each field in these places:
+
+    status               schedule (admission), preempt, _admit_fork, _finish, abort; BeamGroup.commit
+    num_computed_tokens  schedule (admission: a cached prefix), advance (a step's tokens), preempt (0),
+                         _admit_fork (its parent's); BeamGroup.commit (its parent beam's)
+    token_ids,           advance (a PLACEHOLDER per draw), commit (the token), rollback (the placeholder
+    num_generated        dropped); BeamGroup.commit (the beams' tokens), called by Scheduler.commit
+    forks                commit (forked off at the first sample)
 
 With async scheduling (gpt2_engine.llm_engine) a step is scheduled before the previous step's tokens are
 read back: each sequence that drew in that step then ends its token_ids with PLACEHOLDER (already

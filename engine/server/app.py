@@ -87,7 +87,7 @@ class CompletionServer:
 
     def _free_seats(self, stats) -> int:
         """Running slots nobody holds: a request that takes them does not wait."""
-        return self.router.engine.scheduler.max_num_seqs - stats["num_running"] - stats["num_waiting"]
+        return self.router.max_num_seqs - stats["num_running"] - stats["num_waiting"]
 
     # ---- one completion ----------------------------------------------------------------------
 
