@@ -68,7 +68,8 @@ def _gather_beams(tensor: torch.Tensor, beam_indices: torch.Tensor) -> torch.Ten
 
 
 class BeamGroup:
-    generator = None      # beam search draws nothing at random (the step's RNG snapshot skips it)
+    """num_beams member Sequences decoded as one unit; one draw per step over its live members' rows
+    (the draw protocol of gpt2_engine.sequence.Sequence)."""
 
     def __init__(self, members: list[Sequence], num_return_sequences: int):
         params = members[0].params
@@ -93,6 +94,40 @@ class BeamGroup:
     @property
     def started(self) -> bool:
         return self.state.num_generated > 0
+
+    @property
+    def unit(self) -> list[Sequence]:
+        """The members scheduled, preempted and finished together: the live ones."""
+        return self.live
+
+    # ---- the draw protocol ----
+
+    @property
+    def generator(self) -> None:
+        """Beam search draws nothing at random: no RNG state to snapshot or restore."""
+        return None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.num_beams
+
+    @property
+    def can_draw_ahead(self) -> bool:
+        """Never: the next step's members and rows follow from this step's choice of beams."""
+        return False
+
+    def add_pending(self) -> None:
+        """Nothing: the beams' tokens are written at commit (a group is never drawn ahead)."""
+
+    def drop_pending(self) -> None:
+        """Nothing (see add_pending)."""
+
+    def events_for(self, step: BeamStep) -> list[TokenEvent]:
+        """None until the search is done, then every returned hypothesis' tokens; writes nothing."""
+        return self.final_events(step.state) if step.done else []
+
+    def finish_reason_of(self, step: BeamStep) -> str | None:
+        return "stop" if step.done else None
 
     def propose(self, logits: torch.Tensor) -> BeamStep:
         """transformers' loop body on the live members' logits rows [k, V] (k = 1 at the first step,
@@ -191,12 +226,6 @@ class BeamGroup:
                                          sequence_score=float(state.scores[0, j]) if last else None,
                                          beam_indices=tuple(indices[:length].tolist()) if last else None))
         return events
-
-    def restart(self) -> None:
-        """After a preemption: every live member recomputes (the caller freed their blocks)."""
-        for member in self.live:
-            member.num_computed_tokens = 0
-            member.status = SequenceStatus.WAITING
 
     def recompute_target(self, seq: Sequence) -> int:
         """How many of seq's tokens a prefill should compute: all of them before the first step (the

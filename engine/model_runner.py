@@ -19,31 +19,32 @@ import contextlib
 import torch
 
 from gpt2_engine.batch_invariant import batch_invariant_model
-from gpt2_engine.beam_search import BeamGroup, BeamStep
+from gpt2_engine.beam_search import BeamStep
 from gpt2_engine.block_manager import BlockManager
 from gpt2_engine.host_staging import staging_for, upload
 from gpt2_engine.kv_cache import allocate_kv_cache, copy_blocks
 from gpt2_engine.model import PagedGPT2, StepInputs, pack_step
 from gpt2_engine.sampling import SampledToken, SampledTokens, draw_tokens
 from gpt2_engine.scheduler import ScheduledBatch
-from gpt2_engine.sequence import PLACEHOLDER
+from gpt2_engine.sequence import PLACEHOLDER, Sequence
 
 
 class LaunchedStep:
     """A step enqueued on the device whose outcomes are not read back yet. `tokens` (int64 [D] on
-    the device, None without single draws) holds the tokens of its single (non-beam) draws, the
-    draw of sequence s in row `token_rows[s.seq_id]`."""
+    the device, None without token draws) holds the tokens of its sequences' draws (the beam
+    groups' excepted), the draw of sequence s in row `token_rows[s.seq_id]`."""
 
-    def __init__(self, batch: ScheduledBatch, sampled: SampledTokens | None, singles: list[int],
+    def __init__(self, batch: ScheduledBatch, sampled: SampledTokens | None, token_draws: list[int],
                  beam_steps: dict[int, BeamStep]):
-        self.num_draws, self.singles, self.beam_steps, self._sampled = len(batch.draws), singles, beam_steps, sampled
+        self.num_draws, self.token_draws, self.beam_steps = len(batch.draws), token_draws, beam_steps
+        self._sampled = sampled
         self.tokens = sampled.tokens if sampled is not None else None
-        self.token_rows = {batch.draws[i].seq_id: row for row, i in enumerate(singles)}
+        self.token_rows = {batch.draws[i].seq_id: row for row, i in enumerate(token_draws)}
 
     def outcomes(self) -> list[SampledToken | BeamStep]:
         """One outcome for each of batch.draws (reads the tokens back: waits for this step only)."""
         outcomes: list[SampledToken | BeamStep | None] = [None] * self.num_draws
-        for i, token in zip(self.singles, self._sampled.result() if self._sampled is not None else []):
+        for i, token in zip(self.token_draws, self._sampled.result() if self._sampled is not None else []):
             outcomes[i] = token
         for i, step in self.beam_steps.items():
             outcomes[i] = step
@@ -88,15 +89,17 @@ class ModelRunner:
                 logits = self.graphs.run(step)
             else:
                 logits = self.model.forward(step, self.kv_cache)
-            singles = [i for i, draw in enumerate(batch.draws) if not isinstance(draw, BeamGroup)]
+            # sequences' draws: one batched sampling call on the device; beam groups: a proposal each
+            token_draws = [i for i, draw in enumerate(batch.draws) if isinstance(draw, Sequence)]
             sampled = None
-            if singles:
-                rows = [sampler_rows[batch.draw_rows[i]] for i in singles]
+            if token_draws:
+                (rows,) = zip(*(batch.draw_rows[i] for i in token_draws))     # one row per sequence's draw
+                rows = [sampler_rows[r] for r in rows]
                 picked = logits if rows == list(range(logits.shape[0])) else logits[upload(rows, torch.int64, logits.device)]
-                sampled = draw_tokens(picked, [batch.draws[i] for i in singles])
+                sampled = draw_tokens(picked, [batch.draws[i] for i in token_draws])
             beam_steps = {i: draw.propose(logits[[sampler_rows[r] for r in batch.draw_rows[i]]])
-                          for i, draw in enumerate(batch.draws) if isinstance(draw, BeamGroup)}
-            return LaunchedStep(batch, sampled, singles, beam_steps)
+                          for i, draw in enumerate(batch.draws) if not isinstance(draw, Sequence)}
+            return LaunchedStep(batch, sampled, token_draws, beam_steps)
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from gpt2_engine.beam_search import BeamGroup, BeamStep
 from gpt2_engine.block_manager import BlockManager
 from gpt2_engine.sampling import SampledToken
-from gpt2_engine.sequence import PLACEHOLDER, Sequence, SequenceStatus, TokenEvent
+from gpt2_engine.sequence import Sequence, SequenceStatus, TokenEvent
 
 
 @dataclass
@@ -37,31 +37,24 @@ class ScheduledBatch:
     num_tokens: list[int] = field(default_factory=list)   # tokens computed for each seq this step
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst), applied first
     samplers: list[Sequence] = field(default_factory=list)   # seqs whose chunk ends their token_ids
-    # Who draws this step, and from which samplers' logits rows: a request's first sample also
-    # draws for its other return sequences (not yet forked) from the same logits row; a beam group
-    # draws once, from the rows of all its live members (gpt2_engine.beam_search).
+    # Who draws this step (Sequence.row_draws), and from which samplers' logits rows: a request's
+    # first sample also draws for its other return sequences (not yet forked) from the same logits
+    # row; a beam group draws once, from the rows of all its live members (gpt2_engine.beam_search).
     draws: list[Sequence | BeamGroup] = field(default_factory=list)
-    draw_rows: list[int | list[int]] = field(default_factory=list)
+    draw_rows: list[list[int]] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_tokens.append(num_tokens)
         if seq.num_computed_tokens + num_tokens == len(seq.token_ids):
-            if seq.group is not None:
-                self._add_beam_row(seq.group, len(self.samplers))
-            else:
-                for member in (seq, *seq.forks):
-                    self.draws.append(member)
-                    self.draw_rows.append(len(self.samplers))
+            row = len(self.samplers)
+            for draw in seq.row_draws:
+                if self.draws and self.draws[-1] is draw:    # a beam group's next member (added together)
+                    self.draw_rows[-1].append(row)
+                else:
+                    self.draws.append(draw)
+                    self.draw_rows.append([row])
             self.samplers.append(seq)
-
-    def _add_beam_row(self, group: BeamGroup, row: int) -> None:
-        """The group draws once its live members' rows are all in (the scheduler adds them together)."""
-        if self.draws and self.draws[-1] is group:
-            self.draw_rows[-1].append(row)
-        else:
-            self.draws.append(group)
-            self.draw_rows.append([row])
 
 
 class Scheduler:
@@ -88,7 +81,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         # 1. decode slots for running sequences (a beam group's live members all together),
         #    preempting the most recently admitted when the pool is dry
-        units = [unit for unit in self._decode_units()
+        units = [unit for unit in self._running_units()
                  if all(seq.num_uncomputed == 1 and not seq.out_of_tokens for seq in unit)]
         needs = [self._needy(unit) for unit in units]
         # when all of them fit (an upper bound), no unit needs its own check
@@ -109,16 +102,15 @@ class Scheduler:
             budget -= len(unit)
         # 2. running sequences in the middle of a chunked prefill (or a beam's recompute)
         for seq in self.running:
-            remaining = self._prefill_target(seq) - seq.num_computed_tokens
+            remaining = seq.prefill_target - seq.num_computed_tokens
             if remaining > 0 and seq.num_uncomputed > 1 and budget > 0:
                 batch.add(seq, min(remaining, budget))
                 budget -= batch.num_tokens[-1]
         # 3. admit waiting sequences (or beam groups, all members at once) first come, first served
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            members = seq.group.live if seq.group is not None else [seq]
-            seats = self._seats_taken() + seq.seats
-            if seats > self.max_num_seqs or not self.block_manager.can_allocate_all(
+            members = seq.unit
+            if self._running_slots() + seq.running_slots > self.max_num_seqs or not self.block_manager.can_allocate_all(
                     [len(m.token_ids) for m in members], [m.token_ids for m in members]):
                 break
             self.waiting.popleft()
@@ -128,7 +120,7 @@ class Scheduler:
                                                                          member.token_ids)
                 member.status = SequenceStatus.RUNNING
                 self.running.append(member)
-                remaining = self._prefill_target(member) - member.num_computed_tokens
+                remaining = member.prefill_target - member.num_computed_tokens
                 if budget > 0 and remaining > 0:
                     batch.add(member, min(remaining, budget))
                     budget -= batch.num_tokens[-1]
@@ -144,26 +136,18 @@ class Scheduler:
         scheduled = {id(seq) for seq in batch.seqs}
         return next(seq for seq in reversed(self.running) if id(seq) not in scheduled)
 
-    def _decode_units(self) -> list[list[Sequence]]:
-        """Running sequences in admission order, a beam group's live members as one unit."""
-        units, groups = [], set()
+    def _running_units(self) -> list[list[Sequence]]:
+        """Running sequences in admission order, a beam group's live members as one unit (Sequence.unit)."""
+        units, seen = [], set()
         for seq in self.running:
-            if seq.group is None:
-                units.append([seq])
-            elif id(seq.group) not in groups:
-                groups.add(id(seq.group))
-                units.append(list(seq.group.live))
+            unit = seq.unit
+            if id(unit[0]) not in seen:
+                seen.add(id(unit[0]))
+                units.append(list(unit))
         return units
 
-    def _seats_taken(self) -> int:
-        groups = {id(s.group): s.group.num_beams for s in self.running if s.group is not None}
-        return sum(s.seats for s in self.running if s.group is None) + sum(groups.values())
-
-    @staticmethod
-    def _prefill_target(seq: Sequence) -> int:
-        """Tokens a prefill computes: all of token_ids (the last one's logits sample), or all but the
-        last for a started beam group's member (the group decodes its last tokens together)."""
-        return seq.group.recompute_target(seq) if seq.group is not None else len(seq.token_ids)
+    def _running_slots(self) -> int:
+        return sum(unit[0].running_slots for unit in self._running_units())
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
         """Commit a step: its tokens' K/V are now cached, first-sampled requests fork their return
@@ -177,8 +161,7 @@ class Scheduler:
         not when the next step's structure or sampling depends on them (a beam group's step, a first
         sample that forks return sequences, a sampler reading the token history on the host). A
         preemption that it might need is schedule(preempt=False)'s to refuse."""
-        return not any(seq.forks for seq in batch.samplers) and not any(
-            isinstance(draw, BeamGroup) or draw.params.reads_token_history for draw in batch.draws)
+        return all(draw.can_draw_ahead for draw in batch.draws)
 
     def advance(self, batch: ScheduledBatch) -> None:
         """What the step writes whatever its tokens are: its tokens' K/V are cached (full blocks are
@@ -190,9 +173,8 @@ class Scheduler:
                 seq.num_computed_tokens += num_tokens
                 self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         for draw, live in zip(batch.draws, self._live_draws(batch)):
-            if live and not isinstance(draw, BeamGroup):
-                draw.token_ids.append(PLACEHOLDER)
-                draw.num_generated += 1
+            if live:
+                draw.add_pending()
 
     def commit(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
         """The rest of postprocess once the step's outcomes are known (after advance). The events are
@@ -203,47 +185,35 @@ class Scheduler:
             raise ValueError(f"{len(sampled)} sampled tokens for {len(batch.draws)} drawing sequences")
         live = self._live_draws(batch)
         # per draw: its events (a beam group has none until it is done, then all its hypotheses')
-        draw_events = [[] if not alive else
-                       (draw.final_events(outcome.state) if outcome.done else []) if isinstance(draw, BeamGroup) else
-                       [TokenEvent(draw.request_id, draw.index, outcome.token_id, draw.finish_reason_for(outcome.token_id),
-                                   outcome.logprob, outcome.top_logprobs, outcome.scores)]
-                       for draw, outcome, alive in zip(batch.draws, sampled, live)]
+        draw_events = [draw.events_for(outcome) if alive else [] for draw, outcome, alive in zip(batch.draws, sampled, live)]
         for seq in batch.samplers:
             if seq.status is SequenceStatus.RUNNING:
                 for child in seq.forks:
                     self._admit_fork(seq, child)
                 seq.forks = []
-        for draw, outcome, events, alive in zip(batch.draws, sampled, draw_events, live):
+        for draw, outcome, alive in zip(batch.draws, sampled, live):
             if not alive:
                 continue
-            if isinstance(draw, BeamGroup):
-                self.num_generated_tokens += draw.num_beams
-                self.running += draw.commit(outcome, self.block_manager)
-                if outcome.done:
-                    for member in draw.live:
-                        self._finish(member, "stop")
-                continue
-            (event,) = events
-            draw.token_ids[-1] = event.token_id          # its PLACEHOLDER
-            self.num_generated_tokens += 1
-            if event.finish_reason is not None:
-                self._finish(draw, event.finish_reason)
+            self.num_generated_tokens += draw.num_sequences
+            self.running += draw.commit(outcome, self.block_manager)
+            reason = draw.finish_reason_of(outcome)
+            if reason is not None:
+                for seq in list(draw.unit):
+                    self._finish(seq, reason)
         return [event for events in draw_events for event in events]
 
     @staticmethod
     def _live_draws(batch: ScheduledBatch) -> list[bool]:
-        """Per draw, whether its sampler (a beam group: its first live member) is still running."""
-        return [(draw.live[0] if isinstance(draw, BeamGroup) else batch.samplers[row]).status is SequenceStatus.RUNNING
-                for draw, row in zip(batch.draws, batch.draw_rows)]
+        """Per draw, whether its (first) sampler is still running: a draw whose sequence ended or was
+        preempted since the step was launched is dropped (a beam group's members go together)."""
+        return [batch.samplers[rows[0]].status is SequenceStatus.RUNNING for rows in batch.draw_rows]
 
     def rollback(self, batch: ScheduledBatch) -> None:
         """Undo a step that failed before its commit (advanced or not): its sequences drop a
         placeholder token, give back their blocks and are recomputed later from the tokens they
         had, so nothing a request produced is lost."""
         for draw in batch.draws:
-            if not isinstance(draw, BeamGroup) and draw.token_ids[-1] == PLACEHOLDER:
-                draw.token_ids.pop()
-                draw.num_generated -= 1
+            draw.drop_pending()
         for seq in batch.seqs:
             if seq.status is SequenceStatus.RUNNING:
                 self.preempt(seq)
@@ -251,7 +221,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free the blocks and requeue at the front of waiting; the K/V are recomputed on readmission.
         A beam is preempted with its whole group (which waits as its leader)."""
-        members = seq.group.live if seq.group is not None else [seq]
+        members = list(seq.unit)
         for member in members:
             self.running.remove(member)
             self.block_manager.free(member.seq_id)

@@ -55,11 +55,69 @@ class Sequence:
     finish_reason: str | None = None  # "stop" (eos), "length" or "abort"
     group: BeamGroup | None = None    # the beam search this sequence is a beam of (gpt2_engine.beam_search)
 
+    # ---- scheduling: where a beam's answers differ, they are its group's ----
+
     @property
-    def seats(self) -> int:
+    def running_slots(self) -> int:
         """Running slots this sequence takes once admitted (itself and its pending forks, or its
         beam group's num_beams)."""
         return self.group.num_beams if self.group is not None else 1 + len(self.forks)
+
+    @property
+    def unit(self) -> list[Sequence]:
+        """The sequences scheduled, preempted and finished together with this one: its beam group's
+        live members, else itself."""
+        return self.group.unit if self.group is not None else [self]
+
+    @property
+    def row_draws(self) -> list[Sequence | BeamGroup]:
+        """The draws that read this sequence's logits row when it samples: itself and its pending
+        forks (a request's first sample draws for all its return sequences), or its beam group."""
+        return [self.group] if self.group is not None else [self, *self.forks]
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens a prefill computes: all of token_ids (the last one's logits sample), or all but the
+        last for a started beam group's member (the group decodes its last tokens together)."""
+        return self.group.recompute_target(self) if self.group is not None else len(self.token_ids)
+
+    # ---- the draw protocol (gpt2_engine.beam_search.BeamGroup has the same) ----
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences that take a token per draw."""
+        return 1
+
+    @property
+    def can_draw_ahead(self) -> bool:
+        """Whether the next step may be scheduled before this draw's token is known: not when it
+        forks return sequences or its sampler reads the token history on the host."""
+        return not self.forks and not self.params.reads_token_history
+
+    def add_pending(self) -> None:
+        """The step is done on the device: a PLACEHOLDER stands for the token until commit."""
+        self.token_ids.append(PLACEHOLDER)
+        self.num_generated += 1
+
+    def drop_pending(self) -> None:
+        """Undo add_pending (a step rolled back before its commit), if it happened."""
+        if self.token_ids[-1] == PLACEHOLDER:
+            self.token_ids.pop()
+            self.num_generated -= 1
+
+    def events_for(self, outcome) -> list[TokenEvent]:
+        """The consumer's events of this draw's outcome (a SampledToken); writes nothing."""
+        return [TokenEvent(self.request_id, self.index, outcome.token_id, self.finish_reason_for(outcome.token_id),
+                           outcome.logprob, outcome.top_logprobs, outcome.scores)]
+
+    def commit(self, outcome, block_manager) -> list[Sequence]:
+        """Write the drawn token over the PLACEHOLDER; returns the sequences that started running (none)."""
+        self.token_ids[-1] = outcome.token_id
+        return []
+
+    def finish_reason_of(self, outcome) -> str | None:
+        """Why the unit ends with this outcome (None: it goes on)."""
+        return self.finish_reason_for(outcome.token_id)
 
     @property
     def num_uncomputed(self) -> int:
