@@ -109,7 +109,7 @@ class ModelRunner:
     def prepare_step(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> tuple[StepInputs, list[int]]:
         """The step's device inputs, prefill chunks (> 1 token) first, then the one-token rows, which
         read their context through the block table (decode attention); and, for each of
-        batch.samplers, its row in the logits. In batch-invariant mode every sequence's tokens are
+        batch.row_seqs, its row in the logits. In batch-invariant mode every sequence's tokens are
         prefill rows (one attention path for all). A sequence's last token may be a PLACEHOLDER for
         its draw in `previous`, read from there on the device."""
         bm = self.block_manager
@@ -151,4 +151,4 @@ class ModelRunner:
                          logits_indices=None if len(logits_indices) == len(ids) else logits_indices,
                          staging=self.staging, pending_tokens=previous.tokens if pending_rows else None,
                          pending_rows=pending_rows, pending_index=pending_index)
-        return step, [logits_row[seq.seq_id] for seq in batch.samplers]
+        return step, [logits_row[seq.seq_id] for seq in batch.row_seqs]

@@ -1,5 +1,5 @@
-"""Continuous-batching scheduler: waiting and running queues, admission by free blocks, seats and a
-token budget per step, chunked prefill, and preemption by recompute when the KV pool runs dry.
+"""Continuous-batching scheduler: waiting and running queues, admission by free blocks, running
+slots and a token budget per step, chunked prefill, and preemption by recompute when the KV pool runs dry.
 
 `schedule()` picks, for some sequences, the next `num_tokens` of their token_ids starting at
 num_computed_tokens: one token for a running sequence in decode, a chunk of the prompt (or of
@@ -16,7 +16,7 @@ drawing sequence) then `commit` (the tokens themselves, events, forks, finishes)
 async scheduling calls them apart: it schedules the next step between the two, when
 `can_schedule_ahead` says the next step's structure cannot depend on this step's tokens.
 
-A beam group (gpt2_engine.beam_search) is one unit: admitted with all its live members, decoded with all
+A beam group (gpt2_engine.beam_search) is one unit: admitted with all its active members, decoded with all
 of them in one step (their rows form the group's one draw), preempted together. After a preemption
 its members recompute all but their last token by prefill, then decode that token together.
 """
@@ -36,10 +36,11 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)   # tokens computed for each seq this step
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst), applied first
-    samplers: list[Sequence] = field(default_factory=list)   # seqs whose chunk ends their token_ids
-    # Who draws this step (Sequence.row_draws), and from which samplers' logits rows: a request's
+    # the seqs whose chunk ends their token_ids, in the order of their rows in the step's logits
+    row_seqs: list[Sequence] = field(default_factory=list)
+    # Who draws this step (Sequence.row_draws), and from which of the rows of row_seqs: a request's
     # first sample also draws for its other return sequences (not yet forked) from the same logits
-    # row; a beam group draws once, from the rows of all its live members (gpt2_engine.beam_search).
+    # row; a beam group draws once, from the rows of all its active members (gpt2_engine.beam_search).
     draws: list[Sequence | BeamGroup] = field(default_factory=list)
     draw_rows: list[list[int]] = field(default_factory=list)
 
@@ -47,14 +48,14 @@ class ScheduledBatch:
         self.seqs.append(seq)
         self.num_tokens.append(num_tokens)
         if seq.num_computed_tokens + num_tokens == len(seq.token_ids):
-            row = len(self.samplers)
+            row = len(self.row_seqs)
             for draw in seq.row_draws:
                 if self.draws and self.draws[-1] is draw:    # a beam group's next member (added together)
                     self.draw_rows[-1].append(row)
                 else:
                     self.draws.append(draw)
                     self.draw_rows.append([row])
-            self.samplers.append(seq)
+            self.row_seqs.append(seq)
 
 
 class Scheduler:
@@ -79,23 +80,23 @@ class Scheduler:
         decode slots: a preemption victim could be a sequence of the step in flight."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        # 1. decode slots for running sequences (a beam group's live members all together),
+        # 1. decode slots for running sequences (a beam group's active members all together),
         #    preempting the most recently admitted when the pool is dry
-        units = [unit for unit in self._running_units()
-                 if all(seq.num_uncomputed == 1 and not seq.out_of_tokens for seq in unit)]
-        needs = [self._needy(unit) for unit in units]
+        decoding = [unit for unit in self._running_units()
+                    if all(seq.num_uncomputed == 1 and not seq.out_of_tokens for seq in unit)]
+        slot_needs = [self._needing_slots(unit) for unit in decoding]
         # when all of them fit (an upper bound), no unit needs its own check
-        room = self.block_manager.can_append_all([seq_id for needy in needs for seq_id in needy])
+        room = self.block_manager.can_append_all([seq_id for needing in slot_needs for seq_id in needing])
         if not (room or preempt):
             return None
-        for unit, needy in zip(units, needs):
+        for unit, needing in zip(decoding, slot_needs):
             if unit[0].status is not SequenceStatus.RUNNING or budget < len(unit):     # (preempted meanwhile)
                 continue
-            while not room and unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
+            while not room and unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needing):
                 self.preempt(self._newest_unscheduled(batch))
             if unit[0].status is not SequenceStatus.RUNNING:
                 continue
-            for seq_id in needy:
+            for seq_id in needing:
                 batch.block_copies += self.block_manager.append(seq_id)
             for seq in unit:
                 batch.add(seq, 1)
@@ -126,7 +127,7 @@ class Scheduler:
                     budget -= batch.num_tokens[-1]
         return batch
 
-    def _needy(self, unit: list[Sequence]) -> list[int]:
+    def _needing_slots(self, unit: list[Sequence]) -> list[int]:
         """The unit's sequences whose next token needs a slot (a prompt's last token got one at admission)."""
         return [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids)]
 
@@ -137,7 +138,7 @@ class Scheduler:
         return next(seq for seq in reversed(self.running) if id(seq) not in scheduled)
 
     def _running_units(self) -> list[list[Sequence]]:
-        """Running sequences in admission order, a beam group's live members as one unit (Sequence.unit)."""
+        """Running sequences in admission order, a beam group's active members as one unit (Sequence.unit)."""
         units, seen = [], set()
         for seq in self.running:
             unit = seq.unit
@@ -172,8 +173,8 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 seq.num_computed_tokens += num_tokens
                 self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-        for draw, live in zip(batch.draws, self._live_draws(batch)):
-            if live:
+        for draw, running in zip(batch.draws, self._running_draws(batch)):
+            if running:
                 draw.add_pending()
 
     def commit(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
@@ -183,16 +184,16 @@ class Scheduler:
         ended since the step was launched is dropped."""
         if len(sampled) != len(batch.draws):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(batch.draws)} drawing sequences")
-        live = self._live_draws(batch)
+        running = self._running_draws(batch)
         # per draw: its events (a beam group has none until it is done, then all its hypotheses')
-        draw_events = [draw.events_for(outcome) if alive else [] for draw, outcome, alive in zip(batch.draws, sampled, live)]
-        for seq in batch.samplers:
+        draw_events = [draw.events_for(outcome) if runs else [] for draw, outcome, runs in zip(batch.draws, sampled, running)]
+        for seq in batch.row_seqs:
             if seq.status is SequenceStatus.RUNNING:
                 for child in seq.forks:
                     self._admit_fork(seq, child)
                 seq.forks = []
-        for draw, outcome, alive in zip(batch.draws, sampled, live):
-            if not alive:
+        for draw, outcome, runs in zip(batch.draws, sampled, running):
+            if not runs:
                 continue
             self.num_generated_tokens += draw.num_sequences
             self.running += draw.commit(outcome, self.block_manager)
@@ -203,10 +204,10 @@ class Scheduler:
         return [event for events in draw_events for event in events]
 
     @staticmethod
-    def _live_draws(batch: ScheduledBatch) -> list[bool]:
+    def _running_draws(batch: ScheduledBatch) -> list[bool]:
         """Per draw, whether its (first) sampler is still running: a draw whose sequence ended or was
         preempted since the step was launched is dropped (a beam group's members go together)."""
-        return [batch.samplers[rows[0]].status is SequenceStatus.RUNNING for rows in batch.draw_rows]
+        return [batch.row_seqs[rows[0]].status is SequenceStatus.RUNNING for rows in batch.draw_rows]
 
     def rollback(self, batch: ScheduledBatch) -> None:
         """Undo a step that failed before its commit (advanced or not): its sequences drop a
@@ -243,7 +244,7 @@ class Scheduler:
         self.block_manager.free(seq.seq_id)
 
     def abort(self, request_id: int) -> list[Sequence]:
-        """End a request's sequences at once, freeing their blocks; returns those that were live."""
+        """End a request's sequences at once, freeing their blocks; returns those that had not ended."""
         aborted = [s for s in self.running if s.request_id == request_id]
         for seq in aborted:
             self._finish(seq, "abort")

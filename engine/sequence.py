@@ -66,7 +66,7 @@ class Sequence:
     @property
     def unit(self) -> list[Sequence]:
         """The sequences scheduled, preempted and finished together with this one: its beam group's
-        live members, else itself."""
+        active members, else itself."""
         return self.group.unit if self.group is not None else [self]
 
     @property
