@@ -9,7 +9,7 @@ packs the step's tokens, replays CUDA graphs for decode-only steps, and samples.
 run(batch) is launch(batch).outcomes(). `launch` only enqueues work on the device (on CUDA its
 inputs go up through pinned buffers without waiting, and its tokens' readback is enqueued behind
 the sampling; beam proposals excepted, which read back), so the engine can launch the next step
-before reading this one's tokens: that step's placeholder tokens are then gathered on the device
+before reading this one's tokens: that step's pending tokens are then gathered on the device
 from this step's token tensor (pack_step's pending_*).
 """
 from __future__ import annotations
@@ -26,7 +26,9 @@ from gpt2_engine.kv_cache import allocate_kv_cache, copy_blocks
 from gpt2_engine.model import PagedGPT2, StepInputs, pack_step
 from gpt2_engine.sampling import SampledToken, SampledTokens, draw_tokens
 from gpt2_engine.scheduler import ScheduledBatch
-from gpt2_engine.sequence import PLACEHOLDER, Sequence
+from gpt2_engine.sequence import Sequence
+
+PENDING_TOKEN = 0    # a pending token's stand-in in the packed host ids (pack_step puts the drawn one there on the device)
 
 
 class LaunchedStep:
@@ -81,7 +83,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
-        """Enqueue the step; `previous` is the launched step whose tokens are its placeholders."""
+        """Enqueue the step; `previous` is the launched step whose tokens are pending in this one."""
         with self.on_device():
             copy_blocks(self.kv_cache, batch.block_copies)
             step, sampler_rows = self.prepare_step(batch, previous)
@@ -110,8 +112,8 @@ class ModelRunner:
         """The step's device inputs, prefill chunks (> 1 token) first, then the one-token rows, which
         read their context through the block table (decode attention); and, for each of
         batch.row_seqs, its row in the logits. In batch-invariant mode every sequence's tokens are
-        prefill rows (one attention path for all). A sequence's last token may be a PLACEHOLDER for
-        its draw in `previous`, read from there on the device."""
+        prefill rows (one attention path for all). A sequence's last token may be pending: drawn in
+        `previous`, it is read from there on the device."""
         bm = self.block_manager
         as_prefill = [n > 1 or self.batch_invariant for n in batch.num_tokens]
         order = sorted(range(len(batch.seqs)), key=lambda i: not as_prefill[i])
@@ -124,7 +126,8 @@ class ModelRunner:
             seq, num_tokens = batch.seqs[i], batch.num_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
             ids += seq.token_ids[start:end]
-            if ids[-1] == PLACEHOLDER:
+            if end > len(seq.token_ids):   # its pending token: taken on the device from `previous`'s draws
+                ids.append(PENDING_TOKEN)
                 pending_rows.append(len(ids) - 1)
                 pending_index.append(previous.token_rows[seq.seq_id])
             positions += range(start, end)
@@ -138,7 +141,7 @@ class ModelRunner:
             else:
                 tables.append(bm.block_tables[seq.seq_id])
                 context_lens.append(end)
-            if end == len(seq.token_ids):
+            if end == seq.num_tokens:
                 logits_row[seq.seq_id] = len(logits_indices)
                 logits_indices.append(len(ids) - 1)
         # keys of every prefill sequence read back from the cache: needed only when a chunk has a prefix

@@ -11,7 +11,7 @@ The scheduler is the only writer of sequence state once a request is added (gpt2
 lists each field's writers): `schedule` admits and preempts, `postprocess(batch, sampled)` writes a
 step's progress (computed tokens, forks of return sequences at a request's first sample, appended
 tokens, beam steps, finish and free) and `rollback` undoes a failed step's. postprocess is
-`advance` (what the step changes whatever it sampled: computed tokens, a PLACEHOLDER token per
+`advance` (what the step changes whatever it sampled: computed tokens, a pending token per
 drawing sequence) then `commit` (the tokens themselves, events, forks, finishes). The engine's
 async scheduling calls them apart: it schedules the next step between the two, when
 `can_schedule_ahead` says the next step's structure cannot depend on this step's tokens.
@@ -47,7 +47,7 @@ class ScheduledBatch:
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_tokens.append(num_tokens)
-        if seq.num_computed_tokens + num_tokens == len(seq.token_ids):
+        if seq.num_computed_tokens + num_tokens == seq.num_tokens:
             row = len(self.row_seqs)
             for draw in seq.row_draws:
                 if self.draws and self.draws[-1] is draw:    # a beam group's next member (added together)
@@ -129,7 +129,7 @@ class Scheduler:
 
     def _needing_slots(self, unit: list[Sequence]) -> list[int]:
         """The unit's sequences whose next token needs a slot (a prompt's last token got one at admission)."""
-        return [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids)]
+        return [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < seq.num_tokens]
 
     def _newest_unscheduled(self, batch: ScheduledBatch) -> Sequence:
         """The preemption victim: the most recently admitted running sequence not already in this
@@ -167,7 +167,7 @@ class Scheduler:
     def advance(self, batch: ScheduledBatch) -> None:
         """What the step writes whatever its tokens are: its tokens' K/V are cached (full blocks are
         indexed for prefix caching: the device computes them before any later step reads them), and
-        each drawing sequence ends with a PLACEHOLDER, counted in num_generated, for its new token.
+        each drawing sequence has its new token pending (Sequence.num_pending).
         Sequences that ended since the step was launched (aborted, finished) are left alone."""
         for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
             if seq.status is SequenceStatus.RUNNING:
@@ -211,7 +211,7 @@ class Scheduler:
 
     def rollback(self, batch: ScheduledBatch) -> None:
         """Undo a step that failed before its commit (advanced or not): its sequences drop a
-        placeholder token, give back their blocks and are recomputed later from the tokens they
+        pending token, give back their blocks and are recomputed later from the tokens they
         had, so nothing a request produced is lost."""
         for draw in batch.draws:
             draw.drop_pending()

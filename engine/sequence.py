@@ -10,13 +10,15 @@ Scheduler writes it, each field in these places:
     status               schedule (admission), preempt, _admit_fork, _finish, abort; BeamGroup.commit
     num_computed_tokens  schedule (admission: a cached prefix), advance (a step's tokens), preempt (0),
                          _admit_fork (its parent's); BeamGroup.commit (its parent beam's)
-    token_ids,           advance (a PLACEHOLDER per draw), commit (the token), rollback (the placeholder
-    num_generated        dropped); BeamGroup.commit (the beams' tokens), called by Scheduler.commit
+    num_pending,         advance (one per draw), commit (the token appended, the pending one gone),
+    num_generated        rollback (the pending one dropped); BeamGroup.commit (the beams' tokens)
+    token_ids            commit; BeamGroup.commit
     forks                commit (forked off at the first sample)
 
 With async scheduling (gpt2_engine.llm_engine) a step is scheduled before the previous step's tokens are
-read back: each sequence that drew in that step then ends its token_ids with PLACEHOLDER (already
-counted in num_generated), which the model runner fills on the device and the commit on the host.
+read back: each sequence that drew in that step then has a pending token (num_pending, already
+counted in num_generated and in num_tokens, not in token_ids), which the model runner takes on the
+device from that step's sampled tokens, and the commit appends on the host.
 """
 from __future__ import annotations
 
@@ -30,8 +32,6 @@ from gpt2_engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from gpt2_engine.beam_search import BeamGroup
-
-PLACEHOLDER = -1     # a token drawn on the device and not read back yet (never a real token id)
 
 
 class SequenceStatus(Enum):
@@ -50,6 +50,7 @@ class Sequence:
     generator: torch.Generator | None
     forks: list[Sequence] = field(default_factory=list)   # return sequences to fork off at the first sample
     num_computed_tokens: int = 0      # tokens whose K/V are in the cache
+    num_pending: int = 0              # tokens drawn on the device, not read back yet (0 or 1), after token_ids
     num_generated: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" (eos), "length" or "abort"
@@ -79,7 +80,7 @@ class Sequence:
     def prefill_target(self) -> int:
         """Tokens a prefill computes: all of token_ids (the last one's logits sample), or all but the
         last for a started beam group's member (the group decodes its last tokens together)."""
-        return self.group.recompute_target(self) if self.group is not None else len(self.token_ids)
+        return self.group.recompute_target(self) if self.group is not None else self.num_tokens
 
     # ---- the draw protocol (gpt2_engine.beam_search.BeamGroup has the same) ----
 
@@ -95,14 +96,14 @@ class Sequence:
         return not self.forks and not self.params.reads_token_history
 
     def add_pending(self) -> None:
-        """The step is done on the device: a PLACEHOLDER stands for the token until commit."""
-        self.token_ids.append(PLACEHOLDER)
+        """The step is done on the device: its token is pending until commit."""
+        self.num_pending += 1
         self.num_generated += 1
 
     def drop_pending(self) -> None:
         """Undo add_pending (a step rolled back before its commit), if it happened."""
-        if self.token_ids[-1] == PLACEHOLDER:
-            self.token_ids.pop()
+        if self.num_pending:
+            self.num_pending -= 1
             self.num_generated -= 1
 
     def events_for(self, outcome) -> list[TokenEvent]:
@@ -111,8 +112,9 @@ class Sequence:
                            outcome.logprob, outcome.top_logprobs, outcome.scores)]
 
     def commit(self, outcome, block_manager) -> list[Sequence]:
-        """Write the drawn token over the PLACEHOLDER; returns the sequences that started running (none)."""
-        self.token_ids[-1] = outcome.token_id
+        """Append the pending token; returns the sequences that started running (none)."""
+        self.token_ids.append(outcome.token_id)
+        self.num_pending -= 1
         return []
 
     def finish_reason_of(self, outcome) -> str | None:
@@ -120,8 +122,13 @@ class Sequence:
         return self.finish_reason_for(outcome.token_id)
 
     @property
+    def num_tokens(self) -> int:
+        """Prompt and generated tokens, the pending one included."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
