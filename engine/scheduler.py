@@ -250,7 +250,7 @@ class Scheduler:
             self._finish(seq, "abort")
         for seq in [s for s in self.waiting if s.request_id == request_id]:
             self.waiting.remove(seq)
-            for member in (seq.group.members if seq.group is not None else (seq, *seq.forks)):
+            for member in seq.request_sequences:
                 member.status, member.finish_reason = SequenceStatus.FINISHED, "abort"
                 aborted.append(member)
         return aborted

@@ -71,6 +71,12 @@ class Sequence:
         return self.group.unit if self.group is not None else [self]
 
     @property
+    def request_sequences(self) -> list[Sequence]:
+        """Its request's sequences that this one stands for while it waits: its beam group's members,
+        or itself and its pending forks."""
+        return list(self.group.members) if self.group is not None else [self, *self.forks]
+
+    @property
     def row_draws(self) -> list[Sequence | BeamGroup]:
         """The draws that read this sequence's logits row when it samples: itself and its pending
         forks (a request's first sample draws for all its return sequences), or its beam group."""
