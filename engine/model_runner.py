@@ -95,8 +95,7 @@ class ModelRunner:
             token_draws = [i for i, draw in enumerate(batch.draws) if isinstance(draw, Sequence)]
             sampled = None
             if token_draws:
-                (rows,) = zip(*(batch.draw_rows[i] for i in token_draws))     # one row per sequence's draw
-                rows = [sampler_rows[r] for r in rows]
+                rows = [sampler_rows[batch.draw_rows[i][0]] for i in token_draws]   # a sequence's draw reads one row
                 picked = logits if rows == list(range(logits.shape[0])) else logits[upload(rows, torch.int64, logits.device)]
                 sampled = draw_tokens(picked, [batch.draws[i] for i in token_draws])
             beam_steps = {i: draw.propose(logits[[sampler_rows[r] for r in batch.draw_rows[i]]])
