@@ -210,7 +210,7 @@ class GPT2:
                 ids, mask = left_pad(prompts, width, self.device)
                 full = self._eager(ids, mask, self._eager.new_cache(batch, width)).float()
                 return torch.where(mask.bool()[..., None], full, logits)
-            for row, rows_logits in enumerate(self._router.engine.prompt_logits(prompts)):
+            for row, rows_logits in enumerate(self._router.prompt_logits(prompts)):
                 logits[row, width - rows_logits.shape[0]:] = rows_logits
         return logits
 

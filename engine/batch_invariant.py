@@ -5,7 +5,7 @@ mode none does (`batch_invariant_model` returns the model with these ops; the Mo
 packs every row, decode tokens included, as a varlen prefill row whose keys are read back from the
 cache, so one attention path serves prefill chunks and decode steps alike):
 
-* GEMMs (every ln_linear / ln_gelu_mlp, the LM head included) run row-blocked: the rows are cut
+* GEMMs (every Linear of gpt2_engine.linear, the LM head included) run row-blocked: the rows are cut
   into blocks of ROW_BLOCK (the last one zero-padded), one call per block. Every row is then
   computed by a call of the same shape M = ROW_BLOCK, whatever the step's token count: on CPU
   oneDNN/MKL pick their kernel (and MKL its reduction order: measured, a row differs by up to
@@ -78,10 +78,13 @@ def rowwise_attention(q, k, v, cu_seqlens=None, *, sm_scale=None, cu_seqlens_k=N
 
 def batch_invariant_model(model):
     """A shallow copy of a PagedGPT2 (weights shared) running the batch-invariant ops."""
-    ops = model.ops
-    replaced = dict(ln_linear=row_blocked(ops.ln_linear), ln_gelu_mlp=row_blocked(ops.ln_gelu_mlp))
-    if model.backend == "torch":
-        replaced["flash_attention"] = rowwise_attention
+    def blocked(linear):
+        return dataclasses.replace(linear, gemm=row_blocked(linear.gemm))
+
     invariant = copy.copy(model)
-    invariant.ops = dataclasses.replace(ops, **replaced)
+    invariant.h = [dataclasses.replace(blk, **{f.name: blocked(getattr(blk, f.name)) for f in dataclasses.fields(blk)})
+                   for blk in model.h]
+    invariant.lm_head = blocked(model.lm_head)
+    if model.backend == "torch":
+        invariant.attention_ops = dataclasses.replace(model.attention_ops, flash_attention=rowwise_attention)
     return invariant

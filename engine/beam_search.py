@@ -2,7 +2,7 @@
 
 A BeamGroup owns num_beams Sequences (its "members", fixed slots whose contents move between
 steps). Before its first step only the leader (member 0) runs: it prefills the prompt once. Each
-step the group's live members' logits rows [k, V] go through `propose`, a line-by-line port of
+step the group's active members' logits rows [k, V] go through `propose`, a line-by-line port of
 transformers' `_beam_search` loop body for one batch item (generation/utils.py: log_softmax ->
 logits processors -> + running scores -> top 2*num_beams continuations -> running beams for the
 next step -> finished hypotheses -> early-stop heuristic), which returns a BeamStep and changes
@@ -12,7 +12,7 @@ finished hypotheses live in the group's state tensors, not in the KV cache.
 
 transformers runs a batch until every item is done; an item that is done no longer changes (its
 new candidates are masked with -1e9), so running each item alone, as here, gives its result.
-The group is scheduled as one unit: all live members decode in the same step, and a preemption
+The group is scheduled as one unit: all active members decode in the same step, and a preemption
 of one preempts all (they recompute their tokens but the last, then decode together).
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ class BeamState:
 
 @dataclass(frozen=True)
 class BeamStep:
-    """A proposed step: the new state, and for each member slot j the live member it continues
-    (`parents[j]`, an index into the group's live members at proposal time)."""
+    """A proposed step: the new state, and for each member slot j the active member it continues
+    (`parents[j]`, an index into the group's active members at proposal time)."""
     state: BeamState
     parents: list[int]
     done: bool
@@ -68,7 +68,8 @@ def _gather_beams(tensor: torch.Tensor, beam_indices: torch.Tensor) -> torch.Ten
 
 
 class BeamGroup:
-    generator = None      # beam search draws nothing at random (the step's RNG snapshot skips it)
+    """num_beams member Sequences decoded as one unit; one draw per step over its active members' rows
+    (the draw protocol of gpt2_engine.sequence.Sequence)."""
 
     def __init__(self, members: list[Sequence], num_return_sequences: int):
         params = members[0].params
@@ -78,7 +79,9 @@ class BeamGroup:
         self.num_return_sequences = num_return_sequences
         self.prompt_len = len(members[0].token_ids)
         self.state = BeamState.initial(params.num_beams, params.max_new_tokens)
-        self.live = [members[0]]          # members with K/V (or being recomputed); all of them once started
+        # the members that hold K/V (or are being recomputed) and take part in steps: the leader
+        # alone before the first step, all of them after it
+        self.active = [members[0]]
         for member in members:
             member.group = self
 
@@ -94,15 +97,49 @@ class BeamGroup:
     def started(self) -> bool:
         return self.state.num_generated > 0
 
+    @property
+    def unit(self) -> list[Sequence]:
+        """The members scheduled, preempted and finished together: the active ones."""
+        return self.active
+
+    # ---- the draw protocol ----
+
+    @property
+    def generator(self) -> None:
+        """Beam search draws nothing at random: no RNG state to snapshot or restore."""
+        return None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.num_beams
+
+    @property
+    def can_draw_ahead(self) -> bool:
+        """Never: the next step's members and rows follow from this step's choice of beams."""
+        return False
+
+    def add_pending(self) -> None:
+        """Nothing: the beams' tokens are written at commit (a group is never drawn ahead)."""
+
+    def drop_pending(self) -> None:
+        """Nothing (see add_pending)."""
+
+    def events_for(self, step: BeamStep) -> list[TokenEvent]:
+        """None until the search is done, then every returned hypothesis' tokens; writes nothing."""
+        return self.final_events(step.state) if step.done else []
+
+    def finish_reason_of(self, step: BeamStep) -> str | None:
+        return "stop" if step.done else None
+
     def propose(self, logits: torch.Tensor) -> BeamStep:
-        """transformers' loop body on the live members' logits rows [k, V] (k = 1 at the first step,
+        """transformers' loop body on the active members' logits rows [k, V] (k = 1 at the first step,
         whose row stands for all num_beams identical rows there)."""
         params, s = self.leader.params, self.state
         nb, gen = self.num_beams, s.num_generated
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        apply_repetition_penalty(log_probs, self.live)
-        ban_repeated_ngrams(log_probs, self.live)
-        mask_early_eos(log_probs, self.live)
+        apply_repetition_penalty(log_probs, self.active)
+        ban_repeated_ngrams(log_probs, self.active)
+        mask_early_eos(log_probs, self.active)
         log_probs = log_probs.expand(nb, -1) if log_probs.shape[0] == 1 else log_probs
         vocab = log_probs.shape[-1]
         log_probs = (log_probs[None] + s.running_scores[:, :, None].to(log_probs.device)).reshape(1, -1).cpu()
@@ -161,19 +198,19 @@ class BeamGroup:
         return BeamStep(state, parents, done)
 
     def commit(self, step: BeamStep, block_manager) -> list[Sequence]:
-        """Apply a step: member j continues live member parents[j] (its blocks, shared copy-on-write,
+        """Apply a step: member j continues active member parents[j] (its blocks, shared copy-on-write,
         and its computed tokens) with its new token. Returns the members that just started running."""
-        parents = [self.live[p] for p in step.parents]
+        parents = [self.active[p] for p in step.parents]
         block_manager.reorder([m.seq_id for m in self.members], [p.seq_id for p in parents])
         computed = [p.num_computed_tokens for p in parents]
         gen = step.state.num_generated
-        new = [m for m in self.members if m not in self.live]
+        new = [m for m in self.members if m not in self.active]
         for member, tokens, num_computed in zip(self.members, step.state.running_tokens[0, :, :gen].tolist(), computed):
             member.token_ids = member.token_ids[:self.prompt_len] + tokens
             member.num_computed_tokens = num_computed
             member.num_generated = gen
             member.status = SequenceStatus.RUNNING
-        self.state, self.live = step.state, list(self.members)
+        self.state, self.active = step.state, list(self.members)
         return new
 
     def final_events(self, state: BeamState) -> list[TokenEvent]:
@@ -191,12 +228,6 @@ class BeamGroup:
                                          sequence_score=float(state.scores[0, j]) if last else None,
                                          beam_indices=tuple(indices[:length].tolist()) if last else None))
         return events
-
-    def restart(self) -> None:
-        """After a preemption: every live member recomputes (the caller freed their blocks)."""
-        for member in self.live:
-            member.num_computed_tokens = 0
-            member.status = SequenceStatus.WAITING
 
     def recompute_target(self, seq: Sequence) -> int:
         """How many of seq's tokens a prefill should compute: all of them before the first step (the

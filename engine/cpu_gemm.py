@@ -1,10 +1,9 @@
 """CPU GEMM paths for the torch backend's linear layers, each chosen at load time by a timing probe.
 
 Why a probe: the fastest way to run y = act(x @ W + b) + r at decode sizes depends on the CPU and
-the library build. Measured: on an AVX2 EPYC the oneDNN packed-weight path streamed ~9 GB/s while a
-plain `x @ W` on the [in, out] layout streamed 12-19 GB/s; on an AVX-512 EPYC oneDNN's packed path
-was the faster one (20-25 GB/s from DRAM vs 15-18); torch's `_weight_int8pack_mm` ran at 1.7 GB/s
-there. So no choice is hard-coded: `prepare_linear` times every candidate on this machine, for this
+the library build: oneDNN's packed-weight path beats a plain `x @ W` on one EPYC generation and
+loses on another, and torch's `_weight_int8pack_mm` is far slower than both (the README's results
+have the figures). So no choice is hard-coded: `prepare_linear` times every candidate on this machine, for this
 layer's shape and epilogue (bias, GELU, residual: oneDNN fuses them as post-ops, the others run them
 as separate ops), at M = 1 and M = 8 (decode batches) and M = 64 (a guard: a path that is fast at
 decode but pathological on prompt chunks loses), and keeps the one with the least sum of times
@@ -21,14 +20,12 @@ which path another batch size would have preferred (batch invariance, issue 14; 
 inside one path may still block differently by M).
 
 Candidates, fp32: "stream" (our own streaming GEMM, kernels/cpu/stream_gemm.cpp, built for this CPU on
-first use: measured 24-31 GB/s where the library paths streamed 12-25 on an AVX-512 EPYC; bias and
-residual fused), "onednn_m1" / "onednn_m8" (weight reordered once into oneDNN's blocked layout for
+first use, faster than the library paths where they were compared; bias and residual fused), "onednn_m1" / "onednn_m8" (weight reordered once into oneDNN's blocked layout for
 batch 1 or 8, fused post-ops),
 "matmul_in_out" (torch.addmm on W [in, out], MKL/OpenBLAS), "matmul_out_in" (F.linear on W [out, in]).
 Int8 (engine/quantization.py codes q [out, in], fp32 scales): "int8_stream" (the streaming GEMM on int8
 codes, widened to fp32 in registers), "int8_bag_<splits>" (fbgemm's int8
-embedding bag, which streams one byte per weight: measured 4x faster than fp32 at batch 1 on an
-AVX-512 EPYC), "int8_dequant_<KiB>" (widen a chunk
+embedding bag, which streams one byte per weight), "int8_dequant_<KiB>" (widen a chunk
 of rows of q to fp32 into a reused scratch buffer that stays in cache, F.linear on it, scale the
 output columns; chunk = LLC/4), and "int8pack" (torch's `_weight_int8pack_mm`).
 """

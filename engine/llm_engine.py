@@ -16,8 +16,8 @@ step() does
 
 so the host schedules and packs step n+1, and commits step n, while the device runs steps n and
 n+1; step n+1 is still in flight when step() returns. advance(n) writes what step n changes
-whatever it sampled (computed tokens, and a PLACEHOLDER token for each drawing sequence, whose
-position and slot follow from the lengths alone); step n+1's input for a placeholder is gathered on
+whatever it sampled (computed tokens, and a pending token for each drawing sequence, whose
+position and slot follow from the lengths alone); step n+1's input for a pending token is gathered on
 the device from step n's sampled-token tensor. Memory ordering: on CUDA everything (input copies,
 that gather, the forward, sampling, the readback copy) is on the model's current stream, so stream
 order makes the gather read step n's tokens after they are written, and a KV block freed on the
@@ -40,7 +40,8 @@ import itertools
 import torch
 
 from gpt2_engine.beam_search import BeamGroup
-from gpt2_engine.block_manager import BlockManager, num_kv_blocks
+from gpt2_engine.block_manager import BlockManager
+from gpt2_engine.kv_cache import num_kv_blocks
 from gpt2_engine.model import PagedGPT2
 from gpt2_engine.model_runner import LaunchedStep, ModelRunner
 from gpt2_engine.sampling import SamplingParams, generator_states, make_generator, restore_generators

@@ -3,20 +3,21 @@
 A step packs T tokens: first the prefill tokens (whole prompts or chunks of them) of some
 sequences, then one decode token of each of the others. Per layer:
 
-    qkv = ln_linear(x; ln_1, attn.c_attn)            [T, 3C]; q, k, v are strided views [T, H, D];
-          the same launch writes k, v to the layer's K/V pools at slot_mapping (kv_cache=...)
+    qkv = qkv(x)   (ln_1, attn.c_attn)                [T, 3C]; q, k, v are strided views [T, H, D];
+          the same GEMM writes k, v to the layer's K/V pools at slot_mapping (kv_cache=...)
     a   = flash_attention(prefill rows) ++ paged_decode_attention(decode rows)       [T, H, D]
-    x   = ln_linear(a; attn.c_proj) + x
-    x   = ln_gelu_mlp(x; ln_2, mlp.c_fc, mlp.c_proj)   (adds x)
+    x   = attn_proj(a) + x                            (attn.c_proj)
+    x   = mlp_proj(fc(x)) + x                         (ln_2, mlp.c_fc with GELU; mlp.c_proj)
 
-then ln_f and the LM head (wte^T) on the rows whose logits are needed, returned in fp32. backend
-"triton" runs the kernels' launchers, "torch" their `_ref` twins (one ops table, no per-call switch).
+then the LM head (ln_f, wte^T) on the rows whose logits are needed, returned in fp32. Each linear is
+a gpt2_engine.linear.Linear prepared at load for the backend's GEMM (that module's table says which);
+attention runs through AttentionOps: backend "triton" the kernels' launchers, "torch" their `_ref`
+twins (on CPU the C++ decode attention).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,65 +26,34 @@ import torch.nn.functional as F
 from gpt2_engine import torch_backend
 from gpt2_engine.config import GPT2Config
 from gpt2_engine.host_staging import PinnedStaging
-from gpt2_engine.kernels import flash_attention, fused_linear, int8_linear, paged_attention
+from gpt2_engine.kernels import flash_attention, paged_attention
+from gpt2_engine.linear import LayerNorm, Linear, LinearBuilder
 from gpt2_engine.quantization import Int8Weight, check_quantization
 
 
 @dataclass(frozen=True)
-class KernelOps:
-    ln_linear: Callable
-    ln_gelu_mlp: Callable
+class AttentionOps:
+    """The attention kernels of a backend (the linears are per layer: gpt2_engine.linear)."""
     flash_attention: Callable
     paged_decode_attention: Callable
 
     @classmethod
-    def for_backend(cls, backend: str) -> "KernelOps":
-        suffixes = {"triton": "", "torch": "_ref"}
-        if backend not in suffixes:
-            raise ValueError(f"backend must be one of {sorted(suffixes)}, got {backend!r}")
-        modules = {"ln_linear": fused_linear, "ln_gelu_mlp": fused_linear, "flash_attention": flash_attention,
-                   "paged_decode_attention": paged_attention}
-        return cls(**{f.name: getattr(modules[f.name], f.name + suffixes[backend]) for f in fields(cls)})
-
-
-def int8_kernel_ops(backend: str) -> dict:
-    """ln_linear / ln_gelu_mlp for int8 weights on the int8 kernel ("triton") or its reference: an
-    Int8Weight (no LayerNorm on triton), or a FoldedInt8Linear (triton: the LayerNorm folded
-    in at load, its statistics accumulated inside the GEMM)."""
-    launch = int8_linear.int8_ln_linear if backend == "triton" else int8_linear.int8_ln_linear_ref
-
-    def ln_linear(x, ln_weight, ln_bias, weight, bias=None, **kwargs):
-        if isinstance(weight, Int8Weight):
-            return launch(x, ln_weight, ln_bias, weight.q, weight.scale, bias, **kwargs)
-        return launch(x, ln_weight, ln_bias, weight, None, bias, **kwargs)
-
-    return {"ln_linear": ln_linear, "ln_gelu_mlp": torch_backend.mlp_of(ln_linear)}
-
-
-@dataclass(frozen=True)
-class Affine:            # a LayerNorm's or a Conv1D's parameters; Conv1D weight is [in, out]
-    weight: torch.Tensor | torch_backend.CpuLinear | Int8Weight   # CpuLinear: the CPU torch backend's probed path
-    bias: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class Attention:
-    c_attn: Affine
-    c_proj: Affine
-
-
-@dataclass(frozen=True)
-class MLP:
-    c_fc: Affine
-    c_proj: Affine
+    def for_backend(cls, backend: str, device: torch.device, dtype: torch.dtype) -> "AttentionOps":
+        """triton: the kernels' launchers; torch: flash attention's reference, and for decode our C++
+        kernel on CPU, else the reference with its gather index built once per step (torch_backend)."""
+        if backend == "triton":
+            return cls(flash_attention.flash_attention, paged_attention.paged_decode_attention)
+        if backend == "torch":
+            return cls(flash_attention.flash_attention_ref, torch_backend.decode_attention(device, dtype))
+        raise ValueError(f"backend must be one of ['torch', 'triton'], got {backend!r}")
 
 
 @dataclass(frozen=True)
 class Block:
-    ln_1: Affine
-    attn: Attention
-    ln_2: Affine
-    mlp: MLP
+    qkv: Linear          # ln_1 then attn.c_attn; its epilogue writes the K/V columns
+    attn_proj: Linear    # attn.c_proj, + residual
+    fc: Linear           # ln_2 then mlp.c_fc, GELU
+    mlp_proj: Linear     # mlp.c_proj, + residual
 
 
 @dataclass
@@ -109,55 +79,20 @@ class PagedGPT2:
         self.config, self.backend = config, backend
         self.device, self.dtype = torch.device(device), dtype
         self.quantization = check_quantization(quantization)
-        self.ops = KernelOps.for_backend(backend)
-        # The torch backend's decode attention: on CPU our C++ kernel, else the gather index built once per
-        # step; on CPU it runs each GEMM on the path a load-time probe picked for it (engine/torch_backend.py,
-        # cpu_gemm.py).
-        cpu_paths = backend == "torch" and torch_backend.supported(self.device, dtype)
-        if backend == "torch":
-            self.ops = dataclasses.replace(self.ops, paged_decode_attention=torch_backend.decode_attention(self.device, dtype))
-        if cpu_paths:
-            self.ops = dataclasses.replace(self.ops, ln_linear=torch_backend.ln_linear, ln_gelu_mlp=torch_backend.ln_gelu_mlp)
-        elif self.quantization:
-            self.ops = dataclasses.replace(self.ops, **int8_kernel_ops(backend))
+        self.attention_ops = AttentionOps.for_backend(backend, self.device, dtype)
+        linears = LinearBuilder(backend, self.device, dtype, self.quantization, config.layer_norm_epsilon)
 
         def param(name: str) -> torch.Tensor:
             if name not in state_dict:
                 raise ValueError(f"state dict has no {name!r}")
             return state_dict[name].to(device=self.device, dtype=dtype).contiguous()
 
-        def affine(prefix: str) -> Affine:
-            return Affine(param(prefix + ".weight"), param(prefix + ".bias"))
+        def layer_norm(prefix: str) -> LayerNorm:
+            return LayerNorm(param(prefix + ".weight"), param(prefix + ".bias"))
 
-        def linear(weight_out_in: torch.Tensor | Int8Weight, epilogue: torch_backend.Epilogue):
-            """A [out, in] weight for the CPU torch backend's probed path, or as int8 codes for the kernels."""
-            if self.quantization and not isinstance(weight_out_in, Int8Weight):
-                weight_out_in = Int8Weight.quantize(weight_out_in)
-            return torch_backend.prepare_linear(weight_out_in, epilogue) if cpu_paths else weight_out_in
-
-        def prepared(conv: Affine, **epilogue) -> Affine:
-            """A Conv1D as loaded ([in, out] weight) made ready for the backend's linear."""
-            if cpu_paths or self.quantization:
-                return Affine(linear(conv.weight.t(), torch_backend.Epilogue(bias=True, **epilogue)), conv.bias)
-            return conv
-
-        def conv1d(prefix: str, **epilogue) -> Affine:
-            return prepared(affine(prefix), **epilogue)
-
-        def ln_then(ln: Affine, conv: Affine, **epilogue) -> tuple[Affine, Affine]:
-            """LN then a Conv1D as loaded ([in, out], float). triton backend: the LayerNorm folded into the
-            linear (fused_linear.fold_layernorm; int8: fold_layernorm_int8, which quantizes the folded weight),
-            the LN left as Affine(None, None); other backends keep the LN and prepare the linear."""
-            if backend != "triton":
-                return ln, prepared(conv, **epilogue)
-            fold = int8_linear.fold_layernorm_int8 if self.quantization else fused_linear.fold_layernorm
-            return Affine(None, None), Affine(fold(ln.weight, ln.bias, conv.weight, conv.bias), None)
-
-        def block(i: int) -> Block:
-            ln_1, c_attn = ln_then(affine(f"h.{i}.ln_1"), affine(f"h.{i}.attn.c_attn"))
-            ln_2, c_fc = ln_then(affine(f"h.{i}.ln_2"), affine(f"h.{i}.mlp.c_fc"), gelu=True)
-            return Block(ln_1, Attention(c_attn, conv1d(f"h.{i}.attn.c_proj", residual=True)), ln_2,
-                         MLP(c_fc, conv1d(f"h.{i}.mlp.c_proj", residual=True)))
+        def conv1d(prefix: str, ln: LayerNorm | None = None, **epilogue) -> Linear:
+            """An HF Conv1D (weight [in, out]) as a Linear, after the LayerNorm `ln` if given."""
+            return linears.build(param(prefix + ".weight").t(), param(prefix + ".bias"), ln, **epilogue)
 
         # wte and wpe stacked in one table so that one embedding_bag computes wte[id] + wpe[pos];
         # int8: wte's codes serve the lookup and the tied LM head, wpe stays (engine/quantization.py).
@@ -166,29 +101,28 @@ class PagedGPT2:
             self.embedding, self.wpe = Int8Weight.quantize(wte), param("wpe.weight")
         else:
             self.embedding = torch.cat([wte, param("wpe.weight")])      # [V + n_positions, C]
-        self.h = [block(i) for i in range(config.n_layer)]
+        self.h = [Block(conv1d(f"h.{i}.attn.c_attn", layer_norm(f"h.{i}.ln_1")),
+                        conv1d(f"h.{i}.attn.c_proj", residual=True),
+                        conv1d(f"h.{i}.mlp.c_fc", layer_norm(f"h.{i}.ln_2"), activation="gelu_tanh"),
+                        conv1d(f"h.{i}.mlp.c_proj", residual=True))
+                  for i in range(config.n_layer)]
         # CPU, every linear on the streaming GEMM: decode-only steps run each block as one C++ call
         self.decode_blocks = (torch_backend.fused_decode_blocks(self.h, config.n_head, config.layer_norm_epsilon)
-                              if cpu_paths else None)
-        self.ln_f = affine("ln_f")
-        # LM head from the [V, C] weight: on CPU the probed path's layout; on GPU a [C, V] view of the
-        # tied wte (no second copy of the largest matrix; the GEMM reads W column-major, which tl.dot
-        # handles); int8: the embedding's codes, except on triton, where ln_f's gamma is folded in first.
-        int8_codes = self.quantization and backend != "triton"
-        head = param("lm_head.weight") if "lm_head.weight" in state_dict else (
-            self.embedding if int8_codes else wte if self.quantization else self.embedding[:config.vocab_size])
-        if cpu_paths or int8_codes:
-            self.lm_head = linear(head, torch_backend.Epilogue())
+                              if linears.cpu_paths else None)
+        # The LM head from a [V, C] weight: lm_head.weight where given, else tied to wte: int8, wte's codes
+        # (where ln_f is not folded in); else a view of the embedding table's rows (no second copy)
+        if "lm_head.weight" in state_dict:
+            head, codes = param("lm_head.weight"), None
+        elif self.quantization:
+            head, codes = wte, self.embedding
         else:
-            self.lm_head = head.t().contiguous() if self.device.type == "cpu" else head.t()
-        if backend == "triton":   # ln_f folded into a copy of the head (fp: K-major, as fold_layernorm keeps strides)
-            self.ln_f, lm_head = ln_then(self.ln_f, Affine(self.lm_head, None))
-            self.lm_head = lm_head.weight
+            head, codes = self.embedding[:config.vocab_size], None
+        self.lm_head = linears.build(head, None, layer_norm("ln_f"), codes=codes)
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """fp32 logits [N, V] for the rows in step.logits_indices (all rows when None)."""
-        ops, cfg = self.ops, self.config
+        cfg = self.config
         x = self._embed(step)                                                                    # [T, C]
         num_tokens = x.shape[0]
         fused = self.decode_blocks is not None and step.num_prefill_tokens == 0 and kv_cache is not None
@@ -199,19 +133,15 @@ class PagedGPT2:
                 continue
             # the QKV GEMM's epilogue also stores this step's K/V rows into the pools (before attention reads them)
             kv_write = (k_cache, v_cache, step.slot_mapping) if step.slot_mapping is not None else None
-            qkv = ops.ln_linear(x, blk.ln_1.weight, blk.ln_1.bias, blk.attn.c_attn.weight, blk.attn.c_attn.bias,
-                                eps=cfg.layer_norm_epsilon, kv_cache=kv_write)
+            qkv = blk.qkv(x, kv_cache=kv_write)
             # [T, 3C] -> three strided [T, H, D] views (row stride 3C), no copies
             q, k, v = qkv.view(num_tokens, 3, cfg.n_head, cfg.head_dim).unbind(1)
             a = self._attention(q, k, v, k_cache, v_cache, step)
-            x = ops.ln_linear(a.view(num_tokens, cfg.n_embd), None, None, blk.attn.c_proj.weight, blk.attn.c_proj.bias,
-                              residual=x)
-            x = ops.ln_gelu_mlp(x, blk.ln_2.weight, blk.ln_2.bias, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias,
-                                blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, eps=cfg.layer_norm_epsilon)
+            x = blk.attn_proj(a.view(num_tokens, cfg.n_embd), residual=x)
+            x = blk.mlp_proj(blk.fc(x), residual=x)
         if step.logits_indices is not None:
             x = x[step.logits_indices]
-        logits = ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self.lm_head, None, eps=cfg.layer_norm_epsilon)
-        return logits.float()
+        return self.lm_head(x).float()
 
     def _embed(self, step: StepInputs) -> torch.Tensor:
         if isinstance(self.embedding, Int8Weight):
@@ -236,9 +166,9 @@ class PagedGPT2:
                 k, v = (cache.flatten(0, 1)[step.key_slots] for cache in (k_cache, v_cache))
             else:
                 k, v = k[:p], v[:p]
-            parts.append(self.ops.flash_attention(q[:p], k, v, step.cu_seqlens_q, cu_seqlens_k=step.cu_seqlens_k))
+            parts.append(self.attention_ops.flash_attention(q[:p], k, v, step.cu_seqlens_q, cu_seqlens_k=step.cu_seqlens_k))
         if p < q.shape[0]:
-            parts.append(self.ops.paged_decode_attention(q[p:], k_cache, v_cache, step.block_tables, step.context_lens))
+            parts.append(self.attention_ops.paged_decode_attention(q[p:], k_cache, v_cache, step.block_tables, step.context_lens))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

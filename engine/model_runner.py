@@ -9,7 +9,7 @@ packs the step's tokens, replays CUDA graphs for decode-only steps, and samples.
 run(batch) is launch(batch).outcomes(). `launch` only enqueues work on the device (on CUDA its
 inputs go up through pinned buffers without waiting, and its tokens' readback is enqueued behind
 the sampling; beam proposals excepted, which read back), so the engine can launch the next step
-before reading this one's tokens: that step's placeholder tokens are then gathered on the device
+before reading this one's tokens: that step's pending tokens are then gathered on the device
 from this step's token tensor (pack_step's pending_*).
 """
 from __future__ import annotations
@@ -19,30 +19,34 @@ import contextlib
 import torch
 
 from gpt2_engine.batch_invariant import batch_invariant_model
-from gpt2_engine.beam_search import BeamGroup, BeamStep
-from gpt2_engine.block_manager import BlockManager, allocate_kv_cache, copy_blocks
+from gpt2_engine.beam_search import BeamStep
+from gpt2_engine.block_manager import BlockManager
 from gpt2_engine.host_staging import staging_for, upload
+from gpt2_engine.kv_cache import allocate_kv_cache, copy_blocks
 from gpt2_engine.model import PagedGPT2, StepInputs, pack_step
 from gpt2_engine.sampling import SampledToken, SampledTokens, draw_tokens
 from gpt2_engine.scheduler import ScheduledBatch
-from gpt2_engine.sequence import PLACEHOLDER
+from gpt2_engine.sequence import Sequence
+
+PENDING_TOKEN = 0    # a pending token's stand-in in the packed host ids (pack_step puts the drawn one there on the device)
 
 
 class LaunchedStep:
     """A step enqueued on the device whose outcomes are not read back yet. `tokens` (int64 [D] on
-    the device, None without single draws) holds the tokens of its single (non-beam) draws, the
-    draw of sequence s in row `token_rows[s.seq_id]`."""
+    the device, None without token draws) holds the tokens of its sequences' draws (the beam
+    groups' excepted), the draw of sequence s in row `token_rows[s.seq_id]`."""
 
-    def __init__(self, batch: ScheduledBatch, sampled: SampledTokens | None, singles: list[int],
+    def __init__(self, batch: ScheduledBatch, sampled: SampledTokens | None, token_draws: list[int],
                  beam_steps: dict[int, BeamStep]):
-        self.num_draws, self.singles, self.beam_steps, self._sampled = len(batch.draws), singles, beam_steps, sampled
+        self.num_draws, self.token_draws, self.beam_steps = len(batch.draws), token_draws, beam_steps
+        self._sampled = sampled
         self.tokens = sampled.tokens if sampled is not None else None
-        self.token_rows = {batch.draws[i].seq_id: row for row, i in enumerate(singles)}
+        self.token_rows = {batch.draws[i].seq_id: row for row, i in enumerate(token_draws)}
 
     def outcomes(self) -> list[SampledToken | BeamStep]:
         """One outcome for each of batch.draws (reads the tokens back: waits for this step only)."""
         outcomes: list[SampledToken | BeamStep | None] = [None] * self.num_draws
-        for i, token in zip(self.singles, self._sampled.result() if self._sampled is not None else []):
+        for i, token in zip(self.token_draws, self._sampled.result() if self._sampled is not None else []):
             outcomes[i] = token
         for i, step in self.beam_steps.items():
             outcomes[i] = step
@@ -79,7 +83,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
-        """Enqueue the step; `previous` is the launched step whose tokens are its placeholders."""
+        """Enqueue the step; `previous` is the launched step whose tokens are pending in this one."""
         with self.on_device():
             copy_blocks(self.kv_cache, batch.block_copies)
             step, sampler_rows = self.prepare_step(batch, previous)
@@ -87,15 +91,16 @@ class ModelRunner:
                 logits = self.graphs.run(step)
             else:
                 logits = self.model.forward(step, self.kv_cache)
-            singles = [i for i, draw in enumerate(batch.draws) if not isinstance(draw, BeamGroup)]
+            # sequences' draws: one batched sampling call on the device; beam groups: a proposal each
+            token_draws = [i for i, draw in enumerate(batch.draws) if isinstance(draw, Sequence)]
             sampled = None
-            if singles:
-                rows = [sampler_rows[batch.draw_rows[i]] for i in singles]
+            if token_draws:
+                rows = [sampler_rows[batch.draw_rows[i][0]] for i in token_draws]   # a sequence's draw reads one row
                 picked = logits if rows == list(range(logits.shape[0])) else logits[upload(rows, torch.int64, logits.device)]
-                sampled = draw_tokens(picked, [batch.draws[i] for i in singles])
+                sampled = draw_tokens(picked, [batch.draws[i] for i in token_draws])
             beam_steps = {i: draw.propose(logits[[sampler_rows[r] for r in batch.draw_rows[i]]])
-                          for i, draw in enumerate(batch.draws) if isinstance(draw, BeamGroup)}
-            return LaunchedStep(batch, sampled, singles, beam_steps)
+                          for i, draw in enumerate(batch.draws) if not isinstance(draw, Sequence)}
+            return LaunchedStep(batch, sampled, token_draws, beam_steps)
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -105,9 +110,9 @@ class ModelRunner:
     def prepare_step(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> tuple[StepInputs, list[int]]:
         """The step's device inputs, prefill chunks (> 1 token) first, then the one-token rows, which
         read their context through the block table (decode attention); and, for each of
-        batch.samplers, its row in the logits. In batch-invariant mode every sequence's tokens are
-        prefill rows (one attention path for all). A sequence's last token may be a PLACEHOLDER for
-        its draw in `previous`, read from there on the device."""
+        batch.row_seqs, its row in the logits. In batch-invariant mode every sequence's tokens are
+        prefill rows (one attention path for all). A sequence's last token may be pending: drawn in
+        `previous`, it is read from there on the device."""
         bm = self.block_manager
         as_prefill = [n > 1 or self.batch_invariant for n in batch.num_tokens]
         order = sorted(range(len(batch.seqs)), key=lambda i: not as_prefill[i])
@@ -120,7 +125,8 @@ class ModelRunner:
             seq, num_tokens = batch.seqs[i], batch.num_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
             ids += seq.token_ids[start:end]
-            if ids[-1] == PLACEHOLDER:
+            if end > len(seq.token_ids):   # its pending token: taken on the device from `previous`'s draws
+                ids.append(PENDING_TOKEN)
                 pending_rows.append(len(ids) - 1)
                 pending_index.append(previous.token_rows[seq.seq_id])
             positions += range(start, end)
@@ -134,7 +140,7 @@ class ModelRunner:
             else:
                 tables.append(bm.block_tables[seq.seq_id])
                 context_lens.append(end)
-            if end == len(seq.token_ids):
+            if end == seq.num_tokens:
                 logits_row[seq.seq_id] = len(logits_indices)
                 logits_indices.append(len(ids) - 1)
         # keys of every prefill sequence read back from the cache: needed only when a chunk has a prefix
@@ -147,4 +153,4 @@ class ModelRunner:
                          logits_indices=None if len(logits_indices) == len(ids) else logits_indices,
                          staging=self.staging, pending_tokens=previous.tokens if pending_rows else None,
                          pending_rows=pending_rows, pending_index=pending_index)
-        return step, [logits_row[seq.seq_id] for seq in batch.samplers]
+        return step, [logits_row[seq.seq_id] for seq in batch.row_seqs]

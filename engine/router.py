@@ -5,9 +5,11 @@ events to that request's own consumer (GPT2.generate / generate_text / stream, t
     for event in stream: ...                           # TokenEvents of this request only
     async for event in stream: ...                     # the same from an asyncio task
     stream.close() / router.abort(request_id)          # KV blocks are free when it returns
-    router.stats(); router.shutdown()
+    router.prompt_logits(prompts)                      # GPT2.__call__: a forward between two steps
+    router.stats(); router.max_num_seqs; router.shutdown()
 
-Locks. `_engine_lock` serialises everything that touches the engine: a step, add, abort, stats.
+Locks. `_engine_lock` serialises everything that touches the engine: a step, add, abort, stats,
+prompt_logits.
 `_cond` guards the per-request event queues and wakes consumers and the loop. A thread that holds
 both took the engine lock first; the loop holds neither while it waits for work.
 
@@ -123,9 +125,21 @@ class RequestRouter:
 
     # ---- clients ---------------------------------------------------------------------------------
 
+    @property
+    def max_num_seqs(self) -> int:
+        """The engine's capacity: sequences it runs at once."""
+        return self.engine.scheduler.max_num_seqs
+
     def check(self, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> None:
         """Raise ValueError now for a request the engine cannot take (nothing is queued)."""
         self.engine.check_request(prompt_token_ids, params, n)
+
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """fp32 logits [L_i, V] at every position of each prompt (one forward, between two steps)."""
+        with self._engine_lock:
+            if self._closed:
+                raise RouterClosed("the engine was shut down")
+            return self.engine.prompt_logits(prompts)
 
     def add(self, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> RequestStream:
         with self._engine_lock:

@@ -1,5 +1,5 @@
-"""Continuous-batching scheduler: waiting and running queues, admission by free blocks, seats and a
-token budget per step, chunked prefill, and preemption by recompute when the KV pool runs dry.
+"""Continuous-batching scheduler: waiting and running queues, admission by free blocks, running
+slots and a token budget per step, chunked prefill, and preemption by recompute when the KV pool runs dry.
 
 `schedule()` picks, for some sequences, the next `num_tokens` of their token_ids starting at
 num_computed_tokens: one token for a running sequence in decode, a chunk of the prompt (or of
@@ -7,14 +7,16 @@ prompt + generated tokens, after a preemption) otherwise. A sequence samples in 
 chunk reaches the end of its token_ids. All of a sequence's tokens get their KV slots when it is
 admitted; after that it only needs one slot per generated token.
 
-`postprocess(batch, sampled)` is the only writer of sequence progress: computed tokens, forks of
-return sequences at a request's first sample, appended tokens, beam steps, finish and free. It is
-`advance` (what the step changes whatever it sampled: computed tokens, a PLACEHOLDER token per
+The scheduler is the only writer of sequence state once a request is added (gpt2_engine.sequence
+lists each field's writers): `schedule` admits and preempts, `postprocess(batch, sampled)` writes a
+step's progress (computed tokens, forks of return sequences at a request's first sample, appended
+tokens, beam steps, finish and free) and `rollback` undoes a failed step's. postprocess is
+`advance` (what the step changes whatever it sampled: computed tokens, a pending token per
 drawing sequence) then `commit` (the tokens themselves, events, forks, finishes). The engine's
 async scheduling calls them apart: it schedules the next step between the two, when
 `can_schedule_ahead` says the next step's structure cannot depend on this step's tokens.
 
-A beam group (gpt2_engine.beam_search) is one unit: admitted with all its live members, decoded with all
+A beam group (gpt2_engine.beam_search) is one unit: admitted with all its active members, decoded with all
 of them in one step (their rows form the group's one draw), preempted together. After a preemption
 its members recompute all but their last token by prefill, then decode that token together.
 """
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from gpt2_engine.beam_search import BeamGroup, BeamStep
 from gpt2_engine.block_manager import BlockManager
 from gpt2_engine.sampling import SampledToken
-from gpt2_engine.sequence import PLACEHOLDER, Sequence, SequenceStatus, TokenEvent
+from gpt2_engine.sequence import Sequence, SequenceStatus, TokenEvent
 
 
 @dataclass
@@ -34,32 +36,26 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)   # tokens computed for each seq this step
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst), applied first
-    samplers: list[Sequence] = field(default_factory=list)   # seqs whose chunk ends their token_ids
-    # Who draws this step, and from which samplers' logits rows: a request's first sample also
-    # draws for its other return sequences (not yet forked) from the same logits row; a beam group
-    # draws once, from the rows of all its live members (gpt2_engine.beam_search).
+    # the seqs whose chunk ends their token_ids, in the order of their rows in the step's logits
+    row_seqs: list[Sequence] = field(default_factory=list)
+    # Who draws this step (Sequence.row_draws), and from which of the rows of row_seqs: a request's
+    # first sample also draws for its other return sequences (not yet forked) from the same logits
+    # row; a beam group draws once, from the rows of all its active members (gpt2_engine.beam_search).
     draws: list[Sequence | BeamGroup] = field(default_factory=list)
-    draw_rows: list[int | list[int]] = field(default_factory=list)
+    draw_rows: list[list[int]] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_tokens.append(num_tokens)
-        if seq.num_computed_tokens + num_tokens == len(seq.token_ids):
-            if seq.group is not None:
-                self._add_beam_row(seq.group, len(self.samplers))
-            else:
-                for member in (seq, *seq.forks):
-                    self.draws.append(member)
-                    self.draw_rows.append(len(self.samplers))
-            self.samplers.append(seq)
-
-    def _add_beam_row(self, group: BeamGroup, row: int) -> None:
-        """The group draws once its live members' rows are all in (the scheduler adds them together)."""
-        if self.draws and self.draws[-1] is group:
-            self.draw_rows[-1].append(row)
-        else:
-            self.draws.append(group)
-            self.draw_rows.append([row])
+        if seq.num_computed_tokens + num_tokens == seq.num_tokens:
+            row = len(self.row_seqs)
+            for draw in seq.row_draws:
+                if self.draws and self.draws[-1] is draw:    # a beam group's next member (added together)
+                    self.draw_rows[-1].append(row)
+                else:
+                    self.draws.append(draw)
+                    self.draw_rows.append([row])
+            self.row_seqs.append(seq)
 
 
 class Scheduler:
@@ -84,39 +80,38 @@ class Scheduler:
         decode slots: a preemption victim could be a sequence of the step in flight."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        # 1. decode slots for running sequences (a beam group's live members all together),
+        # 1. decode slots for running sequences (a beam group's active members all together),
         #    preempting the most recently admitted when the pool is dry
-        units = [unit for unit in self._decode_units()
-                 if all(seq.num_uncomputed == 1 and not seq.out_of_tokens for seq in unit)]
-        needs = [self._needy(unit) for unit in units]
+        decoding = [unit for unit in self._running_units()
+                    if all(seq.num_uncomputed == 1 and not seq.out_of_tokens for seq in unit)]
+        slot_needs = [self._needing_slots(unit) for unit in decoding]
         # when all of them fit (an upper bound), no unit needs its own check
-        room = self.block_manager.can_append_all([seq_id for needy in needs for seq_id in needy])
+        room = self.block_manager.can_append_all([seq_id for needing in slot_needs for seq_id in needing])
         if not (room or preempt):
             return None
-        for unit, needy in zip(units, needs):
+        for unit, needing in zip(decoding, slot_needs):
             if unit[0].status is not SequenceStatus.RUNNING or budget < len(unit):     # (preempted meanwhile)
                 continue
-            while not room and unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needy):
+            while not room and unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needing):
                 self.preempt(self._newest_unscheduled(batch))
             if unit[0].status is not SequenceStatus.RUNNING:
                 continue
-            for seq_id in needy:
+            for seq_id in needing:
                 batch.block_copies += self.block_manager.append(seq_id)
             for seq in unit:
                 batch.add(seq, 1)
             budget -= len(unit)
         # 2. running sequences in the middle of a chunked prefill (or a beam's recompute)
         for seq in self.running:
-            remaining = self._prefill_target(seq) - seq.num_computed_tokens
+            remaining = seq.prefill_target - seq.num_computed_tokens
             if remaining > 0 and seq.num_uncomputed > 1 and budget > 0:
                 batch.add(seq, min(remaining, budget))
                 budget -= batch.num_tokens[-1]
         # 3. admit waiting sequences (or beam groups, all members at once) first come, first served
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            members = seq.group.live if seq.group is not None else [seq]
-            seats = self._seats_taken() + seq.seats
-            if seats > self.max_num_seqs or not self.block_manager.can_allocate_all(
+            members = seq.unit
+            if self._running_slots() + seq.running_slots > self.max_num_seqs or not self.block_manager.can_allocate_all(
                     [len(m.token_ids) for m in members], [m.token_ids for m in members]):
                 break
             self.waiting.popleft()
@@ -126,15 +121,15 @@ class Scheduler:
                                                                          member.token_ids)
                 member.status = SequenceStatus.RUNNING
                 self.running.append(member)
-                remaining = self._prefill_target(member) - member.num_computed_tokens
+                remaining = member.prefill_target - member.num_computed_tokens
                 if budget > 0 and remaining > 0:
                     batch.add(member, min(remaining, budget))
                     budget -= batch.num_tokens[-1]
         return batch
 
-    def _needy(self, unit: list[Sequence]) -> list[int]:
+    def _needing_slots(self, unit: list[Sequence]) -> list[int]:
         """The unit's sequences whose next token needs a slot (a prompt's last token got one at admission)."""
-        return [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < len(seq.token_ids)]
+        return [seq.seq_id for seq in unit if self.block_manager.num_tokens[seq.seq_id] < seq.num_tokens]
 
     def _newest_unscheduled(self, batch: ScheduledBatch) -> Sequence:
         """The preemption victim: the most recently admitted running sequence not already in this
@@ -142,26 +137,18 @@ class Scheduler:
         scheduled = {id(seq) for seq in batch.seqs}
         return next(seq for seq in reversed(self.running) if id(seq) not in scheduled)
 
-    def _decode_units(self) -> list[list[Sequence]]:
-        """Running sequences in admission order, a beam group's live members as one unit."""
-        units, groups = [], set()
+    def _running_units(self) -> list[list[Sequence]]:
+        """Running sequences in admission order, a beam group's active members as one unit (Sequence.unit)."""
+        units, seen = [], set()
         for seq in self.running:
-            if seq.group is None:
-                units.append([seq])
-            elif id(seq.group) not in groups:
-                groups.add(id(seq.group))
-                units.append(list(seq.group.live))
+            unit = seq.unit
+            if id(unit[0]) not in seen:
+                seen.add(id(unit[0]))
+                units.append(list(unit))
         return units
 
-    def _seats_taken(self) -> int:
-        groups = {id(s.group): s.group.num_beams for s in self.running if s.group is not None}
-        return sum(s.seats for s in self.running if s.group is None) + sum(groups.values())
-
-    @staticmethod
-    def _prefill_target(seq: Sequence) -> int:
-        """Tokens a prefill computes: all of token_ids (the last one's logits sample), or all but the
-        last for a started beam group's member (the group decodes its last tokens together)."""
-        return seq.group.recompute_target(seq) if seq.group is not None else len(seq.token_ids)
+    def _running_slots(self) -> int:
+        return sum(unit[0].running_slots for unit in self._running_units())
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
         """Commit a step: its tokens' K/V are now cached, first-sampled requests fork their return
@@ -175,22 +162,20 @@ class Scheduler:
         not when the next step's structure or sampling depends on them (a beam group's step, a first
         sample that forks return sequences, a sampler reading the token history on the host). A
         preemption that it might need is schedule(preempt=False)'s to refuse."""
-        return not any(seq.forks for seq in batch.samplers) and not any(
-            isinstance(draw, BeamGroup) or draw.params.reads_token_history for draw in batch.draws)
+        return all(draw.can_draw_ahead for draw in batch.draws)
 
     def advance(self, batch: ScheduledBatch) -> None:
         """What the step writes whatever its tokens are: its tokens' K/V are cached (full blocks are
         indexed for prefix caching: the device computes them before any later step reads them), and
-        each drawing sequence ends with a PLACEHOLDER, counted in num_generated, for its new token.
+        each drawing sequence has its new token pending (Sequence.num_pending).
         Sequences that ended since the step was launched (aborted, finished) are left alone."""
         for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
             if seq.status is SequenceStatus.RUNNING:
                 seq.num_computed_tokens += num_tokens
                 self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-        for draw, live in zip(batch.draws, self._live_draws(batch)):
-            if live and not isinstance(draw, BeamGroup):
-                draw.token_ids.append(PLACEHOLDER)
-                draw.num_generated += 1
+        for draw, running in zip(batch.draws, self._running_draws(batch)):
+            if running:
+                draw.add_pending()
 
     def commit(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
         """The rest of postprocess once the step's outcomes are known (after advance). The events are
@@ -199,49 +184,37 @@ class Scheduler:
         ended since the step was launched is dropped."""
         if len(sampled) != len(batch.draws):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(batch.draws)} drawing sequences")
-        live = self._live_draws(batch)
+        running = self._running_draws(batch)
         # per draw: its events (a beam group has none until it is done, then all its hypotheses')
-        draw_events = [[] if not alive else
-                       (draw.final_events(outcome.state) if outcome.done else []) if isinstance(draw, BeamGroup) else
-                       [TokenEvent(draw.request_id, draw.index, outcome.token_id, draw.finish_reason_for(outcome.token_id),
-                                   outcome.logprob, outcome.top_logprobs, outcome.scores)]
-                       for draw, outcome, alive in zip(batch.draws, sampled, live)]
-        for seq in batch.samplers:
+        draw_events = [draw.events_for(outcome) if runs else [] for draw, outcome, runs in zip(batch.draws, sampled, running)]
+        for seq in batch.row_seqs:
             if seq.status is SequenceStatus.RUNNING:
                 for child in seq.forks:
                     self._admit_fork(seq, child)
                 seq.forks = []
-        for draw, outcome, events, alive in zip(batch.draws, sampled, draw_events, live):
-            if not alive:
+        for draw, outcome, runs in zip(batch.draws, sampled, running):
+            if not runs:
                 continue
-            if isinstance(draw, BeamGroup):
-                self.num_generated_tokens += draw.num_beams
-                self.running += draw.commit(outcome, self.block_manager)
-                if outcome.done:
-                    for member in draw.live:
-                        self._finish(member, "stop")
-                continue
-            (event,) = events
-            draw.token_ids[-1] = event.token_id          # its PLACEHOLDER
-            self.num_generated_tokens += 1
-            if event.finish_reason is not None:
-                self._finish(draw, event.finish_reason)
+            self.num_generated_tokens += draw.num_sequences
+            self.running += draw.commit(outcome, self.block_manager)
+            reason = draw.finish_reason_of(outcome)
+            if reason is not None:
+                for seq in list(draw.unit):
+                    self._finish(seq, reason)
         return [event for events in draw_events for event in events]
 
     @staticmethod
-    def _live_draws(batch: ScheduledBatch) -> list[bool]:
-        """Per draw, whether its sampler (a beam group: its first live member) is still running."""
-        return [(draw.live[0] if isinstance(draw, BeamGroup) else batch.samplers[row]).status is SequenceStatus.RUNNING
-                for draw, row in zip(batch.draws, batch.draw_rows)]
+    def _running_draws(batch: ScheduledBatch) -> list[bool]:
+        """Per draw, whether its (first) sampler is still running: a draw whose sequence ended or was
+        preempted since the step was launched is dropped (a beam group's members go together)."""
+        return [batch.row_seqs[rows[0]].status is SequenceStatus.RUNNING for rows in batch.draw_rows]
 
     def rollback(self, batch: ScheduledBatch) -> None:
         """Undo a step that failed before its commit (advanced or not): its sequences drop a
-        placeholder token, give back their blocks and are recomputed later from the tokens they
+        pending token, give back their blocks and are recomputed later from the tokens they
         had, so nothing a request produced is lost."""
         for draw in batch.draws:
-            if not isinstance(draw, BeamGroup) and draw.token_ids[-1] == PLACEHOLDER:
-                draw.token_ids.pop()
-                draw.num_generated -= 1
+            draw.drop_pending()
         for seq in batch.seqs:
             if seq.status is SequenceStatus.RUNNING:
                 self.preempt(seq)
@@ -249,7 +222,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free the blocks and requeue at the front of waiting; the K/V are recomputed on readmission.
         A beam is preempted with its whole group (which waits as its leader)."""
-        members = seq.group.live if seq.group is not None else [seq]
+        members = list(seq.unit)
         for member in members:
             self.running.remove(member)
             self.block_manager.free(member.seq_id)
@@ -271,13 +244,13 @@ class Scheduler:
         self.block_manager.free(seq.seq_id)
 
     def abort(self, request_id: int) -> list[Sequence]:
-        """End a request's sequences at once, freeing their blocks; returns those that were live."""
+        """End a request's sequences at once, freeing their blocks; returns those that had not ended."""
         aborted = [s for s in self.running if s.request_id == request_id]
         for seq in aborted:
             self._finish(seq, "abort")
         for seq in [s for s in self.waiting if s.request_id == request_id]:
             self.waiting.remove(seq)
-            for member in (seq.group.members if seq.group is not None else (seq, *seq.forks)):
+            for member in seq.request_sequences:
                 member.status, member.finish_reason = SequenceStatus.FINISHED, "abort"
                 aborted.append(member)
         return aborted

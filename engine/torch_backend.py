@@ -25,11 +25,12 @@ import torch
 
 from gpt2_engine.cpu_gemm import CpuLinear, Epilogue, Streaming, cpu_kernel_library, prepare_linear
 from gpt2_engine.kernels.cpu import paged_attention as cpu_paged_attention
-from gpt2_engine.kernels.cpu.decode_block import DecodeBlock, Linear
+from gpt2_engine.kernels.cpu import decode_block
+from gpt2_engine.kernels.cpu.decode_block import DecodeBlock
 from gpt2_engine.kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
 from gpt2_engine.kernels.paged_attention import gathered_decode_attention, paged_gather_index
 
-__all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "ln_linear", "ln_gelu_mlp", "mlp_of",
+__all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "ln_linear", "ln_gelu_mlp",
            "PagedDecodeAttention", "decode_attention", "fused_decode_blocks"]
 
 
@@ -64,15 +65,10 @@ def _write_kv_columns(qkv, kv_cache) -> None:
     cpu_paged_attention.write_kv(k, v, k_cache, v_cache, slot_mapping, lib=lib)
 
 
-def mlp_of(linear):
-    """fused_linear.ln_gelu_mlp's contract as two calls of an ln_linear-contract function."""
-    def ln_gelu_mlp(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5):
-        hidden = linear(x, ln_weight, ln_bias, fc_weight, fc_bias, eps=eps, activation="gelu_tanh")
-        return linear(hidden, None, None, proj_weight, proj_bias, residual=x)
-    return ln_gelu_mlp
-
-
-ln_gelu_mlp = mlp_of(ln_linear)
+def ln_gelu_mlp(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5):
+    """fused_linear.ln_gelu_mlp's contract with CpuLinear weights: two ln_linear calls."""
+    hidden = ln_linear(x, ln_weight, ln_bias, fc_weight, fc_bias, eps=eps, activation="gelu_tanh")
+    return ln_linear(hidden, None, None, proj_weight, proj_bias, residual=x)
 
 
 def decode_attention(device: torch.device, dtype: torch.dtype):
@@ -104,15 +100,15 @@ class PagedDecodeAttention:
 
 
 def fused_decode_blocks(blocks, heads: int, eps: float) -> list[DecodeBlock] | None:
-    """The model's blocks (gpt2_engine.model.Block, CpuLinear weights) as DecodeBlocks, or None unless every
-    linear's probed path is the streaming GEMM (a fused block has no other GEMM inside)."""
-    linears = [lin for blk in blocks for lin in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)]
+    """The model's blocks (gpt2_engine.model.Block, Linears on CpuLinear weights) as DecodeBlocks, or None
+    unless every linear's probed path is the streaming GEMM (a fused block has no other GEMM inside)."""
+    linears = [lin for blk in blocks for lin in (blk.qkv, blk.attn_proj, blk.fc, blk.mlp_proj)]
     if not all(isinstance(lin.weight, CpuLinear) and isinstance(lin.weight.path, Streaming) for lin in linears):
         return None
 
-    def linear(affine) -> Linear:
-        return Linear(affine.weight.weight, affine.bias)
+    def packed(linear) -> decode_block.Linear:
+        return decode_block.Linear(linear.weight.weight, linear.bias)
 
-    return [DecodeBlock((blk.ln_1.weight, blk.ln_1.bias), linear(blk.attn.c_attn), linear(blk.attn.c_proj),
-                        (blk.ln_2.weight, blk.ln_2.bias), linear(blk.mlp.c_fc), linear(blk.mlp.c_proj), heads, eps)
+    return [DecodeBlock((blk.qkv.ln_weight, blk.qkv.ln_bias), packed(blk.qkv), packed(blk.attn_proj),
+                        (blk.fc.ln_weight, blk.fc.ln_bias), packed(blk.fc), packed(blk.mlp_proj), heads, eps)
             for blk in blocks]

@@ -72,7 +72,7 @@ class CompletionServer:
 
     @property
     def max_num_seqs(self) -> int:
-        return self.router.engine.scheduler.max_num_seqs
+        return self.router.max_num_seqs
 
     # ---- checks ------------------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ class CompletionServer:
             return await asyncio.to_thread(self._add, prompts, params, n, gone)
         async with self._admission:
             stats = await asyncio.to_thread(self.router.stats)
-            if stats["num_waiting"] + n * len(prompts) > self.max_queue + max(0, self._free_seats(stats)):
+            if stats["num_waiting"] + n * len(prompts) > self.max_queue + max(0, self._free_slots(stats)):
                 raise APIError(429, f"the waiting queue is full ({stats['num_waiting']} sequences waiting, "
                                     f"max_queue={self.max_queue}); retry later", code="queue_full")
             return await asyncio.to_thread(self._add, prompts, params, n, gone)
@@ -133,7 +133,7 @@ class CompletionServer:
             raise
         return streams
 
-    def _free_seats(self, stats) -> int:
+    def _free_slots(self, stats) -> int:
         """Running slots nobody holds: a request that takes them does not wait."""
         return self.max_num_seqs - stats["num_running"] - stats["num_waiting"]
 

@@ -21,7 +21,7 @@ _HUGE_PAGE = 2 << 20
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor for a packed weight. From 2 MiB up, on Linux, in 2 MiB-aligned memory advised for
     transparent huge pages: a stream over 4 KiB pages restarts the hardware prefetcher at every page
-    boundary (measured: ~15-20% more read rate with huge pages on a 2-core EPYC). Elsewhere, or where
+    boundary (the README's results give the read rate with and without). Elsewhere, or where
     the kernel does not grant them, the memory is plain pages and nothing else changes."""
     numel = math.prod(shape)
     nbytes = numel * dtype.itemsize

@@ -1,4 +1,4 @@
-"""Scheduler unit tests: admission order, seats, token budget, chunked prefill, preemption and
+"""Scheduler unit tests: admission order, running slots, token budget, chunked prefill, preemption and
 resume, freeing."""
 import torch
 
@@ -17,7 +17,7 @@ def advance(scheduler, batch, sampled_token: int = 0):
     return scheduler.postprocess(batch, [SampledToken(sampled_token)] * len(batch.draws))
 
 
-def test_admits_first_come_first_served_within_seats():
+def test_admits_first_come_first_served_within_running_slots():
     scheduler = Scheduler(BlockManager(32, 4), max_num_seqs=2, max_num_batched_tokens=100)
     seqs = [make_seq(i, 5) for i in range(3)]
     for seq in seqs:
@@ -64,7 +64,7 @@ def test_preemption_requeues_the_newest_and_resume_recomputes():
     assert batch.seqs == [new] and batch.num_tokens == [5]                # recompute prompt + generated
 
 
-def test_forked_parent_reserves_seats_for_its_children():
+def test_forked_parent_reserves_running_slots_for_its_children():
     scheduler = Scheduler(BlockManager(32, 4), max_num_seqs=3, max_num_batched_tokens=100)
     parent, other = make_seq(0, 5), make_seq(1, 5)
     parent.forks = [make_seq(2, 5), make_seq(3, 5)]

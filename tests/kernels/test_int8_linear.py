@@ -219,8 +219,8 @@ def test_engine_folds_every_layernorm_into_int8_codes():
              for k, v in state.items()}
     model = PagedGPT2(config, state, backend="triton", quantization="int8")
     blk = model.h[0]
-    assert all(isinstance(w, FoldedInt8Linear) for w in (blk.attn.c_attn.weight, blk.mlp.c_fc.weight, model.lm_head))
-    assert blk.ln_1.weight is None and model.ln_f.weight is None and isinstance(blk.attn.c_proj.weight, Int8Weight)
+    assert all(isinstance(w, FoldedInt8Linear) for w in (blk.qkv.weight, blk.fc.weight, model.lm_head.weight))
+    assert blk.qkv.ln_weight is None and model.lm_head.ln_weight is None and isinstance(blk.attn_proj.weight, Int8Weight)
     ids = torch.randint(0, config.vocab_size, (2, 7), generator=g)
     int8 = GPT2(config, state, backend="triton", quantization="int8")(ids)
     fp32 = GPT2(config, state, backend="eager")(ids)
