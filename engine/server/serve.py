@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="default: triton on CUDA, torch on CPU")
+    parser.add_argument("--decode-kernel", choices=["graphs", "persistent"], default="graphs",
+                        help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
+                        "decode-only steps of <= 16 rows; opt-in until verified on a GPU)")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="a request's logits do not depend on what else is batched (bitwise; slower)")
     parser.add_argument("--sync-scheduling", action="store_true",
@@ -53,7 +56,7 @@ def model_spec(args) -> dict:
     """What a process needs to build the model and app (sent to each Ray replica)."""
     return {name: getattr(args, name) for name in ("model", "random_weights", "seed", "tokenizer", "served_model_name",
                                                    "api_key", "max_num_seqs", "max_queue", "device", "dtype", "backend",
-                                                   "batch_invariant", "sync_scheduling")}
+                                                   "batch_invariant", "sync_scheduling", "decode_kernel")}
 
 
 def build_from_spec(spec: dict):
@@ -63,7 +66,8 @@ def build_from_spec(spec: dict):
     from gpt2_engine.server.app import build_app
 
     runtime = dict(device=spec["device"], dtype=spec["dtype"], backend=spec["backend"], max_num_seqs=spec["max_num_seqs"],
-                   batch_invariant=spec["batch_invariant"], async_scheduling=False if spec["sync_scheduling"] else None)
+                   batch_invariant=spec["batch_invariant"], async_scheduling=False if spec["sync_scheduling"] else None,
+                   decode_kernel=spec["decode_kernel"])
     if spec["random_weights"]:
         if spec["model"] not in PRESETS:
             raise ValueError(f"--random-weights needs a preset model name ({', '.join(PRESETS)}), got {spec['model']!r}")

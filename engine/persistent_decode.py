@@ -1,0 +1,225 @@
+"""GPT-2's decode step as one persistent launch (gpt2_engine.kernels.persistent_decode): the arenas
+and the schedule of tile instructions, built once per (model, batch bucket), and the time model.
+
+Opt-in (`decode_kernel="persistent"` on the constructors, `--decode-kernel persistent` on the
+CLI): decode-only steps of up to MAX_ROWS rows whose every row samples run here; other steps take
+the multi-launch path (the engine logs that once).
+
+Arenas (built once per model)
+    weights  one tensor in the model's dtype: the stacked embedding [V + P, C], per layer the
+             LN-folded c_attn W' [C, 3C], c_proj W [C, C], LN-folded c_fc W' [C, 4C], mlp c_proj W
+             [4C, C] (row-major Conv1D layout), then the LN-folded LM head as [V, C] (read K-major).
+             A copy: the opt-in path holds the weights twice (the multi-launch path keeps its own).
+    params   fp32: every folded bias b', colsum 1^T W' and plain bias.
+    act      [MAX_ROWS rows] x (x C | qkv 3C | attn C | h 4C | logits V), the model's dtype; x is the
+             residual stream, updated in place by the two residual GEMVs (each tile reads and writes
+             only its own columns, after every reader of the old x has published).
+
+Schedule of a bucket of R rows (stages in order; each waits for the whole previous stage):
+    embed (C / BLOCK_N tiles) -> per layer [QKV GEMV + KV write -> attention chunks of (row, head)
+    -> c_proj + residual -> c_fc + GELU -> mlp c_proj + residual] -> LM head (ln_f folded). GEMVs
+    are [BLOCK_K x BLOCK_N] tiles (32 KB of fp16 weights), K cut into cdiv(K, BLOCK_K) splits.
+    Attention cuts each context into chunks sized so that R x H x chunks is about 2 x SMs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gpt2_engine.kernels import fused_linear
+from gpt2_engine.kernels import persistent_decode as pk
+from gpt2_engine.kernels.launch_plan import kv_tile
+from gpt2_engine.model import PagedGPT2, StepInputs
+
+MAX_ROWS = pk.BLOCK_M
+BUCKETS = (1, 2, 4, 8, 16)
+DECODE_KERNELS = ("graphs", "persistent")
+log = logging.getLogger(__name__)
+
+
+def check_decode_kernel(decode_kernel: str) -> str:
+    if decode_kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
+    return decode_kernel
+
+
+class _Arena:
+    """Tensors appended to one flat buffer; `add` returns the element offset."""
+
+    def __init__(self):
+        self.parts, self.size = [], 0
+
+    def add(self, t: torch.Tensor) -> int:
+        off = self.size
+        self.parts.append(t.reshape(-1))
+        self.size += t.numel()
+        return off
+
+    def build(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([p.to(dtype) for p in self.parts])
+
+
+@dataclass(frozen=True)
+class _Linear:
+    w_off: int
+    w_sk: int
+    w_sn: int
+    K: int
+    N: int
+    bias_off: int
+    colsum_off: int     # -1: no LayerNorm folded in
+
+
+class _Builder:
+    """Appends instructions (dicts of fields) and allocates counters; a stage is a done counter."""
+
+    def __init__(self):
+        self.rows: list[list[int]] = []
+        self.num_counters = pk.FIRST_FREE_COUNTER
+        self.workspace = 0
+
+    def counter(self) -> int:
+        self.num_counters += 1
+        return self.num_counters - 1
+
+    def add(self, **fields) -> None:
+        row = dict.fromkeys(pk.FIELDS, 0) | dict(bias_off=-1, colsum_off=-1, res_off=-1, kv_off=-1, n_split=1) | fields
+        self.rows.append([row[name] for name in pk.FIELDS])
+
+
+class PersistentDecode:
+    """The persistent step of one PagedGPT2 (triton backend, unquantized) over its KV cache."""
+
+    def __init__(self, model: PagedGPT2, kv_cache: torch.Tensor, block_size: int):
+        if model.backend != "triton" or model.quantization:
+            raise ValueError("decode_kernel='persistent' needs backend='triton' without quantization")
+        cfg, self.model, self.kv_cache = model.config, model, kv_cache
+        self.dtype, device = model.dtype, model.device
+        self.block_n = 64
+        self.block_k = 128 if self.dtype == torch.float32 else 256      # 32 KB weight tiles
+        self.cache_block = block_size
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        weights, params = _Arena(), _Arena()
+
+        def linear(w: torch.Tensor, bias: torch.Tensor | None, colsum: torch.Tensor | None = None) -> _Linear:
+            K, N = w.shape
+            if w.stride(0) == 1:                 # K-major (the LM head): stored [N, K]
+                off, sk, sn = weights.add(w.t().contiguous()), 1, K
+            else:
+                off, sk, sn = weights.add(w.contiguous()), N, 1
+            return _Linear(off, sk, sn, K, N, params.add(bias.float()) if bias is not None else -1,
+                           params.add(colsum.float()) if colsum is not None else -1)
+
+        def folded(f: fused_linear.FoldedLinear) -> _Linear:
+            return linear(f.weight, f.bias, f.colsum)
+
+        self.embedding = weights.add(model.embedding)
+        self.layers = [(folded(b.attn.c_attn.weight), linear(b.attn.c_proj.weight, b.attn.c_proj.bias),
+                        folded(b.mlp.c_fc.weight), linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias)) for b in model.h]
+        self.lm_head = linear(model.lm_head.weight, model.lm_head.bias, model.lm_head.colsum)
+        self.weights, self.params = weights.build(self.dtype), params.build(torch.float32)
+        C, V = cfg.n_embd, cfg.vocab_size
+        widths = dict(x=C, qkv=3 * C, attn=C, h=4 * C, logits=V)
+        self.act_off, off = {}, 0
+        for name, width in widths.items():
+            self.act_off[name] = off
+            off += MAX_ROWS * width
+        self.widths = widths
+        self.act = torch.zeros(off, dtype=self.dtype, device=device)
+        self.schedules = {b: self._schedule(b) for b in BUCKETS}
+        for s in self.schedules.values():
+            pk.check_schedule(s.instructions, s.num_counters)
+        largest = self.schedules[BUCKETS[-1]]
+        self.counters = torch.zeros(max(s.num_counters for s in self.schedules.values()), dtype=torch.int32,
+                                    device=device)
+        self.workspace = torch.zeros(max(s.workspace for s in self.schedules.values()), dtype=torch.float32,
+                                     device=device)
+        self.kv_v_offset = self._kv_offset(0, 1) - self._kv_offset(0, 0)
+        self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.max_rows = largest.max_rows
+
+    # ---- the schedule ----------------------------------------------------------------------------
+
+    def _kv_offset(self, layer: int, k_or_v: int) -> int:
+        """Element offset of a layer's K (0) or V (1) pool in the contiguous [L, 2, blocks, bs, H, D] cache."""
+        return self.kv_cache[layer, k_or_v].storage_offset() - self.kv_cache.storage_offset()
+
+    def _gemv(self, bld: _Builder, lin: _Linear, *, wait: tuple[int, int], x: str, out: str, residual: bool = False,
+              gelu: bool = False, kv_layer: int | None = None) -> tuple[int, int]:
+        """Instructions of one GEMV stage (every column tile x K split); returns its (done counter, units)."""
+        done = bld.counter()
+        tiles, splits = -(-lin.N // self.block_n), -(-lin.K // self.block_k)
+        kv_off = self._kv_offset(kv_layer, 0) if kv_layer is not None else -1
+        for t in range(tiles):
+            split_ctr = bld.counter()
+            for s in range(splits):
+                bld.add(op=pk.GEMV, wait_ctr=wait[0], wait_count=wait[1], done_ctr=done, split_ctr=split_ctr,
+                        n_split=splits, split=s, x_off=self.act_off[x], x_stride=self.widths[x], k=lin.K,
+                        k0=s * self.block_k, w_off=lin.w_off, w_sk=lin.w_sk, w_sn=lin.w_sn, n0=t * self.block_n,
+                        n=lin.N, bias_off=lin.bias_off, colsum_off=lin.colsum_off,
+                        res_off=self.act_off[out] if residual else -1, out_off=self.act_off[out],
+                        out_stride=self.widths[out], gelu=int(gelu), kv_off=kv_off,
+                        ws_off=t * splits * pk.BLOCK_M * self.block_n)
+        bld.workspace = max(bld.workspace, tiles * splits * pk.BLOCK_M * self.block_n)
+        return done, tiles
+
+    def _chunks(self, rows: int) -> tuple[int, int]:
+        """(KV tiles per chunk, chunks) of a context of n_positions: rows x heads x chunks ~ 2 x SMs."""
+        cfg = self.model.config
+        tiles = -(-cfg.n_positions // kv_tile(self.cache_block))
+        want = max(1, -(-2 * self.num_sms // (rows * cfg.n_head)))
+        per_chunk = -(-tiles // want)
+        return per_chunk, -(-tiles // per_chunk)
+
+    def _schedule(self, rows: int) -> pk.Schedule:
+        cfg, bld = self.model.config, _Builder()
+        C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
+        done = bld.counter()
+        tiles = -(-C // self.block_n)
+        for t in range(tiles):
+            bld.add(op=pk.EMBED, wait_ctr=done, wait_count=0, done_ctr=done, split_ctr=done, w_off=self.embedding,
+                    w_sk=C, n0=t * self.block_n, n=C, out_off=self.act_off["x"], out_stride=C)
+        stage = (done, tiles)
+        per_chunk, chunks = self._chunks(rows)
+        for layer, (c_attn, c_proj, c_fc, proj) in enumerate(self.layers):
+            stage = self._gemv(bld, c_attn, wait=stage, x="x", out="qkv", kv_layer=layer)
+            done = bld.counter()
+            for r in range(rows):
+                for h in range(H):
+                    split_ctr = bld.counter()
+                    for s in range(chunks):
+                        bld.add(op=pk.ATTN, wait_ctr=stage[0], wait_count=stage[1], done_ctr=done,
+                                split_ctr=split_ctr, n_split=chunks, split=s, x_off=self.act_off["qkv"],
+                                x_stride=3 * C, k=per_chunk, k0=r, n0=h, n=C,
+                                kv_off=self._kv_offset(layer, 0), out_off=self.act_off["attn"],
+                                out_stride=C, ws_off=(r * H + h) * chunks * (D + 2))
+            bld.workspace = max(bld.workspace, rows * H * chunks * (D + 2))
+            stage = (done, rows * H)
+            stage = self._gemv(bld, c_proj, wait=stage, x="attn", out="x", residual=True)
+            stage = self._gemv(bld, c_fc, wait=stage, x="x", out="h", gelu=True)
+            stage = self._gemv(bld, proj, wait=stage, x="h", out="x", residual=True)
+        self._gemv(bld, self.lm_head, wait=stage, x="x", out="logits")
+        table = torch.tensor(bld.rows, dtype=torch.int64, device=self.act.device)
+        return pk.Schedule(table, bld.num_counters, bld.workspace, rows, self.block_n, self.block_k, D,
+                           self.cache_block, kv_tile(self.cache_block), chunks)
+
+    # ---- a step ------------------------------------------------------------------------------------
+
+    def covers(self, step: StepInputs) -> bool:
+        """A decode-only step of <= MAX_ROWS rows that needs every row's logits."""
+        return (step.num_prefill_tokens == 0 and step.logits_indices is None and step.context_lens is not None
+                and step.context_lens.shape[0] <= self.max_rows)
+
+    def run(self, step: StepInputs, *, reference: bool = False) -> torch.Tensor:
+        """fp32 logits [M, V] of a covered step (reference=True: the kernel's torch twin)."""
+        M = step.context_lens.shape[0]
+        schedule = self.schedules[next(b for b in BUCKETS if b >= M)]
+        fn = pk.run_schedule_ref if reference else pk.run_schedule
+        fn(schedule, self.counters, self.weights, self.params, self.act, self.workspace, self.kv_cache,
+           step.embed_indices, step.slot_mapping, step.block_tables, step.context_lens,
+           kv_v_offset=self.kv_v_offset, eps=self.model.config.layer_norm_epsilon, sm_scale=self.sm_scale)
+        V = self.widths["logits"]
+        return self.act[self.act_off["logits"]:self.act_off["logits"] + M * V].view(M, V).float()

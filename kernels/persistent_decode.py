@@ -1,0 +1,498 @@
+"""Persistent decode step: a whole decode forward as one launch of an instruction interpreter.
+
+What
+    `run_schedule` launches about one program per SM (PROGRAMS_PER_SM resident programs per SM);
+    the programs execute a host-built schedule: an int64 table [n, NUM_FIELDS] of tile
+    instructions over flat arenas (weights, fp32 parameters, activations, fp32 workspace, KV
+    cache). The kernel knows three instructions and nothing of the model:
+
+      EMBED  out[rows, n0:n0+BN] = table[idx[2r]] + table[idx[2r+1]]     (embedding_bag of a pair)
+      GEMV   one K slice x one column tile of act(LN(x) @ W' + b') + residual, LN folded as in
+             fused_linear (y = rstd * (x @ W' - mean * colsum) + b'); split-K slices store fp32
+             partials and the last slice to arrive (arrival_counter.last_to_arrive) sums them in
+             the fixed order 0..S-1 and runs the epilogue (bias, GELU, residual, the KV write)
+      ATTN   one KV chunk of paged decode attention for (row, head); the last chunk to arrive
+             merges the chunks' softmax states (as paged_attention's split kernel)
+
+    Each instruction names an arrival counter to wait on (and the count it must reach) and a
+    counter to publish to when its output unit is complete: the schedule's dependency graph.
+
+Queue and progress
+    Programs take instruction indices from one global counter (relaxed atomic_add). The schedule
+    is in topological order (check_schedule: an instruction waits only on instructions before it),
+    so the smallest unfinished instruction never waits on anything unfinished: whichever program
+    holds it makes progress, for any number of programs and any interleaving, including Triton's
+    interpreter, which runs program 0 to the end before starting program 1 (program 0 then executes
+    the whole schedule and the others find the queue empty). A program takes its next index before
+    executing the current one (the atomic's latency hides behind the work); the held index is
+    larger than the current one, so the argument still holds.
+
+Weight loads before the wait
+    A GEMV loads its whole [BLOCK_K, BLOCK_N] weight tile (and its fp32 bias / colsum) before it
+    spins on its input counter: weights never depend on activations, so each resident program keeps
+    one tile in flight while it waits for the previous stage. In the SASS this is the tile's
+    LDG.E.128 group issued before the ATOMG (.STRONG.GPU acquire) poll loop of the wait and
+    consumed (STS for the dot's operand staging, then HMMA) only after it; the compile report
+    checks the order (`loads_before_wait`).
+
+Memory ordering (PTX memory model; see arrival_counter.py for the split-K election)
+    publish: every thread's plain stores of the output unit, then bar.sync (tl.debug_barrier), then
+      one `atom.add.release.gpu` on the unit's counter: release is cumulative, so all of the CTA's
+      stores (ordered before the issuing thread's atomic by the barrier) are visible at gpu scope
+      before the increment is.
+    wait: `atom.add.acquire.gpu` of 0 polled until the count is reached (a read-modify-write reads
+      the latest value in the counter's modification order, so every publish it counts
+      synchronises with it); Triton broadcasts the scalar result through shared memory behind a
+      barrier, which orders the other threads' loads after the acquire. Activations are then loaded
+      with ".cg" (L2 only): the SM's L1 is not coherent with other SMs' stores.
+    Re-arming: the last program to leave (an exit arrival counter) zeroes the queue and every
+      stage counter; split counters re-arm themselves. All other programs have left, so nobody
+      reads them again in this launch; the kernel boundary orders the zeros before the next launch.
+
+Determinism: every reduction (split-K partials, attention chunks, LayerNorm statistics) runs in an
+order fixed by the schedule, so a step's results are bitwise the same run to run.
+
+Time model (engine/persistent_decode.py, `time_model`; `gpt2-engine kernels --persistent-model`):
+    per step = max(weight and KV bytes / bandwidth, stages on the critical path x t_stage)
+               + instructions per program x t_fetch (not hidden) + t_launch
+    with the H200's 4.3 TB/s copy bandwidth, t_stage = 0.9 us (publish, poll, activation load from
+    L2, dot, split-K election and partial reload: two L2 atomic round trips of ~0.3 us plus ~0.3 us
+    of L2 loads and math), t_fetch = 0.05 us (the queue atomic is prefetched; the instruction's
+    scalar loads hit L2), t_launch = 4 us (one launch, the first weight bytes, the tail). GPT-2
+    small, fp16, batch 1 (247 MB, 62 stages): max(57, 56) + 1.5 + 4 = ~63 us, ~90% of the roofline,
+    ~15,900 tok/s; the estimate for batch 8 and 16 is in the README. Weight streaming and the stage
+    chain overlap because every waiting program already has its weight tile in flight; the model's
+    weakest assumption is t_stage, which only a GPU run measures (benchmarks/gpu_check.py).
+
+Limits: BLOCK_M (the schedule's row bucket) is 16 (mma m16): up to 16 decode rows per step;
+    weights and activations of one dtype (fp32 / fp16 / bf16); head_dim and the cache block size
+    powers of two; arena offsets in elements, int64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gpt2_engine.kernels import triton_defaults  # noqa: F401  (before triton)
+import triton
+import triton.language as tl
+
+from gpt2_engine.kernels import checks
+from gpt2_engine.kernels.arrival_counter import last_to_arrive
+from gpt2_engine.kernels.fused_linear import _gelu_tanh, gelu_tanh
+
+# ---- the instruction format (int64 fields) -----------------------------------------------------
+
+EMBED, GEMV, ATTN = 0, 1, 2
+FIELDS = ("op", "wait_ctr", "wait_count", "done_ctr", "split_ctr", "n_split", "split",
+          "x_off", "x_stride", "k", "k0", "w_off", "w_sk", "w_sn", "n0", "n",
+          "bias_off", "colsum_off", "res_off", "out_off", "out_stride", "gelu", "kv_off", "ws_off")
+NUM_FIELDS = len(FIELDS)
+F = {name: i for i, name in enumerate(FIELDS)}
+# ATTN reuses fields: x_off/x_stride = q, k0 = row, n0 = head, n = C (= heads x HEAD_DIM), k = KV tiles per
+# chunk, kv_off = the layer's K pool. EMBED: w_off/w_sk = the [rows, C] table, n = C, out_* = x.
+QUEUE, EXIT, FIRST_FREE_COUNTER = 0, 1, 2     # counters[0]: the queue, [1]: exit arrivals
+PROGRAMS_PER_SM = 2
+
+F_OP: tl.constexpr = 0
+F_WAIT_CTR: tl.constexpr = 1
+F_WAIT_COUNT: tl.constexpr = 2
+F_DONE_CTR: tl.constexpr = 3
+F_SPLIT_CTR: tl.constexpr = 4
+F_N_SPLIT: tl.constexpr = 5
+F_SPLIT: tl.constexpr = 6
+F_X_OFF: tl.constexpr = 7
+F_X_STRIDE: tl.constexpr = 8
+F_K: tl.constexpr = 9
+F_K0: tl.constexpr = 10
+F_W_OFF: tl.constexpr = 11
+F_W_SK: tl.constexpr = 12
+F_W_SN: tl.constexpr = 13
+F_N0: tl.constexpr = 14
+F_N: tl.constexpr = 15
+F_BIAS_OFF: tl.constexpr = 16
+F_COLSUM_OFF: tl.constexpr = 17
+F_RES_OFF: tl.constexpr = 18
+F_OUT_OFF: tl.constexpr = 19
+F_OUT_STRIDE: tl.constexpr = 20
+F_GELU: tl.constexpr = 21
+F_KV_OFF: tl.constexpr = 22
+F_WS_OFF: tl.constexpr = 23
+
+
+# ---- kernel --------------------------------------------------------------------------------------
+
+@triton.jit
+def _wait(counters_ptr, ins):
+    """Spin until counters[wait_ctr] >= wait_count (acquire); wait_count 0 = no dependency."""
+    ctr = tl.load(ins + F_WAIT_CTR)
+    count = tl.load(ins + F_WAIT_COUNT)
+    seen = tl.atomic_add(counters_ptr + ctr, 0, sem="acquire", scope="gpu")
+    while seen < count:
+        seen = tl.atomic_add(counters_ptr + ctr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _publish(counters_ptr, ins):
+    """The CTA's stores of this output unit, then a release increment of its done counter."""
+    tl.debug_barrier()
+    tl.atomic_add(counters_ptr + tl.load(ins + F_DONE_CTR), 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _row_stats(x_ptr, x_stride, rows, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, rstd) of rows of x [*, K] in fp32, two passes (mean, then squared deviations: no
+    cancellation on GPT-2's residual stream), in a fixed order."""
+    offs = tl.arange(0, BLOCK_K)
+    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + rows[:, None] * x_stride + (k0 + offs)[None, :],
+                    mask=m_mask[:, None] & (k0 + offs < K)[None, :], other=0.0, cache_modifier=".cg")
+        s += tl.sum(x.to(tl.float32), axis=1)
+    mean = s / K
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs
+        x = tl.load(x_ptr + rows[:, None] * x_stride + kk[None, :],
+                    mask=m_mask[:, None] & (kk < K)[None, :], other=0.0, cache_modifier=".cg")
+        d = tl.where((kk < K)[None, :], x.to(tl.float32) - mean[:, None], 0.0)            # [BLOCK_M, BLOCK_K]
+        m2 += tl.sum(d * d, axis=1)
+    return mean, 1.0 / tl.sqrt(m2 / K + eps)
+
+
+@triton.jit
+def _embed(ins, counters_ptr, w_ptr, act_ptr, idx_ptr, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    m_mask = rows < M
+    offs_n = tl.load(ins + F_N0) + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < tl.load(ins + F_N)
+    mask = m_mask[:, None] & n_mask[None, :]
+    table = w_ptr + tl.load(ins + F_W_OFF)
+    stride = tl.load(ins + F_W_SK)
+    i0 = tl.load(idx_ptr + 2 * rows, mask=m_mask, other=0)                                  # [BLOCK_M]
+    i1 = tl.load(idx_ptr + 2 * rows + 1, mask=m_mask, other=0)
+    e = (tl.load(table + i0[:, None] * stride + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+         + tl.load(table + i1[:, None] * stride + offs_n[None, :], mask=mask, other=0.0).to(tl.float32))
+    out = act_ptr + tl.load(ins + F_OUT_OFF) + rows[:, None] * tl.load(ins + F_OUT_STRIDE) + offs_n[None, :]
+    tl.store(out, e.to(act_ptr.dtype.element_ty), mask=mask)
+    _publish(counters_ptr, ins)
+
+
+@triton.jit
+def _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M, kv_v_offset, eps,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    K = tl.load(ins + F_K)
+    N = tl.load(ins + F_N)
+    offs_k = tl.load(ins + F_K0) + tl.arange(0, BLOCK_K)
+    offs_n = tl.load(ins + F_N0) + tl.arange(0, BLOCK_N)
+    k_mask = offs_k < K
+    n_mask = offs_n < N
+    # 1. The weight tile, before any wait: [BLOCK_K, BLOCK_N] in W's strides (row-major Conv1D
+    #    weights: BLOCK_K runs of BLOCK_N contiguous elements; the K-major LM head: runs along K).
+    w = tl.load(w_ptr + tl.load(ins + F_W_OFF) + offs_k[:, None] * tl.load(ins + F_W_SK)
+                + offs_n[None, :] * tl.load(ins + F_W_SN), mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    # 2. Its input activations, once the stage that writes them has published.
+    _wait(counters_ptr, ins)
+    rows = tl.arange(0, BLOCK_M)
+    m_mask = rows < M
+    x_ptr = act_ptr + tl.load(ins + F_X_OFF)
+    x_stride = tl.load(ins + F_X_STRIDE)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0, cache_modifier=".cg")                                          # [BLOCK_M, BLOCK_K]
+    acc = tl.dot(x, w.to(x.dtype), input_precision="ieee")                               # [BLOCK_M, BLOCK_N] fp32
+    # 3. Split K: partial tile s at ws[ws_off + s * BLOCK_M * BLOCK_N]; the last slice sums 0..S-1.
+    n_split = tl.load(ins + F_N_SPLIT)
+    is_last = n_split == 1
+    if n_split > 1:
+        tile = ws_ptr + tl.load(ins + F_WS_OFF) + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(tile + tl.load(ins + F_SPLIT) * (BLOCK_M * BLOCK_N), acc)
+        is_last = last_to_arrive(counters_ptr + tl.load(ins + F_SPLIT_CTR), n_split)
+        if is_last:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, n_split):
+                acc += tl.load(tile + s * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+    if is_last:
+        # 4. Epilogue in fp32 (fused_linear's): LN correction, + b', GELU, + residual, one cast.
+        colsum_off = tl.load(ins + F_COLSUM_OFF)
+        if colsum_off >= 0:
+            mean, rstd = _row_stats(x_ptr, x_stride, rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
+            colsum = tl.load(p_ptr + colsum_off + offs_n, mask=n_mask, other=0.0)         # [BLOCK_N]
+            acc = rstd[:, None] * (acc - mean[:, None] * colsum[None, :])
+        bias_off = tl.load(ins + F_BIAS_OFF)
+        if bias_off >= 0:
+            acc += tl.load(p_ptr + bias_off + offs_n, mask=n_mask, other=0.0)[None, :]
+        if tl.load(ins + F_GELU) != 0:
+            acc = _gelu_tanh(acc)
+        mask = m_mask[:, None] & n_mask[None, :]
+        out_stride = tl.load(ins + F_OUT_STRIDE)
+        res_off = tl.load(ins + F_RES_OFF)
+        if res_off >= 0:
+            acc += tl.load(act_ptr + res_off + rows[:, None] * out_stride + offs_n[None, :], mask=mask, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
+        y = acc.to(act_ptr.dtype.element_ty)
+        tl.store(act_ptr + tl.load(ins + F_OUT_OFF) + rows[:, None] * out_stride + offs_n[None, :], y, mask=mask)
+        kv_off = tl.load(ins + F_KV_OFF)
+        if kv_off >= 0:
+            # [q | k | v] columns, C = N / 3; slot s's K row is C contiguous elements at s * C of the pool
+            C = N // 3
+            slot = tl.load(slot_ptr + rows, mask=m_mask, other=-1)                         # [BLOCK_M]
+            row_ok = mask & (slot >= 0)[:, None]
+            dst = kv_ptr + kv_off + slot[:, None] * C + (offs_n - C)[None, :]            # [BLOCK_M, BLOCK_N]
+            tl.store(dst, y, mask=row_ok & ((offs_n >= C) & (offs_n < 2 * C))[None, :])
+            tl.store(dst + kv_v_offset - C, y, mask=row_ok & (offs_n >= 2 * C)[None, :])
+        _publish(counters_ptr, ins)
+
+
+@triton.jit
+def _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, M, stride_tb,
+          kv_v_offset, qk_scale, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, KV_TILE: tl.constexpr,
+          BLOCK_S: tl.constexpr):
+    _wait(counters_ptr, ins)              # q and this step's K/V rows (the QKV stage)
+    b = tl.load(ins + F_K0)
+    h = tl.load(ins + F_N0)
+    s = tl.load(ins + F_SPLIT)
+    n_split = tl.load(ins + F_N_SPLIT)
+    tiles_per_split = tl.load(ins + F_K)
+    valid = b < M                          # rows past M (the bucket's padding) stay empty
+    context_len = tl.load(context_lens_ptr + b, mask=valid, other=0)
+    tile_hi = tl.minimum(s * tiles_per_split + tiles_per_split, tl.cdiv(context_len, KV_TILE))
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(act_ptr + tl.load(ins + F_X_OFF) + b * tl.load(ins + F_X_STRIDE) + h * HEAD_DIM + d,
+                cache_modifier=".cg").to(tl.float32) * qk_scale                            # [HEAD_DIM], log2 domain
+    table_row = block_tables_ptr + b * stride_tb
+    last_block = tl.maximum(context_len - 1, 0) // CACHE_BLOCK
+    kv_layer = kv_ptr + tl.load(ins + F_KV_OFF)
+    num_heads = tl.load(ins + F_N) // HEAD_DIM
+    # paged_attention's loop: row r of the tile keeps its own online softmax over tokens r, r + KV_TILE, ...
+    m_i = tl.full([KV_TILE], -1e30, dtype=tl.float32)                                     # [KV_TILE]
+    l_i = tl.zeros([KV_TILE], dtype=tl.float32)
+    acc = tl.zeros([KV_TILE, HEAD_DIM], dtype=tl.float32)                                 # [KV_TILE, HEAD_DIM]
+    n = s * tiles_per_split * KV_TILE + tl.arange(0, KV_TILE)                              # token positions
+    for _tile in range(s * tiles_per_split, tile_hi):
+        block = tl.load(table_row + tl.minimum(n // CACHE_BLOCK, last_block))             # [KV_TILE] block ids
+        # cache [blocks, CACHE_BLOCK, H, D] contiguous: token slot t's head h at (t * H + h) * D
+        kv_off = (block.to(tl.int64) * CACHE_BLOCK + n % CACHE_BLOCK) * num_heads + h
+        kv_off = kv_off[:, None] * HEAD_DIM + d[None, :]
+        k = tl.load(kv_layer + kv_off, cache_modifier=".cg")                               # [KV_TILE, HEAD_DIM]
+        v = tl.load(kv_layer + kv_v_offset + kv_off, cache_modifier=".cg")
+        ok = n < context_len
+        scores = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
+        m_new = tl.maximum(m_i, scores)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + tl.where(ok[:, None], p[:, None] * v.to(tl.float32), 0.0)
+        m_i = m_new
+        n += KV_TILE
+    m_max = tl.max(m_i, axis=0)
+    w = tl.exp2(m_i - m_max)
+    l = tl.sum(w * l_i, axis=0)
+    a = tl.sum(w[:, None] * acc, axis=0)                                                   # [HEAD_DIM]
+    # chunk s's state at ws[ws_off + s * (HEAD_DIM + 2)]: a [HEAD_DIM], then m, then l
+    part = ws_ptr + tl.load(ins + F_WS_OFF)
+    tl.store(part + s * (HEAD_DIM + 2) + d, a)
+    tl.store(part + s * (HEAD_DIM + 2) + HEAD_DIM, tl.where(l > 0, m_max, -float("inf")))
+    tl.store(part + s * (HEAD_DIM + 2) + HEAD_DIM + 1, l)
+    if last_to_arrive(counters_ptr + tl.load(ins + F_SPLIT_CTR), n_split):
+        chunks = tl.arange(0, BLOCK_S)
+        has = chunks < n_split
+        m_s = tl.load(part + chunks * (HEAD_DIM + 2) + HEAD_DIM, mask=has, other=-float("inf"), cache_modifier=".cg")
+        l_s = tl.load(part + chunks * (HEAD_DIM + 2) + HEAD_DIM + 1, mask=has, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(part + chunks[:, None] * (HEAD_DIM + 2) + d[None, :], mask=has[:, None], other=0.0,
+                      cache_modifier=".cg")                                                # [BLOCK_S, HEAD_DIM]
+        big = tl.max(m_s, axis=0)
+        w_s = tl.exp2(m_s - big)
+        out = tl.sum(w_s[:, None] * a_s, axis=0) / tl.sum(w_s * l_s, axis=0)
+        out_ptr = act_ptr + tl.load(ins + F_OUT_OFF) + b * tl.load(ins + F_OUT_STRIDE) + h * HEAD_DIM + d
+        tl.store(out_ptr, out.to(act_ptr.dtype.element_ty), mask=(b + 0 * d) < M)
+        _publish(counters_ptr, ins)
+
+
+@triton.jit
+def _persistent_decode_kernel(
+    instr_ptr, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr,
+    idx_ptr, slot_ptr, block_tables_ptr, context_lens_ptr,
+    stride_tb,
+    n_instr, n_counters, M, kv_v_offset, eps, qk_scale,
+    NF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, KV_TILE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    i = tl.atomic_add(counters_ptr + 0, 1, sem="relaxed", scope="gpu")         # counters[QUEUE]
+    while i < n_instr:
+        following = tl.atomic_add(counters_ptr + 0, 1, sem="relaxed", scope="gpu")
+        ins = instr_ptr + i.to(tl.int64) * NF
+        op = tl.load(ins + F_OP)
+        if op == 1:
+            _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M, kv_v_offset, eps,
+                  BLOCK_M, BLOCK_N, BLOCK_K)
+        elif op == 2:
+            _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, M, stride_tb,
+                  kv_v_offset, qk_scale, HEAD_DIM, CACHE_BLOCK, KV_TILE, BLOCK_S)
+        else:
+            _embed(ins, counters_ptr, w_ptr, act_ptr, idx_ptr, M, BLOCK_M, BLOCK_N)
+        i = following
+    # The last program to leave re-arms the queue and the stage counters for the next launch.
+    if last_to_arrive(counters_ptr + 1, tl.num_programs(0)):                    # counters[EXIT]
+        offs = tl.arange(0, 1024)
+        for c0 in range(0, n_counters, 1024):
+            tl.store(counters_ptr + c0 + offs, 0, mask=c0 + offs < n_counters)
+
+
+# ---- host side -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """A built schedule: the instruction table and the sizes the launch needs (see the module docstring)."""
+    instructions: torch.Tensor      # int64 [n, NUM_FIELDS], topological order
+    num_counters: int               # counters[0..num_counters): queue, exit, stage and split counters
+    workspace: int                  # fp32 elements of split-K / attention partials
+    max_rows: int                   # rows the schedule covers (<= BLOCK_M)
+    block_n: int
+    block_k: int
+    head_dim: int
+    cache_block: int
+    kv_tile: int
+    max_chunks: int                 # attention chunks per (row, head): BLOCK_S = next_power_of_2
+
+
+BLOCK_M = 16
+
+
+def check_schedule(instructions: torch.Tensor, num_counters: int) -> None:
+    """ValueError unless every instruction's wait is satisfied by publishes of instructions before
+    it (topological order: the queue can never hand out an instruction that waits on a later one),
+    and every counter index is in range."""
+    table = instructions.tolist()
+    done = [0] * num_counters
+    for i, ins in enumerate(table):
+        for name in ("wait_ctr", "done_ctr", "split_ctr"):
+            if not FIRST_FREE_COUNTER <= ins[F[name]] < num_counters:
+                raise ValueError(f"instructions[{i}].{name} = {ins[F[name]]} is outside counters "
+                                 f"[{FIRST_FREE_COUNTER}, {num_counters})")
+        if done[ins[F["wait_ctr"]]] < ins[F["wait_count"]]:
+            raise ValueError(f"instructions[{i}] waits for counter {ins[F['wait_ctr']]} to reach "
+                             f"{ins[F['wait_count']]}, but only {done[ins[F['wait_ctr']]]} publishes precede it: "
+                             "the schedule is not in topological order")
+        last_split = ins[F["op"]] == EMBED or ins[F["split"]] == ins[F["n_split"]] - 1
+        done[ins[F["done_ctr"]]] += last_split   # one publish per output unit (its last split's turn)
+
+
+def _launch_grid(device: torch.device, num_programs: int | None) -> int:
+    if num_programs is not None:
+        if num_programs < 1:
+            raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+        return num_programs
+    if device.type != "cuda":
+        return 2
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def run_schedule(schedule: Schedule, counters: torch.Tensor, weights_base: torch.Tensor, params: torch.Tensor,
+                 act: torch.Tensor, workspace: torch.Tensor, kv_cache: torch.Tensor, embed_indices: torch.Tensor,
+                 slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                 kv_v_offset: int, eps: float, sm_scale: float, num_programs: int | None = None) -> None:
+    """Run the schedule once over M = len(context_lens) rows: one launch. Offsets in the table are
+    elements from weights_base (weights), params (fp32 biases / colsums), act (activations, also
+    the outputs), workspace (fp32 partials) and kv_cache (K pools; V = K + kv_v_offset). counters:
+    int32 [schedule.num_counters] zeros, left zeroed by the launch."""
+    M = context_lens.shape[0]
+    if not 1 <= M <= schedule.max_rows:
+        raise ValueError(f"context_lens has {M} rows; this schedule covers 1..{schedule.max_rows}")
+    checks.int_tensor("counters", counters)
+    if counters.numel() < schedule.num_counters:
+        raise ValueError(f"counters has {counters.numel()} elements, the schedule needs {schedule.num_counters}")
+    if workspace.numel() < schedule.workspace or workspace.dtype != torch.float32:
+        raise ValueError(f"workspace must be fp32 with >= {schedule.workspace} elements")
+    checks.same_dtype("act", act, "weights_base", weights_base.dtype)
+    checks.same_dtype("kv_cache", kv_cache, "weights_base", weights_base.dtype)
+    grid = _launch_grid(act.device, num_programs)
+    try:
+        _persistent_decode_kernel[(grid,)](
+            schedule.instructions, counters, weights_base, params, act, workspace, kv_cache,
+            embed_indices, slot_mapping, block_tables, context_lens, block_tables.stride(0),
+            schedule.instructions.shape[0], schedule.num_counters, M, kv_v_offset, eps, sm_scale * 1.4426950408889634,
+            NF=NUM_FIELDS, BLOCK_M=BLOCK_M, BLOCK_N=schedule.block_n, BLOCK_K=schedule.block_k,
+            HEAD_DIM=schedule.head_dim, CACHE_BLOCK=schedule.cache_block, KV_TILE=schedule.kv_tile,
+            BLOCK_S=triton.next_power_of_2(schedule.max_chunks), num_warps=8, num_stages=1)
+    except BaseException:
+        counters.zero_()    # a partial launch leaves counters armed
+        raise
+
+
+def run_schedule_ref(schedule: Schedule, counters: torch.Tensor, weights_base: torch.Tensor, params: torch.Tensor,
+                     act: torch.Tensor, workspace: torch.Tensor, kv_cache: torch.Tensor, embed_indices: torch.Tensor,
+                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                     kv_v_offset: int, eps: float, sm_scale: float, num_programs: int | None = None) -> None:
+    """run_schedule in plain torch: the instructions one by one, in table order (same math, same
+    reduction orders up to torch's own summation order inside a tile)."""
+    M = context_lens.shape[0]
+    flat_w, flat_a, flat_kv = (_flat(t) for t in (weights_base, act, kv_cache))
+    partials: dict[int, list] = {}
+    for ins in schedule.instructions.tolist():
+        f = dict(zip(FIELDS, ins))
+        if f["op"] == EMBED:
+            cols = slice(f["n0"], min(f["n0"] + schedule.block_n, f["n"]))
+            table = flat_w[f["w_off"]:]
+            idx = embed_indices[:2 * M].view(M, 2)
+            e = sum(table[idx[:, j, None] * f["w_sk"] + torch.arange(cols.start, cols.stop)].float() for j in (0, 1))
+            _view(flat_a, f["out_off"], M, f["out_stride"])[:, cols] = e.to(act.dtype)
+        elif f["op"] == GEMV:
+            k = slice(f["k0"], min(f["k0"] + schedule.block_k, f["k"]))
+            cols = slice(f["n0"], min(f["n0"] + schedule.block_n, f["n"]))
+            w = torch.as_strided(flat_w, (f["k"], f["n"]), (f["w_sk"], f["w_sn"]), f["w_off"])
+            x = _view(flat_a, f["x_off"], M, f["x_stride"])[:, :f["k"]]
+            partials.setdefault(f["split_ctr"], []).append(x[:, k].float() @ w[k, cols].float())
+            if f["split"] != f["n_split"] - 1:
+                continue
+            acc = sum(partials.pop(f["split_ctr"]))
+            if f["colsum_off"] >= 0:
+                xf = x.float()
+                mean = xf.mean(1, keepdim=True)
+                rstd = ((xf - mean).pow(2).mean(1, keepdim=True) + eps).rsqrt()
+                acc = rstd * (acc - mean * params[f["colsum_off"]:][cols])
+            if f["bias_off"] >= 0:
+                acc = acc + params[f["bias_off"]:][cols]
+            if f["gelu"]:
+                acc = gelu_tanh(acc)
+            out = _view(flat_a, f["out_off"], M, f["out_stride"])
+            if f["res_off"] >= 0:
+                acc = acc + _view(flat_a, f["res_off"], M, f["out_stride"])[:, cols].float()
+            out[:, cols] = acc.to(act.dtype)
+            if f["kv_off"] >= 0:
+                _write_kv_ref(flat_kv, f, cols, out[:, cols], slot_mapping[:M], kv_v_offset)
+        elif f["split"] == f["n_split"] - 1:       # ATTN: the whole (row, head) at its last chunk
+            _attn_ref(f, schedule, flat_a, flat_kv, block_tables, context_lens, M, kv_v_offset, sm_scale)
+    counters.zero_()
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1)      # arenas and the KV cache are contiguous; offsets count from their first element
+
+
+def _view(flat: torch.Tensor, off: int, rows: int, stride: int) -> torch.Tensor:
+    return torch.as_strided(flat, (rows, stride), (stride, 1), off)
+
+
+def _write_kv_ref(flat_kv, f, cols, y, slots, kv_v_offset):
+    """[q | k | v] columns of y (rows with slot >= 0) into the layer's K / V pools, slot s at s * C."""
+    C = f["n"] // 3
+    c = torch.arange(cols.start, cols.stop)
+    is_v = c >= 2 * C
+    dst = f["kv_off"] + torch.where(is_v, kv_v_offset + c - 2 * C, c - C)[None, :] + slots[:, None] * C
+    keep = (c >= C)[None, :] & (slots >= 0)[:, None]
+    flat_kv[dst[keep]] = y[keep]
+
+
+def _attn_ref(f, schedule, flat_a, flat_kv, block_tables, context_lens, M, kv_v_offset, sm_scale):
+    b, h, D = f["k0"], f["n0"], schedule.head_dim
+    if b >= M:
+        return
+    H = f["n"] // D
+    L = int(context_lens[b])
+    pos = torch.arange(L)
+    slots = block_tables[b, pos // schedule.cache_block].long() * schedule.cache_block + pos % schedule.cache_block
+    rows = (slots * H + h)[:, None] * D + torch.arange(D)
+    k, v = flat_kv[f["kv_off"] + rows].float(), flat_kv[f["kv_off"] + kv_v_offset + rows].float()
+    q = flat_a[f["x_off"] + b * f["x_stride"] + h * D + torch.arange(D)].float()
+    out = torch.softmax(k @ q * sm_scale, 0) @ v
+    flat_a[f["out_off"] + b * f["out_stride"] + h * D + torch.arange(D)] = out.to(flat_a.dtype)
