@@ -5,20 +5,24 @@ Opt-in (`decode_kernel="persistent"` on the constructors, `--decode-kernel persi
 CLI): decode-only steps of up to MAX_ROWS rows whose every row samples run here; other steps take
 the multi-launch path (the engine logs that once).
 
-Arenas (built once per model)
-    weights  one tensor in the model's dtype: the stacked embedding [V + P, C], per layer the
-             LN-folded c_attn W' [C, 3C], c_proj W [C, C], LN-folded c_fc W' [C, 4C], mlp c_proj W
-             [4C, C] (row-major Conv1D layout), then the LN-folded LM head as [V, C] (read K-major).
-             A copy: the opt-in path holds the weights twice (the multi-launch path keeps its own).
+Arenas (built once per model; every part starts at a multiple of 16 elements)
+    weights  one tensor in the model's dtype: the stacked embedding [V + P, C16] (rows padded to 16
+             elements), then each linear tile-major: the LN-folded c_attn W' [C, 3C], c_proj W
+             [C, C], LN-folded c_fc W' [C, 4C], mlp c_proj W [4C, C] of every layer and the
+             LN-folded LM head W' [C, V] cut into [BLOCK_K, BLOCK_N] tiles, each stored as one
+             contiguous row-major run (zero-padded past K and N), in the order (column tile, K split)
+             the schedule reads them. A copy: the opt-in path holds the weights twice (the
+             multi-launch path keeps its own).
     params   fp32: every folded bias b', colsum 1^T W' and plain bias.
-    act      [MAX_ROWS rows] x (x C | qkv 3C | attn C | h 4C | logits V), the model's dtype; x is the
-             residual stream, updated in place by the two residual GEMVs (each tile reads and writes
-             only its own columns, after every reader of the old x has published).
+    act      MAX_ROWS rows of each of x [C] | qkv [3C] | attn [C] | h [4C] | logits [V], widths padded
+             to BLOCK_N, the model's dtype; x is the residual stream, updated in place by the two
+             residual GEMVs (each tile reads and writes only its own columns, after every reader of
+             the old x has published).
 
 Schedule of a bucket of R rows (stages in order; each waits for the whole previous stage):
     embed (C / BLOCK_N tiles) -> per layer [QKV GEMV + KV write -> attention chunks of (row, head)
     -> c_proj + residual -> c_fc + GELU -> mlp c_proj + residual] -> LM head (ln_f folded). GEMVs
-    are [BLOCK_K x BLOCK_N] tiles (32 KB of fp16 weights), K cut into cdiv(K, BLOCK_K) splits.
+    are [BLOCK_K x BLOCK_N] tiles (128 x 64: 16 KB of fp16 weights), K cut into cdiv(K, BLOCK_K) splits.
     Attention cuts each context into chunks sized so that R x H x chunks is about 2 x SMs.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gpt2_engine.kernels import fused_linear
 from gpt2_engine.kernels import persistent_decode as pk
@@ -46,16 +51,21 @@ def check_decode_kernel(decode_kernel: str) -> str:
     return decode_kernel
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 class _Arena:
-    """Tensors appended to one flat buffer; `add` returns the element offset."""
+    """Tensors appended to one flat buffer, each at a multiple of 16 elements; `add` returns its offset."""
 
     def __init__(self):
         self.parts, self.size = [], 0
 
     def add(self, t: torch.Tensor) -> int:
         off = self.size
-        self.parts.append(t.reshape(-1))
-        self.size += t.numel()
+        flat = t.reshape(-1)
+        self.parts.append(torch.cat([flat, flat.new_zeros(_round_up(flat.numel(), 16) - flat.numel())]))
+        self.size += self.parts[-1].numel()
         return off
 
     def build(self, dtype: torch.dtype) -> torch.Tensor:
@@ -64,9 +74,7 @@ class _Arena:
 
 @dataclass(frozen=True)
 class _Linear:
-    w_off: int
-    w_sk: int
-    w_sn: int
+    w_off: int          # tile (t, s) at w_off + (t * splits + s) * BLOCK_K * BLOCK_N
     K: int
     N: int
     bias_off: int
@@ -97,37 +105,40 @@ class PersistentDecode:
         if model.backend != "triton" or model.quantization:
             raise ValueError("decode_kernel='persistent' needs backend='triton' without quantization")
         cfg, self.model, self.kv_cache = model.config, model, kv_cache
+        if cfg.n_embd % 16 or not kv_cache.is_contiguous():
+            raise ValueError(f"decode_kernel='persistent' needs n_embd % 16 == 0 (got {cfg.n_embd}) and a contiguous KV cache")
         self.dtype, device = model.dtype, model.device
         self.block_n = 64
-        self.block_k = 128 if self.dtype == torch.float32 else 256      # 32 KB weight tiles
+        self.block_k = 64 if self.dtype == torch.float32 else 128       # 16 KB weight tiles (compile report: 2 programs per SM)
         self.cache_block = block_size
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         weights, params = _Arena(), _Arena()
 
         def linear(w: torch.Tensor, bias: torch.Tensor | None, colsum: torch.Tensor | None = None) -> _Linear:
             K, N = w.shape
-            if w.stride(0) == 1:                 # K-major (the LM head): stored [N, K]
-                off, sk, sn = weights.add(w.t().contiguous()), 1, K
-            else:
-                off, sk, sn = weights.add(w.contiguous()), N, 1
-            return _Linear(off, sk, sn, K, N, params.add(bias.float()) if bias is not None else -1,
+            bk, bn = self.block_k, self.block_n
+            padded = w.new_zeros(_round_up(K, bk), _round_up(N, bn))
+            padded[:K, :N] = w
+            # [splits * BK, tiles * BN] -> [tiles, splits, BK, BN]: tile (t, s) one contiguous run
+            tiles = padded.view(-1, bk, padded.shape[1] // bn, bn).permute(2, 0, 1, 3)
+            return _Linear(weights.add(tiles), K, N, params.add(bias.float()) if bias is not None else -1,
                            params.add(colsum.float()) if colsum is not None else -1)
 
         def folded(f: fused_linear.FoldedLinear) -> _Linear:
             return linear(f.weight, f.bias, f.colsum)
 
-        self.embedding = weights.add(model.embedding)
+        self.embed_stride = _round_up(cfg.n_embd, 16)
+        self.embedding = weights.add(F.pad(model.embedding, (0, self.embed_stride - cfg.n_embd)))
         self.layers = [(folded(b.attn.c_attn.weight), linear(b.attn.c_proj.weight, b.attn.c_proj.bias),
                         folded(b.mlp.c_fc.weight), linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias)) for b in model.h]
         self.lm_head = linear(model.lm_head.weight, model.lm_head.bias, model.lm_head.colsum)
         self.weights, self.params = weights.build(self.dtype), params.build(torch.float32)
         C, V = cfg.n_embd, cfg.vocab_size
-        widths = dict(x=C, qkv=3 * C, attn=C, h=4 * C, logits=V)
+        self.widths = {name: _round_up(n, self.block_n) for name, n in dict(x=C, qkv=3 * C, attn=C, h=4 * C, logits=V).items()}
         self.act_off, off = {}, 0
-        for name, width in widths.items():
+        for name, width in self.widths.items():
             self.act_off[name] = off
             off += MAX_ROWS * width
-        self.widths = widths
         self.act = torch.zeros(off, dtype=self.dtype, device=device)
         self.schedules = {b: self._schedule(b) for b in BUCKETS}
         for s in self.schedules.values():
@@ -158,7 +169,8 @@ class PersistentDecode:
             for s in range(splits):
                 bld.add(op=pk.GEMV, wait_ctr=wait[0], wait_count=wait[1], done_ctr=done, split_ctr=split_ctr,
                         n_split=splits, split=s, x_off=self.act_off[x], x_stride=self.widths[x], k=lin.K,
-                        k0=s * self.block_k, w_off=lin.w_off, w_sk=lin.w_sk, w_sn=lin.w_sn, n0=t * self.block_n,
+                        k0=s * self.block_k, w_off=lin.w_off + (t * splits + s) * self.block_k * self.block_n,
+                        n0=t * self.block_n,
                         n=lin.N, bias_off=lin.bias_off, colsum_off=lin.colsum_off,
                         res_off=self.act_off[out] if residual else -1, out_off=self.act_off[out],
                         out_stride=self.widths[out], gelu=int(gelu), kv_off=kv_off,
@@ -181,7 +193,8 @@ class PersistentDecode:
         tiles = -(-C // self.block_n)
         for t in range(tiles):
             bld.add(op=pk.EMBED, wait_ctr=done, wait_count=0, done_ctr=done, split_ctr=done, w_off=self.embedding,
-                    w_sk=C, n0=t * self.block_n, n=C, out_off=self.act_off["x"], out_stride=C)
+                    w_stride=self.embed_stride, n0=t * self.block_n, n=C, out_off=self.act_off["x"],
+                    out_stride=self.widths["x"])
         stage = (done, tiles)
         per_chunk, chunks = self._chunks(rows)
         for layer, (c_attn, c_proj, c_fc, proj) in enumerate(self.layers):
@@ -193,10 +206,10 @@ class PersistentDecode:
                     for s in range(chunks):
                         bld.add(op=pk.ATTN, wait_ctr=stage[0], wait_count=stage[1], done_ctr=done,
                                 split_ctr=split_ctr, n_split=chunks, split=s, x_off=self.act_off["qkv"],
-                                x_stride=3 * C, k=per_chunk, k0=r, n0=h, n=C,
+                                x_stride=self.widths["qkv"], k=per_chunk, k0=r, n0=h, n=C,
                                 kv_off=self._kv_offset(layer, 0), out_off=self.act_off["attn"],
-                                out_stride=C, ws_off=(r * H + h) * chunks * (D + 2))
-            bld.workspace = max(bld.workspace, rows * H * chunks * (D + 2))
+                                out_stride=self.widths["attn"], ws_off=(r * H + h) * _round_up(chunks * (D + 2), 16))
+            bld.workspace = max(bld.workspace, rows * H * _round_up(chunks * (D + 2), 16))
             stage = (done, rows * H)
             stage = self._gemv(bld, c_proj, wait=stage, x="attn", out="x", residual=True)
             stage = self._gemv(bld, c_fc, wait=stage, x="x", out="h", gelu=True)
@@ -221,5 +234,5 @@ class PersistentDecode:
         fn(schedule, self.counters, self.weights, self.params, self.act, self.workspace, self.kv_cache,
            step.embed_indices, step.slot_mapping, step.block_tables, step.context_lens,
            kv_v_offset=self.kv_v_offset, eps=self.model.config.layer_norm_epsilon, sm_scale=self.sm_scale)
-        V = self.widths["logits"]
-        return self.act[self.act_off["logits"]:self.act_off["logits"] + M * V].view(M, V).float()
+        width, off = self.widths["logits"], self.act_off["logits"]
+        return self.act[off:off + M * width].view(M, width)[:, :self.model.config.vocab_size].float()

@@ -85,42 +85,52 @@ from gpt2_engine.kernels.fused_linear import _gelu_tanh, gelu_tanh
 
 EMBED, GEMV, ATTN = 0, 1, 2
 FIELDS = ("op", "wait_ctr", "wait_count", "done_ctr", "split_ctr", "n_split", "split",
-          "x_off", "x_stride", "k", "k0", "w_off", "w_sk", "w_sn", "n0", "n",
+          "x_off", "x_stride", "k", "k0", "w_off", "w_stride", "n0", "n",
           "bias_off", "colsum_off", "res_off", "out_off", "out_stride", "gelu", "kv_off", "ws_off")
 NUM_FIELDS = len(FIELDS)
 F = {name: i for i, name in enumerate(FIELDS)}
 # ATTN reuses fields: x_off/x_stride = q, k0 = row, n0 = head, n = C (= heads x HEAD_DIM), k = KV tiles per
-# chunk, kv_off = the layer's K pool. EMBED: w_off/w_sk = the [rows, C] table, n = C, out_* = x.
+# chunk, kv_off = the layer's K pool. EMBED: w_off/w_stride = the [rows, C] table, n = C, out_* = x.
+# GEMV: w_off = its [BLOCK_K, BLOCK_N] weight tile, stored contiguous (row-major, zero-padded past K and N).
+# Every *_off, *_stride, kv_off and GEMV / EMBED k0, n0 is a multiple of 16 elements (the builder pads): 16-byte vector accesses.
 QUEUE, EXIT, FIRST_FREE_COUNTER = 0, 1, 2     # counters[0]: the queue, [1]: exit arrivals
 PROGRAMS_PER_SM = 2
+NUM_WARPS = 8
+SUM_SPLITS = 4            # split-K partials summed per load round trip
 
-F_OP: tl.constexpr = 0
-F_WAIT_CTR: tl.constexpr = 1
-F_WAIT_COUNT: tl.constexpr = 2
-F_DONE_CTR: tl.constexpr = 3
-F_SPLIT_CTR: tl.constexpr = 4
-F_N_SPLIT: tl.constexpr = 5
-F_SPLIT: tl.constexpr = 6
-F_X_OFF: tl.constexpr = 7
-F_X_STRIDE: tl.constexpr = 8
-F_K: tl.constexpr = 9
-F_K0: tl.constexpr = 10
-F_W_OFF: tl.constexpr = 11
-F_W_SK: tl.constexpr = 12
-F_W_SN: tl.constexpr = 13
-F_N0: tl.constexpr = 14
-F_N: tl.constexpr = 15
-F_BIAS_OFF: tl.constexpr = 16
-F_COLSUM_OFF: tl.constexpr = 17
-F_RES_OFF: tl.constexpr = 18
-F_OUT_OFF: tl.constexpr = 19
-F_OUT_STRIDE: tl.constexpr = 20
-F_GELU: tl.constexpr = 21
-F_KV_OFF: tl.constexpr = 22
-F_WS_OFF: tl.constexpr = 23
+F_OP = tl.constexpr(F["op"])
+F_WAIT_CTR = tl.constexpr(F["wait_ctr"])
+F_WAIT_COUNT = tl.constexpr(F["wait_count"])
+F_DONE_CTR = tl.constexpr(F["done_ctr"])
+F_SPLIT_CTR = tl.constexpr(F["split_ctr"])
+F_N_SPLIT = tl.constexpr(F["n_split"])
+F_SPLIT = tl.constexpr(F["split"])
+F_X_OFF = tl.constexpr(F["x_off"])
+F_X_STRIDE = tl.constexpr(F["x_stride"])
+F_K = tl.constexpr(F["k"])
+F_K0 = tl.constexpr(F["k0"])
+F_W_OFF = tl.constexpr(F["w_off"])
+F_W_STRIDE = tl.constexpr(F["w_stride"])
+F_N0 = tl.constexpr(F["n0"])
+F_N = tl.constexpr(F["n"])
+F_BIAS_OFF = tl.constexpr(F["bias_off"])
+F_COLSUM_OFF = tl.constexpr(F["colsum_off"])
+F_RES_OFF = tl.constexpr(F["res_off"])
+F_OUT_OFF = tl.constexpr(F["out_off"])
+F_OUT_STRIDE = tl.constexpr(F["out_stride"])
+F_GELU = tl.constexpr(F["gelu"])
+F_KV_OFF = tl.constexpr(F["kv_off"])
+F_WS_OFF = tl.constexpr(F["ws_off"])
 
 
 # ---- kernel --------------------------------------------------------------------------------------
+
+@triton.jit
+def _aligned(ins, field):
+    """An offset or stride field, which the schedule keeps a multiple of 16 elements: telling the
+    compiler lets it vectorise the loads and stores built on it."""
+    return tl.multiple_of(tl.load(ins + field), 16)
+
 
 @triton.jit
 def _wait(counters_ptr, ins):
@@ -164,53 +174,59 @@ def _row_stats(x_ptr, x_stride, rows, m_mask, K, eps, BLOCK_M: tl.constexpr, BLO
 def _embed(ins, counters_ptr, w_ptr, act_ptr, idx_ptr, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     m_mask = rows < M
-    offs_n = tl.load(ins + F_N0) + tl.arange(0, BLOCK_N)
+    offs_n = _aligned(ins, F_N0) + tl.arange(0, BLOCK_N)
     n_mask = offs_n < tl.load(ins + F_N)
     mask = m_mask[:, None] & n_mask[None, :]
-    table = w_ptr + tl.load(ins + F_W_OFF)
-    stride = tl.load(ins + F_W_SK)
+    table = w_ptr + _aligned(ins, F_W_OFF)
+    stride = _aligned(ins, F_W_STRIDE)
     i0 = tl.load(idx_ptr + 2 * rows, mask=m_mask, other=0)                                  # [BLOCK_M]
     i1 = tl.load(idx_ptr + 2 * rows + 1, mask=m_mask, other=0)
     e = (tl.load(table + i0[:, None] * stride + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
          + tl.load(table + i1[:, None] * stride + offs_n[None, :], mask=mask, other=0.0).to(tl.float32))
-    out = act_ptr + tl.load(ins + F_OUT_OFF) + rows[:, None] * tl.load(ins + F_OUT_STRIDE) + offs_n[None, :]
+    out = act_ptr + _aligned(ins, F_OUT_OFF) + rows[:, None] * _aligned(ins, F_OUT_STRIDE) + offs_n[None, :]
     tl.store(out, e.to(act_ptr.dtype.element_ty), mask=mask)
     _publish(counters_ptr, ins)
 
 
 @triton.jit
 def _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M, kv_v_offset, eps,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUM_SPLITS: tl.constexpr):
     K = tl.load(ins + F_K)
     N = tl.load(ins + F_N)
-    offs_k = tl.load(ins + F_K0) + tl.arange(0, BLOCK_K)
-    offs_n = tl.load(ins + F_N0) + tl.arange(0, BLOCK_N)
+    offs_k = _aligned(ins, F_K0) + tl.arange(0, BLOCK_K)
+    offs_n = _aligned(ins, F_N0) + tl.arange(0, BLOCK_N)
     k_mask = offs_k < K
     n_mask = offs_n < N
-    # 1. The weight tile, before any wait: [BLOCK_K, BLOCK_N] in W's strides (row-major Conv1D
-    #    weights: BLOCK_K runs of BLOCK_N contiguous elements; the K-major LM head: runs along K).
-    w = tl.load(w_ptr + tl.load(ins + F_W_OFF) + offs_k[:, None] * tl.load(ins + F_W_SK)
-                + offs_n[None, :] * tl.load(ins + F_W_SN), mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    # 1. The weight tile, before any wait: BLOCK_K x BLOCK_N contiguous elements (one run of 16 KB
+    #    in fp16), zero-padded by the builder, so no mask and one 16-byte load per 8 elements.
+    w = tl.load(w_ptr + _aligned(ins, F_W_OFF) + tl.arange(0, BLOCK_K)[:, None] * BLOCK_N
+                + tl.arange(0, BLOCK_N)[None, :])                                         # [BLOCK_K, BLOCK_N]
     # 2. Its input activations, once the stage that writes them has published.
     _wait(counters_ptr, ins)
     rows = tl.arange(0, BLOCK_M)
     m_mask = rows < M
-    x_ptr = act_ptr + tl.load(ins + F_X_OFF)
-    x_stride = tl.load(ins + F_X_STRIDE)
+    x_ptr = act_ptr + _aligned(ins, F_X_OFF)
+    x_stride = _aligned(ins, F_X_STRIDE)
     x = tl.load(x_ptr + rows[:, None] * x_stride + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                 other=0.0, cache_modifier=".cg")                                          # [BLOCK_M, BLOCK_K]
     acc = tl.dot(x, w.to(x.dtype), input_precision="ieee")                               # [BLOCK_M, BLOCK_N] fp32
-    # 3. Split K: partial tile s at ws[ws_off + s * BLOCK_M * BLOCK_N]; the last slice sums 0..S-1.
+    # 3. Split K: partial tile s at ws[ws_off + s * BLOCK_M * BLOCK_N]; the last slice to arrive sums
+    #    them, SUM_SPLITS partials per round trip (one [SUM_SPLITS, BLOCK_M, BLOCK_N] load, a
+    #    fixed-shape tl.sum), rounds in order: a fixed reduction order, few L2 round trips.
     n_split = tl.load(ins + F_N_SPLIT)
     is_last = n_split == 1
     if n_split > 1:
-        tile = ws_ptr + tl.load(ins + F_WS_OFF) + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(tile + tl.load(ins + F_SPLIT) * (BLOCK_M * BLOCK_N), acc)
+        ws = ws_ptr + _aligned(ins, F_WS_OFF)
+        tile = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]                   # [BLOCK_M, BLOCK_N]
+        tl.store(ws + tl.load(ins + F_SPLIT) * (BLOCK_M * BLOCK_N) + tile, acc)
         is_last = last_to_arrive(counters_ptr + tl.load(ins + F_SPLIT_CTR), n_split)
         if is_last:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, n_split):
-                acc += tl.load(tile + s * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+            for s0 in range(0, n_split, SUM_SPLITS):
+                s = s0 + tl.arange(0, SUM_SPLITS)                                          # [SUM_SPLITS]
+                parts = tl.load(ws + s[:, None, None] * (BLOCK_M * BLOCK_N) + tile[None, :, :],
+                                mask=(s < n_split)[:, None, None], other=0.0, cache_modifier=".cg")
+                acc += tl.sum(parts, axis=0)
     if is_last:
         # 4. Epilogue in fp32 (fused_linear's): LN correction, + b', GELU, + residual, one cast.
         colsum_off = tl.load(ins + F_COLSUM_OFF)
@@ -224,14 +240,14 @@ def _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M,
         if tl.load(ins + F_GELU) != 0:
             acc = _gelu_tanh(acc)
         mask = m_mask[:, None] & n_mask[None, :]
-        out_stride = tl.load(ins + F_OUT_STRIDE)
-        res_off = tl.load(ins + F_RES_OFF)
+        out_stride = _aligned(ins, F_OUT_STRIDE)
+        res_off = tl.multiple_of(tl.load(ins + F_RES_OFF), 16)
         if res_off >= 0:
             acc += tl.load(act_ptr + res_off + rows[:, None] * out_stride + offs_n[None, :], mask=mask, other=0.0,
                            cache_modifier=".cg").to(tl.float32)
         y = acc.to(act_ptr.dtype.element_ty)
-        tl.store(act_ptr + tl.load(ins + F_OUT_OFF) + rows[:, None] * out_stride + offs_n[None, :], y, mask=mask)
-        kv_off = tl.load(ins + F_KV_OFF)
+        tl.store(act_ptr + _aligned(ins, F_OUT_OFF) + rows[:, None] * out_stride + offs_n[None, :], y, mask=mask)
+        kv_off = tl.multiple_of(tl.load(ins + F_KV_OFF), 16)
         if kv_off >= 0:
             # [q | k | v] columns, C = N / 3; slot s's K row is C contiguous elements at s * C of the pool
             C = N // 3
@@ -257,11 +273,11 @@ def _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_
     context_len = tl.load(context_lens_ptr + b, mask=valid, other=0)
     tile_hi = tl.minimum(s * tiles_per_split + tiles_per_split, tl.cdiv(context_len, KV_TILE))
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(act_ptr + tl.load(ins + F_X_OFF) + b * tl.load(ins + F_X_STRIDE) + h * HEAD_DIM + d,
+    q = tl.load(act_ptr + _aligned(ins, F_X_OFF) + b * _aligned(ins, F_X_STRIDE) + h * HEAD_DIM + d,
                 cache_modifier=".cg").to(tl.float32) * qk_scale                            # [HEAD_DIM], log2 domain
     table_row = block_tables_ptr + b * stride_tb
     last_block = tl.maximum(context_len - 1, 0) // CACHE_BLOCK
-    kv_layer = kv_ptr + tl.load(ins + F_KV_OFF)
+    kv_layer = kv_ptr + _aligned(ins, F_KV_OFF)
     num_heads = tl.load(ins + F_N) // HEAD_DIM
     # paged_attention's loop: row r of the tile keeps its own online softmax over tokens r, r + KV_TILE, ...
     m_i = tl.full([KV_TILE], -1e30, dtype=tl.float32)                                     # [KV_TILE]
@@ -289,7 +305,7 @@ def _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_
     l = tl.sum(w * l_i, axis=0)
     a = tl.sum(w[:, None] * acc, axis=0)                                                   # [HEAD_DIM]
     # chunk s's state at ws[ws_off + s * (HEAD_DIM + 2)]: a [HEAD_DIM], then m, then l
-    part = ws_ptr + tl.load(ins + F_WS_OFF)
+    part = ws_ptr + _aligned(ins, F_WS_OFF)
     tl.store(part + s * (HEAD_DIM + 2) + d, a)
     tl.store(part + s * (HEAD_DIM + 2) + HEAD_DIM, tl.where(l > 0, m_max, -float("inf")))
     tl.store(part + s * (HEAD_DIM + 2) + HEAD_DIM + 1, l)
@@ -303,7 +319,7 @@ def _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_
         big = tl.max(m_s, axis=0)
         w_s = tl.exp2(m_s - big)
         out = tl.sum(w_s[:, None] * a_s, axis=0) / tl.sum(w_s * l_s, axis=0)
-        out_ptr = act_ptr + tl.load(ins + F_OUT_OFF) + b * tl.load(ins + F_OUT_STRIDE) + h * HEAD_DIM + d
+        out_ptr = act_ptr + _aligned(ins, F_OUT_OFF) + b * _aligned(ins, F_OUT_STRIDE) + h * HEAD_DIM + d
         tl.store(out_ptr, out.to(act_ptr.dtype.element_ty), mask=(b + 0 * d) < M)
         _publish(counters_ptr, ins)
 
@@ -316,6 +332,7 @@ def _persistent_decode_kernel(
     n_instr, n_counters, M, kv_v_offset, eps, qk_scale,
     NF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, KV_TILE: tl.constexpr, BLOCK_S: tl.constexpr,
+    SUM_SPLITS: tl.constexpr,
 ):
     i = tl.atomic_add(counters_ptr + 0, 1, sem="relaxed", scope="gpu")         # counters[QUEUE]
     while i < n_instr:
@@ -324,7 +341,7 @@ def _persistent_decode_kernel(
         op = tl.load(ins + F_OP)
         if op == 1:
             _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M, kv_v_offset, eps,
-                  BLOCK_M, BLOCK_N, BLOCK_K)
+                  BLOCK_M, BLOCK_N, BLOCK_K, SUM_SPLITS)
         elif op == 2:
             _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, M, stride_tb,
                   kv_v_offset, qk_scale, HEAD_DIM, CACHE_BLOCK, KV_TILE, BLOCK_S)
@@ -413,7 +430,8 @@ def run_schedule(schedule: Schedule, counters: torch.Tensor, weights_base: torch
             schedule.instructions.shape[0], schedule.num_counters, M, kv_v_offset, eps, sm_scale * 1.4426950408889634,
             NF=NUM_FIELDS, BLOCK_M=BLOCK_M, BLOCK_N=schedule.block_n, BLOCK_K=schedule.block_k,
             HEAD_DIM=schedule.head_dim, CACHE_BLOCK=schedule.cache_block, KV_TILE=schedule.kv_tile,
-            BLOCK_S=triton.next_power_of_2(schedule.max_chunks), num_warps=8, num_stages=1)
+            BLOCK_S=triton.next_power_of_2(schedule.max_chunks), SUM_SPLITS=SUM_SPLITS, num_warps=NUM_WARPS,
+            num_stages=1)
     except BaseException:
         counters.zero_()    # a partial launch leaves counters armed
         raise
@@ -434,14 +452,15 @@ def run_schedule_ref(schedule: Schedule, counters: torch.Tensor, weights_base: t
             cols = slice(f["n0"], min(f["n0"] + schedule.block_n, f["n"]))
             table = flat_w[f["w_off"]:]
             idx = embed_indices[:2 * M].view(M, 2)
-            e = sum(table[idx[:, j, None] * f["w_sk"] + torch.arange(cols.start, cols.stop)].float() for j in (0, 1))
+            e = sum(table[idx[:, j, None] * f["w_stride"] + torch.arange(cols.start, cols.stop)].float() for j in (0, 1))
             _view(flat_a, f["out_off"], M, f["out_stride"])[:, cols] = e.to(act.dtype)
         elif f["op"] == GEMV:
             k = slice(f["k0"], min(f["k0"] + schedule.block_k, f["k"]))
             cols = slice(f["n0"], min(f["n0"] + schedule.block_n, f["n"]))
-            w = torch.as_strided(flat_w, (f["k"], f["n"]), (f["w_sk"], f["w_sn"]), f["w_off"])
+            tile = flat_w[f["w_off"]:f["w_off"] + schedule.block_k * schedule.block_n].view(schedule.block_k, -1)
             x = _view(flat_a, f["x_off"], M, f["x_stride"])[:, :f["k"]]
-            partials.setdefault(f["split_ctr"], []).append(x[:, k].float() @ w[k, cols].float())
+            partials.setdefault(f["split_ctr"], []).append(
+                x[:, k].float() @ tile[:k.stop - k.start, :cols.stop - cols.start].float())
             if f["split"] != f["n_split"] - 1:
                 continue
             acc = sum(partials.pop(f["split_ctr"]))
@@ -496,3 +515,30 @@ def _attn_ref(f, schedule, flat_a, flat_kv, block_tables, context_lens, M, kv_v_
     q = flat_a[f["x_off"] + b * f["x_stride"] + h * D + torch.arange(D)].float()
     out = torch.softmax(k @ q * sm_scale, 0) @ v
     flat_a[f["out_off"] + b * f["out_stride"] + h * D + torch.arange(D)] = out.to(flat_a.dtype)
+
+
+# ---- ahead-of-time configurations ------------------------------------------------------------------
+
+def aot_kernels():
+    """The configurations the engine builds: fp16 / bf16 with 128 x 64 weight tiles, fp32 with 64 x 64;
+    head_dim 64, cache block 16 (KV tile 64), up to 16 attention chunks per (row, head)."""
+    from gpt2_engine.kernels.compile_report import AotKernel
+
+    specs = []
+    for dtype, block_k in (("fp16", 128), ("bf16", 128), ("fp32", 64)):
+        ptr = f"*{dtype}"
+        specs.append(AotKernel(
+            label=f"persistent_decode_{dtype}_16x64x{block_k}_d64",
+            fn=_persistent_decode_kernel,
+            signature={"instr_ptr": "*i64", "counters_ptr": "*i32", "w_ptr": ptr, "p_ptr": "*fp32", "act_ptr": ptr,
+                       "ws_ptr": "*fp32", "kv_ptr": ptr, "idx_ptr": "*i64", "slot_ptr": "*i64",
+                       "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "stride_tb": "i32", "n_instr": "i32",
+                       "n_counters": "i32", "M": "i32", "kv_v_offset": "i64", "eps": "fp32", "qk_scale": "fp32"},
+            constexprs={"NF": NUM_FIELDS, "BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": block_k, "HEAD_DIM": 64,
+                        "CACHE_BLOCK": 16, "KV_TILE": 64, "BLOCK_S": 16, "SUM_SPLITS": SUM_SPLITS},
+            num_warps=NUM_WARPS, num_stages=1,
+            aligned=("instr_ptr", "counters_ptr", "w_ptr", "p_ptr", "act_ptr", "ws_ptr", "kv_ptr", "idx_ptr",
+                     "slot_ptr", "block_tables_ptr", "context_lens_ptr"),
+            loads_before_wait=True, tensor_cores=dtype != "fp32",
+        ))
+    return specs
