@@ -140,19 +140,30 @@ class PersistentDecode:
             self.act_off[name] = off
             off += MAX_ROWS * width
         self.act = torch.zeros(off, dtype=self.dtype, device=device)
-        self.schedules = {b: self._schedule(b) for b in BUCKETS}
-        for s in self.schedules.values():
-            pk.check_schedule(s.instructions, s.num_counters)
-        largest = self.schedules[BUCKETS[-1]]
-        self.counters = torch.zeros(max(s.num_counters for s in self.schedules.values()), dtype=torch.int32,
-                                    device=device)
-        self.workspace = torch.zeros(max(s.workspace for s in self.schedules.values()), dtype=torch.float32,
-                                     device=device)
+        self.schedules: dict[int, pk.Schedule] = {}      # built on a bucket's first step
+        self.counters = torch.zeros(0, dtype=torch.int32, device=device)
+        self.workspace = torch.zeros(0, dtype=torch.float32, device=device)
         self.kv_v_offset = self._kv_offset(0, 1) - self._kv_offset(0, 0)
         self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.max_rows = largest.max_rows
+        self.max_rows = BUCKETS[-1]
 
     # ---- the schedule ----------------------------------------------------------------------------
+
+    def schedule(self, rows: int) -> pk.Schedule:
+        """The checked schedule of the smallest bucket >= rows (built and cached on first use), with
+        counters and workspace grown to fit it."""
+        bucket = next((b for b in BUCKETS if b >= rows), None)
+        if bucket is None:
+            raise ValueError(f"context_lens has {rows} rows; the persistent step covers 1..{self.max_rows}")
+        if bucket not in self.schedules:
+            built = self._schedule(bucket)
+            pk.check_schedule(built.instructions, built.num_counters)
+            if built.num_counters > self.counters.numel():
+                self.counters = torch.zeros(built.num_counters, dtype=torch.int32, device=self.act.device)
+            if built.workspace > self.workspace.numel():
+                self.workspace = torch.zeros(built.workspace, dtype=torch.float32, device=self.act.device)
+            self.schedules[bucket] = built
+        return self.schedules[bucket]
 
     def _kv_offset(self, layer: int, k_or_v: int) -> int:
         """Element offset of a layer's K (0) or V (1) pool in the contiguous [L, 2, blocks, bs, H, D] cache."""
@@ -229,7 +240,7 @@ class PersistentDecode:
     def run(self, step: StepInputs, *, reference: bool = False) -> torch.Tensor:
         """fp32 logits [M, V] of a covered step (reference=True: the kernel's torch twin)."""
         M = step.context_lens.shape[0]
-        schedule = self.schedules[next(b for b in BUCKETS if b >= M)]
+        schedule = self.schedule(M)
         fn = pk.run_schedule_ref if reference else pk.run_schedule
         fn(schedule, self.counters, self.weights, self.params, self.act, self.workspace, self.kv_cache,
            step.embed_indices, step.slot_mapping, step.block_tables, step.context_lens,

@@ -307,18 +307,19 @@ def _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_
     # chunk s's state at ws[ws_off + s * (HEAD_DIM + 2)]: a [HEAD_DIM], then m, then l
     part = ws_ptr + _aligned(ins, F_WS_OFF)
     tl.store(part + s * (HEAD_DIM + 2) + d, a)
-    tl.store(part + s * (HEAD_DIM + 2) + HEAD_DIM, tl.where(l > 0, m_max, -float("inf")))
+    tl.store(part + s * (HEAD_DIM + 2) + HEAD_DIM, tl.where(l > 0, m_max, -1e30))     # empty chunk: weight 0
     tl.store(part + s * (HEAD_DIM + 2) + HEAD_DIM + 1, l)
     if last_to_arrive(counters_ptr + tl.load(ins + F_SPLIT_CTR), n_split):
         chunks = tl.arange(0, BLOCK_S)
         has = chunks < n_split
-        m_s = tl.load(part + chunks * (HEAD_DIM + 2) + HEAD_DIM, mask=has, other=-float("inf"), cache_modifier=".cg")
+        m_s = tl.load(part + chunks * (HEAD_DIM + 2) + HEAD_DIM, mask=has, other=-1e30, cache_modifier=".cg")
         l_s = tl.load(part + chunks * (HEAD_DIM + 2) + HEAD_DIM + 1, mask=has, other=0.0, cache_modifier=".cg")
         a_s = tl.load(part + chunks[:, None] * (HEAD_DIM + 2) + d[None, :], mask=has[:, None], other=0.0,
                       cache_modifier=".cg")                                                # [BLOCK_S, HEAD_DIM]
         big = tl.max(m_s, axis=0)
         w_s = tl.exp2(m_s - big)
-        out = tl.sum(w_s[:, None] * a_s, axis=0) / tl.sum(w_s * l_s, axis=0)
+        # a row's chunk 0 holds its token 0, so the sum is >= 1; a padding row (all chunks empty) gives 0
+        out = tl.sum(w_s[:, None] * a_s, axis=0) / tl.maximum(tl.sum(w_s * l_s, axis=0), 1e-30)
         out_ptr = act_ptr + _aligned(ins, F_OUT_OFF) + b * _aligned(ins, F_OUT_STRIDE) + h * HEAD_DIM + d
         tl.store(out_ptr, out.to(act_ptr.dtype.element_ty), mask=(b + 0 * d) < M)
         _publish(counters_ptr, ins)
