@@ -174,6 +174,9 @@ class PersistentDecode:
         """Instructions of one GEMV stage (every column tile x K split); returns its (done counter, units)."""
         done = bld.counter()
         tiles, splits = -(-lin.N // self.block_n), -(-lin.K // self.block_k)
+        if splits > pk.MAX_SPLITS_K:
+            raise ValueError(f"K = {lin.K} needs {splits} slices of {self.block_k}; the kernel merges at most {pk.MAX_SPLITS_K}")
+        per_tile = _round_up(splits * pk.BLOCK_M * (self.block_n + 2), 16)   # partial tiles, then (mean, M2) per slice
         kv_off = self._kv_offset(kv_layer, 0) if kv_layer is not None else -1
         for t in range(tiles):
             split_ctr = bld.counter()
@@ -185,8 +188,8 @@ class PersistentDecode:
                         n=lin.N, bias_off=lin.bias_off, colsum_off=lin.colsum_off,
                         res_off=self.act_off[out] if residual else -1, out_off=self.act_off[out],
                         out_stride=self.widths[out], gelu=int(gelu), kv_off=kv_off,
-                        ws_off=t * splits * pk.BLOCK_M * self.block_n)
-        bld.workspace = max(bld.workspace, tiles * splits * pk.BLOCK_M * self.block_n)
+                        ws_off=t * per_tile)
+        bld.workspace = max(bld.workspace, tiles * per_tile)
         return done, tiles
 
     def _chunks(self, rows: int) -> tuple[int, int]:

@@ -49,8 +49,8 @@ Memory ordering (PTX memory model; see arrival_counter.py for the split-K electi
       stage counter; split counters re-arm themselves. All other programs have left, so nobody
       reads them again in this launch; the kernel boundary orders the zeros before the next launch.
 
-Determinism: every reduction (split-K partials, attention chunks, LayerNorm statistics) runs in an
-order fixed by the schedule, so a step's results are bitwise the same run to run.
+Determinism: every reduction (split-K partials, attention chunks, LayerNorm moments: each K slice's
+(mean, M2) from its x tile, merged by the last slice in closed form) runs in an order fixed by the schedule, so a step's results are bitwise the same run to run.
 
 Time model (engine/persistent_decode.py, `time_model`; `gpt2-engine kernels --persistent-model`):
     per step = max(weight and KV bytes / bandwidth, stages on the critical path x t_stage)
@@ -97,6 +97,7 @@ QUEUE, EXIT, FIRST_FREE_COUNTER = 0, 1, 2     # counters[0]: the queue, [1]: exi
 PROGRAMS_PER_SM = 2
 NUM_WARPS = 8
 SUM_SPLITS = 4            # split-K partials summed per load round trip
+MAX_SPLITS_K = 64         # K slices of one GEMV at most (K <= 64 x BLOCK_K: 8192 for fp16, 4096 for fp32)
 
 F_OP = tl.constexpr(F["op"])
 F_WAIT_CTR = tl.constexpr(F["wait_ctr"])
@@ -150,27 +151,6 @@ def _publish(counters_ptr, ins):
 
 
 @triton.jit
-def _row_stats(x_ptr, x_stride, rows, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(mean, rstd) of rows of x [*, K] in fp32, two passes (mean, then squared deviations: no
-    cancellation on GPT-2's residual stream), in a fixed order."""
-    offs = tl.arange(0, BLOCK_K)
-    s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + rows[:, None] * x_stride + (k0 + offs)[None, :],
-                    mask=m_mask[:, None] & (k0 + offs < K)[None, :], other=0.0, cache_modifier=".cg")
-        s += tl.sum(x.to(tl.float32), axis=1)
-    mean = s / K
-    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs
-        x = tl.load(x_ptr + rows[:, None] * x_stride + kk[None, :],
-                    mask=m_mask[:, None] & (kk < K)[None, :], other=0.0, cache_modifier=".cg")
-        d = tl.where((kk < K)[None, :], x.to(tl.float32) - mean[:, None], 0.0)            # [BLOCK_M, BLOCK_K]
-        m2 += tl.sum(d * d, axis=1)
-    return mean, 1.0 / tl.sqrt(m2 / K + eps)
-
-
-@triton.jit
 def _embed(ins, counters_ptr, w_ptr, act_ptr, idx_ptr, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     m_mask = rows < M
@@ -190,10 +170,12 @@ def _embed(ins, counters_ptr, w_ptr, act_ptr, idx_ptr, M, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M, kv_v_offset, eps,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUM_SPLITS: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUM_SPLITS: tl.constexpr,
+          MAX_SPLITS_K: tl.constexpr):
     K = tl.load(ins + F_K)
     N = tl.load(ins + F_N)
-    offs_k = _aligned(ins, F_K0) + tl.arange(0, BLOCK_K)
+    k0 = _aligned(ins, F_K0)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = _aligned(ins, F_N0) + tl.arange(0, BLOCK_N)
     k_mask = offs_k < K
     n_mask = offs_n < N
@@ -210,15 +192,29 @@ def _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M,
     x = tl.load(x_ptr + rows[:, None] * x_stride + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                 other=0.0, cache_modifier=".cg")                                          # [BLOCK_M, BLOCK_K]
     acc = tl.dot(x, w.to(x.dtype), input_precision="ieee")                               # [BLOCK_M, BLOCK_N] fp32
-    # 3. Split K: partial tile s at ws[ws_off + s * BLOCK_M * BLOCK_N]; the last slice to arrive sums
-    #    them, SUM_SPLITS partials per round trip (one [SUM_SPLITS, BLOCK_M, BLOCK_N] load, a
-    #    fixed-shape tl.sum), rounds in order: a fixed reduction order, few L2 round trips.
+    # The rows' LayerNorm moments over this K slice, from the x tile already in registers:
+    # mean and M2 (sum of squared deviations) of n_k = min(BLOCK_K, K - k0) values.
+    n_k = tl.minimum(K - k0, BLOCK_K) * 1.0
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=1) / n_k                                                       # [BLOCK_M]
+    dev = tl.where(k_mask[None, :], xf - mean[:, None], 0.0)
+    m2 = tl.sum(dev * dev, axis=1)
+    # 3. Split K. Slice s stores its partial tile at ws[ws_off + s * BLOCK_M * BLOCK_N] and its
+    #    moments at ws[ws_off + S * BLOCK_M * BLOCK_N + s * 2 * BLOCK_M]; the last slice to arrive sums
+    #    the partials SUM_SPLITS per L2 round trip (one [SUM_SPLITS, BLOCK_M, BLOCK_N] load, a
+    #    fixed-shape tl.sum, rounds in order) and merges all S moments in one [MAX_SPLITS_K, BLOCK_M]
+    #    load: mean = sum n_s mean_s / K, M2 = sum M2_s + n_s (mean_s - mean)^2 (Chan, closed form).
+    #    Fixed shapes and orders: the result does not depend on which slice arrives last.
     n_split = tl.load(ins + F_N_SPLIT)
     is_last = n_split == 1
     if n_split > 1:
         ws = ws_ptr + _aligned(ins, F_WS_OFF)
+        split = tl.load(ins + F_SPLIT)
         tile = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]                   # [BLOCK_M, BLOCK_N]
-        tl.store(ws + tl.load(ins + F_SPLIT) * (BLOCK_M * BLOCK_N) + tile, acc)
+        tl.store(ws + split * (BLOCK_M * BLOCK_N) + tile, acc)
+        moments = ws + n_split * (BLOCK_M * BLOCK_N)
+        tl.store(moments + split * (2 * BLOCK_M) + rows, mean)
+        tl.store(moments + split * (2 * BLOCK_M) + BLOCK_M + rows, m2)
         is_last = last_to_arrive(counters_ptr + tl.load(ins + F_SPLIT_CTR), n_split)
         if is_last:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -227,11 +223,21 @@ def _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M,
                 parts = tl.load(ws + s[:, None, None] * (BLOCK_M * BLOCK_N) + tile[None, :, :],
                                 mask=(s < n_split)[:, None, None], other=0.0, cache_modifier=".cg")
                 acc += tl.sum(parts, axis=0)
+            s = tl.arange(0, MAX_SPLITS_K)
+            has = (s < n_split)[:, None]
+            n_s = tl.minimum(K - s * BLOCK_K, BLOCK_K).to(tl.float32)[:, None]             # [MAX_SPLITS_K, 1]
+            mean_s = tl.load(moments + s[:, None] * (2 * BLOCK_M) + rows[None, :], mask=has, other=0.0,
+                             cache_modifier=".cg")                                        # [MAX_SPLITS_K, BLOCK_M]
+            m2_s = tl.load(moments + s[:, None] * (2 * BLOCK_M) + BLOCK_M + rows[None, :], mask=has, other=0.0,
+                           cache_modifier=".cg")
+            mean = tl.sum(tl.where(has, n_s * mean_s, 0.0), axis=0) / K
+            gap = mean_s - mean[None, :]
+            m2 = tl.sum(tl.where(has, m2_s + n_s * gap * gap, 0.0), axis=0)
     if is_last:
         # 4. Epilogue in fp32 (fused_linear's): LN correction, + b', GELU, + residual, one cast.
         colsum_off = tl.load(ins + F_COLSUM_OFF)
         if colsum_off >= 0:
-            mean, rstd = _row_stats(x_ptr, x_stride, rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
+            rstd = 1.0 / tl.sqrt(m2 / K + eps)                                               # [BLOCK_M]
             colsum = tl.load(p_ptr + colsum_off + offs_n, mask=n_mask, other=0.0)         # [BLOCK_N]
             acc = rstd[:, None] * (acc - mean[:, None] * colsum[None, :])
         bias_off = tl.load(ins + F_BIAS_OFF)
@@ -333,7 +339,7 @@ def _persistent_decode_kernel(
     n_instr, n_counters, M, kv_v_offset, eps, qk_scale,
     NF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, KV_TILE: tl.constexpr, BLOCK_S: tl.constexpr,
-    SUM_SPLITS: tl.constexpr,
+    SUM_SPLITS: tl.constexpr, MAX_SPLITS_K: tl.constexpr,
 ):
     i = tl.atomic_add(counters_ptr + 0, 1, sem="relaxed", scope="gpu")         # counters[QUEUE]
     while i < n_instr:
@@ -342,7 +348,7 @@ def _persistent_decode_kernel(
         op = tl.load(ins + F_OP)
         if op == 1:
             _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M, kv_v_offset, eps,
-                  BLOCK_M, BLOCK_N, BLOCK_K, SUM_SPLITS)
+                  BLOCK_M, BLOCK_N, BLOCK_K, SUM_SPLITS, MAX_SPLITS_K)
         elif op == 2:
             _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, M, stride_tb,
                   kv_v_offset, qk_scale, HEAD_DIM, CACHE_BLOCK, KV_TILE, BLOCK_S)
@@ -431,7 +437,8 @@ def run_schedule(schedule: Schedule, counters: torch.Tensor, weights_base: torch
             schedule.instructions.shape[0], schedule.num_counters, M, kv_v_offset, eps, sm_scale * 1.4426950408889634,
             NF=NUM_FIELDS, BLOCK_M=BLOCK_M, BLOCK_N=schedule.block_n, BLOCK_K=schedule.block_k,
             HEAD_DIM=schedule.head_dim, CACHE_BLOCK=schedule.cache_block, KV_TILE=schedule.kv_tile,
-            BLOCK_S=triton.next_power_of_2(schedule.max_chunks), SUM_SPLITS=SUM_SPLITS, num_warps=NUM_WARPS,
+            BLOCK_S=triton.next_power_of_2(schedule.max_chunks), SUM_SPLITS=SUM_SPLITS, MAX_SPLITS_K=MAX_SPLITS_K,
+            num_warps=NUM_WARPS,
             num_stages=1)
     except BaseException:
         counters.zero_()    # a partial launch leaves counters armed
@@ -536,7 +543,8 @@ def aot_kernels():
                        "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "stride_tb": "i32", "n_instr": "i32",
                        "n_counters": "i32", "M": "i32", "kv_v_offset": "i64", "eps": "fp32", "qk_scale": "fp32"},
             constexprs={"NF": NUM_FIELDS, "BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": block_k, "HEAD_DIM": 64,
-                        "CACHE_BLOCK": 16, "KV_TILE": 64, "BLOCK_S": 16, "SUM_SPLITS": SUM_SPLITS},
+                        "CACHE_BLOCK": 16, "KV_TILE": 64, "BLOCK_S": 16, "SUM_SPLITS": SUM_SPLITS,
+                        "MAX_SPLITS_K": MAX_SPLITS_K},
             num_warps=NUM_WARPS, num_stages=1,
             aligned=("instr_ptr", "counters_ptr", "w_ptr", "p_ptr", "act_ptr", "ws_ptr", "kv_ptr", "idx_ptr",
                      "slot_ptr", "block_tables_ptr", "context_lens_ptr"),
