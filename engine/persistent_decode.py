@@ -250,3 +250,104 @@ class PersistentDecode:
            kv_v_offset=self.kv_v_offset, eps=self.model.config.layer_norm_epsilon, sm_scale=self.sm_scale)
         width, off = self.widths["logits"], self.act_off["logits"]
         return self.act[off:off + M * width].view(M, width)[:, :self.model.config.vocab_size].float()
+
+
+# ---- the per-step time model -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hardware:
+    """An H200 as measured on a lent machine (bandwidth, SMs) and latencies from public Hopper
+    microbenchmarks, loaded: the time model's assumptions, in microseconds."""
+    bandwidth_gbps: float = 4300.0   # device copy, read + write
+    num_sms: int = 132
+    programs_per_sm: int = pk.PROGRAMS_PER_SM
+    t_dram: float = 0.8              # first byte of a DRAM load under load
+    t_l2: float = 0.3                # an L2 round trip (activations, partials, a poll that sees a publish)
+    t_atomic: float = 0.5            # a gpu-scope atomic whose result the program waits for (split-K arrival)
+    t_release: float = 0.3           # bar.sync + membar.gpu + the release increment of a publish
+    t_launch: float = 4.0            # the one launch, the first instruction's fetch, the last program's exit
+
+
+def time_model(schedule: pk.Schedule, *, context_len: int, elt_bytes: int = 2, hw: Hardware = Hardware()) -> dict:
+    """Per-step time of `schedule` (all rows at context_len) from its instructions: bytes streamed,
+    instructions per program, and the stage chain on the critical path.
+
+    stream  every program keeps one weight tile in flight, requested before its wait; an
+            instruction occupies its program for t_inst = instruction fields (t_dram: the table
+            streams through L2 with the weights) + the tile's first byte (t_dram) + its transfer
+            at the SM's bandwidth share + the split-K arrival (t_atomic). An SM streams at
+            min(its share, programs_per_sm x tile / t_inst) (Little's law).
+    chain   each stage waits for the whole previous one; after the last publish of stage s-1, its
+            slowest instruction needs: the poll to see it (t_l2), x from L2 (t_l2), the arrival
+            (t_atomic), the partials in ceil(S / SUM_SPLITS) L2 round trips, the residual (t_l2,
+            residual GEMVs only) and its publish (t_release); attention: q, each KV tile it streams (t_dram), the
+            arrival, the merge's loads and the publish. A stage with more instructions than
+            programs adds a wave (t_inst) per extra round.
+    step    max(stream, chain) + t_launch: weight loads run ahead of the chain, so the two overlap."""
+    rows = schedule.instructions.tolist()
+    tile = schedule.block_k * schedule.block_n * elt_bytes
+    share = hw.bandwidth_gbps * 1e3 / hw.num_sms                                   # bytes per us per SM
+    t_inst = 2 * hw.t_dram + tile / share + hw.t_atomic
+    per_sm = min(share, hw.programs_per_sm * tile / t_inst)
+    programs = hw.num_sms * hw.programs_per_sm
+    kv_tiles = -(-context_len // schedule.kv_tile)
+    stages: dict[int, list] = {}
+    nbytes = 0
+    for r in rows:
+        f = dict(zip(pk.FIELDS, r))
+        stages.setdefault(f["done_ctr"], []).append(f)
+        if f["op"] == pk.GEMV:
+            nbytes += tile
+        elif f["op"] == pk.ATTN and f["k0"] < schedule.max_rows:
+            mine = max(0, min(f["k"], kv_tiles - f["split"] * f["k"]))               # KV tiles of this chunk
+            nbytes += 2 * mine * schedule.kv_tile * schedule.head_dim * elt_bytes
+    chain = 0.0
+    for group in stages.values():
+        f = group[0]
+        waves = -(-len(group) // programs) - 1
+        if f["op"] == pk.GEMV:
+            epilogue_loads = 1 if f["res_off"] >= 0 else 0       # the residual (bias and colsum come before the wait)
+            t = (2 + epilogue_loads) * hw.t_l2 + hw.t_atomic + hw.t_release + hw.t_l2 * -(-f["n_split"] // pk.SUM_SPLITS)
+        elif f["op"] == pk.ATTN:
+            t = 2 * hw.t_l2 + min(f["k"], kv_tiles) * hw.t_dram + hw.t_atomic + hw.t_l2 + hw.t_release
+        else:
+            t = hw.t_dram + hw.t_release
+        chain += t + waves * t_inst
+    stream = nbytes / (per_sm * hw.num_sms)
+    step = max(stream, chain) + hw.t_launch
+    roofline = nbytes / (hw.bandwidth_gbps * 1e3)
+    return dict(rows=schedule.max_rows, instructions=len(rows), stages=len(stages), mbytes=nbytes / 1e6,
+                instructions_per_program=len(rows) / programs, tile_us=t_inst, stream_us=stream, chain_us=chain,
+                step_us=step, roofline_us=roofline, roofline_share=roofline / step,
+                tokens_per_s=schedule.max_rows * 1e6 / step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gpt2_engine.persistent_decode`: the time model of a preset (fp16, random weights, on CPU)."""
+    import argparse
+
+    from gpt2_engine.block_manager import allocate_kv_cache
+    from gpt2_engine.config import PRESETS
+    from gpt2_engine.weights import random_state_dict
+
+    parser = argparse.ArgumentParser(prog="python -m gpt2_engine.persistent_decode", description=main.__doc__)
+    parser.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--context", type=int, default=512, help="context length of every row (default 512)")
+    args = parser.parse_args(argv)
+    cfg = PRESETS[args.model]
+    if not 1 <= args.context <= cfg.n_positions:
+        raise ValueError(f"--context must be in 1..{cfg.n_positions}, got {args.context}")
+    model = PagedGPT2(cfg, random_state_dict(cfg), backend="triton", dtype=torch.float16)
+    pd = PersistentDecode(model, allocate_kv_cache(cfg, 1, 16, torch.float16, "cpu"), 16)
+    for batch in args.batch:
+        est = time_model(pd.schedule(batch), context_len=args.context)
+        print(f"{args.model} B={batch} (bucket {est['rows']}): {est['instructions']} instructions in {est['stages']} "
+              f"stages, {est['mbytes']:.0f} MB; stream {est['stream_us']:.0f} us, chain {est['chain_us']:.0f} us -> "
+              f"{est['step_us']:.0f} us/step, {100 * est['roofline_share']:.0f}% of the roofline "
+              f"({est['roofline_us']:.0f} us), {batch * 1e6 / est['step_us']:,.0f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -183,6 +183,10 @@ def _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M,
     #    in fp16), zero-padded by the builder, so no mask and one 16-byte load per 8 elements.
     w = tl.load(w_ptr + _aligned(ins, F_W_OFF) + tl.arange(0, BLOCK_K)[:, None] * BLOCK_N
                 + tl.arange(0, BLOCK_N)[None, :])                                         # [BLOCK_K, BLOCK_N]
+    colsum_off = tl.load(ins + F_COLSUM_OFF)       # the epilogue's fp32 vectors: no activation in them either
+    colsum = tl.load(p_ptr + colsum_off + offs_n, mask=offs_n < tl.where(colsum_off >= 0, N, 0), other=0.0)  # [BLOCK_N]
+    bias_off = tl.load(ins + F_BIAS_OFF)                                                  # -1: none (loads 0)
+    bias = tl.load(p_ptr + bias_off + offs_n, mask=offs_n < tl.where(bias_off >= 0, N, 0), other=0.0)        # [BLOCK_N]
     # 2. Its input activations, once the stage that writes them has published.
     _wait(counters_ptr, ins)
     rows = tl.arange(0, BLOCK_M)
@@ -235,14 +239,10 @@ def _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M,
             m2 = tl.sum(tl.where(has, m2_s + n_s * gap * gap, 0.0), axis=0)
     if is_last:
         # 4. Epilogue in fp32 (fused_linear's): LN correction, + b', GELU, + residual, one cast.
-        colsum_off = tl.load(ins + F_COLSUM_OFF)
         if colsum_off >= 0:
             rstd = 1.0 / tl.sqrt(m2 / K + eps)                                               # [BLOCK_M]
-            colsum = tl.load(p_ptr + colsum_off + offs_n, mask=n_mask, other=0.0)         # [BLOCK_N]
             acc = rstd[:, None] * (acc - mean[:, None] * colsum[None, :])
-        bias_off = tl.load(ins + F_BIAS_OFF)
-        if bias_off >= 0:
-            acc += tl.load(p_ptr + bias_off + offs_n, mask=n_mask, other=0.0)[None, :]
+        acc += bias[None, :]                                                               # 0 without a bias
         if tl.load(ins + F_GELU) != 0:
             acc = _gelu_tanh(acc)
         mask = m_mask[:, None] & n_mask[None, :]

@@ -161,3 +161,23 @@ def test_bad_inputs_raise():
                         *(getattr(_step(TINY, [3], 4, 40), n) for n in ("embed_indices", "slot_mapping", "block_tables",
                                                                         "context_lens")),
                         kv_v_offset=pd.kv_v_offset, eps=1e-5, sm_scale=0.25, num_programs=0)
+
+
+def test_time_model_counts_the_schedule():
+    """Stages, bytes and the bounds of the per-step time model, from a built schedule (no timing)."""
+    from gpt2_engine.persistent_decode import Hardware, time_model
+
+    model, _ = _models(TINY, torch.float16)
+    pd = PersistentDecode(model, allocate_kv_cache(TINY, 4, 16, torch.float16, "cpu"), 16)
+    schedule = pd.schedule(1)
+    est = time_model(schedule, context_len=64)
+    assert est["stages"] == 2 + 5 * TINY.n_layer                 # embed, 5 per layer, LM head
+    C, V, H = TINY.n_embd, TINY.vocab_size, TINY.n_head
+    tiles = sum(-(-k // schedule.block_k) * -(-n // schedule.block_n)
+                for k, n in [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * TINY.n_layer + [(C, V)])
+    kv_bytes = TINY.n_layer * 2 * 64 * C * 2                      # one row, 64 cached tokens, K and V, fp16
+    assert est["mbytes"] * 1e6 == tiles * schedule.block_k * schedule.block_n * 2 + kv_bytes
+    assert est["step_us"] == max(est["stream_us"], est["chain_us"]) + Hardware().t_launch
+    faster = time_model(schedule, context_len=64, hw=Hardware(t_l2=0.1, t_atomic=0.1, t_release=0.1))
+    assert faster["chain_us"] < est["chain_us"]
+    assert pd.schedule(16).instructions.shape[0] > schedule.instructions.shape[0]   # attention per row
