@@ -29,20 +29,21 @@ Queue and progress
 
 Weight loads before the wait
     A GEMV loads its whole [BLOCK_K, BLOCK_N] weight tile (and its fp32 bias / colsum) before it
-    spins on its input counter: weights never depend on activations, so each resident program keeps
-    one tile in flight while it waits for the previous stage. In the SASS this is the tile's
-    LDG.E.128 group issued before the ATOMG (.STRONG.GPU acquire) poll loop of the wait and
-    consumed (STS for the dot's operand staging, then HMMA) only after it; the compile report
-    checks the order (`loads_before_wait`).
+    spins on its input counter: weights never depend on activations, so each resident program
+    keeps one tile in flight while it waits for the previous stage. In the sm_90 SASS this is the
+    tile's four LDG.E.128 per thread issued before the wait's poll (LDG.E.STRONG.GPU followed by
+    CCTL.IVALL: the acquire, as ptxas emits it, then its back-edge loop) and consumed (the dot's
+    operand staging, then HMMA) only after it; the compile report checks that order
+    (`loads_before_wait`) on sm_80 and sm_90.
 
 Memory ordering (PTX memory model; see arrival_counter.py for the split-K election)
     publish: every thread's plain stores of the output unit, then bar.sync (tl.debug_barrier), then
       one `atom.add.release.gpu` on the unit's counter: release is cumulative, so all of the CTA's
       stores (ordered before the issuing thread's atomic by the barrier) are visible at gpu scope
       before the increment is.
-    wait: `atom.add.acquire.gpu` of 0 polled until the count is reached (a read-modify-write reads
-      the latest value in the counter's modification order, so every publish it counts
-      synchronises with it); Triton broadcasts the scalar result through shared memory behind a
+    wait: an acquire atomic_add of 0 at gpu scope polled until the count is reached (every
+      publish it counts synchronises with it; in the SASS a strong load then CCTL.IVALL, which
+      drops the SM's stale L1 lines); Triton broadcasts the scalar result through shared memory behind a
       barrier, which orders the other threads' loads after the acquire. Activations are then loaded
       with ".cg" (L2 only): the SM's L1 is not coherent with other SMs' stores.
     Re-arming: the last program to leave (an exit arrival counter) zeroes the queue and every
@@ -52,17 +53,20 @@ Memory ordering (PTX memory model; see arrival_counter.py for the split-K electi
 Determinism: every reduction (split-K partials, attention chunks, LayerNorm moments: each K slice's
 (mean, M2) from its x tile, merged by the last slice in closed form) runs in an order fixed by the schedule, so a step's results are bitwise the same run to run.
 
-Time model (engine/persistent_decode.py, `time_model`; `gpt2-engine kernels --persistent-model`):
-    per step = max(weight and KV bytes / bandwidth, stages on the critical path x t_stage)
-               + instructions per program x t_fetch (not hidden) + t_launch
-    with the H200's 4.3 TB/s copy bandwidth, t_stage = 0.9 us (publish, poll, activation load from
-    L2, dot, split-K election and partial reload: two L2 atomic round trips of ~0.3 us plus ~0.3 us
-    of L2 loads and math), t_fetch = 0.05 us (the queue atomic is prefetched; the instruction's
-    scalar loads hit L2), t_launch = 4 us (one launch, the first weight bytes, the tail). GPT-2
-    small, fp16, batch 1 (247 MB, 62 stages): max(57, 56) + 1.5 + 4 = ~63 us, ~90% of the roofline,
-    ~15,900 tok/s; the estimate for batch 8 and 16 is in the README. Weight streaming and the stage
-    chain overlap because every waiting program already has its weight tile in flight; the model's
-    weakest assumption is t_stage, which only a GPU run measures (benchmarks/gpu_check.py).
+Time model (engine/persistent_decode.py `time_model`; `python -m gpt2_engine.persistent_decode`)
+    From the schedule: step = max(stream, chain) + t_launch, where stream is the bytes over what
+    PROGRAMS_PER_SM programs per SM, each with one 16 KB tile in flight, can pull (Little's law:
+    an instruction holds its program ~2.6 us: its fields and its tile's first byte from DRAM,
+    0.8 us each, the transfer, the split-K arrival atomic), and chain is the 62 dependent stages
+    of GPT-2 small (embed, 5 per layer, LM head), each ~2.3-3.5 us after its input publishes (the
+    poll, x from L2, the arrival, the partials' reload, the publish) plus a wave per 264
+    instructions beyond the first. Assumed (Hopper, loaded): 4.3 TB/s, 132 SMs, DRAM 0.8 us, L2
+    round trip 0.3 us, returning atomic 0.5 us, publish 0.3 us, launch and tail 4 us. GPT-2 small
+    fp16, context 512: batch 1 ~261 us per step (chain-bound; stream 160 us), 24% of the roofline,
+    ~3,800 tok/s; batch 8 ~341 us (~23,500 tok/s); batch 16 ~360 us (~44,500 tok/s). That is
+    below the 60% target: the model says the stage chain, not bandwidth, decides GPT-2 small (62
+    global syncs of >= 2 L2 round trips each already cost about the 57 us roofline), and one tile
+    in flight per program caps the stream at ~37% of the bandwidth. Unmeasured: no GPU run yet.
 
 Limits: BLOCK_M (the schedule's row bucket) is 16 (mma m16): up to 16 decode rows per step;
     weights and activations of one dtype (fp32 / fp16 / bf16); head_dim and the cache block size
