@@ -84,6 +84,7 @@ import triton.language as tl
 from gpt2_engine.kernels import checks
 from gpt2_engine.kernels.arrival_counter import last_to_arrive
 from gpt2_engine.kernels.fused_linear import _gelu_tanh, gelu_tanh
+from gpt2_engine.kernels.launching import aligned, launch
 
 # ---- the instruction format (int64 fields) -----------------------------------------------------
 
@@ -434,16 +435,22 @@ def run_schedule(schedule: Schedule, counters: torch.Tensor, weights_base: torch
     checks.same_dtype("act", act, "weights_base", weights_base.dtype)
     checks.same_dtype("kv_cache", kv_cache, "weights_base", weights_base.dtype)
     grid = _launch_grid(act.device, num_programs)
+    tensors = (schedule.instructions, counters, weights_base, params, act, workspace, kv_cache,
+               embed_indices, slot_mapping, block_tables, context_lens)
+    ints = (block_tables.stride(0), schedule.instructions.shape[0], schedule.num_counters, M, kv_v_offset)
+    constexprs = dict(NF=NUM_FIELDS, BLOCK_M=BLOCK_M, BLOCK_N=schedule.block_n, BLOCK_K=schedule.block_k,
+                      HEAD_DIM=schedule.head_dim, CACHE_BLOCK=schedule.cache_block, KV_TILE=schedule.kv_tile,
+                      BLOCK_S=triton.next_power_of_2(schedule.max_chunks), SUM_SPLITS=SUM_SPLITS,
+                      MAX_SPLITS_K=MAX_SPLITS_K)
+    # CUDA: the compiled kernel launched directly once known (kernels/launching.py); the key holds every
+    # specialisation Triton derives: dtypes, pointer alignment, ints equal to 1 or divisible by 16.
+    key = None
+    if act.device.type == "cuda":
+        key = ("persistent_decode", act.device, tuple(t.dtype for t in tensors), aligned(*tensors),
+               tuple((v == 1, v % 16 == 0) for v in ints), tuple(constexprs.values()))
     try:
-        _persistent_decode_kernel[(grid,)](
-            schedule.instructions, counters, weights_base, params, act, workspace, kv_cache,
-            embed_indices, slot_mapping, block_tables, context_lens, block_tables.stride(0),
-            schedule.instructions.shape[0], schedule.num_counters, M, kv_v_offset, eps, sm_scale * 1.4426950408889634,
-            NF=NUM_FIELDS, BLOCK_M=BLOCK_M, BLOCK_N=schedule.block_n, BLOCK_K=schedule.block_k,
-            HEAD_DIM=schedule.head_dim, CACHE_BLOCK=schedule.cache_block, KV_TILE=schedule.kv_tile,
-            BLOCK_S=triton.next_power_of_2(schedule.max_chunks), SUM_SPLITS=SUM_SPLITS, MAX_SPLITS_K=MAX_SPLITS_K,
-            num_warps=NUM_WARPS,
-            num_stages=1)
+        launch(_persistent_decode_kernel, (grid, 1, 1), (*tensors, *ints, eps, sm_scale * 1.4426950408889634),
+               constexprs, num_warps=NUM_WARPS, num_stages=1, key=key)
     except BaseException:
         counters.zero_()    # a partial launch leaves counters armed
         raise
