@@ -89,6 +89,7 @@ from gpt2_engine.kernels.launching import aligned, launch
 # ---- the instruction format (int64 fields) -----------------------------------------------------
 
 EMBED, GEMV, ATTN = 0, 1, 2
+OP_GEMV, OP_ATTN = tl.constexpr(GEMV), tl.constexpr(ATTN)      # the same codes inside the kernel
 FIELDS = ("op", "wait_ctr", "wait_count", "done_ctr", "split_ctr", "n_split", "split",
           "x_off", "x_stride", "k", "k0", "w_off", "w_stride", "n0", "n",
           "bias_off", "colsum_off", "res_off", "out_off", "out_stride", "gelu", "kv_off", "ws_off")
@@ -98,7 +99,9 @@ F = {name: i for i, name in enumerate(FIELDS)}
 # chunk, kv_off = the layer's K pool. EMBED: w_off/w_stride = the [rows, C] table, n = C, out_* = x.
 # GEMV: w_off = its [BLOCK_K, BLOCK_N] weight tile, stored contiguous (row-major, zero-padded past K and N).
 # Every *_off, *_stride, kv_off and GEMV / EMBED k0, n0 is a multiple of 16 elements (the builder pads): 16-byte vector accesses.
-QUEUE, EXIT, FIRST_FREE_COUNTER = 0, 1, 2     # counters[0]: the queue, [1]: exit arrivals
+QUEUE = tl.constexpr(0)             # counters[QUEUE]: the next instruction index
+EXIT = tl.constexpr(1)              # counters[EXIT]: programs that found the queue empty
+FIRST_FREE_COUNTER = 2              # the schedule's stage and split counters follow
 PROGRAMS_PER_SM = 2
 NUM_WARPS = 8
 SUM_SPLITS = 4            # split-K partials summed per load round trip
@@ -346,22 +349,22 @@ def _persistent_decode_kernel(
     HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, KV_TILE: tl.constexpr, BLOCK_S: tl.constexpr,
     SUM_SPLITS: tl.constexpr, MAX_SPLITS_K: tl.constexpr,
 ):
-    i = tl.atomic_add(counters_ptr + 0, 1, sem="relaxed", scope="gpu")         # counters[QUEUE]
+    i = tl.atomic_add(counters_ptr + QUEUE, 1, sem="relaxed", scope="gpu")
     while i < n_instr:
-        following = tl.atomic_add(counters_ptr + 0, 1, sem="relaxed", scope="gpu")
+        following = tl.atomic_add(counters_ptr + QUEUE, 1, sem="relaxed", scope="gpu")
         ins = instr_ptr + i.to(tl.int64) * NF
         op = tl.load(ins + F_OP)
-        if op == 1:
+        if op == OP_GEMV:
             _gemv(ins, counters_ptr, w_ptr, p_ptr, act_ptr, ws_ptr, kv_ptr, slot_ptr, M, kv_v_offset, eps,
                   BLOCK_M, BLOCK_N, BLOCK_K, SUM_SPLITS, MAX_SPLITS_K)
-        elif op == 2:
+        elif op == OP_ATTN:
             _attn(ins, counters_ptr, act_ptr, ws_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, M, stride_tb,
                   kv_v_offset, qk_scale, HEAD_DIM, CACHE_BLOCK, KV_TILE, BLOCK_S)
         else:
             _embed(ins, counters_ptr, w_ptr, act_ptr, idx_ptr, M, BLOCK_M, BLOCK_N)
         i = following
     # The last program to leave re-arms the queue and the stage counters for the next launch.
-    if last_to_arrive(counters_ptr + 1, tl.num_programs(0)):                    # counters[EXIT]
+    if last_to_arrive(counters_ptr + EXIT, tl.num_programs(0)):
         offs = tl.arange(0, 1024)
         for c0 in range(0, n_counters, 1024):
             tl.store(counters_ptr + c0 + offs, 0, mask=c0 + offs < n_counters)
