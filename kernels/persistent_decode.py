@@ -43,15 +43,16 @@ Memory ordering (PTX memory model; see arrival_counter.py for the split-K electi
       before the increment is.
     wait: an acquire atomic_add of 0 at gpu scope polled until the count is reached (every
       publish it counts synchronises with it; in the SASS a strong load then CCTL.IVALL, which
-      drops the SM's stale L1 lines); Triton broadcasts the scalar result through shared memory behind a
-      barrier, which orders the other threads' loads after the acquire. Activations are then loaded
+      drops the SM's stale L1 lines); Triton broadcasts the scalar result through shared memory
+      behind a barrier, which orders the other threads' loads after the acquire. Activations are then loaded
       with ".cg" (L2 only): the SM's L1 is not coherent with other SMs' stores.
     Re-arming: the last program to leave (an exit arrival counter) zeroes the queue and every
       stage counter; split counters re-arm themselves. All other programs have left, so nobody
       reads them again in this launch; the kernel boundary orders the zeros before the next launch.
 
 Determinism: every reduction (split-K partials, attention chunks, LayerNorm moments: each K slice's
-(mean, M2) from its x tile, merged by the last slice in closed form) runs in an order fixed by the schedule, so a step's results are bitwise the same run to run.
+(mean, M2) from its x tile, merged by the last slice in closed form) runs in an order fixed by the
+schedule, so a step's results are bitwise the same run to run.
 
 Time model (engine/persistent_decode.py `time_model`; `python -m gpt2_engine.persistent_decode`)
     From the schedule: step = max(stream, chain) + t_launch, where stream is the bytes over what
@@ -65,8 +66,9 @@ Time model (engine/persistent_decode.py `time_model`; `python -m gpt2_engine.per
     fp16, context 512: batch 1 ~261 us per step (chain-bound; stream 160 us), 24% of the roofline,
     ~3,800 tok/s; batch 8 ~341 us (~23,500 tok/s); batch 16 ~360 us (~44,500 tok/s). That is
     below the 60% target: the model says the stage chain, not bandwidth, decides GPT-2 small (62
-    global syncs of >= 2 L2 round trips each already cost about the 57 us roofline), and one tile
-    in flight per program caps the stream at ~37% of the bandwidth. Unmeasured: no GPU run yet.
+    global syncs of at least a publish, a poll and an activation load, ~0.9 us each, already cost
+    about the 57 us roofline), and one tile in flight per program caps the stream at ~37% of the
+    bandwidth. Unmeasured: no GPU run yet.
 
 Limits: BLOCK_M (the schedule's row bucket) is 16 (mma m16): up to 16 decode rows per step;
     weights and activations of one dtype (fp32 / fp16 / bf16); head_dim and the cache block size
