@@ -16,6 +16,11 @@ after every row, so a run stopped at any point keeps every finished row. Section
     graphs     the engine's CUDA-graph decode is token-identical to its graph-less decode
     bf16       bf16 logits parity with non-trivial LayerNorm gamma / beta:
                |engine bf16 - fp32 ref| <= 2 |transformers bf16 - fp32 ref| + floor
+    persistent the one-launch persistent decode step against today's multi-launch graph step over
+               1,000 greedy steps of GPT-2 small (one row, context 1..1000, scattered block table):
+               |persistent - fp32 ref| <= 2 |multi-launch - fp32 ref| + floor at every step, the same
+               tokens (a differing argmax only where the top-2 margin is within that error), and the
+               whole run repeated bitwise (the arrival counters under real concurrency)
     launch     launch-plan cache + direct compiled launch: bit-identical to the JIT launch
     copy       device copy bandwidth (read + write bytes, 1 GiB): the reference for every "% of copy"
     flash      flash_attention TFLOP/s at S = 1k/2k/4k, D = 64, causal, against torch SDPA
@@ -26,7 +31,9 @@ after every row, so a run stopped at any point keeps every finished row. Section
     e2e        decode tokens/s of GPT-2 small/medium/xl fp16 at batch 1/8/64 (engine through the
                public API) against transformers eager and transformers static cache + torch.compile
                (warmed at every length it is timed at), each with the per-step weight bytes as % of
-               copy bandwidth; decode time = difference of two generate lengths
+               copy bandwidth; decode time = difference of two generate lengths; and the engine with
+               decode_kernel="persistent" at batch 1/8/16 side by side with today's graph path
+               (tok/s, us per step, % of copy)
 
 Kernels are timed with triton.testing.do_bench (CUDA events, median); end-to-end generate calls with
 a host clock around synchronised calls. Exit status 1 when a correctness row fails or errors.
@@ -240,6 +247,59 @@ def section_graphs(chk: Check):
                     note=f"{n} greedy tokens x 4 rows" + ("" if graphs is not None else " (no graphs on CPU: eager twice)"))
 
     chk.item("graphs", "CUDA-graph decode == graph-less", 120, measure)
+
+
+def section_persistent(chk: Check):
+    import torch
+
+    from gpt2_engine.kv_cache import allocate_kv_cache
+    from gpt2_engine.model import PagedGPT2, pack_step
+    from gpt2_engine.persistent_decode import PersistentDecode
+    from gpt2_engine.weights import random_state_dict
+
+    def measure():
+        cfg = next(iter(_model_configs(chk).values()))
+        steps, bs = min(3 if chk.dry else 1000, cfg.n_positions), 16
+        state = random_state_dict(cfg, seed=0)
+        model = PagedGPT2(cfg, state, backend="triton", device=chk.device, dtype=chk.dtype)
+        exact = PagedGPT2(cfg, state, backend="triton", device=chk.device, dtype=torch.float32)
+        blocks = -(-steps // bs)
+        table = torch.randperm(blocks + 3)[:blocks].tolist()             # scattered blocks
+        caches = {name: allocate_kv_cache(cfg, blocks + 3, bs, dtype, chk.device)
+                  for name, dtype in (("persistent", chk.dtype), ("multi", chk.dtype), ("exact", torch.float32))}
+        persistent = PersistentDecode(model, caches["persistent"], bs)
+        if chk.device.type == "cuda":
+            from gpt2_engine.cuda_graphs import DecodeGraphs
+            multi = DecodeGraphs(model, caches["multi"], 1, blocks).run
+        else:
+            multi = lambda step: model.forward(step, caches["multi"])   # noqa: E731
+
+        def step_at(i, token):
+            return pack_step(cfg.vocab_size, chk.device, token_ids=[token], positions=[i], num_prefill_tokens=0,
+                             slot_mapping=[table[i // bs] * bs + i % bs], block_tables=[table[:i // bs + 1]],
+                             context_lens=[i + 1])
+
+        tokens, logits, worst, flips, ties = [0], [], 0.0, 0, 0
+        for i in range(steps):
+            step = step_at(i, tokens[-1])
+            ours, theirs, ref = persistent.run(step), multi(step), exact.forward(step, caches["exact"])
+            err_ours, err_theirs = (ours - ref).abs().max().item(), (theirs - ref).abs().max().item()
+            bound = 2 * err_theirs + 1e-5 * ref.abs().max().item()
+            worst = max(worst, err_ours / bound)
+            top2 = theirs.topk(2).values[0]
+            if ours.argmax().item() != theirs.argmax().item():
+                near_tie = (top2[0] - top2[1]).item() <= err_ours + err_theirs
+                ties, flips = ties + near_tie, flips + (not near_tie)
+            logits.append(ours.clone())
+            tokens.append(ours.argmax().item())
+        caches["persistent"].zero_()
+        repeat_same = all(torch.equal(persistent.run(step_at(i, tokens[i])), logits[i]) for i in range(steps))
+        ok = worst <= 1 and not flips and repeat_same
+        return dict(value=steps, unit="steps", status="ok" if ok else "FAIL",
+                    note=f"err <= {worst:.2f} x bound; {flips} token flips, {ties} near-ties; "
+                         f"run-to-run {'bitwise' if repeat_same else 'DIFFERS'}")
+
+    chk.item("persistent", "persistent == multi-launch, greedy", 240, measure)
 
 
 def _hf_model(cfg, dtype, device):
@@ -467,7 +527,23 @@ def section_e2e(chk: Check):
                             note=f"{share(steps_ours)}; HF {share(steps_hf)}")
 
             chk.item("e2e", f"{name} {str(chk.dtype)[6:]} B={batch}", 60, measure)
-        del ours, hf
+        # the persistent step (one launch per decode step) side by side with today's graph path
+        persistent = GPT2.from_config(cfg, dtype=chk.dtype, device=chk.device, backend="triton",
+                                      decode_kernel="persistent", max_num_seqs=16)
+        for batch in (1,) if chk.dry else (1, 8, 16):
+            ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=chk.device)
+
+            def measure_persistent(ids=ids, batch=batch):
+                def rate(model):
+                    run = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # noqa: E731
+                    with torch.inference_mode():   # dry run: one decode step (the interpreter takes seconds a step)
+                        return _decode_rate(run, *((1, 2, 1) if chk.dry else (short, long, repeats)))
+                steps_p, steps_g = rate(persistent), rate(ours)
+                return dict(value=steps_p * batch, unit="tok/s", reference=steps_g * batch, ref_name="graphs",
+                            note=f"{1e6 / steps_p:.0f} vs {1e6 / steps_g:.0f} us/step; {share(steps_p)} vs {share(steps_g)}")
+
+            chk.item("e2e", f"{name} persistent B={batch}", 180 if chk.dry else 60, measure_persistent)
+        del ours, hf, persistent
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         # transformers' static cache + torch.compile for this model, warmed at both timed lengths
@@ -495,7 +571,8 @@ def section_e2e(chk: Check):
             torch.cuda.empty_cache()
 
 
-SECTIONS = [("tests", section_tests), ("graphs", section_graphs), ("bf16", section_bf16), ("launch", section_launch),
+SECTIONS = [("tests", section_tests), ("graphs", section_graphs), ("bf16", section_bf16), ("persistent", section_persistent),
+            ("launch", section_launch),
             ("copy", section_copy), ("flash", section_flash), ("paged", section_paged), ("gemm", section_gemm),
             ("e2e", section_e2e)]
 

@@ -27,6 +27,7 @@ from gpt2_engine.generation import (
     GeneratedSequence, GenerateOptions, assemble_output, check_streamer, left_pad,
     prompts_from_batch, resolve_generate_options,
 )
+from gpt2_engine.persistent_decode import check_decode_kernel
 from gpt2_engine.quantization import check_quantization
 from gpt2_engine.weights import load_checkpoint, load_hf_model_state, random_state_dict
 
@@ -88,7 +89,8 @@ class GPT2:
                  backend: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, source: str = "",
                  tokenizer_path=None, generation_config=None, enable_prefix_caching: bool = True,
-                 batch_invariant: bool = False, quantization: str | None = None, async_scheduling: bool | None = None):
+                 batch_invariant: bool = False, quantization: str | None = None, async_scheduling: bool | None = None,
+                 decode_kernel: str = "graphs"):
         self.config = config
         if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= config.n_positions:
             # a block longer than the context holds nothing more, and its cache is allocated up front
@@ -99,6 +101,9 @@ class GPT2:
         self.quantization = check_quantization(quantization)   # int8 weight-only: engine/quantization.py
         if self.quantization and self.backend == "eager":
             raise ValueError(f"quantization={quantization!r} needs the torch or triton backend, not 'eager'")
+        if check_decode_kernel(decode_kernel) == "persistent" and (self.backend != "triton" or self.quantization):
+            raise ValueError("decode_kernel='persistent' needs backend='triton' without quantization, "
+                             f"got backend={self.backend!r}, quantization={self.quantization!r}")
         self.source = source                      # where the weights came from (reported by the bench)
         self.generation_config = generation_config  # the checkpoint's defaults for generate()
         self._tokenizer_path = tokenizer_path
@@ -121,7 +126,8 @@ class GPT2:
                                                    max_num_batched_tokens=max_num_batched_tokens,
                                                    enable_prefix_caching=enable_prefix_caching,
                                                    batch_invariant=batch_invariant,
-                                                   async_scheduling=async_scheduling))
+                                                   async_scheduling=async_scheduling,
+                                                   decode_kernel=decode_kernel))
             # the router's thread stops when this object goes away (or at interpreter exit)
             weakref.finalize(self, self._router.shutdown)
 

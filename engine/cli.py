@@ -46,6 +46,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="directory with encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json (default: the "
                           "checkpoint's, else GPT-2's BPE shipped with gpt2-engine)")
     gen.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only quantization (default: none)")
+    gen.add_argument("--decode-kernel", choices=["graphs", "persistent"], default="graphs",
+                     help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
+                        "decode-only steps of <= 16 rows; opt-in until verified on a GPU)")
     gen.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
 
 
@@ -75,7 +78,8 @@ def _check_model_flags(args) -> None:
 def _build_model(args):
     from gpt2_engine.api import GPT2
 
-    runtime = {"device": args.device, "dtype": args.dtype, "backend": args.backend, "quantization": args.quantization}
+    runtime = {"device": args.device, "dtype": args.dtype, "backend": args.backend, "quantization": args.quantization,
+               "decode_kernel": args.decode_kernel}
     if args.batch_invariant:
         runtime["batch_invariant"] = True
     if args.sync_scheduling:

@@ -74,7 +74,8 @@ class _Step:
 class LLMEngine:
     def __init__(self, model: PagedGPT2, *, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, use_cuda_graphs: bool | None = None,
-                 enable_prefix_caching: bool = True, batch_invariant: bool = False, async_scheduling: bool | None = None):
+                 enable_prefix_caching: bool = True, batch_invariant: bool = False, async_scheduling: bool | None = None,
+                 decode_kernel: str = "graphs"):
         self.model, cfg = model, model.config
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -84,7 +85,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens or max(4096, cfg.n_positions))
         self.runner = ModelRunner(model, self.block_manager, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs,
-                                  batch_invariant=batch_invariant)
+                                  batch_invariant=batch_invariant, decode_kernel=decode_kernel)
         # schedule step n+1 before step n's tokens are read back (module docstring); default: on CUDA
         self.async_scheduling = model.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self.in_flight: _Step | None = None     # launched by the last step(), not committed

@@ -15,6 +15,7 @@ from this step's token tensor (pack_step's pending_*).
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -24,11 +25,14 @@ from gpt2_engine.block_manager import BlockManager
 from gpt2_engine.host_staging import staging_for, upload
 from gpt2_engine.kv_cache import allocate_kv_cache, copy_blocks
 from gpt2_engine.model import PagedGPT2, StepInputs, pack_step
+from gpt2_engine.persistent_decode import check_decode_kernel
 from gpt2_engine.sampling import SampledToken, SampledTokens, draw_tokens
 from gpt2_engine.scheduler import ScheduledBatch
 from gpt2_engine.sequence import Sequence
 
 PENDING_TOKEN = 0    # a pending token's stand-in in the packed host ids (pack_step puts the drawn one there on the device)
+
+log = logging.getLogger(__name__)
 
 
 class LaunchedStep:
@@ -55,7 +59,7 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, model: PagedGPT2, block_manager: BlockManager, *, max_num_seqs: int,
-                 use_cuda_graphs: bool | None = None, batch_invariant: bool = False):
+                 use_cuda_graphs: bool | None = None, batch_invariant: bool = False, decode_kernel: str = "graphs"):
         cfg = model.config
         # batch-invariant mode: fixed-shape GEMMs and one attention path for every row (gpt2_engine.batch_invariant)
         self.batch_invariant = batch_invariant
@@ -66,6 +70,12 @@ class ModelRunner:
                                           model.device)
         if use_cuda_graphs is None:
             use_cuda_graphs = model.device.type == "cuda" and model.backend == "triton" and not batch_invariant
+        # decode_kernel "persistent": decode-only steps of <= 16 rows as one launch (gpt2_engine.persistent_decode)
+        self.persistent, self._told_fallback = None, False
+        if check_decode_kernel(decode_kernel) == "persistent":
+            from gpt2_engine.persistent_decode import PersistentDecode
+            with self.on_device():
+                self.persistent = PersistentDecode(model, self.kv_cache, block_manager.block_size)
         self.graphs = None
         if use_cuda_graphs:
             from gpt2_engine.cuda_graphs import DecodeGraphs
@@ -87,10 +97,18 @@ class ModelRunner:
         with self.on_device():
             copy_blocks(self.kv_cache, batch.block_copies)
             step, sampler_rows = self.prepare_step(batch, previous)
-            if self.graphs is not None and step.num_prefill_tokens == 0 and step.logits_indices is None:
+            if self.persistent is not None and self.persistent.covers(step):
+                logits = self.persistent.run(step)
+            elif self.graphs is not None and step.num_prefill_tokens == 0 and step.logits_indices is None:
                 logits = self.graphs.run(step)
             else:
                 logits = self.model.forward(step, self.kv_cache)
+            if self.persistent is not None and step.num_prefill_tokens == 0 and not self.persistent.covers(step) \
+                    and not self._told_fallback:
+                self._told_fallback = True
+                log.info("persistent decode covers decode-only steps of <= %d rows; this one (%d rows) and others "
+                         "it does not cover run the multi-launch path", self.persistent.max_rows,
+                         step.context_lens.shape[0] if step.context_lens is not None else 0)
             # sequences' draws: one batched sampling call on the device; beam groups: a proposal each
             token_draws = [i for i, draw in enumerate(batch.draws) if isinstance(draw, Sequence)]
             sampled = None

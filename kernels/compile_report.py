@@ -16,6 +16,9 @@ compiles each one for sm_80 (A100) and sm_90 (H100) with `triton.compile` and a 
                    LM head, whose odd N would otherwise force scalar stores)
     prefetch       LDGSTS (cp.async) inside the loop bodies, for loops that must prefetch their
                    next tiles (paged decode attention)
+    loads first    for the persistent decode kernel: a plain 16-byte global load (LDG.E.128, the
+                   weight tile) issued before the first acquire poll (LDG.E.STRONG.GPU then
+                   CCTL.IVALL: Triton's acquire load), and the first tensor-core instruction (if any) after it
 
 Run it as `gpt2-engine kernels` (gpt2_engine.cli_kernels); it exits non-zero when a
 configuration fails to compile, spills, exceeds shared memory, lacks the tensor-core instructions
@@ -31,7 +34,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-KERNEL_MODULES = tuple(f"gpt2_engine.kernels.{name}" for name in ("flash_attention", "fused_linear", "paged_attention", "int8_linear"))
+KERNEL_MODULES = tuple(f"gpt2_engine.kernels.{name}" for name in (
+    "flash_attention", "fused_linear", "paged_attention", "int8_linear", "persistent_decode"))
 TARGETS = (80, 90)
 # Largest dynamic shared memory one block may opt into: A100 163 KiB, H100 227 KiB.
 MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}
@@ -59,6 +63,7 @@ class AotKernel:
     wgmma_on_sm90: bool = False  # on sm_90 it must be HGMMA specifically (large-tile GEMM/attention)
     vector_store: bool = False   # the SASS must hold 16-byte global stores (STG.E.128)
     async_copies: bool = False   # the SASS's loops must hold cp.async (LDGSTS): a prefetching loop
+    loads_before_wait: bool = False  # a persistent kernel: global loads issued ahead of an acquire poll loop
 
 
 @dataclass
@@ -140,7 +145,22 @@ def inspect_kernel(spec: AotKernel, capability: int) -> ReportRow:
         row.problems.append("no 16-byte vector stores")
     if spec.async_copies and not counts_in_loops(sass, "LDGSTS")[0]:
         row.problems.append("no cp.async (LDGSTS) in a loop: the loop does not prefetch")
+    if spec.loads_before_wait and not loads_before_wait(sass):
+        row.problems.append("no 16-byte weight load issued before the first acquire poll")
     return row
+
+
+def loads_before_wait(sass: str) -> bool:
+    """A plain LDG.E.128 precedes the first acquire poll (an LDG.E.STRONG.GPU followed by CCTL.IVALL,
+    the L1 invalidation of an acquire), and the first HMMA/HGMMA, if any, follows it, in program order."""
+    texts = [text for _, text in _SASS_LINE.findall(sass)]
+    poll = next((i for i, text in enumerate(texts[:-1])
+                 if re.search(r"\bLDG\.E\.STRONG\.GPU\b", text) and "CCTL.IVALL" in texts[i + 1]), None)
+    if poll is None:
+        return False
+    plain_before = any(re.search(r"\bLDG\.E\.128\b", text) and "STRONG" not in text for text in texts[:poll])
+    mma = next((i for i, text in enumerate(texts) if re.search(r"\bH(G)?MMA\.", text)), None)
+    return plain_before and (mma is None or mma > poll)    # fp32 tiles use FMA dots: no MMA at all
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")

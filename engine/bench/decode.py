@@ -222,7 +222,7 @@ def _systems(args, device, dtype) -> tuple[GPT2, list[System]]:
     build = GPT2.from_config if args.model in PRESETS else GPT2.from_pretrained
     build_kwargs = {"seed": args.seed} if build is GPT2.from_config else {}
     runtime = dict(device=device, dtype=dtype, backend=engine_backend, max_num_batched_tokens=max(args.batch_sizes) * args.prompt_len)
-    engine = build(args.model, **runtime, **build_kwargs)
+    engine = build(args.model, **runtime, **build_kwargs, decode_kernel=args.decode_kernel)
     ct2 = "ctranslate2" in args.systems and ctranslate2_peer.available()
     systems = []
     if "none" in args.quantization:
@@ -425,6 +425,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    parser.add_argument("--decode-kernel", choices=["graphs", "persistent"], default="graphs",
+                        help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
+                        "decode-only steps of <= 16 rows; opt-in until verified on a GPU)")
     parser.add_argument("--out", default="bench-results", help="directory for results.json, results.md, decode_tokens_per_s.png")
 
 

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="default: triton on CUDA, torch on CPU")
+    parser.add_argument("--decode-kernel", choices=["graphs", "persistent"], default="graphs",
+                        help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
+                        "decode-only steps of <= 16 rows; opt-in until verified on a GPU)")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="a request's logits do not depend on what else is batched (bitwise; slower)")
     parser.add_argument("--sync-scheduling", action="store_true",
