@@ -12,10 +12,11 @@ missing: the tests that need them skip. Sized to finish in about 8 minutes on an
 after every row, so a run stopped at any point keeps every finished row. Sections, in this order
 (correctness first, then kernel speed, then end-to-end, largest model last):
 
-    tests      the cuda-marked tests (pytest -m cuda tests)
+    tests      the cuda-marked tests and every test that takes the device fixture (the kernels' parity
+               tests), on the GPU: pytest -m "cuda or on_device" tests
     graphs     the engine's CUDA-graph decode is token-identical to its graph-less decode
-    bf16       bf16 logits parity with non-trivial LayerNorm gamma / beta:
-               |engine bf16 - fp32 ref| <= 2 |transformers bf16 - fp32 ref| + floor
+    half       fp16 and bf16 logits parity with non-trivial LayerNorm gamma / beta:
+               |engine half - fp32 ref| <= 2 |transformers half - fp32 ref| + floor
     persistent the one-launch persistent decode step against today's multi-launch graph step over
                1,000 greedy steps of GPT-2 small (one row, context 1..1000, scattered block table):
                |persistent - fp32 ref| <= 2 |multi-launch - fp32 ref| + floor at every step, the same
@@ -195,23 +196,23 @@ def section_tests(chk: Check):
         def collect():
             """The dry run collects the cuda-marked tests: every test module must import on this
             machine's packages (the ones with missing optional dependencies skip)."""
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "cuda",
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "cuda or on_device",
                                    "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True, timeout=300)
             last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
             return dict(status="ok" if proc.returncode == 0 else "FAIL", note=f"collected: {last[:100]}")
 
-        chk.item("tests", "cuda-marked tests collect", 300, collect)
+        chk.item("tests", "cuda-marked and device tests collect", 300, collect)
         return
 
     def measure():
-        timeout = max(30.0, min(150.0, chk.left() - 240))
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
-                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        timeout = max(30.0, min(200.0, chk.left() - 240))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda or on_device", "-p", "no:cacheprovider",
+                               "tests"], cwd=REPO, capture_output=True, text=True, timeout=timeout)
         (chk.out / "tests.log").write_text(proc.stdout[-200_000:] + proc.stderr[-50_000:])
         last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
         return dict(status="ok" if proc.returncode == 0 else "FAIL", note=last[:120])
 
-    chk.item("tests", "cuda-marked tests", 160, measure, min_left_s=60)
+    chk.item("tests", "cuda-marked and device tests", 210, measure, min_left_s=60)
 
 
 def _model_configs(chk: Check):
@@ -311,16 +312,16 @@ def _hf_model(cfg, dtype, device):
     return transformers.GPT2LMHeadModel(hf_cfg).to(device=device, dtype=dtype).eval()
 
 
-def section_bf16(chk: Check):
+def section_half(chk: Check):
+    """fp16 and bf16 logits of the engine against transformers', both against an fp32 reference."""
     import copy
 
     import torch
 
     from gpt2_engine import GPT2
 
-    def measure():
+    def measure(half):
         cfg = next(iter(_model_configs(chk).values()))
-        half = torch.float16 if chk.dry else torch.bfloat16   # Triton's interpreter (numpy) has no bfloat16
         ref = _hf_model(cfg, torch.float32, chk.device)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():                                  # LayerNorms that are not the identity
@@ -342,7 +343,9 @@ def section_bf16(chk: Check):
         return dict(value=err_ours, reference=err_peer, ref_name=f"HF {str(half)[6:]}",
                     status="ok" if err_ours <= 2 * err_peer + floor else "FAIL", note="LN gamma U(0.5,1.5), beta N(0,0.1)")
 
-    chk.item("bf16", "bf16 logits max err vs fp32", 120, measure)
+    # Triton's interpreter (numpy) has no bfloat16: the dry run checks fp16 only
+    for half in (torch.float16,) if chk.dry else (torch.float16, torch.bfloat16):
+        chk.item("half", f"{str(half)[6:]} logits max err vs fp32", 120, lambda half=half: measure(half))
 
 
 def section_launch(chk: Check):
@@ -571,7 +574,7 @@ def section_e2e(chk: Check):
             torch.cuda.empty_cache()
 
 
-SECTIONS = [("tests", section_tests), ("graphs", section_graphs), ("bf16", section_bf16), ("persistent", section_persistent),
+SECTIONS = [("tests", section_tests), ("graphs", section_graphs), ("half", section_half), ("persistent", section_persistent),
             ("launch", section_launch),
             ("copy", section_copy), ("flash", section_flash), ("paged", section_paged), ("gemm", section_gemm),
             ("e2e", section_e2e)]

@@ -45,6 +45,8 @@ def require_modules(*names: str) -> None:
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.on_device)   # runs on the GPU when there is one
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
 

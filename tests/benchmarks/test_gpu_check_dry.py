@@ -11,7 +11,7 @@ import sys
 from tests.conftest import REPO_ROOT
 
 BLOCKED = ("fastapi", "uvicorn", "pydantic", "openai", "ray")
-SECTIONS = ["tests", "graphs", "bf16", "persistent", "launch", "copy", "flash", "paged", "gemm", "e2e"]
+SECTIONS = ["tests", "graphs", "half", "persistent", "launch", "copy", "flash", "paged", "gemm", "e2e"]
 
 
 def test_gpu_check_dry_run_without_server_packages(tmp_path):
