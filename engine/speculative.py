@@ -1,0 +1,256 @@
+"""Speculative decoding on the paged cache: a proposer drafts up to k tokens per sequence, the target
+scores them all in one step, and gpt2_engine.rejection_sampling keeps the longest verified run.
+
+    LLMEngine.step: schedule() -> speculative_step(runner, batch)   (a decode-only batch whose
+        sequences ask for speculation; else the plain step runs)
+      1. drafts: NgramProposer (the sequence's last n-gram looked up in its own tokens, transformers'
+         prompt lookup) or DraftModelProposer (a smaller model, or the target's int8 twin, decoding
+         k tokens on its own paged cache)
+      2. slots: the target's block manager gives each draft a slot after the decode token's own
+         (as many as the pool has: a dry pool drafts less, it never fails or preempts)
+      3. one forward: each sequence's token and its drafts as one (k + 1)-token chunk over its cached
+         prefix, logits at every position
+      4. verify -> Scheduler.commit_runs: the run's tokens are appended, the slots of rejected drafts
+         are given back (a block emptied by that returns to the pool); prefix-cache hashes are
+         registered only over committed tokens.
+
+A step with prefill rows, beam groups or a first sample that forks return sequences runs as a plain
+step (its speculative sequences then take one token), and so does one where nothing was drafted.
+Draft and target share the scheduler: a preempted sequence is recomputed from its tokens in both
+models, so it resumes with the same tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from gpt2_engine.block_manager import BlockManager, copy_blocks
+from gpt2_engine.model import PagedGPT2
+from gpt2_engine.model_runner import ModelRunner
+from gpt2_engine.rejection_sampling import sampling_probs, verify
+from gpt2_engine.sampling import SampledToken, apply_logits_processors
+from gpt2_engine.scheduler import ScheduledBatch
+from gpt2_engine.sequence import Sequence, SequenceStatus
+
+
+class NgramProposer:
+    """Prompt lookup (transformers' PromptLookupCandidateGenerator; vLLM's n-gram speculator): the
+    sequence's last n tokens, for n = max_ngram_size down to 1, are searched for in its tokens
+    (prompt and output); the first earlier occurrence with a continuation proposes up to k of the
+    tokens that followed it. No model, no cache; its drafts are deterministic (q is one-hot)."""
+
+    def __init__(self, max_ngram_size: int = 2):
+        if not isinstance(max_ngram_size, int) or isinstance(max_ngram_size, bool) or max_ngram_size < 1:
+            raise ValueError(f"max_matching_ngram_size must be a positive integer, got {max_ngram_size!r}")
+        self.max_ngram_size = max_ngram_size
+
+    def propose(self, seqs: list[Sequence], ks: list[int], specs: list[Speculation]) -> tuple[list[list[int]], list[None]]:
+        return [ngram_lookup(seq.token_ids, k, self.max_ngram_size) for seq, k in zip(seqs, ks)], [None] * len(seqs)
+
+
+def ngram_lookup(tokens: list[int], k: int, max_ngram_size: int) -> list[int]:
+    """Up to k tokens that followed the first earlier occurrence of tokens' last n-gram (longest n first)."""
+    for n in range(min(max_ngram_size, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        # windows starting at 0 .. len - n - 1: each has at least one token after it
+        for start in range(len(tokens) - n):
+            if tokens[start:start + n] == tail:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+class DraftModelProposer:
+    """Drafts with another model on its own paged KV cache (its own block manager and pool, the
+    same block size): for each sequence a shadow Sequence holds the target's tokens plus the drafts,
+    and how many of them the draft's cache holds. Each call first drops the cache past the longest
+    prefix still shared with the target's tokens (rejected drafts), then feeds what is missing and
+    decodes k tokens in k batched forwards. Greedy sequences draft greedily (stopping early where
+    the draft's probability of its token is below the request's confidence threshold, as
+    transformers' assistant_confidence_threshold); sampled ones draw from the draft's distribution
+    with the same processors and warpers and the sequence's generator, and report it (q). A pool
+    without room for a sequence drafts nothing for it this step."""
+
+    def __init__(self, model: PagedGPT2, *, block_size: int, num_blocks: int, max_num_seqs: int):
+        self.model = model
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(model, self.block_manager, max_num_seqs=max_num_seqs, use_cuda_graphs=False)
+        self.shadows: dict[int, tuple[Sequence, Sequence]] = {}   # seq_id -> (target's sequence, draft's shadow)
+
+    def check_target(self, target: PagedGPT2) -> None:
+        """The draft must read and write the target's token ids at the target's positions."""
+        if self.model.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"assistant_model has a vocabulary of {self.model.config.vocab_size} tokens, the model "
+                             f"{target.config.vocab_size}: they must share the tokenizer")
+        if self.model.config.n_positions < target.config.n_positions:
+            raise ValueError(f"assistant_model's context ({self.model.config.n_positions}) is shorter than the model's "
+                             f"({target.config.n_positions})")
+        if self.model.device != target.device:
+            raise ValueError(f"assistant_model is on {self.model.device}, the model on {target.device}")
+
+    def propose(self, seqs: list[Sequence], ks: list[int],
+                specs: list[Speculation]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        self._forget_stopped()
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        ks = [self._sync(seq, k) if k > 0 else 0 for seq, k in zip(seqs, ks)]
+        for r in range(max(ks, default=0)):
+            active = [i for i, k in enumerate(ks) if k > r and len(drafts[i]) == r]
+            if not active:
+                break
+            shadows = [self.shadows[seqs[i].seq_id][1] for i in active]
+            logits = self._forward(shadows)
+            sampled = [j for j, i in enumerate(active) if seqs[i].params.do_sample]
+            if sampled:
+                q = sampling_probs(logits[sampled], [shadows[j] for j in sampled])
+                for row, j in enumerate(sampled):
+                    draft = int(torch.multinomial(q[row], 1, generator=seqs[active[j]].generator))
+                    drafts[active[j]].append(draft)
+                    probs[active[j]].append(q[row])
+            greedy = [j for j, i in enumerate(active) if not seqs[i].params.do_sample]
+            if greedy:
+                scores = logits[greedy].clone()
+                apply_logits_processors(scores, [shadows[j] for j in greedy])
+                confidence, picks = scores.softmax(-1).max(-1)
+                for j, token, p in zip(greedy, picks.tolist(), confidence.tolist()):
+                    drafts[active[j]].append(token)
+                    if p < specs[active[j]].confidence_threshold:
+                        ks[active[j]] = r + 1       # the draft is unsure: verify what it has
+            for j, i in enumerate(active):
+                shadows[j].token_ids.append(drafts[i][-1])
+                shadows[j].num_generated += 1
+        return drafts, [torch.stack(p) if p else None for p in probs]
+
+    def _forward(self, shadows: list[Sequence]) -> torch.Tensor:
+        """Feed each shadow's uncomputed tokens; the draft's logits [len(shadows), V] at their last ones."""
+        batch = ScheduledBatch()
+        for shadow in shadows:
+            batch.add(shadow, shadow.num_uncomputed)
+        with self.runner.on_device(), torch.inference_mode():
+            step, rows = self.runner.prepare_step(batch)
+            logits = self.runner.model.forward(step, self.runner.kv_cache)
+        for shadow in shadows:
+            shadow.num_computed_tokens = len(shadow.token_ids)
+        return logits[torch.tensor(rows, device=logits.device)]
+
+    def _sync(self, seq: Sequence, k: int) -> int:
+        """Bring the sequence's shadow to the target's tokens (keeping the cache of the prefix they
+        share) with slots for k drafts; returns how many drafts it has room for."""
+        bm, entry = self.block_manager, self.shadows.get(seq.seq_id)
+        if entry is None:
+            if not bm.can_allocate(len(seq.token_ids)):
+                return 0
+            bm.allocate(seq.seq_id, len(seq.token_ids))
+            shadow = Sequence(seq.seq_id, seq.request_id, seq.index, [], seq.params, seq.generator,
+                              status=SequenceStatus.RUNNING)
+            self.shadows[seq.seq_id] = seq, shadow
+        else:
+            shadow = entry[1]
+        shared = next((i for i, (a, b) in enumerate(zip(shadow.token_ids, seq.token_ids)) if a != b),
+                      min(len(shadow.token_ids), len(seq.token_ids)))
+        shadow.num_computed_tokens = min(shadow.num_computed_tokens, shared)
+        shadow.token_ids, shadow.num_generated = list(seq.token_ids), seq.num_generated
+        # the last draft is never fed: slots for the tokens and k - 1 drafts
+        while bm.num_tokens[seq.seq_id] < len(seq.token_ids) + k - 1 and bm.can_append(seq.seq_id):
+            bm.append(seq.seq_id)
+        return min(k, bm.num_tokens[seq.seq_id] - len(seq.token_ids) + 1)
+
+    def _forget_stopped(self) -> None:
+        """Free the shadows of sequences that finished or were preempted (they recompute on readmission)."""
+        for seq_id, (seq, _) in list(self.shadows.items()):
+            if seq.status is not SequenceStatus.RUNNING:
+                self.block_manager.free(seq_id)
+                del self.shadows[seq_id]
+
+
+@dataclass(frozen=True, eq=False)
+class Speculation:
+    """How a request drafts: the proposer, at most num_tokens drafts per step, and (draft models,
+    greedy) the draft probability below which drafting stops early for the step."""
+    proposer: NgramProposer | DraftModelProposer
+    num_tokens: int
+    confidence_threshold: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
+            raise ValueError(f"the number of speculative tokens must be a positive integer, got {self.num_tokens!r}")
+        if isinstance(self.confidence_threshold, bool) or not 0 <= self.confidence_threshold <= 1:
+            raise ValueError(f"assistant_confidence_threshold must be in [0, 1], got {self.confidence_threshold!r}")
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters over speculative steps: drafts proposed and kept, and sequence-steps that verified
+    drafts with the tokens they emitted (mean accepted length = emitted / steps, the bonus counted)."""
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    emitted: int = 0
+
+    def add(self, drafts: list[list[int]], runs: list[list[SampledToken]]) -> None:
+        for draft, run in zip(drafts, runs):
+            if draft:
+                self.drafted += len(draft)
+                self.accepted += len(run) - 1
+                self.steps += 1
+                self.emitted += len(run)
+
+
+def _num_drafts(seq: Sequence) -> int:
+    """Drafts the sequence may verify this step: none without speculation, none where a sampled
+    token must report logprobs or scores (the rejection rule reports neither), and never past the
+    token before max_new_tokens (the step adds one token of its own)."""
+    spec, params = seq.params.speculation, seq.params
+    if spec is None or (params.do_sample and (params.logprobs is not None or params.output_scores)):
+        return 0
+    return min(spec.num_tokens, params.max_new_tokens - seq.num_generated - 1)
+
+
+def speculative_step(runner: ModelRunner, batch: ScheduledBatch,
+                     stats: SpeculativeStats) -> list[list[SampledToken]] | None:
+    """Run the batch speculatively (the module docstring), returning each sequence's run for
+    Scheduler.commit_runs; None when it is not a speculative step (run it as a plain one)."""
+    seqs = batch.seqs
+    # decode-only, one draw per sequence: no prefill chunk, no beam group, no return sequences to fork
+    if not (batch.draws == seqs == batch.samplers and all(n == 1 for n in batch.num_tokens)):
+        return None
+    ks = [_num_drafts(seq) for seq in seqs]
+    if not any(ks):
+        return None
+    drafts: list[list[int]] = [[] for _ in seqs]
+    draft_probs: list[torch.Tensor | None] = [None] * len(seqs)
+    proposers: dict[int, list[int]] = {}
+    for i, k in enumerate(ks):
+        if k:
+            proposers.setdefault(id(seqs[i].params.speculation.proposer), []).append(i)
+    for rows in proposers.values():
+        proposer = seqs[rows[0]].params.speculation.proposer
+        proposed, probs = proposer.propose([seqs[i] for i in rows], [ks[i] for i in rows],
+                                           [seqs[i].params.speculation for i in rows])
+        for i, draft, q in zip(rows, proposed, probs):
+            drafts[i], draft_probs[i] = draft, q
+    # slots after the decode token's for as many drafts as the pool holds (copy-on-write of a shared last block)
+    bm, copies = runner.block_manager, list(batch.block_copies)
+    for i, seq in enumerate(seqs):
+        kept = 0
+        while kept < len(drafts[i]) and bm.can_append(seq.seq_id):
+            copies += bm.append(seq.seq_id)
+            kept += 1
+        drafts[i] = drafts[i][:kept]
+        draft_probs[i] = draft_probs[i][:kept] if draft_probs[i] is not None and kept else None
+    if not any(drafts):
+        return None
+    # sequences with drafts first: prepare_step packs multi-token chunks before one-token rows
+    order = sorted(range(len(seqs)), key=lambda i: not drafts[i])
+    chunks = ScheduledBatch()
+    for i in order:
+        chunks.add(dataclasses.replace(seqs[i], token_ids=seqs[i].token_ids + drafts[i]), 1 + len(drafts[i]))
+    with runner.on_device(), torch.inference_mode():
+        copy_blocks(runner.kv_cache, copies)
+        step, _ = runner.prepare_step(chunks)
+        logits = runner.model.forward(dataclasses.replace(step, logits_indices=None), runner.kv_cache)
+        rows = dict(zip(order, logits.split([1 + len(drafts[i]) for i in order])))
+        runs = verify([rows[i] for i in range(len(seqs))], seqs, drafts, draft_probs)
+    stats.add(drafts, runs)
+    return runs
