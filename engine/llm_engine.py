@@ -50,7 +50,7 @@ from gpt2_engine.model_runner import LaunchedStep, ModelRunner
 from gpt2_engine.sampling import SamplingParams, generator_states, make_generator, restore_generators
 from gpt2_engine.scheduler import ScheduledBatch, Scheduler
 from gpt2_engine.sequence import Sequence, TokenEvent
-from gpt2_engine.speculative import Speculation, SpeculativeStats, speculative_step
+from gpt2_engine.speculative import DraftModelProposer, Speculation, SpeculativeStats, speculative_step
 
 
 class StepError(RuntimeError):
@@ -132,6 +132,13 @@ class LLMEngine:
         self.scheduler.add(seqs[0])
         self.num_prompt_tokens += len(prompt)
         return request_id
+
+    def draft_proposer(self, draft: PagedGPT2) -> DraftModelProposer:
+        """A proposer drafting with `draft` for this engine's requests: its own pool of as many blocks."""
+        proposer = DraftModelProposer(draft, block_size=self.block_manager.block_size,
+                                      num_blocks=self.block_manager.num_blocks, max_num_seqs=self.scheduler.max_num_seqs)
+        proposer.check_target(self.model)
+        return proposer
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
