@@ -8,8 +8,8 @@ scores them all in one step, and gpt2_engine.rejection_sampling keeps the longes
          k tokens on its own paged cache)
       2. slots: the target's block manager gives each draft a slot after the decode token's own
          (as many as the pool has: a dry pool drafts less, it never fails or preempts)
-      3. one forward: each sequence's token and its drafts as one (k + 1)-token chunk over its cached
-         prefix, logits at every position
+      3. one forward: each sequence's token and its drafts as k + 1 one-token rows (add_position_rows:
+         the decode path, each row attending its own prefix), logits at every position
       4. verify -> Scheduler.commit_runs: the run's tokens are appended, the slots of rejected drafts
          are given back (a block emptied by that returns to the pool); prefix-cache hashes are
          registered only over committed tokens.
@@ -123,16 +123,21 @@ class DraftModelProposer:
         return drafts, [torch.stack(p) if p else None for p in probs]
 
     def _forward(self, shadows: list[Sequence]) -> torch.Tensor:
-        """Feed each shadow's uncomputed tokens; the draft's logits [len(shadows), V] at their last ones."""
-        batch = ScheduledBatch()
+        """Feed each shadow's uncomputed tokens (a few as one-token rows, a prompt as a prefill chunk);
+        the draft's logits [len(shadows), V] at their last ones."""
+        batch, last = ScheduledBatch(), []
         for shadow in shadows:
-            batch.add(shadow, shadow.num_uncomputed)
+            if shadow.num_uncomputed <= MAX_POSITION_ROWS:
+                add_position_rows(batch, shadow, shadow.token_ids, shadow.num_computed_tokens)
+            else:
+                batch.add(shadow, shadow.num_uncomputed)
+            last.append(len(batch.samplers) - 1)
         with self.runner.on_device(), torch.inference_mode():
             step, rows = self.runner.prepare_step(batch)
             logits = self.runner.model.forward(step, self.runner.kv_cache)
         for shadow in shadows:
             shadow.num_computed_tokens = len(shadow.token_ids)
-        return logits[torch.tensor(rows, device=logits.device)]
+        return logits[torch.tensor([rows[i] for i in last], device=logits.device)]
 
     def _sync(self, seq: Sequence, k: int) -> int:
         """Bring the sequence's shadow to the target's tokens (keeping the cache of the prefix they
@@ -162,6 +167,20 @@ class DraftModelProposer:
             if seq.status is not SequenceStatus.RUNNING:
                 self.block_manager.free(seq_id)
                 del self.shadows[seq_id]
+
+
+# Up to this many uncomputed tokens of a sequence go in as one-token rows (below).
+MAX_POSITION_ROWS = 16
+
+
+def add_position_rows(batch: ScheduledBatch, seq: Sequence, tokens: list[int], start: int) -> None:
+    """tokens[start:] of a sequence as one-token rows of the batch, row p a view of the sequence
+    ending at position p. They run as decode rows: each row's K/V are written before any row's
+    attention reads the cache, so row p attends positions 0..p, as a causal chunk would, while the
+    step keeps the decode path (on CPU one fused call per block, no gather of the cached keys). Each
+    row samples, so the step returns logits at every position."""
+    for p in range(start, len(tokens)):
+        batch.add(dataclasses.replace(seq, token_ids=tokens[:p + 1], num_computed_tokens=p), 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,16 +260,14 @@ def speculative_step(runner: ModelRunner, batch: ScheduledBatch,
         draft_probs[i] = draft_probs[i][:kept] if draft_probs[i] is not None and kept else None
     if not any(drafts):
         return None
-    # sequences with drafts first: prepare_step packs multi-token chunks before one-token rows
-    order = sorted(range(len(seqs)), key=lambda i: not drafts[i])
-    chunks = ScheduledBatch()
-    for i in order:
-        chunks.add(dataclasses.replace(seqs[i], token_ids=seqs[i].token_ids + drafts[i]), 1 + len(drafts[i]))
+    # each sequence's token and drafts as one-token rows, in batch order: logits [sum(k_i + 1), V]
+    rows = ScheduledBatch()
+    for seq, draft in zip(seqs, drafts):
+        add_position_rows(rows, seq, seq.token_ids + draft, seq.num_computed_tokens)
     with runner.on_device(), torch.inference_mode():
         copy_blocks(runner.kv_cache, copies)
-        step, _ = runner.prepare_step(chunks)
-        logits = runner.model.forward(dataclasses.replace(step, logits_indices=None), runner.kv_cache)
-        rows = dict(zip(order, logits.split([1 + len(drafts[i]) for i in order])))
-        runs = verify([rows[i] for i in range(len(seqs))], seqs, drafts, draft_probs)
+        step, _ = runner.prepare_step(rows)
+        logits = runner.model.forward(step, runner.kv_cache)
+        runs = verify(list(logits.split([1 + len(draft) for draft in drafts])), seqs, drafts, draft_probs)
     stats.add(drafts, runs)
     return runs
