@@ -46,6 +46,9 @@ class NgramProposer:
             raise ValueError(f"max_matching_ngram_size must be a positive integer, got {max_ngram_size!r}")
         self.max_ngram_size = max_ngram_size
 
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """Nothing to read ahead: the lookup reads the tokens when it drafts."""
+
     def propose(self, seqs: list[Sequence], ks: list[int], specs: list[Speculation]) -> tuple[list[list[int]], list[None]]:
         return [ngram_lookup(seq.token_ids, k, self.max_ngram_size) for seq, k in zip(seqs, ks)], [None] * len(seqs)
 
@@ -89,6 +92,13 @@ class DraftModelProposer:
         if self.model.device != target.device:
             raise ValueError(f"assistant_model is on {self.model.device}, the model on {target.device}")
 
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """Read the prompts of sequences whose prefill the target finishes in this step, so that the
+        draft's prompt work counts with the prompt's (time to first token), not with decoding."""
+        self._forget_stopped()
+        shadows = [self.shadows[seq.seq_id][1] for seq in seqs if self._sync(seq, 1)]
+        self._forward([shadow for shadow in shadows if shadow.num_uncomputed])
+
     def propose(self, seqs: list[Sequence], ks: list[int],
                 specs: list[Speculation]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         self._forget_stopped()
@@ -96,7 +106,7 @@ class DraftModelProposer:
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         ks = [self._sync(seq, k) if k > 0 else 0 for seq, k in zip(seqs, ks)]
         for r in range(max(ks, default=0)):
-            active = [i for i, k in enumerate(ks) if k > r and len(drafts[i]) == r]
+            active = [i for i, k in enumerate(ks) if k > r]
             if not active:
                 break
             shadows = [self.shadows[seqs[i].seq_id][1] for i in active]
@@ -125,6 +135,8 @@ class DraftModelProposer:
     def _forward(self, shadows: list[Sequence]) -> torch.Tensor:
         """Feed each shadow's uncomputed tokens (a few as one-token rows, a prompt as a prefill chunk);
         the draft's logits [len(shadows), V] at their last ones."""
+        if not shadows:
+            return torch.empty(0)
         batch, last = ScheduledBatch(), []
         for shadow in shadows:
             if shadow.num_uncomputed <= MAX_POSITION_ROWS:
@@ -226,10 +238,26 @@ def _num_drafts(seq: Sequence) -> int:
     return min(spec.num_tokens, params.max_new_tokens - seq.num_generated - 1)
 
 
+def _by_proposer(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """The sequences grouped by the proposer they speculate with, in order."""
+    groups: dict[int, list[Sequence]] = {}
+    for seq in seqs:
+        groups.setdefault(id(seq.params.speculation.proposer), []).append(seq)
+    return list(groups.values())
+
+
+def _prefill_drafts(batch: ScheduledBatch) -> None:
+    """Proposers read the prompts whose prefill ends in this step (their first sample), as the target does."""
+    for group in _by_proposer([seq for seq in batch.samplers
+                               if seq.params.speculation is not None and seq.num_generated == 0]):
+        group[0].params.speculation.proposer.prefill(group)
+
+
 def speculative_step(runner: ModelRunner, batch: ScheduledBatch,
                      stats: SpeculativeStats) -> list[list[SampledToken]] | None:
     """Run the batch speculatively (the module docstring), returning each sequence's run for
     Scheduler.commit_runs; None when it is not a speculative step (run it as a plain one)."""
+    _prefill_drafts(batch)
     seqs = batch.seqs
     # decode-only, one draw per sequence: no prefill chunk, no beam group, no return sequences to fork
     if not (batch.draws == seqs == batch.samplers and all(n == 1 for n in batch.num_tokens)):
@@ -237,18 +265,14 @@ def speculative_step(runner: ModelRunner, batch: ScheduledBatch,
     ks = [_num_drafts(seq) for seq in seqs]
     if not any(ks):
         return None
-    drafts: list[list[int]] = [[] for _ in seqs]
-    draft_probs: list[torch.Tensor | None] = [None] * len(seqs)
-    proposers: dict[int, list[int]] = {}
-    for i, k in enumerate(ks):
-        if k:
-            proposers.setdefault(id(seqs[i].params.speculation.proposer), []).append(i)
-    for rows in proposers.values():
-        proposer = seqs[rows[0]].params.speculation.proposer
-        proposed, probs = proposer.propose([seqs[i] for i in rows], [ks[i] for i in rows],
-                                           [seqs[i].params.speculation for i in rows])
-        for i, draft, q in zip(rows, proposed, probs):
-            drafts[i], draft_probs[i] = draft, q
+    num_drafts = {seq.seq_id: k for seq, k in zip(seqs, ks) if k}
+    proposals: dict[int, tuple[list[int], torch.Tensor | None]] = {}    # seq_id -> (drafts, q or None)
+    for group in _by_proposer([seq for seq in seqs if seq.seq_id in num_drafts]):
+        proposed, probs = group[0].params.speculation.proposer.propose(
+            group, [num_drafts[seq.seq_id] for seq in group], [seq.params.speculation for seq in group])
+        proposals.update((seq.seq_id, proposal) for seq, proposal in zip(group, zip(proposed, probs)))
+    drafts = [proposals.get(seq.seq_id, ([], None))[0] for seq in seqs]
+    draft_probs = [proposals.get(seq.seq_id, ([], None))[1] for seq in seqs]
     # slots after the decode token's for as many drafts as the pool holds (copy-on-write of a shared last block)
     bm, copies = runner.block_manager, list(batch.block_copies)
     for i, seq in enumerate(seqs):

@@ -412,6 +412,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: plain greedy decoding against speculative decoding drafting K tokens (int8 "
                              "self-drafting, n-gram lookup, a separate draft model) on a preset's random weights; writes "
                              "speculative.json and speculative.md")
+    parser.add_argument("--speculative-methods", nargs="+", default=["int8", "ngram", "draft"],
+                        choices=["int8", "ngram", "draft"],
+                        help="the speculative rows (default all): int8 self-drafting, n-gram lookup, a separate draft model")
 
 
 def _check_arguments(args) -> None:

@@ -52,17 +52,23 @@ class SpeculativeReport:
     rows: list[SpeculativeRow] = field(default_factory=list)
 
 
-def _speculations(model: GPT2, k: int, seed: int) -> dict[str, Speculation | None]:
-    engine = model.engine
-    int8 = PagedGPT2(model.config, model.state_dict(), backend=model.backend, device=model.device, dtype=model.dtype,
-                     quantization="int8")
-    draft_config = dataclasses.replace(model.config, **DRAFT_SHAPE)
-    draft = PagedGPT2(draft_config, random_state_dict(draft_config, seed=seed + 1), backend=model.backend,
-                      device=model.device, dtype=model.dtype)
-    return {"plain": None,
-            f"int8 self-draft, k={k}": Speculation(engine.draft_proposer(int8), k),
-            f"n-gram lookup, k={k}": Speculation(NgramProposer(), k),
-            f"draft model (distilgpt2 shape, random), k={k}": Speculation(engine.draft_proposer(draft), k)}
+METHODS = ("int8", "ngram", "draft")
+
+
+def _speculations(model: GPT2, k: int, seed: int, methods: list[str]) -> dict[str, Speculation | None]:
+    engine, rows = model.engine, {"plain": None}
+    if "int8" in methods:
+        int8 = PagedGPT2(model.config, model.state_dict(), backend=model.backend, device=model.device,
+                         dtype=model.dtype, quantization="int8")
+        rows[f"int8 self-draft, k={k}"] = Speculation(engine.draft_proposer(int8), k)
+    if "ngram" in methods:
+        rows[f"n-gram lookup, k={k}"] = Speculation(NgramProposer(), k)
+    if "draft" in methods:
+        draft_config = dataclasses.replace(model.config, **DRAFT_SHAPE)
+        draft = PagedGPT2(draft_config, random_state_dict(draft_config, seed=seed + 1), backend=model.backend,
+                          device=model.device, dtype=model.dtype)
+        rows[f"draft model (distilgpt2 shape, random), k={k}"] = Speculation(engine.draft_proposer(draft), k)
+    return rows
 
 
 def _generate(model: GPT2, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], float, int]:
@@ -89,7 +95,7 @@ def run(args, device: torch.device, dtype: torch.dtype) -> SpeculativeReport:
     num_blocks = max(batches) * -(-(args.prompt_len + args.new_tokens + k + 1) // block_size) + 8
     model = GPT2.from_config(args.model, seed=args.seed, device=device, dtype=dtype, block_size=block_size,
                              num_blocks=num_blocks, max_num_batched_tokens=max(batches) * args.prompt_len)
-    speculations = _speculations(model, k, args.seed)
+    speculations = _speculations(model, k, args.seed, args.speculative_methods)
     stats = model.engine.speculative_stats
     torch.manual_seed(args.seed)
     prompts = {b: torch.randint(0, config.vocab_size, (b, args.prompt_len)).tolist() for b in batches}

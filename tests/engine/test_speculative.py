@@ -105,7 +105,7 @@ def test_scores_and_streamer_see_accepted_tokens_only(model):
     assert [t for (t,) in recorder.tokens[1:]] == plain.sequences[0, 6:].tolist()
 
 
-def test_text_stream_with_a_speculative_engine_default(hf_model, tokenizer_dir):
+def test_text_stream_with_a_speculative_engine_default(tokenizer_dir):
     plain = gpt2_engine.GPT2.from_config(_tiny_text_config(), seed=3, backend="torch", tokenizer_path=tokenizer_dir)
     spec = plain.with_backend("torch", speculative_model="int8", num_speculative_tokens=3)
     prompt = "the cat sat on the mat and the cat"
