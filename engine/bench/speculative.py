@@ -52,9 +52,6 @@ class SpeculativeReport:
     rows: list[SpeculativeRow] = field(default_factory=list)
 
 
-METHODS = ("int8", "ngram", "draft")
-
-
 def _speculations(model: GPT2, k: int, seed: int, methods: list[str]) -> dict[str, Speculation | None]:
     engine, rows = model.engine, {"plain": None}
     if "int8" in methods:
