@@ -166,7 +166,9 @@ class DraftModelProposer:
             shadow = entry[1]
         shared = next((i for i, (a, b) in enumerate(zip(shadow.token_ids, seq.token_ids)) if a != b),
                       min(len(shadow.token_ids), len(seq.token_ids)))
-        shadow.num_computed_tokens = min(shadow.num_computed_tokens, shared)
+        # the newest token is always fed again when it was computed (prefill in this very step):
+        # drafting starts from its logits
+        shadow.num_computed_tokens = min(shadow.num_computed_tokens, shared, len(seq.token_ids) - 1)
         shadow.token_ids, shadow.num_generated = list(seq.token_ids), seq.num_generated
         # the last draft is never fed: slots for the tokens and k - 1 drafts
         while bm.num_tokens[seq.seq_id] < len(seq.token_ids) + k - 1 and bm.can_append(seq.seq_id):

@@ -49,6 +49,9 @@ def test_ngram_lookup_follows_transformers_prompt_lookup():
 def test_greedy_assisted_generation_is_token_identical(model, hf_model, assistance):
     torch.manual_seed(0)
     ids, mask = left_padded_batch([3, 11, 6, 1], VOCAB)
+    # a one-token prompt alone: its prefill step is already a decode-only, speculative step
+    one = model.generate(ids[3:, -1:], max_new_tokens=9)
+    assert torch.equal(model.generate(ids[3:, -1:], max_new_tokens=9, **ASSISTANCE[assistance]()), one)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
     assisted = model.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, **ASSISTANCE[assistance]())
     assert torch.equal(assisted, plain)
