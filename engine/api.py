@@ -12,6 +12,7 @@ together.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import os
 import types
@@ -90,7 +91,7 @@ class GPT2:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, source: str = "",
                  tokenizer_path=None, generation_config=None, enable_prefix_caching: bool = True,
                  batch_invariant: bool = False, quantization: str | None = None, async_scheduling: bool | None = None,
-                 decode_kernel: str = "graphs"):
+                 decode_kernel: str = "graphs", speculative_model=None, num_speculative_tokens: int | None = None):
         self.config = config
         if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= config.n_positions:
             # a block longer than the context holds nothing more, and its cache is allocated up front
@@ -112,7 +113,11 @@ class GPT2:
         weights = {name: t.to(device=self.device, dtype=self.dtype) for name, t in state_dict.items()}
         self._weights = weights
         self._eager, self._router = None, None
+        self._drafts = weakref.WeakKeyDictionary()    # assistant model -> its DraftModelProposer
+        self._int8_draft = None
         if self.backend == "eager":
+            if speculative_model is not None:
+                raise ValueError("speculative_model runs on the runtime backends (torch, triton), not eager")
             self._eager = EagerGPT2(config, weights)
         else:
             from gpt2_engine.llm_engine import LLMEngine
@@ -130,6 +135,71 @@ class GPT2:
                                                    decode_kernel=decode_kernel))
             # the router's thread stops when this object goes away (or at interpreter exit)
             weakref.finalize(self, self._router.shutdown)
+            self._router.engine.speculation = self._engine_speculation(speculative_model, num_speculative_tokens)
+
+    # ---- speculative decoding (gpt2_engine.speculative) -----------------------------------------
+
+    def _engine_speculation(self, speculative_model, num_speculative_tokens):
+        """The engine's default for every request (vLLM's speculative_model / num_speculative_tokens):
+        "ngram" (prompt lookup), "int8" (this model's int8 twin), a GPT2 or a transformers GPT-2."""
+        if speculative_model is None:
+            if num_speculative_tokens is not None:
+                raise ValueError("num_speculative_tokens needs a speculative_model")
+            return None
+        from gpt2_engine.speculative import NgramProposer, Speculation
+
+        k = 4 if num_speculative_tokens is None else num_speculative_tokens
+        if isinstance(speculative_model, str) and speculative_model == "ngram":
+            return Speculation(NgramProposer(), k)
+        return Speculation(self._draft_proposer(speculative_model, "speculative_model"), k)
+
+    def _with_assistance(self, options: GenerateOptions) -> GenerateOptions:
+        """The options with their assisted generation (if any) as the sampling's Speculation."""
+        assisted = options.assisted
+        if assisted is None:
+            return options
+        if self._eager is not None:
+            raise ValueError("assisted generation (assistant_model, prompt_lookup_num_tokens) runs on the runtime "
+                             "backends (torch, triton), not eager")
+        from gpt2_engine.speculative import NgramProposer, Speculation
+
+        if assisted.prompt_lookup_num_tokens is not None:
+            spec = Speculation(NgramProposer(assisted.max_matching_ngram_size), assisted.prompt_lookup_num_tokens)
+        else:
+            spec = Speculation(self._draft_proposer(assisted.assistant_model, "assistant_model"),
+                               assisted.num_assistant_tokens, assisted.confidence_threshold)
+        return dataclasses.replace(options, sampling=dataclasses.replace(options.sampling, speculation=spec))
+
+    def _draft_proposer(self, assistant, name: str):
+        """The proposer drafting with `assistant` (made once per assistant, with its own KV pool)."""
+        if isinstance(assistant, str):
+            if assistant != "int8":
+                raise ValueError(f"{name} must be a GPT2, a transformers GPT-2 model or 'int8', got {assistant!r}")
+            if self.quantization:
+                raise ValueError(f"{name}='int8' drafts with the model's int8 twin; this model is int8 already")
+            if self._int8_draft is None:
+                from gpt2_engine.model import PagedGPT2
+
+                self._int8_draft = self.engine.draft_proposer(PagedGPT2(
+                    self.config, self._weights, backend=self.backend, device=self.device, dtype=self.dtype,
+                    quantization="int8"))
+            return self._int8_draft
+        if assistant not in self._drafts:
+            self._drafts[assistant] = self.engine.draft_proposer(self._draft_model(assistant, name))
+        return self._drafts[assistant]
+
+    def _draft_model(self, assistant, name: str):
+        from gpt2_engine.model import PagedGPT2
+
+        if isinstance(assistant, GPT2):
+            if assistant.engine is None:
+                raise ValueError(f"{name} must run on a runtime backend (torch, triton), not eager")
+            return assistant.engine.model
+        if not (hasattr(assistant, "config") and getattr(assistant.config, "model_type", None) == "gpt2"):
+            raise ValueError(f"{name} must be a GPT2, a transformers GPT-2 model or 'int8', got {type(assistant).__name__}")
+        config, state_dict = load_hf_model_state(assistant)
+        return PagedGPT2(config, {k: t.to(device=self.device, dtype=self.dtype) for k, t in state_dict.items()},
+                         backend=self.backend, device=self.device, dtype=self.dtype)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -262,7 +332,8 @@ class GPT2:
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__} "
                             "(pass a generation config as generation_config=...)")
         prompts = prompts_from_batch(input_ids, attention_mask, self.config)
-        options = resolve_generate_options(self.config, input_ids.shape[-1], self.generation_config, generation_config, **kwargs)
+        options = self._with_assistance(resolve_generate_options(self.config, input_ids.shape[-1], self.generation_config,
+                                                                 generation_config, **kwargs))
         check_streamer(options, len(prompts))
         streamer = options.streamer
         on_token = None
@@ -333,7 +404,7 @@ class GPT2:
                                            user_config, **kwargs)
         if options.streamer is not None:
             raise ValueError("streamer is a generate() option; use GPT2.stream for text streaming")
-        return options
+        return self._with_assistance(options)
 
     def generate_text(self, prompts, **kwargs) -> list[str]:
         """Continuations (without the prompt) of each prompt, num_return_sequences per prompt."""

@@ -130,6 +130,17 @@ class BlockManager:
         self.num_tokens[seq_id] += 1
         return copies
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Keep slots for the first num_tokens tokens only (speculative decoding gives back the slots
+        of rejected drafts); blocks left empty go back to the pool. Only slots past the sequence's
+        computed tokens are dropped, so no block indexed by the prefix cache is released here."""
+        assert num_tokens <= self.num_tokens[seq_id]
+        table = self.block_tables[seq_id]
+        for block in table[self.blocks_for(num_tokens):]:
+            self._release(block)
+        del table[self.blocks_for(num_tokens):]
+        self.num_tokens[seq_id] = num_tokens
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares all of the parent's blocks (each block's refcount + 1)."""
         assert child_id not in self.block_tables

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2_engine.cli_args import Parser, add_device_argument
+from gpt2_engine.cli_args import Parser, add_device_argument, draft_model, int_at_least
 
 # generate's sampling flags: transformers ignores them when decoding greedily, so without --do-sample
 # (and unless --temperature is 0, which means greedy) they are an error instead of a silent no-op.
@@ -50,6 +50,13 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
                         "decode-only steps of <= 16 rows; opt-in until verified on a GPU)")
     gen.add_argument("--random-weights", action="store_true", help="seeded random weights of a preset shape (no checkpoint)")
+    gen.add_argument("--assistant-model", default=None,
+                     help="assisted generation: draft with this model (checkpoint, hub id, or a preset with --random-weights: "
+                          "seed + 1) or 'int8', the model's own int8 twin; greedy output is unchanged")
+    gen.add_argument("--num-assistant-tokens", type=int_at_least(1), default=None,
+                     help="tokens the assistant drafts per step (default 20, transformers')")
+    gen.add_argument("--prompt-lookup", type=int_at_least(1), default=None, metavar="K",
+                     help="assisted generation without a draft model: draft K tokens by n-gram lookup in the prompt and output")
 
 
 def _generation_options(args) -> dict:
@@ -58,6 +65,12 @@ def _generation_options(args) -> dict:
     for name in ("repetition_penalty", "num_return_sequences", "num_beams", "seed"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.num_assistant_tokens is not None:
+        if args.assistant_model is None:
+            raise ValueError("--num-assistant-tokens needs --assistant-model")
+        options["num_assistant_tokens"] = args.num_assistant_tokens
+    if args.prompt_lookup is not None:
+        options["prompt_lookup_num_tokens"] = args.prompt_lookup
     if args.temperature == 0:  # OpenAI's and vLLM's convention: temperature 0 is greedy decoding
         return options
     warpers = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
@@ -102,6 +115,10 @@ def _generate(args) -> int:
             raise type(exc)(f"--tokenizer: {exc}") from exc
     prompt = args.prompt if args.prompt is not None else _read_stdin_prompt()
     model = _build_model(args)
+    if args.assistant_model is not None:
+        options["assistant_model"] = draft_model(args.assistant_model, random_weights=args.random_weights, seed=args.seed,
+                                                 runtime={"device": model.device, "dtype": model.dtype,
+                                                          "backend": model.backend})
     if tokenizer is not None:
         model.tokenizer = tokenizer
     if args.stream:

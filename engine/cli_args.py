@@ -49,3 +49,22 @@ def int_in_range(minimum: int, maximum: int | None):
         return value
     parse.__name__ = "integer"      # argparse names the type in "invalid integer value"
     return parse
+
+
+def draft_model(value: str, *, random_weights: bool, seed: int | None, runtime: dict):
+    """A draft model named on the command line (--assistant-model, --speculative-model): "int8" (the
+    model's own int8 twin, passed on as is), a checkpoint directory or hub id, or with
+    --random-weights a preset of seeded random weights, seed + 1 (another model than the target)."""
+    from gpt2_engine.api import GPT2
+    from gpt2_engine.config import PRESETS
+
+    if value == "int8":
+        return value
+    # only its weights draft (on the target's own pool): its engine gets the smallest pool
+    runtime = dict(runtime, num_blocks=1)
+    if random_weights:
+        if value not in PRESETS:
+            raise ValueError(f"with --random-weights the draft model must be 'int8' or a preset ({', '.join(PRESETS)}), "
+                             f"got {value!r}")
+        return GPT2.from_config(value, seed=(seed or 0) + 1, **runtime)
+    return GPT2.from_pretrained(value, **runtime)

@@ -26,6 +26,9 @@ HF_DEFAULTS = {
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None, "seed": None,
     "output_scores": False, "return_dict_in_generate": False, "streamer": None,
     "num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "no_repeat_ngram_size": 0,
+    # assisted generation (speculative decoding, gpt2_engine.speculative)
+    "assistant_model": None, "num_assistant_tokens": 20, "assistant_confidence_threshold": 0.4,
+    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None,
 }
 # An explicit None means "off" for these (as in transformers), "default" for the others.
 NONE_MEANS_OFF = {"top_k": 0, "eos_token_id": ()}
@@ -38,10 +41,24 @@ NEUTRAL_OPTIONS = {
     "min_p": None, "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None,
     "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
     "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
-    "sequence_bias": None, "guidance_scale": None, "assistant_model": None, "stop_strings": None,
+    "sequence_bias": None, "guidance_scale": None, "stop_strings": None, "num_assistant_tokens_schedule": "constant",
 }
-# Options whose value never changes the result of this engine (its cache is its own).
-IGNORED_OPTIONS = {"use_cache", "cache_implementation", "bos_token_id", "transformers_version", "_from_model_config"}
+# Options whose value never changes the result of this engine (its cache is its own; the lookbehinds
+# matter only to an assistant with another tokenizer, which it refuses).
+IGNORED_OPTIONS = {"use_cache", "cache_implementation", "bos_token_id", "transformers_version", "_from_model_config",
+                   "assistant_lookbehind", "target_lookbehind"}
+
+
+@dataclass(frozen=True)
+class AssistedOptions:
+    """transformers' assisted generation: a draft model (a GPT2, a transformers GPT-2 or "int8", the
+    model's own int8 twin) drafting num_assistant_tokens, or prompt lookup drafting
+    prompt_lookup_num_tokens; the API turns it into the sampling's Speculation."""
+    assistant_model: object | None
+    num_assistant_tokens: int
+    confidence_threshold: float
+    prompt_lookup_num_tokens: int | None
+    max_matching_ngram_size: int
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,7 @@ class GenerateOptions:
     return_dict_in_generate: bool
     streamer: object | None
     output_scores: bool = False     # as asked (beam search reports it as sequences_scores)
+    assisted: AssistedOptions | None = None
 
 
 @dataclass
@@ -172,7 +190,30 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
     )
     return GenerateOptions(sampling, int(num_return), int(pad),
                            _as_bool("return_dict_in_generate", values["return_dict_in_generate"]),
-                           _check_streamer_object(values["streamer"]), bool(values["output_scores"]))
+                           _check_streamer_object(values["streamer"]), bool(values["output_scores"]),
+                           _assisted_options(values, num_beams))
+
+
+def _assisted_options(values: dict, num_beams: int) -> AssistedOptions | None:
+    assistant, lookup = values["assistant_model"], values["prompt_lookup_num_tokens"]
+    if assistant is None and lookup is None:
+        return None
+    if assistant is not None and lookup is not None:
+        raise ValueError("pass assistant_model or prompt_lookup_num_tokens, not both")
+    if num_beams > 1:
+        raise ValueError("assisted generation (assistant_model, prompt_lookup_num_tokens) does not support beam search "
+                         "(num_beams > 1), as in transformers")
+    ngram = values["max_matching_ngram_size"]
+    counts = {"num_assistant_tokens": values["num_assistant_tokens"], "prompt_lookup_num_tokens": lookup,
+              "max_matching_ngram_size": 2 if ngram is None else ngram}
+    for name, value in counts.items():
+        if value is not None and _as_int(name, value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    threshold = _as_float("assistant_confidence_threshold", values["assistant_confidence_threshold"])
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"assistant_confidence_threshold must be in [0, 1], got {threshold!r}")
+    return AssistedOptions(assistant, int(counts["num_assistant_tokens"]), threshold,
+                           None if lookup is None else int(lookup), int(counts["max_matching_ngram_size"]))
 
 
 def _is_int(value) -> bool:

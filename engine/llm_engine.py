@@ -2,6 +2,9 @@
 
     step() = scheduler.schedule() -> ModelRunner.run(batch) -> scheduler.postprocess(batch, tokens)
 
+A decode-only step of sequences that speculate (gpt2_engine.speculative) drafts, verifies and commits
+runs of tokens instead: schedule() -> speculative_step -> scheduler.commit_runs, synchronously.
+
 A step is all or nothing: if running or committing it fails (any exception, Ctrl-C included), the
 sequences' random generators are put back and the batch is rolled back (its sequences recompute
 later from the tokens they had); an Exception is then raised as StepError naming the requests that
@@ -36,6 +39,7 @@ Not thread-safe: one thread steps it (gpt2_engine.router.RequestRouter in the AP
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import torch
 
@@ -47,6 +51,7 @@ from gpt2_engine.model_runner import LaunchedStep, ModelRunner
 from gpt2_engine.sampling import SamplingParams, generator_states, make_generator, restore_generators
 from gpt2_engine.scheduler import ScheduledBatch, Scheduler
 from gpt2_engine.sequence import Sequence, TokenEvent
+from gpt2_engine.speculative import DraftModelProposer, Speculation, SpeculativeStats, speculative_step
 
 
 class StepError(RuntimeError):
@@ -75,7 +80,7 @@ class LLMEngine:
     def __init__(self, model: PagedGPT2, *, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, use_cuda_graphs: bool | None = None,
                  enable_prefix_caching: bool = True, batch_invariant: bool = False, async_scheduling: bool | None = None,
-                 decode_kernel: str = "graphs"):
+                 decode_kernel: str = "graphs", speculation: Speculation | None = None):
         self.model, cfg = model, model.config
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -89,6 +94,8 @@ class LLMEngine:
         # schedule step n+1 before step n's tokens are read back (module docstring); default: on CUDA
         self.async_scheduling = model.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self.in_flight: _Step | None = None     # launched by the last step(), not committed
+        # speculative decoding for requests that do not choose (gpt2_engine.speculative), and its counters
+        self.speculation, self.speculative_stats = speculation, SpeculativeStats()
         self.seq_ids = itertools.count()
         self.request_ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -113,6 +120,8 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, n: int = 1) -> int:
         prompt = list(prompt_token_ids)
+        if params.speculation is None and self.speculation is not None and params.num_beams == 1:
+            params = dataclasses.replace(params, speculation=self.speculation)
         self.check_request(prompt, params, n)
         request_id = next(self.request_ids)
         seqs = [Sequence(next(self.seq_ids), request_id, i, list(prompt), params,
@@ -124,6 +133,13 @@ class LLMEngine:
         self.scheduler.add(seqs[0])
         self.num_prompt_tokens += len(prompt)
         return request_id
+
+    def draft_proposer(self, draft: PagedGPT2) -> DraftModelProposer:
+        """A proposer drafting with `draft` for this engine's requests: its own pool of as many blocks."""
+        proposer = DraftModelProposer(draft, block_size=self.block_manager.block_size,
+                                      num_blocks=self.block_manager.num_blocks, max_num_seqs=self.scheduler.max_num_seqs)
+        proposer.check_target(self.model)
+        return proposer
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -144,7 +160,8 @@ class LLMEngine:
                 "num_preemptions": sched.num_preemptions, "tokens_generated": sched.num_generated_tokens,
                 "prompt_tokens": self.num_prompt_tokens,
                 "prefix_cache_queries": bm.prefix_cache.queries if bm.prefix_cache else 0,
-                "prefix_cache_hits": bm.prefix_cache.hits if bm.prefix_cache else 0}
+                "prefix_cache_hits": bm.prefix_cache.hits if bm.prefix_cache else 0,
+                "spec_draft_tokens": self.speculative_stats.drafted, "spec_accepted_tokens": self.speculative_stats.accepted}
 
     def step(self) -> list[TokenEvent]:
         """Run a step and return its events (async scheduling: commit the step in flight, leaving
@@ -159,6 +176,10 @@ class LLMEngine:
             current = _Step(batch)
         uncommitted = [current]
         try:
+            if current.launched is None:
+                runs = speculative_step(self.runner, current.batch, self.speculative_stats)
+                if runs is not None:
+                    return self.scheduler.commit_runs(current.batch, runs)
             if not self.async_scheduling:
                 return self.scheduler.postprocess(current.batch, self.runner.run(current.batch))
             if current.launched is None:

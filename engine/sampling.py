@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
 from gpt2_engine.host_staging import Readback, upload
+
+if TYPE_CHECKING:
+    from gpt2_engine.speculative import Speculation
 
 MAX_LOGPROBS = 20
 # Distinct seeds per prompt of a batch and per return sequence: seed * stride + index (mod 2^63).
@@ -44,6 +47,8 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False   # True, False or "never"
+    # speculative decoding (gpt2_engine.speculative): who drafts, how many tokens; None = plain decoding
+    speculation: Speculation | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -72,6 +77,9 @@ class SamplingParams:
             raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; use do_sample=False")
         if self.num_beams > 1 and self.logprobs is not None:
             raise ValueError("logprobs are not reported for beam search (num_beams > 1)")
+        if self.num_beams > 1 and self.speculation is not None:
+            raise ValueError("speculative decoding (assistant_model, prompt_lookup_num_tokens) does not combine with "
+                             "beam search (num_beams > 1), as in transformers")
 
     @property
     def reads_token_history(self) -> bool:
@@ -159,6 +167,13 @@ def _mask(logits: torch.Tensor, cells: list[tuple[int, int]]) -> None:
         logits[index[:, 0], index[:, 1]] = float("-inf")
 
 
+def apply_logits_processors(scores: torch.Tensor, states: Sequence[SamplingState]) -> None:
+    """transformers' logits processors in their order, in place on rows [N, V] (one per state)."""
+    apply_repetition_penalty(scores, states)
+    ban_repeated_ngrams(scores, states)
+    mask_early_eos(scores, states)
+
+
 def warp_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus), as transformers' warpers do, on rows [R, V]
     with per-row parameters (one batched pass, no per-row launches)."""
@@ -193,9 +208,7 @@ def draw_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) -> "Sampl
     writes = any(s.params.do_sample or s.params.reads_token_history or s.num_generated < s.params.min_new_tokens
                  for s in states)
     scores = logits.float().clone() if writes else logits.float()
-    apply_repetition_penalty(scores, states)
-    ban_repeated_ngrams(scores, states)
-    mask_early_eos(scores, states)
+    apply_logits_processors(scores, states)
     next_tokens = scores.argmax(-1)
     sampled = [row for row, state in enumerate(states) if state.params.do_sample]
     if sampled:

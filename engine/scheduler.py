@@ -160,7 +160,8 @@ class Scheduler:
     def can_schedule_ahead(self, batch: ScheduledBatch) -> bool:
         """Whether the next step may be scheduled after advance(batch), before its tokens are known:
         not when the next step's structure or sampling depends on them (a beam group's step, a first
-        sample that forks return sequences, a sampler reading the token history on the host). A
+        sample that forks return sequences, a sampler reading the token history on the host, a
+        speculative sequence, whose next drafts follow from its tokens). A
         preemption that it might need is schedule(preempt=False)'s to refuse."""
         return all(draw.can_draw_ahead for draw in batch.draws)
 
@@ -202,6 +203,33 @@ class Scheduler:
                 for seq in list(draw.unit):
                     self._finish(seq, reason)
         return [event for events in draw_events for event in events]
+
+    def commit_runs(self, batch: ScheduledBatch, runs: list[list[SampledToken]]) -> list[TokenEvent]:
+        """Commit a speculative step (gpt2_engine.speculative) instead of postprocess: each sequence
+        of a decode-only batch keeps a run of tokens, its verified drafts and the target's next token.
+        Keeping a token makes the previous one computed (its K/V were written by the verification),
+        so the run's last token stays uncomputed, as after a decode step; the slots of rejected drafts
+        are given back. A finish (EOS, max_new_tokens) inside the run ends it there."""
+        events = []
+        for seq, run in zip(batch.seqs, runs):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            reason = None
+            for sampled in run:
+                seq.num_computed_tokens += 1
+                seq.token_ids.append(sampled.token_id)
+                seq.num_generated += 1
+                self.num_generated_tokens += 1
+                reason = seq.finish_reason_for(sampled.token_id)
+                events.append(TokenEvent(seq.request_id, seq.index, sampled.token_id, reason, sampled.logprob,
+                                         sampled.top_logprobs, sampled.scores))
+                if reason is not None:
+                    break
+            self.block_manager.truncate(seq.seq_id, seq.num_computed_tokens)
+            self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if reason is not None:
+                self._finish(seq, reason)
+        return events
 
     @staticmethod
     def _running_draws(batch: ScheduledBatch) -> list[bool]:

@@ -98,8 +98,9 @@ class Sequence:
     @property
     def can_draw_ahead(self) -> bool:
         """Whether the next step may be scheduled before this draw's token is known: not when it
-        forks return sequences or its sampler reads the token history on the host."""
-        return not self.forks and not self.params.reads_token_history
+        forks return sequences, its sampler reads the token history on the host, or it speculates
+        (the drafts are proposed from the tokens it has)."""
+        return not self.forks and not self.params.reads_token_history and self.params.speculation is None
 
     def add_pending(self) -> None:
         """The step is done on the device: its token is pending until commit."""

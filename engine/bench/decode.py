@@ -45,7 +45,7 @@ import torch
 from gpt2_engine import cpu_gemm
 from gpt2_engine.bench import ctranslate2_peer
 from gpt2_engine.api import GPT2
-from gpt2_engine.cli_args import add_device_argument
+from gpt2_engine.cli_args import add_device_argument, int_at_least
 from gpt2_engine.config import PRESETS, GPT2Config
 from gpt2_engine.generation import resolve_generate_options
 from gpt2_engine.sampling import SamplingParams
@@ -429,6 +429,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
                         "decode-only steps of <= 16 rows; opt-in until verified on a GPU)")
     parser.add_argument("--out", default="bench-results", help="directory for results.json, results.md, decode_tokens_per_s.png")
+    parser.add_argument("--speculative", type=int_at_least(1), default=None, metavar="K",
+                        help="instead: plain greedy decoding against speculative decoding drafting K tokens (int8 "
+                             "self-drafting, n-gram lookup, a separate draft model) on a preset's random weights; writes "
+                             "speculative.json and speculative.md")
+    parser.add_argument("--speculative-methods", nargs="+", default=["int8", "ngram", "draft"],
+                        choices=["int8", "ngram", "draft"],
+                        help="the speculative rows (default all): int8 self-drafting, n-gram lookup, a separate draft model")
 
 
 def _check_arguments(args) -> None:
@@ -463,12 +470,31 @@ def _check_out(out: Path) -> None:
             raise ValueError(f"--out {out}: {name} exists and cannot be overwritten")
 
 
+def _speculative_main(args, on_gpu: bool) -> int:
+    from gpt2_engine.bench import speculative
+
+    if args.model not in PRESETS:
+        raise ValueError(f"--speculative runs on a preset's random weights ({', '.join(PRESETS)}), got {args.model!r}")
+    device = torch.device(args.device or ("cuda" if on_gpu else "cpu"))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if on_gpu else "fp32")]
+    report = speculative.run(args, device, dtype)
+    out = Path(args.out)
+    (out / "speculative.json").write_text(json.dumps(asdict(report), indent=2))
+    markdown = speculative.format_markdown(report)
+    (out / "speculative.md").write_text(markdown)
+    print("\n" + markdown)
+    print(f"wrote {out / 'speculative.json'}, {out / 'speculative.md'}")
+    return 0
+
+
 def main(args) -> int:
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if args.new_tokens is None:
         args.new_tokens = 128 if on_gpu else 32
     _check_arguments(args)
     args.batch_sizes = sorted(set(args.batch_sizes or ([1, 8, 32, 64, 128, 256] if on_gpu else [1, 8])))
+    if args.speculative is not None:
+        return _speculative_main(args, on_gpu)
     args.systems = args.systems or [s for s in SYSTEMS if on_gpu or s != "eager"]
     report, config, dtype = run_bench(args)
     out = Path(args.out)

@@ -5,7 +5,9 @@ For each --concurrency C it sends --num-prompts streaming requests (stream=True)
 random token ids asking for --output-len tokens, at most C in flight at a time, and reports
 request throughput, output tokens/s, TTFT (time to first token), TPOT (time per output token
 after the first) and ITL (inter-token latency: the gaps between streamed chunks) as mean and
-p50/p90/p99, as a table and as results.json / results.md under --out.
+p50/p90/p99, as a table and as results.json / results.md under --out. Against a gpt2-engine
+server with speculative decoding (serve --speculative-model / --speculative-ngram) it also reports
+the share of drafted tokens accepted at each level (from /health).
 
     gpt2-engine bench serve --url http://127.0.0.1:8000 --num-prompts 64 --concurrency 1 8 32
 """
@@ -135,7 +137,7 @@ def summarize(results: list[RequestResult], duration: float, concurrency: int) -
 
 
 COLUMNS = [("concurrency", "conc", "{}"), ("completed", "done", "{}"), ("request_throughput", "req/s", "{:.2f}"),
-           ("output_throughput", "out tok/s", "{:.1f}")] + [
+           ("output_throughput", "out tok/s", "{:.1f}"), ("spec_acceptance", "draft acceptance", "{:.0%}")] + [
     (f"{stat}_{name}_ms", f"{name.upper()} {stat} ms", "{:.1f}")
     for name in ("ttft", "tpot", "itl") for stat in ("mean", *(f"p{p}" for p in PERCENTILES))]
 
@@ -156,6 +158,18 @@ def _model_name(url: str, headers: dict, timeout: float) -> str:
     return response.json()["data"][0]["id"]
 
 
+def _speculative_counters(url: str, headers: dict, timeout: float) -> tuple[int, int] | None:
+    """(drafted, accepted) tokens so far from a gpt2-engine server's /health (serve --speculative-*);
+    None from a server that does not report them."""
+    import httpx
+
+    try:
+        health = httpx.get(f"{url}/health", headers=headers, timeout=timeout).json()
+        return int(health["spec_draft_tokens"]), int(health["spec_accepted_tokens"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     url = args.url.rstrip("/")
@@ -172,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.num_prompts)]
     rows = []
     for concurrency in args.concurrency:
+        before = _speculative_counters(url, headers, args.timeout)
         rows.append(asyncio.run(run_level(url, headers, payloads, concurrency, args.timeout)))
+        after = _speculative_counters(url, headers, args.timeout)
+        if before is not None and after is not None and after[0] > before[0]:
+            rows[-1]["spec_acceptance"] = (after[1] - before[1]) / (after[0] - before[0])
         if rows[-1]["failed"]:
             print(f"concurrency {concurrency}: {rows[-1]['failed']} requests failed, first: {rows[-1]['first_error']}",
                   file=sys.stderr)

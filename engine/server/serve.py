@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a request's logits do not depend on what else is batched (bitwise; slower)")
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="no async scheduling (the next step is prepared only after this one's tokens are back)")
+    parser.add_argument("--speculative-model", default=None,
+                        help="speculative decoding for every request: draft with this model (checkpoint, hub id, a preset "
+                             "with --random-weights: seed + 1) or 'int8', the model's own int8 twin")
+    parser.add_argument("--speculative-ngram", action="store_true",
+                        help="speculative decoding by n-gram lookup in each request's prompt and output (no draft model)")
+    parser.add_argument("--num-speculative-tokens", type=int_at_least(1), default=None,
+                        help="tokens drafted per step (default 4)")
 
 
 ABORT_GRACE_S = 5.0     # after the drain's timeout: for the ended requests' error answers to be sent

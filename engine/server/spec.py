@@ -7,7 +7,8 @@ def model_spec(args) -> dict:
     """What a process needs to build the model and app (sent to each Ray replica)."""
     return {name: getattr(args, name) for name in ("model", "random_weights", "seed", "tokenizer", "served_model_name",
                                                    "api_key", "max_num_seqs", "max_queue", "max_body_size", "device", "dtype", "backend",
-                                                   "batch_invariant", "sync_scheduling", "decode_kernel")}
+                                                   "batch_invariant", "sync_scheduling", "decode_kernel", "speculative_model",
+                                                   "speculative_ngram", "num_speculative_tokens")}
 
 
 def check_spec(spec: dict) -> None:
@@ -32,6 +33,7 @@ def build_from_spec(spec: dict):
                    batch_invariant=spec["batch_invariant"], async_scheduling=False if spec["sync_scheduling"] else None,
                    decode_kernel=spec["decode_kernel"])
     check_spec(spec)
+    runtime.update(_speculative(spec, runtime))
     if spec["random_weights"]:
         model = GPT2.from_config(spec["model"], seed=spec["seed"], **runtime)
     else:
@@ -43,3 +45,20 @@ def build_from_spec(spec: dict):
     model.tokenizer   # load it now: a missing tokenizer is a startup error, not a failed request
     return build_app(model, served_model_name=spec["served_model_name"] or spec["model"], api_key=spec["api_key"],
                      max_queue=spec["max_queue"], max_body_size=spec["max_body_size"])
+
+
+def _speculative(spec: dict, runtime: dict) -> dict:
+    """The model's speculative decoding options from the --speculative-* flags (vLLM's names)."""
+    from gpt2_engine.cli_args import draft_model
+
+    if spec["speculative_model"] is not None and spec["speculative_ngram"]:
+        raise ValueError("pass --speculative-model or --speculative-ngram, not both")
+    if spec["speculative_ngram"]:
+        return {"speculative_model": "ngram", "num_speculative_tokens": spec["num_speculative_tokens"]}
+    if spec["speculative_model"] is None:
+        if spec["num_speculative_tokens"] is not None:
+            raise ValueError("--num-speculative-tokens needs --speculative-model or --speculative-ngram")
+        return {}
+    draft = draft_model(spec["speculative_model"], random_weights=spec["random_weights"], seed=spec["seed"],
+                        runtime={name: runtime[name] for name in ("device", "dtype", "backend")})
+    return {"speculative_model": draft, "num_speculative_tokens": spec["num_speculative_tokens"]}

@@ -57,6 +57,8 @@ def assert_one_error_line(code, captured, command, *phrases):
     (["--do-sample", "--seed", "3", "--top-k", "0", "--top-p", "0.9", "--temperature", "0.7", "--repetition-penalty", "1.3"],
      {"do_sample": True, "seed": 3, "top_k": 0, "top_p": 0.9, "temperature": 0.7, "repetition_penalty": 1.3}),
     (["--do-sample", "--temperature", "0"], {}),                   # temperature 0 is greedy decoding
+    (["--assistant-model", "int8", "--num-assistant-tokens", "3"], {}),   # assisted greedy: plain greedy's tokens
+    (["--prompt-lookup", "3"], {}),
 ])
 def test_generate_prints_the_apis_continuation(checkpoint, api, capsys, flags, options):
     code, captured = generate(checkpoint, capsys, *flags)
@@ -131,6 +133,9 @@ def test_generate_random_weights_with_no_flags_and_no_network(tmp_path):
     (["--tokenizer", "no-such-tokenizer-dir"], ["--tokenizer", "no-such-tokenizer-dir"]),
     (["--prompt", ""], ["prompt is empty"]),
     (["--no-such-flag"], ["--no-such-flag"]),
+    (["--num-assistant-tokens", "2"], ["--num-assistant-tokens needs --assistant-model"]),
+    (["--prompt-lookup", "0"], ["--prompt-lookup", "0"]),
+    (["--assistant-model", "int8", "--prompt-lookup", "2"], ["assistant_model or prompt_lookup_num_tokens"]),
 ])
 def test_generate_bad_input_is_one_error_line(checkpoint, capsys, flags, phrases):
     code, captured = generate(checkpoint, capsys, *flags, prompt=None if "--prompt" in flags else PROMPT)
