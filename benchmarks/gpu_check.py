@@ -519,7 +519,7 @@ def section_e2e(chk: Check):
             ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=chk.device)
             mask = torch.ones_like(ids)
 
-            def measure(ids=ids, mask=mask, batch=batch):
+            def measure(ids=ids, mask=mask, batch=batch, ours=ours, hf=hf):
                 run_ours = lambda n: ours.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # noqa: E731
                 run_hf = lambda n: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
                                                do_sample=False, pad_token_id=0)
@@ -536,7 +536,7 @@ def section_e2e(chk: Check):
         for batch in (1,) if chk.dry else (1, 8, 16):
             ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=chk.device)
 
-            def measure_persistent(ids=ids, batch=batch):
+            def measure_persistent(ids=ids, batch=batch, ours=ours, persistent=persistent):
                 def rate(model):
                     run = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # noqa: E731
                     with torch.inference_mode():   # dry run: one decode step (the interpreter takes seconds a step)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import gpt2_engine
-from gpt2_engine.sampling import SamplingParams
 from tests.engine.tiny_models import left_padded_batch, tiny_hf_model
 
 BACKENDS = ["eager", "torch", "triton"]

@@ -12,7 +12,6 @@ import torch
 import gpt2_engine.bench.decode
 from gpt2_engine import GPT2
 from gpt2_engine.cli import main
-from tests.conftest import REPO_ROOT
 from tests.engine.tiny_models import tiny_hf_model
 
 PROMPT = "Hello world, this is"

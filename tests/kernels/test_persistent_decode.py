@@ -172,7 +172,7 @@ def test_time_model_counts_the_schedule():
     schedule = pd.schedule(1)
     est = time_model(schedule, context_len=64)
     assert est["stages"] == 2 + 5 * TINY.n_layer                 # embed, 5 per layer, LM head
-    C, V, H = TINY.n_embd, TINY.vocab_size, TINY.n_head
+    C, V = TINY.n_embd, TINY.vocab_size
     tiles = sum(-(-k // schedule.block_k) * -(-n // schedule.block_n)
                 for k, n in [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * TINY.n_layer + [(C, V)])
     kv_bytes = TINY.n_layer * 2 * 64 * C * 2                      # one row, 64 cached tokens, K and V, fp16

@@ -115,3 +115,13 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(f"{name} not in /metrics")
+
+
+def half_sent_connection(url: str) -> socket.socket:
+    """A connection to the server at url that sent its headers and 17 of the 1,000 body bytes it
+    announced, then waits (a slow or stalled client)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n" + b'{"model": "tiny",')
+    return sock

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from tests.conftest import require_modules
 
 require_modules("fastapi", "uvicorn", "pydantic")
 
-from tests.server.conftest import MODEL_NAME, ServerProcess  # noqa: E402
+from tests.server.conftest import MODEL_NAME, ServerProcess, half_sent_connection  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1492,", "def main():"]
 NUM_STREAMS, MAX_TOKENS, NUM_SCRAPERS = 32, 48, 16
@@ -77,13 +76,6 @@ async def _hostile(url: str, done: threading.Event, model) -> dict:
     return statuses
 
 
-def _half_sent(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 1000\r\n\r\n" + b'{"model": "tiny",')
-    return sock
-
 
 def _p99_ms(runs) -> float:
     return float(np.percentile([gap for _, gaps in runs for gap in gaps], 99) * 1e3)
@@ -100,7 +92,7 @@ def test_normal_streams_beside_a_hostile_client_equal_their_solo_runs(checkpoint
         # delay the normal client's reading of its streams
         done = threading.Event()
         hostile = ThreadPoolExecutor(1).submit(asyncio.run, _hostile(process.url, done, model))
-        half = _half_sent(process.url)
+        half = half_sent_connection(process.url)
         try:
             attacked = asyncio.run(asyncio.wait_for(_normal_run(process.url), 600))
         finally:

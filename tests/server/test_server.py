@@ -6,7 +6,6 @@ import asyncio
 import json
 import math
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ import openai  # noqa: E402
 
 from gpt2_engine.bench import serve as bench_serve
 from gpt2_engine.server.choices import token_string
-from tests.server.conftest import MODEL_NAME, ServerProcess, metric
+from tests.server.conftest import MODEL_NAME, ServerProcess, half_sent_connection, metric
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, my name is", "In 1492,", "def main():"]
 
@@ -405,14 +404,6 @@ def test_metrics_and_health_stay_open_with_an_api_key(guarded_server):
     assert httpx.get(f"{guarded_server.url}/v1/models", timeout=10).status_code == 401
 
 
-def _half_sent(url: str) -> socket.socket:
-    """A connection that sent its headers and 17 of the 1,000 body bytes it announced, then waits."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 1000\r\n\r\n" + b'{"model": "tiny",')
-    return sock
-
 
 def test_sigterm_drain_is_bounded_and_every_accepted_request_is_answered(checkpoint):
     """--shutdown-timeout 0: the running requests are ended at once, each with an answer (an SSE
@@ -420,7 +411,7 @@ def test_sigterm_drain_is_bounded_and_every_accepted_request_is_answered(checkpo
     process = ServerProcess("--model", str(checkpoint), "--shutdown-timeout", "0")
     body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True}
     try:
-        half = _half_sent(process.url)
+        half = half_sent_connection(process.url)
         with httpx.Client(timeout=60) as http, \
                 http.stream("POST", f"{process.url}/v1/completions", json=body | {"stream": True}) as stream:
             lines = stream.iter_lines()
