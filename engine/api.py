@@ -316,6 +316,13 @@ class GPT2:
             streamer: a transformers streamer (put/end), for a single sequence.
             output_scores, return_dict_in_generate: transformers' output object with scores
                 (beam search: sequences_scores and beam_indices).
+            assistant_model: assisted generation (speculative decoding, gpt2_engine.speculative): a
+                GPT2, a transformers GPT-2 sharing the vocabulary, or "int8" (the model's own int8
+                twin) drafts num_assistant_tokens (20) tokens per step, stopping early when its
+                probability falls below assistant_confidence_threshold (0.4); the output is the
+                model's own (greedy: identical tokens; sampling: the same distribution).
+            prompt_lookup_num_tokens: prompt-lookup decoding instead: drafts this many tokens by
+                matching the last max_matching_ngram_size (2) tokens earlier in the sequence.
         Other transformers options raise ValueError unless given at their neutral value; every bad
         value is a ValueError or TypeError naming the option.
 
@@ -356,11 +363,11 @@ class GPT2:
                 return generate_eager(self._eager, prompts, options, on_token)
         n = options.num_return_sequences
         params = [options.sampling.for_prompt(row) for row in range(len(prompts))]
-        for prompt, row_params in zip(prompts, params):   # every prompt is checked before any is queued
-            self._router.check(prompt, row_params, n)
+        # every prompt is checked (once) before any is queued
+        checked = [self._router.check(prompt, row_params, n) for prompt, row_params in zip(prompts, params)]
         streams = []
         try:
-            streams = [self._router.add(prompt, row_params, n) for prompt, row_params in zip(prompts, params)]
+            streams = [self._router.add_checked(request) for request in checked]
             out = [GeneratedSequence() for _ in range(len(prompts) * n)]
             for r, stream in enumerate(streams):
                 for event in stream:

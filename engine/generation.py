@@ -173,8 +173,6 @@ def resolve_generate_options(config: GPT2Config, prompt_length: int, *generation
                          f"num_return_sequences={num_return}, as in transformers; pass do_sample=True or num_beams")
     if num_beams > 1 and num_return > num_beams:
         raise ValueError(f"num_return_sequences ({num_return}) must be <= num_beams ({num_beams}), as in transformers")
-    if num_beams > 1 and do_sample:
-        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported by gpt2-engine")
     # Greedy decoding ignores the sampling warpers (transformers only warns), so e.g. temperature=0 is fine.
     warpers = dict(temperature=_as_float("temperature", values["temperature"]), top_k=_as_int("top_k", values["top_k"]),
                    top_p=_as_float("top_p", values["top_p"])) if do_sample else {}

@@ -54,6 +54,15 @@ from gpt2_engine.sequence import Sequence, TokenEvent
 from gpt2_engine.speculative import DraftModelProposer, Speculation, SpeculativeStats, speculative_step
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedRequest:
+    """A request LLMEngine.check_request accepted: add_checked queues it without validating again
+    (the API and the server check every prompt of a call before queueing any)."""
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    n: int
+
+
 class StepError(RuntimeError):
     """A step failed and was rolled back; `request_ids` were in it (and can simply be stepped again)."""
 
@@ -100,9 +109,13 @@ class LLMEngine:
         self.request_ids = itertools.count()
         self.num_prompt_tokens = 0
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> None:
-        """What the model and pool impose on a request (SamplingParams validated its own values)."""
-        self.model.config.check_prompt(prompt_token_ids, params.max_new_tokens)
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> CheckedRequest:
+        """The one validation of a request: what the model and pool impose (SamplingParams validated
+        its own values when it was built). Raises ValueError naming the problem; queues nothing."""
+        prompt = tuple(prompt_token_ids)
+        if params.speculation is None and self.speculation is not None and params.num_beams == 1:
+            params = dataclasses.replace(params, speculation=self.speculation)
+        self.model.config.check_prompt(prompt, params.max_new_tokens)
         _positive_int("n (num_return_sequences)", n)
         if n > self.scheduler.max_num_seqs:
             raise ValueError(f"n (num_return_sequences) = {n} exceeds max_num_seqs = {self.scheduler.max_num_seqs}")
@@ -113,25 +126,28 @@ class LLMEngine:
                              f"({sched.max_num_batched_tokens}): its beams decode in one step")
         # the K/V of the last generated token are never written, so a sequence holds at most this many
         # (times num_beams for a beam group: its beams may each end up with private blocks)
-        needed = params.num_beams * self.block_manager.blocks_for(len(prompt_token_ids) + params.max_new_tokens - 1)
+        needed = params.num_beams * self.block_manager.blocks_for(len(prompt) + params.max_new_tokens - 1)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"request needs {needed} KV blocks but the pool has only {self.block_manager.num_blocks}; "
                              f"raise num_blocks or shorten the prompt / max_new_tokens")
+        return CheckedRequest(prompt, params, n)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, n: int = 1) -> int:
-        prompt = list(prompt_token_ids)
-        if params.speculation is None and self.speculation is not None and params.num_beams == 1:
-            params = dataclasses.replace(params, speculation=self.speculation)
-        self.check_request(prompt, params, n)
+        """Check and queue one request; its id."""
+        return self.add_checked(self.check_request(prompt_token_ids, params, n))
+
+    def add_checked(self, request: CheckedRequest) -> int:
+        """Queue a request check_request returned (it is not validated again); its id."""
         request_id = next(self.request_ids)
-        seqs = [Sequence(next(self.seq_ids), request_id, i, list(prompt), params,
+        params, n = request.params, request.n
+        seqs = [Sequence(next(self.seq_ids), request_id, i, list(request.prompt_token_ids), params,
                          make_generator(params, i, self.model.device)) for i in range(max(n, params.num_beams))]
         if params.num_beams > 1:
             BeamGroup(seqs, n)      # scheduled as one unit through its leader, seqs[0]
         else:
             seqs[0].forks = seqs[1:]
         self.scheduler.add(seqs[0])
-        self.num_prompt_tokens += len(prompt)
+        self.num_prompt_tokens += len(request.prompt_token_ids)
         return request_id
 
     def draft_proposer(self, draft: PagedGPT2) -> DraftModelProposer:

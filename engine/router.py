@@ -2,6 +2,8 @@
 events to that request's own consumer (GPT2.generate / generate_text / stream, the HTTP server).
 
     stream = router.add(prompt_token_ids, params, n)   # validated now; a RequestStream
+    checked = router.check(prompt_token_ids, params, n) # or validate a whole call first ...
+    stream = router.add_checked(checked)               # ... and queue each without checking again
     for event in stream: ...                           # TokenEvents of this request only
     async for event in stream: ...                     # the same from an asyncio task
     stream.close() / router.abort(request_id)          # KV blocks are free when it returns
@@ -29,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from gpt2_engine.llm_engine import LLMEngine, StepError
+from gpt2_engine.llm_engine import CheckedRequest, LLMEngine, StepError
 from gpt2_engine.sequence import TokenEvent
 from gpt2_engine.sampling import SamplingParams
 
@@ -130,9 +132,10 @@ class RequestRouter:
         """The engine's capacity: sequences it runs at once."""
         return self.engine.scheduler.max_num_seqs
 
-    def check(self, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> None:
-        """Raise ValueError now for a request the engine cannot take (nothing is queued)."""
-        self.engine.check_request(prompt_token_ids, params, n)
+    def check(self, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> CheckedRequest:
+        """The request validated (ValueError now for one the engine cannot take; nothing is queued),
+        for add_checked."""
+        return self.engine.check_request(prompt_token_ids, params, n)
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """fp32 logits [L_i, V] at every position of each prompt (one forward, between two steps)."""
@@ -142,11 +145,16 @@ class RequestRouter:
             return self.engine.prompt_logits(prompts)
 
     def add(self, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> RequestStream:
+        """Check and queue one request."""
+        return self.add_checked(self.check(prompt_token_ids, params, n))
+
+    def add_checked(self, request: CheckedRequest) -> RequestStream:
+        """Queue a request check() returned, without validating it again."""
         with self._engine_lock:
             if self._closed:
                 raise RouterClosed("the engine was shut down")
-            request_id = self.engine.add_request(prompt_token_ids, params, n=n)
-            state = _RequestState(n)
+            request_id = self.engine.add_checked(request)
+            state = _RequestState(request.n)
             with self._cond:
                 self._requests[request_id] = state
                 self._cond.notify_all()

@@ -4,7 +4,7 @@ A request with n return sequences starts as one Sequence whose `forks` are the o
 are forked off (sharing its KV blocks copy-on-write) at the request's first sample. A beam-search
 request is a BeamGroup of num_beams Sequences (gpt2_engine.beam_search), scheduled as one unit.
 
-Who writes what: LLMEngine.add_request creates it (prompt, params, generator); after that only the
+Who writes what: LLMEngine.add_checked creates it (prompt, params, generator); after that only the
 Scheduler writes it, each field in these places:
 
     status               schedule (admission), preempt, _admit_fork, _finish, abort; BeamGroup.commit

@@ -62,10 +62,9 @@ Time model (engine/persistent_decode.py `time_model`; `python -m gpt2_engine.per
     of GPT-2 small (embed, 5 per layer, LM head), each ~2.3-3.5 us after its input publishes (the
     poll, x from L2, the arrival, the partials' reload, the publish) plus a wave per 264
     instructions beyond the first. Assumed (Hopper, loaded): 4.3 TB/s, 132 SMs, DRAM 0.8 us, L2
-    round trip 0.3 us, returning atomic 0.5 us, publish 0.3 us, launch and tail 4 us. GPT-2 small
-    fp16, context 512: batch 1 ~261 us per step (chain-bound; stream 160 us), 24% of the roofline,
-    ~3,800 tok/s; batch 8 ~341 us (~23,500 tok/s); batch 16 ~360 us (~44,500 tok/s). That is
-    below the 60% target: the model says the stage chain, not bandwidth, decides GPT-2 small (62
+    round trip 0.3 us, returning atomic 0.5 us, publish 0.3 us, launch and tail 4 us. Its
+    estimates for GPT-2 small (README, "Persistent decode step") are below the 60%-of-roofline
+    target at batch 1: the model says the stage chain, not bandwidth, decides GPT-2 small (62
     global syncs of at least a publish, a poll and an activation load, ~0.9 us each, already cost
     about the 57 us roofline), and one tile in flight per program caps the stream at ~37% of the
     bandwidth. Unmeasured: no GPU run yet.

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from gpt2_engine.llm_engine import CheckedRequest
 from gpt2_engine.router import RouterClosed
 from gpt2_engine.server.choices import Choice
 from gpt2_engine.server.metrics import ServerMetrics
@@ -105,26 +106,27 @@ class CompletionServer:
 
     # ---- admission ---------------------------------------------------------------------------
 
-    async def admit(self, prompts: list[Prompt], params, n: int, gone: threading.Event):
-        """Queue the prompts as router requests, or refuse with 429 when the waiting queue is full.
+    async def admit(self, checked: list[CheckedRequest], gone: threading.Event):
+        """Queue the checked prompts as router requests, or refuse with 429 when the waiting queue is full.
         With max_queue, admissions are serialised so that concurrent requests cannot overfill it."""
         if self.max_queue is None:
-            return await asyncio.to_thread(self._add, prompts, params, n, gone)
+            return await asyncio.to_thread(self._add, checked, gone)
+        num_seqs = sum(request.n for request in checked)
         async with self._admission:
             stats = await asyncio.to_thread(self.router.stats)
-            if stats["num_waiting"] + n * len(prompts) > self.max_queue + max(0, self._free_slots(stats)):
+            if stats["num_waiting"] + num_seqs > self.max_queue + max(0, self._free_slots(stats)):
                 raise APIError(429, f"the waiting queue is full ({stats['num_waiting']} sequences waiting, "
                                     f"max_queue={self.max_queue}); retry later", code="queue_full")
-            return await asyncio.to_thread(self._add, prompts, params, n, gone)
+            return await asyncio.to_thread(self._add, checked, gone)
 
-    def _add(self, prompts, params, n: int, gone: threading.Event):
+    def _add(self, checked: list[CheckedRequest], gone: threading.Event):
         """Add the router requests (a worker thread); stop, closing those added, once `gone` is set."""
         streams = []
         try:
-            for prompt, p in zip(prompts, params):
+            for request in checked:
                 if gone.is_set():
                     raise ClientGone
-                streams.append(self.router.add(prompt.token_ids, p, n))
+                streams.append(self.router.add_checked(request))
         except BaseException as exc:
             for stream in streams:
                 stream.close()
@@ -141,7 +143,7 @@ class CompletionServer:
 
     def prepare(self, body: bytes):
         """Parse, tokenize and check one request (a worker thread): the request, its prompts,
-        their SamplingParams and the choices to fill."""
+        each prompt's CheckedRequest (the router's one validation) and the choices to fill."""
         request = CompletionRequest.parse(body)
         self.check_model(request.model)
         tokenizer, config = self.model.tokenizer, self.model.config
@@ -154,15 +156,14 @@ class CompletionServer:
                            param="n" if len(prompts) == 1 else "prompt")
         stop = request.stop_strings
         params = for_prompts([sampling_params(request, p, config.n_positions, config.eos_token_id) for p in prompts])
-        for prompt, p in zip(prompts, params):
-            try:
-                self.router.check(prompt.token_ids, p, request.n)
-            except ValueError as exc:
-                raise bad_request(str(exc)) from None
+        try:
+            checked = [self.router.check(prompt.token_ids, p, request.n) for prompt, p in zip(prompts, params)]
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
         choices = [Choice(tokenizer, eos_token_ids=p.eos_token_ids, stop=stop, logprobs=request.logprobs,
                           prefix=prompt.text if request.echo else "")
                    for prompt, p in zip(prompts, params) for _ in range(request.n)]
-        return request, prompts, params, choices
+        return request, prompts, checked, choices
 
     async def score_prompts(self, request: CompletionRequest, prompts: list[Prompt], choices: list[Choice],
                             gone: threading.Event) -> None:
@@ -335,11 +336,11 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
         gone = threading.Event()
         streams = []
         try:
-            req, prompts, params, choices = await _unless_gone(asyncio.to_thread(server.prepare, body), watcher, gone)
+            req, prompts, checked, choices = await _unless_gone(asyncio.to_thread(server.prepare, body), watcher, gone)
             if req.echo and req.logprobs is not None:
                 await _unless_gone(server.score_prompts(req, prompts, choices, gone), watcher, gone)
             if not req.score_only:
-                streams = await _unless_gone(server.admit(prompts, params, req.n, gone), watcher, gone, _close_all)
+                streams = await _unless_gone(server.admit(checked, gone), watcher, gone, _close_all)
         except ClientGone:
             watcher.cancel()
             return Response(status_code=499)
