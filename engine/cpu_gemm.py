@@ -23,6 +23,8 @@ Candidates, fp32: "stream" (our own streaming GEMM, kernels/cpu/stream_gemm.cpp,
 first use, faster than the library paths where they were compared; bias and residual fused), "onednn_m1" / "onednn_m8" (weight reordered once into oneDNN's blocked layout for
 batch 1 or 8, fused post-ops),
 "matmul_in_out" (torch.addmm on W [in, out], MKL/OpenBLAS), "matmul_out_in" (F.linear on W [out, in]).
+bf16 / fp16 weights (dtype="bf16" / "fp16" on CPU, activations fp32): "stream" only, which widens the
+16-bit values to fp32 in registers and so reads half of fp32's bytes.
 Int8 (engine/quantization.py codes q [out, in], fp32 scales): "int8_stream" (the streaming GEMM on int8
 codes, widened to fp32 in registers), "int8_bag_<splits>" (fbgemm's int8
 embedding bag, which streams one byte per weight), "int8_dequant_<KiB>" (widen a chunk
@@ -89,15 +91,15 @@ def cpu_kernel_library():
 
 
 class Streaming:
-    """Our streaming GEMM (kernels/cpu/stream_gemm.cpp) on fp32 weights or int8 codes: the LayerNorm
-    before it, bias, GELU and residual in its epilogue, all in one call."""
+    """Our streaming GEMM (kernels/cpu/stream_gemm.cpp) on fp32, bf16 or fp16 weights or int8 codes
+    (activations fp32): the LayerNorm before it, bias, GELU and residual in its epilogue, all in one call."""
 
     def __init__(self, int8: bool):
         self.int8, self.name = int8, "int8_stream" if int8 else "stream"
 
     @staticmethod
     def available(dtype: torch.dtype) -> bool:
-        return dtype == torch.float32 and cpu_kernel_library() is not None
+        return dtype in cpu_stream_gemm.WEIGHT_FORMATS and cpu_kernel_library() is not None
 
     def prepare(self, weight):
         if self.int8:
@@ -143,7 +145,7 @@ class Blas:
 
     @staticmethod
     def available(dtype: torch.dtype) -> bool:
-        return dtype.is_floating_point
+        return dtype == torch.float32
 
     def prepare(self, weight_out_in: torch.Tensor):
         return (weight_out_in.t() if self.layout == "in_out" else weight_out_in).contiguous()
@@ -289,7 +291,10 @@ def cpu_signature() -> str:
     return f"{model} | {torch.backends.cpu.get_cpu_capability()} | {zlib.crc32(flags.encode()):08x}"
 
 
-def fp32_candidates(dtype: torch.dtype) -> list:
+def float_candidates(dtype: torch.dtype) -> list:
+    """The paths for a weight stored in `dtype` (activations fp32): every fp32 path; for bf16 / fp16
+    weights our streaming GEMM only (it widens them in registers; the library GEMMs would need the
+    weight, or the activations, converted on every call)."""
     paths = (Streaming(int8=False), OneDnnPacked(1), OneDnnPacked(8), Blas("in_out"), Blas("out_in"))
     return [p for p in paths if p.available(dtype)]
 
@@ -373,11 +378,12 @@ def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candid
     """The layer's weight prepared for the fastest candidate path here (probed once per key, on this
     machine: the choice is kept in-process and in cache_file()).
 
-    weight: fp32 [out, in] (for an HF Conv1D weight [in, out], pass its transpose) or an Int8Weight."""
+    weight: fp32, bf16 or fp16 [out, in] (for an HF Conv1D weight [in, out], pass its transpose) or an
+    Int8Weight; activations are fp32 whatever the weight's dtype."""
     int8 = isinstance(weight, Int8Weight)
     out_features, in_features = weight.q.shape if int8 else weight.shape
     if candidates is None:
-        candidates = int8_candidates() if int8 else fp32_candidates(weight.dtype)
+        candidates = int8_candidates() if int8 else float_candidates(weight.dtype)
     if not candidates:
         raise ValueError(f"no CPU GEMM path supports a {'int8' if int8 else weight.dtype} weight")
     key = (in_features, out_features, epilogue, "int8" if int8 else str(weight.dtype),

@@ -18,6 +18,8 @@ The GEMM on each backend (LinearBuilder picks it once; `build` prepares the weig
                                                                                else Int8Weight
     torch    none, int8    CPU, fp32      torch_backend.ln_linear              CpuLinear: the path a load-time probe
                                                                                picked for the shape (cpu_gemm)
+    torch    none          CPU, bf16/fp16 torch_backend.ln_linear              CpuLinear: our streaming GEMM on the
+                                                                               16-bit weight (activations fp32)
     torch    none          other          fused_linear.ln_linear_ref           W [in, out]
     torch    int8          other          int8_linear.int8_ln_linear_ref       Int8Weight
 
@@ -70,8 +72,12 @@ def _on_int8_weight(int8_gemm: Callable) -> Callable:
 class LinearBuilder:
     """Prepares the model's linears for one backend, device, dtype and quantization (the table above)."""
 
-    def __init__(self, backend: str, device: torch.device, dtype: torch.dtype, quantization: str | None, eps: float):
+    def __init__(self, backend: str, device: torch.device, dtype: torch.dtype, quantization: str | None, eps: float,
+                 *, weight_dtype: torch.dtype | None = None):
+        """dtype: the activations'; weight_dtype (default dtype): how unquantized CPU-path weights are
+        stored (bf16 / fp16 weights with fp32 activations: torch_backend.compute_dtype)."""
         self.device, self.eps, self.int8 = device, eps, quantization == "int8"
+        self.weight_dtype = dtype if weight_dtype is None else weight_dtype
         self.fold = backend == "triton"
         self.cpu_paths = backend == "torch" and torch_backend.supported(device, dtype)
         if self.cpu_paths:
@@ -98,7 +104,7 @@ class LinearBuilder:
             if not self.cpu_paths:
                 gemm = _on_int8_weight(gemm)
         else:
-            weight = weight_out_in if self.cpu_paths else self._in_out(weight_out_in)
+            weight = weight_out_in.to(self.weight_dtype) if self.cpu_paths else self._in_out(weight_out_in)
         if self.cpu_paths:
             epilogue = torch_backend.Epilogue(bias=bias is not None, gelu=activation is not None, residual=residual)
             weight = torch_backend.prepare_linear(weight, epilogue)

@@ -77,15 +77,21 @@ class PagedGPT2:
     def __init__(self, config: GPT2Config, state_dict: dict[str, torch.Tensor], *, backend: str = "torch",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, quantization: str | None = None):
         self.config, self.backend = config, backend
-        self.device, self.dtype = torch.device(device), dtype
+        self.device = torch.device(device)
+        # dtype is the weights'; activations and the KV cache use self.dtype, which differs only where
+        # the torch backend streams 16-bit weights on CPU with fp32 arithmetic (torch_backend.compute_dtype)
+        self.weight_dtype = dtype
+        self.dtype = torch_backend.compute_dtype(self.device, dtype) if backend == "torch" else dtype
         self.quantization = check_quantization(quantization)
-        self.attention_ops = AttentionOps.for_backend(backend, self.device, dtype)
-        linears = LinearBuilder(backend, self.device, dtype, self.quantization, config.layer_norm_epsilon)
+        self.attention_ops = AttentionOps.for_backend(backend, self.device, self.dtype)
+        linears = LinearBuilder(backend, self.device, self.dtype, self.quantization, config.layer_norm_epsilon,
+                                weight_dtype=dtype)
 
         def param(name: str) -> torch.Tensor:
+            """A parameter rounded to the weight dtype, held in the compute dtype (exactly)."""
             if name not in state_dict:
                 raise ValueError(f"state dict has no {name!r}")
-            return state_dict[name].to(device=self.device, dtype=dtype).contiguous()
+            return state_dict[name].to(device=self.device, dtype=dtype).to(self.dtype).contiguous()
 
         def layer_norm(prefix: str) -> LayerNorm:
             return LayerNorm(param(prefix + ".weight"), param(prefix + ".bias"))

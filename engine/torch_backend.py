@@ -30,13 +30,23 @@ from gpt2_engine.kernels.cpu.decode_block import DecodeBlock
 from gpt2_engine.kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
 from gpt2_engine.kernels.paged_attention import gathered_decode_attention, paged_gather_index
 
-__all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "ln_linear", "ln_gelu_mlp",
+__all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "compute_dtype", "ln_linear", "ln_gelu_mlp",
            "PagedDecodeAttention", "decode_attention", "fused_decode_blocks"]
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the probed CPU GEMM paths serve this device and dtype (fp32 on CPU)."""
+    """Whether the probed CPU GEMM paths serve this device and compute dtype (fp32 on CPU)."""
     return device.type == "cpu" and dtype == torch.float32
+
+
+def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of activations and the KV cache for weights stored in `weight_dtype`: on CPU, bf16 and
+    fp16 weights are streamed by our GEMM, widened to fp32 in registers, with everything else in fp32
+    (torch's 16-bit CPU ops are slower than fp32 and round every activation); that needs the C++
+    kernels, and without them (no compiler) the model runs in weight_dtype through torch's ops."""
+    if device.type == "cpu" and weight_dtype in (torch.bfloat16, torch.float16) and cpu_kernel_library() is not None:
+        return torch.float32
+    return weight_dtype
 
 
 def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, activation=None, residual=None, kv_cache=None):

@@ -104,6 +104,8 @@ class System:
     handle: object
     int8: bool = False
     peer_of: str | None = None    # the CTranslate2 system of the same precision
+    dtype: torch.dtype | None = None      # its weights' (None: the run's first --dtype)
+    kv_dtype: torch.dtype | None = None   # its KV cache's (None: its weights' dtype)
 
 
 def _sync(device: torch.device) -> None:
@@ -111,30 +113,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: a sum over a buffer far larger than the caches (median of repeats)."""
-    if megabytes is None:
-        megabytes = 1024 if device.type == "cuda" else max(256, 8 * cpu_gemm.llc_bytes() // 2**20)
-    if device.type == "cpu":   # in huge pages where the OS grants them, as the streaming GEMM's weights are
-        src = huge_page_empty((megabytes * 2**20 // 4,), torch.float32).fill_(1.0)
-    else:
-        src = torch.ones(megabytes * 2**20 // 4, device=device)
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        src.sum()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return src.numel() * 4 / statistics.median(times[1:]) / 1e9
+class ReadBandwidth:
+    """The machine's read bandwidth in GB/s: a sum over a buffer several times the last-level cache.
+    The buffer is allocated and faulted in once; measure() times fresh reads of it (before each run)."""
+
+    def __init__(self, device: torch.device, megabytes: int | None = None):
+        if megabytes is None:
+            megabytes = 1024 if device.type == "cuda" else max(256, 4 * cpu_gemm.llc_bytes() // 2**20)
+        self.device = device
+        if device.type == "cpu":   # in huge pages where the OS grants them, as the streaming GEMM's weights are
+            self.buffer = huge_page_empty((megabytes * 2**20 // 4,), torch.float32).fill_(1.0)
+        else:
+            self.buffer = torch.ones(megabytes * 2**20 // 4, device=device)
+
+    def measure(self, repeats: int = 3) -> float:
+        """Median over `repeats` timed sums, after one untimed."""
+        times = []
+        for _ in range(repeats + 1):
+            _sync(self.device)
+            start = time.perf_counter()
+            self.buffer.sum()
+            _sync(self.device)
+            times.append(time.perf_counter() - start)
+        return self.buffer.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
-def decode_bytes_per_step(config: GPT2Config, dtype: torch.dtype, batch: int, context: int, *, int8: bool = False) -> int:
-    """Weights (LM head tied to wte, read once; 1 byte each when int8) plus the K and V of `context`
-    tokens per sequence in the compute dtype."""
+def decode_bytes_per_step(config: GPT2Config, dtype: torch.dtype, batch: int, context: int, *, int8: bool = False,
+                          kv_dtype: torch.dtype | None = None) -> int:
+    """Weights in `dtype` (LM head tied to wte, read once; 1 byte each when int8) plus the K and V of
+    `context` tokens per sequence in kv_dtype (default: dtype; fp32 for 16-bit weights on CPU)."""
     itemsize = torch.finfo(dtype).bits // 8
     kv = 2 * config.n_layer * config.n_embd * context * batch
-    return config.num_parameters * (1 if int8 else itemsize) + kv * itemsize
+    return config.num_parameters * (1 if int8 else itemsize) + kv * torch.finfo(kv_dtype or dtype).bits // 8
 
 
 def flops_per_token(config: GPT2Config, context: int) -> int:
@@ -216,21 +226,33 @@ def build_hf_model(model: GPT2, compiled: bool):
     return hf
 
 
-def _systems(args, device, dtype) -> tuple[GPT2, list[System]]:
-    """Every system compared in this run (the engine always runs; peers that are not installed are skipped)."""
+def _engine_system(label: str, engine: GPT2, **fields) -> System:
+    model = engine.engine.runner.model
+    return System(label, run_engine, engine, dtype=model.weight_dtype, kv_dtype=model.dtype, **fields)
+
+
+def _systems(args, device, dtypes: list[torch.dtype]) -> tuple[GPT2, list[System]]:
+    """Every system compared in this run (the engine always runs, in each of `dtypes`; int8 and the
+    peers run in the first; peers that are not installed are skipped)."""
     engine_backend = "triton" if device.type == "cuda" else "torch"
     build = GPT2.from_config if args.model in PRESETS else GPT2.from_pretrained
     build_kwargs = {"seed": args.seed} if build is GPT2.from_config else {}
-    runtime = dict(device=device, dtype=dtype, backend=engine_backend, max_num_batched_tokens=max(args.batch_sizes) * args.prompt_len)
-    engine = build(args.model, **runtime, **build_kwargs, decode_kernel=args.decode_kernel)
+    runtime = dict(device=device, backend=engine_backend, max_num_batched_tokens=max(args.batch_sizes) * args.prompt_len,
+                   decode_kernel=args.decode_kernel)
+    engines = {dtype: build(args.model, dtype=dtype, **runtime, **build_kwargs) for dtype in dtypes}
+    engine = engines[dtypes[0]]
     ct2 = "ctranslate2" in args.systems and ctranslate2_peer.available()
     systems = []
     if "none" in args.quantization:
-        systems.append(System(f"gpt2-engine ({engine_backend})", run_engine, engine, peer_of="CTranslate2 fp32" if ct2 else None))
+        for dtype, each in engines.items():
+            precision = f" {_DTYPE_LABELS[dtype]}" if len(dtypes) > 1 else ""
+            fp32_peer = "CTranslate2 fp32" if ct2 and dtype == torch.float32 else None
+            systems.append(_engine_system(f"gpt2-engine{precision} ({engine_backend})", each, peer_of=fp32_peer))
     if "int8" in args.quantization:
-        systems.append(System(f"gpt2-engine int8 ({engine_backend})", run_engine,
-                              engine.with_backend(engine_backend, quantization="int8", max_num_batched_tokens=runtime["max_num_batched_tokens"]),
-                              int8=True, peer_of="CTranslate2 int8" if ct2 else None))
+        systems.append(_engine_system(f"gpt2-engine int8 ({engine_backend})",
+                                      engine.with_backend(engine_backend, quantization="int8",
+                                                          max_num_batched_tokens=runtime["max_num_batched_tokens"]),
+                                      int8=True, peer_of="CTranslate2 int8" if ct2 else None))
     if "eager" in args.systems:
         systems.append(System("eager baseline", run_eager, engine.with_backend("eager")))
     hf = None
@@ -275,17 +297,19 @@ def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
     from tqdm import tqdm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtypes = _dtypes(args, device)
+    dtype = dtypes[0]
     torch.manual_seed(args.seed)
-    _progress(f"loading {args.model} for {', '.join(args.systems)} on {device} ({dtype}); on the CPU the torch backend "
-              "also times its GEMM paths per layer shape")
-    engine, systems = _systems(args, device, dtype)
+    _progress(f"loading {args.model} for {', '.join(args.systems)} on {device} ({', '.join(map(str, dtypes))}); on the "
+              "CPU the torch backend also times its GEMM paths per layer shape")
+    read_bandwidth = ReadBandwidth(device)   # first: on a GPU the engines size their KV caches by what is left
+    engine, systems = _systems(args, device, dtypes)
     config = engine.config
     context = args.prompt_len + args.new_tokens // 2
     report = BenchReport(
         model=args.model, weights=engine.source,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_gemm.cpu_signature()}, {torch.get_num_threads()} threads)",
-        dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+        dtype=", ".join(str(d).removeprefix("torch.") for d in dtypes), prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
         bandwidth_gb_s=0.0, bandwidth_runs=[], weight_bytes=decode_bytes_per_step(config, dtype, 0, 0),
         flops_per_token=flops_per_token(config, context), timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         cpu=_cpu_info(), threads=torch.get_num_threads(), versions=_versions(), gemm_paths=cpu_gemm.chosen_paths(),
@@ -303,7 +327,7 @@ def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
     bar = tqdm(grid, desc="bench", unit="run")
     for r, b, system in bar:
         prefill, decode, bandwidth = runs[(system.label, b)]
-        bandwidth.append(measure_bandwidth(device))
+        bandwidth.append(read_bandwidth.measure())
         report.bandwidth_runs.append(bandwidth[-1])
         bar.set_description(f"{system.label}, batch {b}, repeat {r + 1}/{args.repeats}")
         system.runner(system.handle, prompts[b], args.new_tokens, clock)
@@ -314,7 +338,8 @@ def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
         for system in systems:
             prefill, decode, bandwidth = runs[(system.label, b)]
             median = statistics.median(decode)
-            step_bytes = decode_bytes_per_step(config, dtype, b, context, int8=system.int8)
+            step_bytes = decode_bytes_per_step(config, system.dtype or dtype, b, context, int8=system.int8,
+                                               kv_dtype=system.kv_dtype)
             roofline_pct = statistics.median(100 * tok_s * step_bytes / (b * gb_s * 1e9) for tok_s, gb_s in zip(decode, bandwidth))
             m = Measurement(system.label, b, statistics.median(prefill), median, min(decode), max(decode),
                             (max(decode) - min(decode)) / median, decode, roofline_pct, 1e3 * b / median,
@@ -393,7 +418,8 @@ def save_plot(report: BenchReport, path: Path, config: GPT2Config, dtype: torch.
                     yerr=[[m.decode_tokens_per_s - m.decode_min for m in rows], [m.decode_max - m.decode_tokens_per_s for m in rows]])
     for int8, style in ((False, "--"), (True, ":")):
         roof = [b * report.bandwidth_gb_s * 1e9 / decode_bytes_per_step(config, dtype, b, context, int8=int8) for b in batches]
-        ax.plot(batches, roof, style, color="gray", label=f"roofline ({'int8 weights' if int8 else report.dtype})")
+        weights = "int8" if int8 else str(dtype).removeprefix("torch.")
+        ax.plot(batches, roof, style, color="gray", label=f"roofline ({weights} weights)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.minorticks_off()
@@ -409,6 +435,14 @@ def save_plot(report: BenchReport, path: Path, config: GPT2Config, dtype: torch.
 
 
 SYSTEMS = ("engine", "eager", "transformers", "ctranslate2")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_LABELS = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def _dtypes(args, device: torch.device) -> list[torch.dtype]:
+    """--dtype's dtypes in order, each once (default: fp16 on GPU, fp32 on CPU)."""
+    names = args.dtype or ["fp16" if device.type == "cuda" else "fp32"]
+    return [_DTYPES[name] for name in dict.fromkeys(names)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -423,7 +457,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", nargs="+", default=["none", "int8"], choices=["none", "int8"],
                         help="the engine's weight precisions to run: none (the compute dtype) and/or int8 (default: both)")
     add_device_argument(parser)
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", nargs="+", choices=list(_DTYPES), default=None,
+                        help="the engine's weight dtypes to run side by side (int8 and the peers run in the first; on "
+                             "CPU bf16 / fp16 weights are streamed with fp32 arithmetic); default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     parser.add_argument("--decode-kernel", choices=["graphs", "persistent"], default="graphs",
                         help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
@@ -476,8 +512,10 @@ def _speculative_main(args, on_gpu: bool) -> int:
     if args.model not in PRESETS:
         raise ValueError(f"--speculative runs on a preset's random weights ({', '.join(PRESETS)}), got {args.model!r}")
     device = torch.device(args.device or ("cuda" if on_gpu else "cpu"))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if on_gpu else "fp32")]
-    report = speculative.run(args, device, dtype)
+    dtypes = _dtypes(args, device)
+    if len(dtypes) > 1:
+        raise ValueError(f"--speculative runs in one --dtype, got {' '.join(args.dtype)}")
+    report = speculative.run(args, device, dtypes[0])
     out = Path(args.out)
     (out / "speculative.json").write_text(json.dumps(asdict(report), indent=2))
     markdown = speculative.format_markdown(report)

@@ -1,6 +1,6 @@
 """Our C++ CPU kernels for the engine's CPU path, and their build.
 
-- stream_gemm: y = (x @ W^T) * scale + bias + residual on fp32 or int8 weights in a column-blocked
+- stream_gemm: y = (x @ W^T) * scale + bias + residual on fp32, bf16, fp16 or int8 weights in a column-blocked
   layout, streamed at the DRAM read rate at decode batches.
 - paged_attention: one query per sequence over its paged K/V cache, read in place (no gather); and
   the K/V write into the cache.
@@ -63,14 +63,16 @@ def _writable_directory(build_dir: Path | None) -> Path:
 
 
 @functools.cache
-def library(build_dir: Path | None = None) -> ctypes.CDLL:
+def library(build_dir: Path | None = None, isa_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The compiled kernels, built into build_dir (None or unwritable: a temporary directory) unless
-    already there."""
+    already there. isa_flags narrow -march=native (e.g. ("-mno-avx512f",) builds the AVX2 variant on
+    an AVX-512 CPU): the tests run every variant the CPU can execute; the engine uses the native one."""
     compiler = os.environ.get("CXX", "g++")
-    isa_macros = _compiler_output(compiler, "-march=native", "-dM", "-E", "-x", "c++", "-")
+    flags = (*FLAGS, *isa_flags)
+    isa_macros = _compiler_output(compiler, "-march=native", *isa_flags, "-dM", "-E", "-x", "c++", "-")
     version = _compiler_output(compiler, "--version").splitlines()[0]
     sources = "\0".join(f"{path.name}\0{path.read_text()}" for path in SOURCES + HEADERS)
-    key = hashlib.sha256("\0".join([sources, version, " ".join(FLAGS), isa_macros]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([sources, version, " ".join(flags), isa_macros]).encode()).hexdigest()
     directory = _writable_directory(build_dir)
     target = directory / f"gpt2_engine_cpu_kernels-{key[:16]}.so"
     if not target.exists():
@@ -79,10 +81,10 @@ def library(build_dir: Path | None = None) -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             objects = [str(Path(scratch) / f"{path.stem}.o") for path in SOURCES]
             with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
-                list(pool.map(lambda src, obj: _compiler_output(compiler, *FLAGS, "-c", str(src), "-o", obj),
+                list(pool.map(lambda src, obj: _compiler_output(compiler, *flags, "-c", str(src), "-o", obj),
                               SOURCES, objects))
             partial = str(Path(scratch) / target.name)
-            _compiler_output(compiler, *FLAGS, *objects, "-o", partial)
+            _compiler_output(compiler, *flags, *objects, "-o", partial)
             os.replace(partial, target)
     lib = ctypes.CDLL(str(target))
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

@@ -17,10 +17,10 @@
 #include "kernels.h"
 
 extern "C" {
-// w_*: packed weights (stream_gemm.cpp), int8 codes with their s_* scales when int8 != 0 (s_* ignored
-// otherwise). Returns 0; 1 + a sequence index whose context or block table is out of range; or
+// w_*: packed weights (stream_gemm.cpp), all four in `format` (a WeightFormat), int8 codes with their
+// s_* scales (s_* ignored otherwise). Returns 0; 1 + a sequence index whose context or block table is out of range; or
 // -(1 + a token index) whose slot is past the pools.
-int64_t gpt2_decode_block(const float* x, int64_t B, int64_t C, int64_t H, int int8, float eps,
+int64_t gpt2_decode_block(const float* x, int64_t B, int64_t C, int64_t H, int format, float eps,
                           const float* ln1_w, const float* ln1_b, const void* w_attn, const float* s_attn,
                           const float* b_attn, const void* w_proj, const float* s_proj, const float* b_proj,
                           const float* ln2_w, const float* ln2_b, const void* w_fc, const float* s_fc,
@@ -34,11 +34,12 @@ int64_t gpt2_decode_block(const float* x, int64_t B, int64_t C, int64_t H, int i
   AttentionWork attention(PagedAttention{qkv.data(), 3 * C, D, k_cache, v_cache, num_blocks, block_size, H, D,
                                          block_tables, table_width, context_lens, B, sm_scale, attended.data()});
   if (attention.bad_sequence()) return attention.bad_sequence();
-  const bool q8 = int8 != 0;
-  const Gemm attn{h.data(), B, C, w_attn, q8, 3 * C, q8 ? s_attn : nullptr, b_attn, false, nullptr, qkv.data()};
-  const Gemm proj{attended.data(), B, C, w_proj, q8, C, q8 ? s_proj : nullptr, b_proj, false, x, x1.data()};
-  const Gemm fc{h.data(), B, C, w_fc, q8, 4 * C, q8 ? s_fc : nullptr, b_fc, true, nullptr, hidden.data()};
-  const Gemm mlp{hidden.data(), B, 4 * C, w_mlp, q8, C, q8 ? s_mlp : nullptr, b_mlp, false, x1.data(), out};
+  const WeightFormat f = (WeightFormat)format;
+  const bool q8 = f == kInt8;
+  const Gemm attn{h.data(), B, C, w_attn, f, 3 * C, q8 ? s_attn : nullptr, b_attn, false, nullptr, qkv.data()};
+  const Gemm proj{attended.data(), B, C, w_proj, f, C, q8 ? s_proj : nullptr, b_proj, false, x, x1.data()};
+  const Gemm fc{h.data(), B, C, w_fc, f, 4 * C, q8 ? s_fc : nullptr, b_fc, true, nullptr, hidden.data()};
+  const Gemm mlp{hidden.data(), B, 4 * C, w_mlp, f, C, q8 ? s_mlp : nullptr, b_mlp, false, x1.data(), out};
 #pragma omp parallel num_threads(threads)
   {
     layer_norm_phase(x, B, C, ln1_w, ln1_b, eps, h.data());

@@ -40,8 +40,8 @@ class DecodeBlock:
             if (linear.weight.in_features, linear.weight.out_features) != (k, n) or linear.bias.shape != (n,):
                 raise ValueError(f"{name} must be {k} -> {n} with a bias of {n}, got {linear.weight.in_features} -> "
                                  f"{linear.weight.out_features}, bias {tuple(linear.bias.shape)}")
-        if len({linear.weight.scale is None for linear, _, _ in shapes.values()}) != 1:
-            raise ValueError("the four linears must all be fp32 or all int8")
+        if len({linear.weight.format for linear, _, _ in shapes.values()}) != 1:
+            raise ValueError("the four linears' weights must all be stored alike (fp32, bf16, fp16 or int8)")
         if c % self.heads:
             raise ValueError(f"{self.heads} heads do not divide the width {c}")
 
@@ -70,7 +70,7 @@ class DecodeBlock:
         x, slots, tables, lens = x.contiguous(), slot_mapping.contiguous(), block_tables.contiguous(), context_lens.contiguous()
         out = torch.empty_like(x)
         bad = self.attn.weight.lib.gpt2_decode_block(
-            x.data_ptr(), batch, c, self.heads, self.attn.weight.scale is not None, self.eps, *self._parameter_addresses,
+            x.data_ptr(), batch, c, self.heads, self.attn.weight.format, self.eps, *self._parameter_addresses,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], slots.data_ptr(),
             tables.data_ptr(), tables.shape[1], lens.data_ptr(), 1.0 / math.sqrt(c // self.heads), out.data_ptr(),
             torch.get_num_threads())

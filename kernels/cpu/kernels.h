@@ -6,9 +6,13 @@
 #include <cstdint>
 #include <vector>
 
+// How a packed weight's values are stored (stream_gemm.cpp widens each to fp32 in registers).
+enum WeightFormat : int { kF32 = 0, kInt8 = 1, kBF16 = 2, kF16 = 3 };
+
 struct Gemm {
   const float* x; int64_t M, K;        // x [M, K], row-major
-  const void* w; bool int8; int64_t N; // packed blocks (layout: stream_gemm.cpp), fp32 or int8 codes
+  const void* w; WeightFormat format;  // packed blocks (layout: stream_gemm.cpp)
+  int64_t N;
   const float* scale;                  // [N] (int8 only) or null
   const float* bias;                   // [N] or null
   bool gelu;                           // GELU (tanh form) after the bias

@@ -1,5 +1,8 @@
 // Streaming GEMM for decode-sized batches: y[M, N] = gelu?(LN?(x)[M, K] @ W[K, N] * scale + bias) + residual,
-// W in fp32 or int8 codes (weight-only int8: codes widened to fp32 in registers, one scale per column).
+// W in fp32, bf16, fp16 or int8 codes (weight-only int8: one scale per column). x, the accumulators and y
+// are fp32 whatever W is: a 16-bit or int8 weight is widened to fp32 in registers (exactly: every bf16,
+// fp16 and int8 value is an fp32 value), so the kernel streams half or a quarter of fp32's bytes and
+// computes what fp32 arithmetic on the stored weights gives.
 //
 // Why hand-written: at decode batches a linear layer is a weight stream (each weight is used by M <= 8
 // rows), so its speed is the DRAM read rate. The library GEMMs reachable from torch (oneDNN packed, MKL
@@ -19,7 +22,13 @@
 //
 // Register tile: R <= MR rows of x times one block, NV vectors of VL floats per row (NB = NV * VL
 // columns), all R * NV accumulators held in registers for the whole K loop. Per k: NV vector loads of W
-// (widened from int8 where quantized), R scalar broadcasts of x, R * NV fused multiply-adds. x's rows
+// (widened to fp32 where stored narrower), R scalar broadcasts of x, R * NV fused multiply-adds.
+//
+// Widening, by what the compiler targets (-march=native: the CPU's own ISA): bf16 is the high half of an
+// fp32, so zero-extend each 16-bit value to 32 bits and shift it up 16 (vpmovzxwd + vpslld); fp16 goes
+// through the F16C conversion (vcvtph2ps, in AVX-512F and F16C), else a scalar conversion. Both cost two
+// instructions per vector of VL weights, far below the DRAM time of its 2 * VL bytes at decode batches.
+// (AVX512-BF16's vdpbf16ps / AMX would need x rounded to bf16 as well; this kernel keeps x in fp32.) x's rows
 // stay in L1/L2 across blocks; a block is re-read from L1/L2 (not DRAM) by each further group of MR rows.
 //
 // Batch invariance: every output y[m][n] is one accumulator summed over k = 0 .. K-1 in order, whatever
@@ -46,7 +55,7 @@
 typedef int8_t vq __attribute__((vector_size(VL)));
 
 // VL int8 codes -> VL floats (exact: |code| <= 127).
-static inline vf widen(const int8_t* p) {
+static inline vf widen_int8(const int8_t* p) {
 #if defined(__AVX512F__)
   return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 #elif defined(__AVX2__)
@@ -54,6 +63,53 @@ static inline vf widen(const int8_t* p) {
 #else
   vq q; std::memcpy(&q, p, sizeof q); return __builtin_convertvector(q, vf);
 #endif
+}
+
+// VL bf16 values -> VL floats: each is the upper 16 bits of its fp32.
+static inline vf widen_bf16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+#elif defined(__AVX2__)
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+#else
+  vi bits;
+  for (int i = 0; i < VL; ++i) bits[i] = (int32_t)((uint32_t)p[i] << 16);
+  vf v; std::memcpy(&v, &bits, sizeof v); return v;
+#endif
+}
+
+// One IEEE half -> float, for CPUs without F16C: zero and subnormals (man * 2^-24), normals
+// ((1024 + man) * 2^(exp - 25)), infinities and NaNs; the sign applied last.
+static inline float half_to_float(uint16_t h) {
+  const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  const float magnitude = exponent == 0    ? std::ldexp((float)mantissa, -24)
+                          : exponent == 31 ? (mantissa ? NAN : INFINITY)
+                                           : std::ldexp((float)(mantissa | 0x400), exponent - 25);
+  return h & 0x8000 ? -magnitude : magnitude;
+}
+
+// VL fp16 values -> VL floats.
+static inline vf widen_f16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(__AVX2__) && defined(__F16C__)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#else
+  vf v;
+  for (int i = 0; i < VL; ++i) v[i] = half_to_float(p[i]);
+  return v;
+#endif
+}
+
+// The VL weights at element `offset` of a packed weight stored in format F, as fp32.
+template <WeightFormat F>
+static inline vf load_weights(const void* w, int64_t offset) {
+  if constexpr (F == kInt8) return widen_int8((const int8_t*)w + offset);
+  else if constexpr (F == kBF16) return widen_bf16((const uint16_t*)w + offset);
+  else if constexpr (F == kF16) return widen_f16((const uint16_t*)w + offset);
+  else return load((const float*)w + offset);
 }
 
 // h[m] = (x[m] - mean) / sqrt(var + eps) * weight + bias over the K features of row m (two-pass moments).
@@ -67,7 +123,7 @@ static void layer_norm_row(const float* x, int64_t K, const float* weight, const
 }
 
 // Rows m0 .. m0+R-1 of y times column block b.
-template <int R, bool INT8>
+template <int R, WeightFormat F>
 static inline void tile(const Gemm& p, int64_t m0, int64_t b) {
   const int64_t n0 = b * NB, cols = p.N - n0 < NB ? p.N - n0 : NB;
   const float* x = p.x + m0 * p.K;
@@ -76,9 +132,7 @@ static inline void tile(const Gemm& p, int64_t m0, int64_t b) {
     for (int j = 0; j < NV; ++j) acc[r][j] = (vf){};
   for (int64_t k = 0; k < p.K; ++k) {
     vf w[NV];
-    for (int j = 0; j < NV; ++j)
-      w[j] = INT8 ? widen((const int8_t*)p.w + (b * p.K + k) * NB + j * VL)
-                  : load((const float*)p.w + (b * p.K + k) * NB + j * VL);
+    for (int j = 0; j < NV; ++j) w[j] = load_weights<F>(p.w, (b * p.K + k) * NB + j * VL);
     for (int r = 0; r < R; ++r) {
       const float xs = x[r * p.K + k];
       for (int j = 0; j < NV; ++j) acc[r][j] += xs * w[j];
@@ -94,7 +148,7 @@ static inline void tile(const Gemm& p, int64_t m0, int64_t b) {
     float out[NB];
     for (int j = 0; j < NV; ++j) {
       vf v = acc[r][j];
-      if (INT8) v *= load(scale + j * VL);
+      if (F == kInt8) v *= load(scale + j * VL);
       v += load(bias + j * VL);
       if (p.gelu) v = gelu_tanh(v);
       std::memcpy(out + j * VL, &v, sizeof v);
@@ -110,7 +164,7 @@ void layer_norm_phase(const float* x, int64_t M, int64_t K, const float* weight,
   for (int64_t m = 0; m < M; ++m) layer_norm_row(x + m * K, K, weight, bias, eps, h + m * K);
 }
 
-template <bool INT8>
+template <WeightFormat F>
 static void tiles(const Gemm& g) {
   const int64_t blocks = (g.N + NB - 1) / NB, groups = (g.M + MR - 1) / MR;
   // Work items are (block, row group) pairs, block-major: at decode (one group) each thread streams a
@@ -119,36 +173,41 @@ static void tiles(const Gemm& g) {
   for (int64_t item = 0; item < blocks * groups; ++item) {
     const int64_t b = item / groups, m0 = (item % groups) * MR;
     switch (g.M - m0 < MR ? g.M - m0 : MR) {
-      case 1: tile<1, INT8>(g, m0, b); break;
-      case 2: tile<2, INT8>(g, m0, b); break;
-      case 3: tile<3, INT8>(g, m0, b); break;
-      case 4: tile<4, INT8>(g, m0, b); break;
-      case 5: tile<5, INT8>(g, m0, b); break;
-      case 6: tile<6, INT8>(g, m0, b); break;
+      case 1: tile<1, F>(g, m0, b); break;
+      case 2: tile<2, F>(g, m0, b); break;
+      case 3: tile<3, F>(g, m0, b); break;
+      case 4: tile<4, F>(g, m0, b); break;
+      case 5: tile<5, F>(g, m0, b); break;
+      case 6: tile<6, F>(g, m0, b); break;
 #if MR > 6
-      case 7: tile<7, INT8>(g, m0, b); break;
-      case 8: tile<8, INT8>(g, m0, b); break;
+      case 7: tile<7, F>(g, m0, b); break;
+      case 8: tile<8, F>(g, m0, b); break;
 #endif
     }
   }
 }
 
 void gemm_phase(const Gemm& g) {
-  if (g.int8) tiles<true>(g);
-  else tiles<false>(g);
+  switch (g.format) {
+    case kF32: tiles<kF32>(g); break;
+    case kInt8: tiles<kInt8>(g); break;
+    case kBF16: tiles<kBF16>(g); break;
+    case kF16: tiles<kF16>(g); break;
+  }
 }
 
 extern "C" {
 int stream_gemm_block_cols(void) { return NB; }
 const char* cpu_kernels_isa(void) { return ISA; }
 
-// y = gelu?(LN?(x) @ W * scale + bias) + residual; w: fp32 blocks, or int8 codes (int8 != 0) with scale.
-// Null ln_weight: no LayerNorm; null ln_bias / scale / bias / residual: absent.
-void stream_gemm(const float* x, int64_t M, int64_t K, const void* w, int int8, int64_t N, const float* scale,
+// y = gelu?(LN?(x) @ W * scale + bias) + residual; w: packed blocks in `format` (a WeightFormat; int8
+// codes come with their scale). Null ln_weight: no LayerNorm; null ln_bias / scale / bias / residual: absent.
+void stream_gemm(const float* x, int64_t M, int64_t K, const void* w, int format, int64_t N, const float* scale,
                  const float* ln_weight, const float* ln_bias, float eps, const float* bias, int gelu,
                  const float* residual, float* y, int threads) {
   std::vector<float> normalized(ln_weight ? M * K : 0);
-  const Gemm g{ln_weight ? normalized.data() : x, M, K, w, int8 != 0, N, int8 ? scale : nullptr, bias, gelu != 0,
+  const WeightFormat f = (WeightFormat)format;
+  const Gemm g{ln_weight ? normalized.data() : x, M, K, w, f, N, f == kInt8 ? scale : nullptr, bias, gelu != 0,
                residual, y};
 #pragma omp parallel num_threads(threads)
   {

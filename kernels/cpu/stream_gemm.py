@@ -1,7 +1,7 @@
 """The streaming GEMM (stream_gemm.cpp): weight packing and the call.
 
-y = act(LN(x) @ W^T * scale + bias) + residual for an fp32 or int8 (weight-only, per-output-channel
-scale) weight, LayerNorm and GELU optional, in a column-blocked layout streamed front to back (the .cpp file has the layout, the tile and
+y = act(LN(x) @ W^T * scale + bias) + residual for an fp32, bf16, fp16 or int8 (weight-only,
+per-output-channel scale) weight, x and y in fp32, LayerNorm and GELU optional, in a column-blocked layout streamed front to back (the .cpp file has the layout, the tile and
 why the kernel exists). It is a candidate path for the engine's CPU linears, chosen by their timing
 probe like the library paths (engine/cpu_gemm.py). `lib` is a kernels.cpu.library() build.
 """
@@ -16,6 +16,8 @@ import torch
 
 
 _HUGE_PAGE = 2 << 20
+# The kernel's WeightFormat (kernels.h) of each storage dtype.
+WEIGHT_FORMATS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -37,7 +39,7 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight in the kernel's column-blocked layout: blocks [ceil(N / NB), K, NB] (fp32 or int8 codes),
+    """A weight in the kernel's column-blocked layout: blocks [ceil(N / NB), K, NB] (fp32, bf16, fp16 or int8 codes),
     with the int8 codes' per-output-channel scale (fp32 [N]; None for fp32), and the library built for
     that NB."""
     blocks: torch.Tensor
@@ -49,16 +51,21 @@ class PackedWeight:
     def in_features(self) -> int:
         return self.blocks.shape[1]
 
+    @property
+    def format(self) -> int:
+        """The kernel's WeightFormat code of the stored values."""
+        return WEIGHT_FORMATS[self.blocks.dtype]
+
 
 def pack(weight_out_in: torch.Tensor, scale: torch.Tensor | None = None, *, lib: ctypes.CDLL) -> PackedWeight:
-    """W [out, in] (fp32, or int8 codes with their fp32 scale [out]) in the blocked layout of `lib`
-    (a library() build)."""
+    """W [out, in] (fp32, bf16, fp16, or int8 codes with their fp32 scale [out]) in the blocked layout
+    of `lib` (a library() build), in W's own dtype."""
     int8 = weight_out_in.dtype == torch.int8
-    if weight_out_in.dim() != 2 or weight_out_in.dtype not in (torch.float32, torch.int8):
-        raise ValueError(f"weight must be a 2-D float32 or int8 [out, in] tensor, got {weight_out_in.dtype} "
-                         f"of shape {tuple(weight_out_in.shape)}")
+    if weight_out_in.dim() != 2 or weight_out_in.dtype not in WEIGHT_FORMATS:
+        raise ValueError(f"weight must be a 2-D float32, bfloat16, float16 or int8 [out, in] tensor, got "
+                         f"{weight_out_in.dtype} of shape {tuple(weight_out_in.shape)}")
     if int8 != (scale is not None):
-        raise ValueError("int8 codes need their per-output-channel scale; a float32 weight takes none")
+        raise ValueError("int8 codes need their per-output-channel scale; a floating-point weight takes none")
     n, k = weight_out_in.shape
     if scale is not None and (scale.dtype != torch.float32 or scale.shape != (n,)):
         raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} of shape {tuple(scale.shape)}")
@@ -107,7 +114,7 @@ def stream_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
         ln_weight, ln_bias, eps = layer_norm
         ln_weight, ln_bias = _contiguous_f32(ln_weight, "ln_weight", (k,)), _contiguous_f32(ln_bias, "ln_bias", (k,))
     y = torch.empty(m, n, dtype=torch.float32)
-    weight.lib.stream_gemm(x.data_ptr(), m, k, weight.blocks.data_ptr(), weight.scale is not None, n,
+    weight.lib.stream_gemm(x.data_ptr(), m, k, weight.blocks.data_ptr(), weight.format, n,
                            _address(weight.scale), _address(ln_weight), _address(ln_bias), eps, _address(bias),
                            activation is not None, _address(residual), y.data_ptr(), torch.get_num_threads())
     return y

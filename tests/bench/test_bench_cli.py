@@ -43,6 +43,20 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert "gpt2-engine bench: loading" in captured.err and "gpt2-engine bench: warming up eager baseline" in captured.err
 
 
+def test_bench_runs_the_engine_in_every_dtype_side_by_side(tmp_path):
+    """--dtype fp32 bf16 fp16: one engine row per dtype (16-bit weights streamed on CPU), int8 beside
+    them, in one run; the report names every dtype."""
+    tiny_hf_model(vocab_size=211, n_embd=32, n_layer=2, n_head=2, n_positions=64).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "results"
+    assert main(["bench", "--model", str(tmp_path / "ckpt"), "--batch-sizes", "2", "--prompt-len", "8", "--new-tokens", "4",
+                 "--repeats", "2", "--systems", "engine", "--dtype", "fp32", "bf16", "fp16", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["dtype"] == "float32, bfloat16, float16"
+    assert [r["system"] for r in report["results"]] == ["gpt2-engine fp32 (torch)", "gpt2-engine bf16 (torch)",
+                                                        "gpt2-engine fp16 (torch)", "gpt2-engine int8 (torch)"]
+    assert all(r["decode_tokens_per_s"] > 0 and len(r["decode_runs"]) == 2 for r in report["results"])
+
+
 def _measurement(system, runs, **ratios):
     median = sorted(runs)[len(runs) // 2]
     return Measurement(system, 1, 100.0, median, min(runs), max(runs), (max(runs) - min(runs)) / median, runs, 50.0,
@@ -91,6 +105,8 @@ def test_roofline_counts_weights_once_and_kv_per_token():
     assert decode_bytes_per_step(config, torch.float16, 0, 0, int8=True) == 124_439_808   # int8 weights: a byte each
     per_token_kv = decode_bytes_per_step(config, torch.float16, 1, 1) - weights_fp16
     assert per_token_kv == 2 * 12 * 768 * 2  # K and V, 12 layers, 768 wide, 2 bytes
+    # bf16 weights on CPU: 2 bytes per weight, fp32 K and V
+    assert decode_bytes_per_step(config, torch.bfloat16, 1, 1, kv_dtype=torch.float32) == weights_fp16 + 2 * 12 * 768 * 4
     assert flops_per_token(config, 0) == 2 * (124_439_808 - 1024 * 768)
 
 
@@ -103,6 +119,8 @@ def test_cli_reports_bad_input_as_an_error_line(capsys, tmp_path):
     assert "--new-tokens" in capsys.readouterr().err
     assert main(["bench", "--repeats", "0"]) == 2
     assert "--repeats must be positive" in capsys.readouterr().err
+    assert main(["bench", "--speculative", "2", "--dtype", "fp32", "bf16"]) == 2
+    assert "--speculative runs in one --dtype" in capsys.readouterr().err
     assert main(["generate", "--random-weights", "--model", "gpt2", "--prompt", "hi", "--backend", "eager",
                  "--quantization", "int8"]) == 2
     assert "torch or triton backend" in capsys.readouterr().err

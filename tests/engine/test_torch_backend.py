@@ -18,7 +18,7 @@ from gpt2_engine.kernels.int8_linear import int8_ln_linear_ref
 from gpt2_engine.kernels.paged_attention import paged_decode_attention_ref
 from tests.engine.tiny_models import tiny_hf_model
 
-FP32_PATHS = cpu_gemm.fp32_candidates(torch.float32)
+FP32_PATHS = cpu_gemm.float_candidates(torch.float32)
 INT8_PATHS = [*cpu_gemm.int8_candidates(), cpu_gemm.Int8Dequant(chunk_bytes=4 * 72 * 7)]   # 7-row chunks: the multi-chunk loop
 EPILOGUES = [(None, True, False), ("gelu_tanh", True, False), (None, False, True)]   # (activation, LayerNorm, residual)
 
@@ -158,7 +158,7 @@ def test_without_a_compiler_the_cpu_path_falls_back_to_the_libraries(monkeypatch
     try:
         with pytest.warns(UserWarning, match="C\\+\\+ CPU kernels are unavailable"):
             assert cpu_gemm.cpu_kernel_library() is None
-        assert not any(isinstance(p, cpu_gemm.Streaming) for p in cpu_gemm.fp32_candidates(torch.float32))
+        assert not any(isinstance(p, cpu_gemm.Streaming) for p in cpu_gemm.float_candidates(torch.float32))
         assert isinstance(torch_backend.decode_attention(torch.device("cpu"), torch.float32), torch_backend.PagedDecodeAttention)
         without = GPT2.from_hf(hf, backend="torch").generate(prompt, max_new_tokens=6, do_sample=False)
         assert torch.equal(without, with_kernels)
@@ -171,7 +171,7 @@ def test_without_a_compiler_the_cpu_path_falls_back_to_the_libraries(monkeypatch
 def test_fused_decode_blocks_equal_the_op_by_op_steps_bitwise(monkeypatch, quantization):
     """Every linear on the streaming GEMM: decode-only steps run each block as one C++ call. Its scores
     (full-vocabulary logits of every step, batch of mixed prompt lengths) equal the op-by-op path's bitwise."""
-    monkeypatch.setattr(cpu_gemm, "fp32_candidates", lambda dtype: [cpu_gemm.Streaming(int8=False)])
+    monkeypatch.setattr(cpu_gemm, "float_candidates", lambda dtype: [cpu_gemm.Streaming(int8=False)])
     monkeypatch.setattr(cpu_gemm, "int8_candidates", lambda: (cpu_gemm.Streaming(int8=True),))
     model = GPT2.from_hf(tiny_hf_model(), backend="torch", quantization=quantization)
     paged = model.engine.runner.model

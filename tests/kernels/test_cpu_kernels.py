@@ -40,21 +40,27 @@ def _reference(x, w, bias=None, activation=None, residual=None, layer_norm=None)
     return (y + residual.double() if residual is not None else y).float()
 
 
-def _weights(n, k, int8):
+WEIGHT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
+
+
+def _weights(n, k, dtype):
+    """(the weight's exact fp32 values [out, in], pack()'s arguments) for a weight stored in `dtype`."""
     w = torch.randn(n, k) / k ** 0.5
-    if not int8:
-        return w, (w,)
+    if dtype != torch.int8:
+        stored = w.to(dtype)
+        return stored.float(), (stored,)
     scale = w.abs().amax(1) / 127
     q = torch.round(w / scale[:, None]).to(torch.int8)
     return q.float() * scale[:, None], (q, scale)
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 5, 8, 9, 17])
 @pytest.mark.parametrize("k,n", [(72, 100), (130, 33), (64, 257)])
-def test_stream_linear_equals_the_reference(lib, int8, m, k, n):
-    """Every epilogue combination; N not a multiple of the block width; M across the row-tile sizes."""
-    dense, packed_args = _weights(n, k, int8)
+def test_stream_linear_equals_the_reference(lib, dtype, m, k, n):
+    """Every epilogue combination; N not a multiple of the block width; M across the row-tile sizes;
+    every storage format against fp64 on the stored values (widening is exact)."""
+    dense, packed_args = _weights(n, k, dtype)
     packed = stream_gemm.pack(*packed_args, lib=lib)
     x, bias, residual = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
     layer_norm = (torch.randn(k), torch.randn(k), 1e-5)
@@ -71,9 +77,49 @@ def test_fused_gelu_is_accurate_over_the_whole_range(lib):
     torch.testing.assert_close(got, F.gelu(x.double(), approximate="tanh").float(), rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
-def test_a_rows_result_is_bitwise_the_same_at_every_batch_size_and_thread_count(lib, int8):
-    _, packed_args = _weights(300, 96, int8)
+# Narrower builds than -march=native that every x86-64 CPU with AVX2 can run: on an AVX-512 machine
+# they exercise the AVX2 tiles, and the generic one (SSE vectors, scalar fp16 conversion) everywhere.
+ISA_VARIANTS = {"avx2": ("-mno-avx512f",), "generic": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")}
+
+
+@pytest.mark.parametrize("variant", sorted(ISA_VARIANTS))
+def test_narrower_isa_builds_compute_the_same(tmp_path, variant):
+    """Each ISA variant's streaming GEMM, on every weight format and both epilogue extremes, and its
+    16-bit widening at the formats' extremes (the generic build's scalar fp16 conversion included)."""
+    flags = ISA_VARIANTS[variant]
+    if variant == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    narrow = cpu_kernels.library(tmp_path, flags)   # its own directory: build_dir holds the native build alone
+    assert narrow.cpu_kernels_isa().decode() == variant
+    for dtype in WEIGHT_DTYPES:
+        dense, packed_args = _weights(100, 72, dtype)
+        packed = stream_gemm.pack(*packed_args, lib=narrow)
+        x, bias, residual = torch.randn(9, 72), torch.randn(100), torch.randn(9, 100)
+        layer_norm = (torch.randn(72), torch.randn(72), 1e-5)
+        for kwargs in ({}, {"bias": bias, "activation": "gelu_tanh", "layer_norm": layer_norm, "residual": residual}):
+            got = stream_gemm.stream_linear(x, packed, **kwargs)
+            torch.testing.assert_close(got, _reference(x, dense, **kwargs), rtol=1e-5, atol=2e-5, msg=f"{dtype} {kwargs.keys()}")
+    _check_16_bit_extremes(narrow)
+
+
+def _check_16_bit_extremes(lib) -> None:
+    """x = [[1]] times a one-input weight holding each 16-bit value: y is that value in fp32, for
+    subnormals, the largest finite values and infinities of fp16 and bf16."""
+    for dtype in (torch.float16, torch.bfloat16):
+        info = torch.finfo(dtype)
+        values = torch.tensor([0.0, info.tiny, info.tiny / 4, -info.tiny / 8, info.max, -info.max, info.eps,
+                               1.0, -2.5, float("inf"), float("-inf")], dtype=dtype)
+        got = stream_gemm.stream_linear(torch.ones(1, 1), stream_gemm.pack(values[:, None], lib=lib))[0]
+        assert torch.equal(got, values.float()), dtype
+
+
+def test_16_bit_weights_widen_exactly_at_their_extremes(lib):
+    _check_16_bit_extremes(lib)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
+def test_a_rows_result_is_bitwise_the_same_at_every_batch_size_and_thread_count(lib, dtype):
+    _, packed_args = _weights(300, 96, dtype)
     packed = stream_gemm.pack(*packed_args, lib=lib)
     x, bias = torch.randn(23, 96), torch.randn(300)
     layer_norm = (torch.randn(96), torch.randn(96), 1e-5)
@@ -103,7 +149,7 @@ def test_stream_linear_rejects_bad_input_by_name(lib):
     with pytest.raises(ValueError, match="need their per-output-channel scale"):
         stream_gemm.pack(torch.zeros(4, 4, dtype=torch.int8), lib=lib)
     with pytest.raises(ValueError, match="weight must be"):
-        stream_gemm.pack(torch.zeros(4, 4, dtype=torch.float16), lib=lib)
+        stream_gemm.pack(torch.zeros(4, 4, dtype=torch.float64), lib=lib)
 
 
 def _paged_case(lengths, heads=4, head_dim=64, block_size=16, seed=0):

@@ -1,0 +1,87 @@
+"""dtype="bf16" / "fp16" on CPU (torch backend): the weights are stored in 16 bits and streamed by our
+GEMM, widened to fp32 in registers; activations and the KV cache stay fp32. So the model computes what
+fp32 arithmetic on the 16-bit-rounded weights gives: transformers in fp32 on those rounded weights is
+the reference, and the error against the fp32 model is the rounding's own."""
+import copy
+
+import pytest
+import torch
+
+from gpt2_engine import cpu_gemm, torch_backend
+from gpt2_engine.api import GPT2
+from gpt2_engine.kernels import cpu as cpu_kernels
+from tests.engine.tiny_models import tiny_hf_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PROMPTS = torch.tensor([[5, 7, 11, 13, 17, 19, 23, 29], [31, 37, 41, 43, 47, 53, 59, 61], [2, 3, 2, 3, 2, 3, 2, 3]])
+
+
+def _rounded(hf, dtype):
+    """transformers' model with every parameter rounded to `dtype`, computing in fp32."""
+    rounded = copy.deepcopy(hf)
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.copy_(parameter.to(dtype).float())
+    return rounded
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_hf_model(vocab_size=211, n_embd=96, n_layer=3, n_head=4, n_positions=96, init=0.3)
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_16_bit_weights_stream_with_fp32_activations(hf, name):
+    model = GPT2.from_hf(hf, backend="torch", dtype=name)
+    paged = model.engine.runner.model
+    assert model.dtype == DTYPES[name] and paged.weight_dtype == DTYPES[name]
+    assert paged.dtype == torch.float32 and model.engine.runner.kv_cache.dtype == torch.float32
+    linears = [paged.lm_head] + [linear for block in paged.h for linear in vars(block).values()]
+    assert all(isinstance(linear.weight.path, cpu_gemm.Streaming) and linear.weight.weight.blocks.dtype == DTYPES[name]
+               for linear in linears)
+    assert paged.decode_blocks is not None     # every linear streams: decode steps run each block in one call
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_logits_are_fp32_arithmetic_on_the_rounded_weights(hf, name):
+    """Against transformers in fp32 on the same rounded weights: equal to fp32 summation order (the
+    bound below is ~100x that rounding noise here, and ~1/20 of the rounding's own effect); against
+    the fp32 model: within the error the rounding itself causes (transformers on rounded weights vs
+    transformers on the originals), plus that summation noise."""
+    with torch.no_grad():
+        reference = _rounded(hf, DTYPES[name])(PROMPTS).logits
+        exact = hf(PROMPTS).logits
+    got = GPT2.from_hf(hf, backend="torch", dtype=name)(PROMPTS)
+    assert got.dtype == torch.float32
+    noise = (got - reference).abs().max().item()
+    rounding_error = (reference - exact).abs().max().item()
+    assert noise <= 2e-4 * reference.abs().max().item()
+    assert noise < rounding_error / 20
+    assert (got - exact).abs().max().item() <= rounding_error + noise
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_greedy_tokens_equal_transformers_on_the_rounded_weights(hf, name):
+    rounded = _rounded(hf, DTYPES[name])
+    expected = rounded.generate(PROMPTS, attention_mask=torch.ones_like(PROMPTS), max_new_tokens=24, do_sample=False,
+                                pad_token_id=0)
+    got = GPT2.from_hf(hf, backend="torch", dtype=name).generate(PROMPTS, max_new_tokens=24, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_without_a_compiler_16_bit_weights_run_in_16_bit_through_torch(hf, monkeypatch, tmp_path):
+    """No C++ kernels: compute_dtype falls back to the weights' dtype (torch's bf16 ops), and the model
+    still generates."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GPT2_ENGINE_CACHE_DIR", str(tmp_path))
+    cpu_gemm.cpu_kernel_library.cache_clear()
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="C\\+\\+ CPU kernels are unavailable"):
+            assert torch_backend.compute_dtype(torch.device("cpu"), torch.bfloat16) == torch.bfloat16
+        model = GPT2.from_hf(hf, backend="torch", dtype="bf16")
+        assert model.engine.runner.model.dtype == torch.bfloat16
+        assert model.generate(PROMPTS[:1], max_new_tokens=4).shape == (1, PROMPTS.shape[1] + 4)
+    finally:
+        cpu_gemm.cpu_kernel_library.cache_clear()
+        cpu_kernels.library.cache_clear()
