@@ -12,7 +12,7 @@ import torch
 
 from gpt2_engine.bench import ctranslate2_peer
 from gpt2_engine.api import GPT2
-from gpt2_engine.bench.decode import StepClock, build_hf_model, decode_bytes_per_step, measure_bandwidth, run_eager, run_engine, run_transformers
+from gpt2_engine.bench.decode import StepClock, build_hf_model, decode_bytes_per_step, ReadBandwidth, run_eager, run_engine, run_transformers
 from gpt2_engine.config import GPT2Config
 from tests.conftest import DEVICE, HAS_CUDA
 
@@ -42,7 +42,7 @@ def systems():
 
 @pytest.fixture(scope="module")
 def bandwidth():
-    return measure_bandwidth(torch.device(DEVICE))
+    return ReadBandwidth(torch.device(DEVICE)).measure()
 
 
 @pytest.mark.parametrize("batch", BATCHES)

@@ -28,11 +28,14 @@ def logits_of(model, others=(), arrivals=(), max_num_batched_tokens=None, enable
                     max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching)
     target = llm.add_request(PROMPT, SamplingParams(max_new_tokens=new, output_scores=True))
     pending = sorted(zip(arrivals, others), key=lambda item: item[0])
-    rows, step = [], 0
-    while llm.has_unfinished_requests() or pending:
+    rows, step, target_finished = [], 0, False
+    while not target_finished:        # the others' later steps cannot change the target's rows
         while pending and pending[0][0] <= step:
             llm.add_request(pending.pop(0)[1], SamplingParams(max_new_tokens=10))
-        rows += [e.scores for e in llm.step() if e.request_id == target]
+        for event in llm.step():
+            if event.request_id == target:
+                rows.append(event.scores)
+                target_finished = event.finished
         step += 1
     return torch.stack(rows)
 
@@ -103,7 +106,7 @@ def gemm_paths():
     torch.manual_seed(0)
     weight, bias = torch.randn(64, 200) * 0.1, torch.randn(200)
     paths = {"addmm": lambda x: ln_linear_ref(x, None, None, weight, bias)}
-    for candidate in cpu_gemm.fp32_candidates(torch.float32):   # every path the CPU probe may pick
+    for candidate in cpu_gemm.float_candidates(torch.float32):   # every path the CPU probe may pick
         linear = cpu_gemm.prepare_linear(weight.t(), cpu_gemm.Epilogue(bias=True), candidates=[candidate])
         paths[candidate.name] = lambda x, linear=linear: linear(x, bias)
     return paths

@@ -3,8 +3,10 @@
 Tolerances: fp32 runs exact fp32 dots, so its max error is held to 1e-5 of the reference's max
 magnitude (a normwise relative bound; measured ~2e-7 at K = 72 and ~1.5e-6 at K = 3072). fp16 by
 the 2x rule: the kernel's max error against an fp32 reference is at most twice that of the torch
-reference run in fp16, plus a floor of 1e-5 of the reference's magnitude (for the cases where the
-fp16 reference happens to be almost exact). Outputs are NaN-poisoned through `out`, so an
+reference run in fp16, plus a floor of fp16's unit roundoff (2^-11) times the reference's largest magnitude:
+the one output rounding neither side avoids, which matters where the fp16 reference is almost exact by
+luck (a 24-term dot has too few terms for its error to be typical; the kernel also rounds the
+LN-folded weights, which the reference does not). Outputs are NaN-poisoned through `out`, so an
 unwritten element fails; NaN never passes (a NaN in the difference makes the comparison false).
 """
 import json
@@ -30,9 +32,10 @@ from gpt2_engine.kernels.fused_linear import (
 )
 from gpt2_engine.kernels.launch_plan import UNSPLIT_TILES, gemm_plan
 from gpt2_engine.kernels.paged_attention import write_kv_ref
+from tests.seeding import reproducible_seed
 
 FP32_RTOL = 1e-5
-FP16_FLOOR = 1e-5
+FP16_FLOOR = 2 ** -11
 
 
 @pytest.fixture
@@ -42,11 +45,6 @@ def few_sms(monkeypatch):
     monkeypatch.setattr(fl, "_DEFAULT_NUM_SMS", 8)
     monkeypatch.setattr(fl, "_PLANS", {})
 
-
-def _seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    return seed
 
 
 def _inputs(M, K, N, dtype, device, *, ln=True, bias=True, residual=False):
@@ -109,7 +107,7 @@ VARIANT_CASES = [(v, SMALL_SHAPES[i % len(SMALL_SHAPES)]) for i, v in enumerate(
 def test_ln_linear_variants(variant, shape, dtype, device):
     ln, bias, act, res = variant
     M, K, N = shape
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, dtype, device, ln=ln, bias=bias, residual=res)
     y = ln_linear(**args, activation=act, out=_poisoned(M, N, dtype, device))
     _check(y, args, activation=act, seed=seed)
@@ -127,7 +125,7 @@ def test_ln_linear_gpt2_widths(C, M, shape, device, few_sms):
                 "fc": (C, 4 * C, dict(ln=True, act="gelu_tanh", res=False)),
                 "proj": (4 * C, C, dict(ln=False, act=None, res=True))}[shape]
     dtype = torch.float32 if C == 768 else torch.float16   # fp32 decode tiles (BLOCK_K 32) are slow here
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, dtype, device, ln=kw["ln"], residual=kw["res"])
     y = ln_linear(**args, activation=kw["act"], out=_poisoned(M, N, dtype, device))
     _check(y, args, activation=kw["act"], seed=seed)
@@ -138,7 +136,7 @@ def test_ln_linear_gpt2_widths(C, M, shape, device, few_sms):
 def test_ln_linear_split_k(M, K, N, dtype, device):
     """Narrow N at decode: the launcher splits K (132-SM heuristic) and reduces deterministically."""
     assert gemm_plan(M, N, K, dtype, 90, 132).split > 1
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, dtype, device, residual=True)
     y1 = ln_linear(**args, activation="gelu_tanh", out=_poisoned(M, N, dtype, device))
     _check(y1, args, activation="gelu_tanh", seed=seed)
@@ -170,7 +168,7 @@ def test_ln_linear_fused_kv_write(M, H, D, dtype, split, slot_dtype, device):
     exactly the slotted rows, bit-equal to write_kv_ref of the output's K/V views."""
     C = H * D
     assert (gemm_plan(M, 3 * C, C, dtype, 90, 132).split > 1) == split
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, C, 3 * C, dtype, device)
     k_cache, v_cache, slots = _kv_problem(M, H, D, dtype, device)
     slots = slots.to(slot_dtype)
@@ -200,7 +198,7 @@ def test_ln_linear_fused_kv_write(M, H, D, dtype, split, slot_dtype, device):
 def test_ln_linear_lm_head_vocab(weight_view, device, few_sms):
     """ln_f -> LM head: N = 50257 (no tile divides it), no bias, W = wte^T as a view or a copy."""
     M, K, N = 2, 64, 50257
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, torch.float32, device, bias=False)
     wte = torch.randn(N, K, device=device) / K ** 0.5
     args["weight"] = wte.t() if weight_view == "transposed" else wte.t().contiguous()
@@ -211,7 +209,7 @@ def test_ln_linear_lm_head_vocab(weight_view, device, few_sms):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_ln_linear_strided_x_and_residual(dtype, device):
     M, K, N = 17, 72, 100
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, dtype, device, residual=False)
     args["x"] = args["x"].repeat(1, 3)[:, K:2 * K]   # a slice of a wider tensor (same values)
     args["residual"] = torch.randn(M, 2 * N, device=device).to(dtype)[:, N:]   # row stride 2N
@@ -222,7 +220,7 @@ def test_ln_linear_strided_x_and_residual(dtype, device):
 
 def test_ln_linear_out_row_strided(device):
     M, K, N = 3, 24, 40
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, torch.float32, device)
     wide = torch.full((M, 2 * N), float("nan"), device=device)
     y = ln_linear(**args, out=wide[:, :N])
@@ -233,7 +231,7 @@ def test_ln_linear_out_row_strided(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,C", [(1, 256), (3, 72), (17, 24), (257, 24)])
 def test_ln_gelu_mlp(dtype, M, C, device, few_sms):
-    seed = _seed()
+    seed = reproducible_seed()
     H = 4 * C
     a = _inputs(M, C, H, dtype, device)
     p = _inputs(M, H, C, dtype, device, ln=False)
@@ -246,7 +244,7 @@ def test_ln_gelu_mlp(dtype, M, C, device, few_sms):
 def test_large_values_no_nan(device):
     """A residual stream with a large mean and outliers, and GELU far into both tails."""
     M, K, N = 3, 72, 100
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, torch.float32, device)
     args["x"] = args["x"] * 100 + 1000
     args["weight"] = args["weight"] * 50
@@ -352,7 +350,7 @@ def test_compile_report_clean(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("M,C", [(1, 768), (16, 1600), (1024, 768)])
 def test_bf16_on_gpu(M, C, device):
-    seed = _seed()
+    seed = reproducible_seed()
     for K, N, act, ln, res in ((C, 4 * C, "gelu_tanh", True, False), (4 * C, C, None, False, True)):
         args = _inputs(M, K, N, torch.bfloat16, device, ln=ln, residual=res)
         y = ln_linear(**args, activation=act, out=_poisoned(M, N, torch.bfloat16, device))
@@ -378,8 +376,9 @@ FOLD_CASES = [(768, 1), (1024, 3), (1280, 1), (1600, 2), (100, 5), (333, 17), (1
 def test_folded_layernorm_gpt2_activations(C, M, dtype, device):
     """fold_layernorm + ln_linear on GPT-2-like activations against the unfolded fp32 reference:
     fp32 within 1e-5 (normwise relative), fp16 by the 2x rule against torch's fp16 LN + matmul."""
-    seed = _seed()
-    N = 3 * C if C < 1600 else 96    # C = 1600: a narrow N keeps the interpreter quick (K is what matters)
+    seed = reproducible_seed()
+    N = 3 * C if C < 300 else 200    # wide rows: a narrow N keeps the interpreter quick (K is what the
+                                     # fold's numerics depend on; columns are independent)
     x = _gpt2_like(M, C, device, seed=seed)
     args = _inputs(M, C, N, torch.float32, device)
     args["x"] = x
@@ -390,7 +389,7 @@ def test_folded_layernorm_gpt2_activations(C, M, dtype, device):
 
 
 def test_fold_reference_matches_unfolded(device):
-    seed = _seed()
+    seed = reproducible_seed()
     M, K, N = 4, 333, 50
     args = _inputs(M, K, N, torch.float32, device)
     args["x"] = _gpt2_like(M, K, device, seed=seed)
@@ -415,7 +414,7 @@ def test_folded_weight_rejects_unfolded_params(device):
 def test_split_is_batch_invariant(device):
     """A row's result does not depend on how many rows are batched with it (same planned split and
     row tile for M = 1, 7, 64): bit-identical."""
-    seed = _seed()
+    seed = reproducible_seed()
     K, N = 768, 256
     args = _inputs(64, K, N, torch.float16, device)
     args["x"] = _gpt2_like(64, K, device, seed=seed).half()
@@ -430,7 +429,7 @@ def test_split_is_batch_invariant(device):
 
 def test_lm_head_output_rows_padded_for_vector_stores(device, few_sms):
     M, K, N = 2, 64, 1001
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, torch.float32, device, bias=False)
     args["weight"] = (torch.randn(N, K, device=device) / K ** 0.5).t()
     y = ln_linear(**args)
@@ -443,7 +442,7 @@ def test_partial_launch_cannot_corrupt_later_results(device, monkeypatch):
     """A split-K launch that dies after some splits have arrived (here: all splits but the last, then
     an exception) leaves its counters re-armed, so the next launch elects correctly."""
     M, K, N = 3, 1024, 96
-    seed = _seed()
+    seed = reproducible_seed()
     args = _inputs(M, K, N, torch.float16, device, residual=True)
     plan = gemm_plan(M, N, K, torch.float16, 90, 132)
     assert plan.split > 2

@@ -8,28 +8,23 @@ greedy tokens and the KV rows the step writes. fp32: max error <= 1e-5 of the re
 magnitude; fp16: the 2x rule (at most twice the error of the torch backend run in fp16, against
 the fp32 torch backend, plus a floor of 1e-5 of the magnitude). The activation arena and the
 workspace are NaN-poisoned before each launch, so an element read before it is written fails."""
-import os
-
 import pytest
 import torch
 
 from gpt2_engine.kv_cache import allocate_kv_cache
+from gpt2_engine import torch_backend
 from gpt2_engine.config import GPT2Config
 from gpt2_engine.kernels import persistent_decode as pk
 from gpt2_engine.model import PagedGPT2, pack_step
 from gpt2_engine.persistent_decode import PersistentDecode
 from gpt2_engine.weights import random_state_dict
+from tests.seeding import reproducible_seed
 
 FP32_RTOL = 1e-5
 FP16_FLOOR = 1e-5
 TINY = GPT2Config(vocab_size=101, n_embd=48, n_head=3, n_layer=2, n_positions=160)   # D = 16, odd widths
 SMALL_DIMS = GPT2Config(vocab_size=300, n_embd=768, n_head=12, n_layer=1, n_positions=256)   # GPT-2 small's widths
 
-
-def _seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    return seed
 
 
 def _models(cfg, dtype):
@@ -75,7 +70,7 @@ CASES = [  # (config, block size, context lengths): batch 1..16, lengths across 
 
 @pytest.mark.parametrize("cfg, block_size, context_lens", CASES, ids=["b1", "b5", "b16"])
 def test_step_fp32_matches_torch_backend(cfg, block_size, context_lens):
-    seed = _seed()
+    seed = reproducible_seed()
     model, state = _models(cfg, torch.float32)
     num_blocks = sum(-(-c // block_size) for c in context_lens) + 3
     kv = allocate_kv_cache(cfg, num_blocks, block_size, torch.float32, "cpu").normal_()
@@ -96,10 +91,13 @@ def test_step_fp32_matches_torch_backend(cfg, block_size, context_lens):
 
 @pytest.mark.parametrize("cfg, block_size, context_lens", [(TINY, 8, [9, 70, 1, 33]), (SMALL_DIMS, 16, [70, 16, 200])],
                          ids=["tiny", "gpt2-small-dims"])
-def test_step_fp16_2x_rule(cfg, block_size, context_lens):
+def test_step_fp16_2x_rule(cfg, block_size, context_lens, monkeypatch):
     """fp16, the engine's GPU dtype; SMALL_DIMS has GPT-2 small's n_embd 768 and 12 heads (one layer, a
-    short vocabulary and context to keep the interpreter fast)."""
-    seed = _seed()
+    short vocabulary and context to keep the interpreter fast). The fp16 reference is torch's own fp16
+    ops: on CPU the torch backend would otherwise widen 16-bit weights to fp32 arithmetic
+    (torch_backend.compute_dtype), as it does on a machine without our C++ kernels."""
+    seed = reproducible_seed()
+    monkeypatch.setattr(torch_backend, "compute_dtype", lambda device, weight_dtype: weight_dtype)
     model, state = _models(cfg, torch.float16)
     kv32 = allocate_kv_cache(cfg, 24, block_size, torch.float32, "cpu").normal_()
     step = _step(cfg, context_lens, block_size, 24)
@@ -114,7 +112,7 @@ def test_step_fp16_2x_rule(cfg, block_size, context_lens):
 def test_launch_rearms_counters_and_repeats_bitwise():
     """The last program to leave zeroes the queue and the stage counters: a second launch runs the whole
     schedule again (poisoned arena) to the same bits."""
-    _seed()
+    reproducible_seed()
     model, _ = _models(TINY, torch.float32)
     kv = allocate_kv_cache(TINY, 8, 4, torch.float32, "cpu").normal_()
     step = _step(TINY, [7, 13], 4, 8)
