@@ -20,8 +20,8 @@ exceeds 10%.
 Roofline: a decode step must read every weight once plus the KV cache of every sequence, so
 tokens/s <= batch * bandwidth / (weight bytes + KV bytes at the mid-decode context), with the
 weights at 1 byte each for int8 systems. The bandwidth is the machine's read bandwidth, measured
-right before every run as a sum over a buffer 8x the last-level cache (CPU) or 1 GiB (GPU) (median
-of 5), and each run's roofline share uses its own measurement (the table: the median share). On
+right before every run as a sum over a buffer 4x the last-level cache (CPU) or 1 GiB (GPU) (median
+of 3), and each run's roofline share uses its own measurement (the table: the median share). On
 CPU that buffer is in transparent huge pages where the OS grants them, like the streaming GEMM's
 weights: a torch sum over 4 KiB pages was measured reading only ~0.6x as fast on a 2-core EPYC, which
 would flatter every system's roofline share.
