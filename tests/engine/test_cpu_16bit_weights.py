@@ -9,7 +9,7 @@ import torch
 
 from gpt2_engine import cpu_gemm, torch_backend
 from gpt2_engine.api import GPT2
-from gpt2_engine.kernels import cpu as cpu_kernels
+from tests.engine.no_compiler import without_cpu_kernels
 from tests.engine.tiny_models import tiny_hf_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,16 +72,8 @@ def test_greedy_tokens_equal_transformers_on_the_rounded_weights(hf, name):
 def test_without_a_compiler_16_bit_weights_run_in_16_bit_through_torch(hf, monkeypatch, tmp_path):
     """No C++ kernels: compute_dtype falls back to the weights' dtype (torch's bf16 ops), and the model
     still generates."""
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("GPT2_ENGINE_CACHE_DIR", str(tmp_path))
-    cpu_gemm.cpu_kernel_library.cache_clear()
-    cpu_kernels.library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="C\\+\\+ CPU kernels are unavailable"):
-            assert torch_backend.compute_dtype(torch.device("cpu"), torch.bfloat16) == torch.bfloat16
+    with without_cpu_kernels(monkeypatch, tmp_path):
+        assert torch_backend.compute_dtype(torch.device("cpu"), torch.bfloat16) == torch.bfloat16
         model = GPT2.from_hf(hf, backend="torch", dtype="bf16")
         assert model.engine.runner.model.dtype == torch.bfloat16
         assert model.generate(PROMPTS[:1], max_new_tokens=4).shape == (1, PROMPTS.shape[1] + 4)
-    finally:
-        cpu_gemm.cpu_kernel_library.cache_clear()
-        cpu_kernels.library.cache_clear()

@@ -11,11 +11,11 @@ import torch
 
 from gpt2_engine import cpu_gemm, torch_backend
 from gpt2_engine.api import GPT2
-from gpt2_engine.kernels import cpu as cpu_kernels
 from gpt2_engine.quantization import Int8Weight
 from gpt2_engine.kernels.fused_linear import ln_gelu_mlp_ref, ln_linear_ref
 from gpt2_engine.kernels.int8_linear import int8_ln_linear_ref
 from gpt2_engine.kernels.paged_attention import paged_decode_attention_ref
+from tests.engine.no_compiler import without_cpu_kernels
 from tests.engine.tiny_models import tiny_hf_model
 
 FP32_PATHS = cpu_gemm.float_candidates(torch.float32)
@@ -151,20 +151,11 @@ def test_without_a_compiler_the_cpu_path_falls_back_to_the_libraries(monkeypatch
     hf = tiny_hf_model()
     prompt = torch.tensor([[5, 7, 11, 13]])
     with_kernels = GPT2.from_hf(hf, backend="torch").generate(prompt, max_new_tokens=6, do_sample=False)
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("GPT2_ENGINE_CACHE_DIR", str(tmp_path))
-    cpu_gemm.cpu_kernel_library.cache_clear()
-    cpu_kernels.library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="C\\+\\+ CPU kernels are unavailable"):
-            assert cpu_gemm.cpu_kernel_library() is None
+    with without_cpu_kernels(monkeypatch, tmp_path):
         assert not any(isinstance(p, cpu_gemm.Streaming) for p in cpu_gemm.float_candidates(torch.float32))
         assert isinstance(torch_backend.decode_attention(torch.device("cpu"), torch.float32), torch_backend.PagedDecodeAttention)
         without = GPT2.from_hf(hf, backend="torch").generate(prompt, max_new_tokens=6, do_sample=False)
         assert torch.equal(without, with_kernels)
-    finally:
-        cpu_gemm.cpu_kernel_library.cache_clear()
-        cpu_kernels.library.cache_clear()
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
