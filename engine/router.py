@@ -14,6 +14,12 @@ Locks. `_engine_lock` serialises everything that touches the engine: a step, add
 prompt_logits.
 `_cond` guards the per-request event queues and wakes consumers and the loop. A thread that holds
 both took the engine lock first; the loop holds neither while it waits for work.
+Fairness. The loop takes the engine lock again right after each step, and a thread merely blocked
+on a lock rarely gets in between (the stepping thread holds the GIL as it releases it): under load
+an add, a stats call or a shutdown could wait until the running requests end. So clients take the
+lock through `_between_steps`, which counts them in, and before its next step the loop waits until
+every client that had arrived has been served (later arrivals wait for the next gap, so clients
+cannot hold the loop back either).
 
 Faults. The engine rolls a failed step back (no token lost, random generators restored) and the
 loop steps again; a request whose steps failed MAX_STEP_FAILURES times in a row ends with the
@@ -24,6 +30,7 @@ the iteration early aborts it, and so does dropping an unread stream (when it is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from collections import deque
@@ -122,6 +129,7 @@ class RequestRouter:
         self._requests: dict[int, _RequestState] = {}
         self._pending_aborts: deque[int] = deque()
         self._closed = False
+        self._clients_arrived = self._clients_served = 0     # of _between_steps (module docstring)
         self._thread = threading.Thread(target=self._loop, name="gpt2-engine-router", daemon=True)
         self._thread.start()
 
@@ -137,9 +145,22 @@ class RequestRouter:
         for add_checked."""
         return self.engine.check_request(prompt_token_ids, params, n)
 
+    @contextlib.contextmanager
+    def _between_steps(self):
+        """The engine lock for a client, taken before the loop's next step (module docstring: Fairness)."""
+        with self._cond:
+            self._clients_arrived += 1
+        try:
+            with self._engine_lock:
+                yield
+        finally:
+            with self._cond:
+                self._clients_served += 1
+                self._cond.notify_all()
+
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """fp32 logits [L_i, V] at every position of each prompt (one forward, between two steps)."""
-        with self._engine_lock:
+        with self._between_steps():
             if self._closed:
                 raise RouterClosed("the engine was shut down")
             return self.engine.prompt_logits(prompts)
@@ -150,7 +171,7 @@ class RequestRouter:
 
     def add_checked(self, request: CheckedRequest) -> RequestStream:
         """Queue a request check() returned, without validating it again."""
-        with self._engine_lock:
+        with self._between_steps():
             if self._closed:
                 raise RouterClosed("the engine was shut down")
             request_id = self.engine.add_checked(request)
@@ -161,11 +182,11 @@ class RequestRouter:
         return RequestStream(self, request_id, state)
 
     def abort(self, request_id: int) -> None:
-        with self._engine_lock:
+        with self._between_steps():
             self._abort_locked(request_id)
 
     def stats(self) -> dict[str, int]:
-        with self._engine_lock:
+        with self._between_steps():
             stats = self.engine.stats()
         with self._cond:
             stats["num_requests"] = len(self._requests)
@@ -177,18 +198,22 @@ class RequestRouter:
             return self._cond.wait_for(lambda: not self._requests, timeout)
 
     def shutdown(self) -> None:
-        """End every live request (their consumers raise RouterClosed) and stop the loop."""
-        with self._engine_lock:
+        """End every live request (their consumers raise RouterClosed) and stop the loop.
+
+        The loop is told first and joined before the engine lock is taken: it ends with the step it is
+        in, and nothing waits on a lock the loop keeps taking."""
+        with self._cond:
             self._closed = True
-            with self._cond:
-                for request_id, state in self._requests.items():
-                    self.engine.abort_request(request_id)
-                    state.end(RouterClosed("the engine was shut down"))
-                    self._notify(state)
-                self._requests.clear()
-                self._cond.notify_all()
+            self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+        with self._engine_lock, self._cond:
+            for request_id, state in self._requests.items():
+                self.engine.abort_request(request_id)
+                state.end(RouterClosed("the engine was shut down"))
+                self._notify(state)
+            self._requests.clear()
+            self._cond.notify_all()
 
     def _next_event(self, state: _RequestState, block: bool = True) -> TokenEvent | None:
         """The request's next event; None when not blocking and none is ready; StopIteration at the end."""
@@ -215,8 +240,10 @@ class RequestRouter:
             raise
 
     def _wait_for_work(self) -> bool:
+        """Until there are requests and every client that has arrived got the engine lock; False once closed."""
         with self._cond:
-            while not self._closed and not self._requests:
+            arrived = self._clients_arrived
+            while not self._closed and (not self._requests or self._clients_served < arrived):
                 self._cond.wait()
             return not self._closed
 

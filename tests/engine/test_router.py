@@ -3,6 +3,7 @@ dropped unread, exceptions (Ctrl-C included) in consumers and inside a step, gen
 after a failed draw, abort freeing blocks at once."""
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -241,3 +242,34 @@ def _byte_tokenizer():
 
     ranks = {bytes([i]): i for i in range(256)}
     return tiktoken.Encoding("bytes", pat_str=r".", mergeable_ranks=ranks, special_tokens={})
+
+
+
+def test_a_waiting_client_gets_the_engine_before_the_next_step(monkeypatch):
+    """A client (stats here; add, abort and shutdown take the engine the same way) that waits for the
+    engine while a step runs gets it before the loop's next step. With a plain lock the stepping
+    thread retook it at once, step after step, and such calls could wait until the requests ended
+    (seen as a server shutdown that never came within its grace time)."""
+    model = gpt2_engine.GPT2.from_hf(tiny_hf_model(seed=21, n_positions=1024), backend="torch")
+    engine = model.router.engine
+    order, in_step, release = [], threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def step():
+        order.append("step")
+        if len(order) == 3:       # the third step holds the engine until the client waits for it
+            in_step.set()
+            release.wait(30)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    stream = model.router.add([1, 2, 3], SamplingParams(max_new_tokens=1000))     # no EOS: 1000 steps
+    assert in_step.wait(30)
+    client = threading.Thread(target=lambda: order.append(("stats", model.router.stats()["num_requests"])))
+    client.start()
+    time.sleep(0.2)               # the client is now blocked on the engine
+    release.set()
+    client.join(30)
+    stream.close()
+    assert order[:4] == ["step", "step", "step", ("stats", 1)]
+    _assert_idle(model)
