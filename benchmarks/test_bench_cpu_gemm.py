@@ -1,4 +1,4 @@
-"""CPU decode GEMMs side by side: our streaming GEMM (kernels/cpu) against the library paths the probe
+"""CPU decode GEMMs side by side: our streaming GEMM (kernels/cpu; fp32, int8 weight-only and w8a8) against the library paths the probe
 also considers (oneDNN packed, BLAS on [in, out]), and a plain read of the same bytes.
 
 One timed call runs the layer over enough copies of its weight to exceed twice the last-level cache,
@@ -18,8 +18,9 @@ from gpt2_engine.kernels.cpu.stream_gemm import huge_page_empty
 
 SHAPE = (768, 3072)   # GPT-2 small's c_fc, [in, out]
 PATHS = {
-    "stream": lambda: cpu_gemm.Streaming(int8=False),
-    "int8_stream": lambda: cpu_gemm.Streaming(int8=True),
+    "stream": lambda: cpu_gemm.Streaming("float"),
+    "int8_stream": lambda: cpu_gemm.Streaming("int8"),
+    "w8a8_stream": lambda: cpu_gemm.Streaming("w8a8"),
     "onednn_m1": lambda: cpu_gemm.OneDnnPacked(1),
     "matmul_in_out": lambda: cpu_gemm.Blas("in_out"),
 }
@@ -42,8 +43,9 @@ def test_cpu_decode_gemm(benchmark, name, m):
         path = PATHS[name]()
         if not path.available(torch.float32):
             pytest.skip(f"{name} is not available on this machine")
-        source = Int8Weight.quantize(weight) if name.startswith("int8") else weight
-        nbytes = n * k * (1 if name.startswith("int8") else 4)
+        int8 = name.startswith(("int8", "w8a8"))
+        source = Int8Weight.quantize(weight) if int8 else weight
+        nbytes = n * k * (1 if int8 else 4)
         prepared = [path.prepare(source) for _ in range(_copies(nbytes))]
         call = lambda: [path(w, x, None, None, None) for w in prepared]   # noqa: E731
         buffers = prepared

@@ -99,9 +99,12 @@ class GPT2:
         self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = _resolve_backend(backend, self.device)
-        self.quantization = check_quantization(quantization)   # int8 weight-only: engine/quantization.py
+        self.quantization = check_quantization(quantization)   # int8 weight-only or w8a8: engine/quantization.py
         if self.quantization and self.backend == "eager":
             raise ValueError(f"quantization={quantization!r} needs the torch or triton backend, not 'eager'")
+        if self.quantization == "w8a8" and (self.backend, self.device.type) != ("torch", "cpu"):
+            raise ValueError(f"quantization='w8a8' runs on the CPU with the torch backend, got backend={self.backend!r} "
+                             f"on {self.device}")
         if check_decode_kernel(decode_kernel) == "persistent" and (self.backend != "triton" or self.quantization):
             raise ValueError("decode_kernel='persistent' needs backend='triton' without quantization, "
                              f"got backend={self.backend!r}, quantization={self.quantization!r}")

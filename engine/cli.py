@@ -45,7 +45,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--tokenizer", default=None,
                      help="directory with encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json (default: the "
                           "checkpoint's, else GPT-2's BPE shipped with gpt2-engine)")
-    gen.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only quantization (default: none)")
+    gen.add_argument("--quantization", choices=["int8", "w8a8"], default=None,
+                     help="int8: int8 weights; w8a8: int8 weights and activations, integer dot products (CPU, torch "
+                          "backend) (default: none)")
     gen.add_argument("--decode-kernel", choices=["graphs", "persistent"], default="graphs",
                      help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
                         "decode-only steps of <= 16 rows; opt-in until verified on a GPU)")

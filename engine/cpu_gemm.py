@@ -8,12 +8,14 @@ layer's shape and epilogue (bias, GELU, residual: oneDNN fuses them as post-ops,
 as separate ops), at M = 1 and M = 8 (decode batches) and M = 64 (a guard: a path that is fast at
 decode but pathological on prompt chunks loses), and keeps the one with the least sum of times
 relative to the best at each M. Choices are cached per (shape, epilogue, dtype, candidates, CPU
-model and flags, torch threads, torch version), in-process and in a JSON file (`cache_file()`), so
-a later process on the same machine skips the probe.
+model and flags, torch threads, torch version, build of our kernels), in-process and in a JSON file
+(`cache_file()`), so a later process on the same machine skips the probe.
 
 Cold weights: a decode step streams every weight from DRAM once, so the probe must not time a
 weight that sits in the last-level cache. Each candidate is timed over enough copies of the weight
 to exceed twice the LLC (read from sysfs), visited in turn, as a step visits the layers.
+
+Where: the probe runs in a thread of its own (`_probe_off_main`), as the router's thread runs the layers.
 
 Fixed after load: a linear's path never changes with the batch size M of a call, so a row's result does not depend on
 which path another batch size would have preferred (batch invariance, issue 14; the library kernel
@@ -30,6 +32,9 @@ codes, widened to fp32 in registers), "int8_bag_<splits>" (fbgemm's int8
 embedding bag, which streams one byte per weight), "int8_dequant_<KiB>" (widen a chunk
 of rows of q to fp32 into a reused scratch buffer that stays in cache, F.linear on it, scale the
 output columns; chunk = LLC/4), and "int8pack" (torch's `_weight_int8pack_mm`).
+W8A8 (quantization="w8a8": the same codes, activations quantized per row): "w8a8_stream" only (the
+streaming GEMM's integer dot products), so no probe runs; it computes something else than the
+weight-only paths (the activations' rounding), so it is the user's choice, never the probe's.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ import threading
 import time
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,20 +97,24 @@ def cpu_kernel_library():
 
 
 class Streaming:
-    """Our streaming GEMM (kernels/cpu/stream_gemm.cpp) on fp32, bf16 or fp16 weights or int8 codes
-    (activations fp32): the LayerNorm before it, bias, GELU and residual in its epilogue, all in one call."""
+    """Our streaming GEMM (kernels/cpu/stream_gemm.cpp) on fp32, bf16 or fp16 weights or int8 codes: the
+    LayerNorm before it, bias, GELU and residual in its epilogue, all in one call. kind: "float" and
+    "int8" (weight-only) multiply fp32 activations; "w8a8" quantizes them to int8 (integer dot products)."""
+    NAMES = {"float": "stream", "int8": "int8_stream", "w8a8": "w8a8_stream"}
 
-    def __init__(self, int8: bool):
-        self.int8, self.name = int8, "int8_stream" if int8 else "stream"
+    def __init__(self, kind: str):
+        if kind not in self.NAMES:
+            raise ValueError(f"kind must be one of {sorted(self.NAMES)}, got {kind!r}")
+        self.kind, self.name = kind, self.NAMES[kind]
 
     @staticmethod
     def available(dtype: torch.dtype) -> bool:
         return dtype in cpu_stream_gemm.WEIGHT_FORMATS and cpu_kernel_library() is not None
 
     def prepare(self, weight):
-        if self.int8:
-            return cpu_stream_gemm.pack(weight.q, weight.scale, lib=cpu_kernel_library())
-        return cpu_stream_gemm.pack(weight, lib=cpu_kernel_library())
+        if self.kind == "float":
+            return cpu_stream_gemm.pack(weight, lib=cpu_kernel_library())
+        return cpu_stream_gemm.pack(weight.q, weight.scale, lib=cpu_kernel_library(), int8_dot=self.kind == "w8a8")
 
     def __call__(self, packed, h, bias, activation, residual, layer_norm=None):
         return cpu_stream_gemm.stream_linear(h, packed, bias, activation=activation, residual=residual,
@@ -295,15 +305,27 @@ def float_candidates(dtype: torch.dtype) -> list:
     """The paths for a weight stored in `dtype` (activations fp32): every fp32 path; for bf16 / fp16
     weights our streaming GEMM only (it widens them in registers; the library GEMMs would need the
     weight, or the activations, converted on every call)."""
-    paths = (Streaming(int8=False), OneDnnPacked(1), OneDnnPacked(8), Blas("in_out"), Blas("out_in"))
+    paths = (Streaming("float"), OneDnnPacked(1), OneDnnPacked(8), Blas("in_out"), Blas("out_in"))
     return [p for p in paths if p.available(dtype)]
 
 
 @functools.cache
 def int8_candidates() -> tuple:
     llc = llc_bytes()
-    paths = (Streaming(int8=True), Int8EmbeddingBag(2), Int8EmbeddingBag(8), Int8Dequant(llc // 4), Int8PackMM())
+    paths = (Streaming("int8"), Int8EmbeddingBag(2), Int8EmbeddingBag(8), Int8Dequant(llc // 4), Int8PackMM())
     return tuple(p for p in paths if p.available(torch.float32))
+
+
+def _kernels_build() -> str:
+    """Which build of our C++ kernels the choice was timed with (its file name hashes the sources): a
+    changed kernel is probed afresh."""
+    lib = cpu_kernel_library()
+    return "no C++ kernels" if lib is None else Path(lib._name).stem
+
+
+def w8a8_available() -> bool:
+    """Whether quantization="w8a8" can run here: it needs our C++ kernels (a C++ compiler)."""
+    return cpu_kernel_library() is not None
 
 
 @dataclass(frozen=True)
@@ -368,27 +390,35 @@ def _choose(key: tuple, candidates, weight, epilogue: Epilogue) -> str:
         if stored in names:
             _CHOICES[key] = stored
         else:
-            _CHOICES[key] = _probe(candidates, weight, epilogue) if len(names) > 1 else candidates[0].name
+            _CHOICES[key] = _probe_off_main(candidates, weight, epilogue) if len(names) > 1 else candidates[0].name
             if path is not None and len(names) > 1:
                 _store_choice(path, text_key, _CHOICES[key])
     return _CHOICES[key]
 
 
-def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candidates=None) -> CpuLinear:
+def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candidates=None, *,
+                   w8a8: bool = False) -> CpuLinear:
     """The layer's weight prepared for the fastest candidate path here (probed once per key, on this
     machine: the choice is kept in-process and in cache_file()).
 
     weight: fp32, bf16 or fp16 [out, in] (for an HF Conv1D weight [in, out], pass its transpose) or an
-    Int8Weight; activations are fp32 whatever the weight's dtype."""
+    Int8Weight; activations are fp32 whatever the weight's dtype, except with w8a8 (an Int8Weight's
+    codes times the activations' per-row int8 codes: the "w8a8_stream" path)."""
     int8 = isinstance(weight, Int8Weight)
+    if w8a8 and not int8:
+        raise ValueError(f"w8a8 takes an Int8Weight, got a {weight.dtype} weight")
     out_features, in_features = weight.q.shape if int8 else weight.shape
     if candidates is None:
-        candidates = int8_candidates() if int8 else float_candidates(weight.dtype)
+        if w8a8:
+            candidates = [Streaming("w8a8")] if w8a8_available() else []
+        else:
+            candidates = int8_candidates() if int8 else float_candidates(weight.dtype)
+    precision = "w8a8" if w8a8 else "int8" if int8 else str(weight.dtype)
     if not candidates:
-        raise ValueError(f"no CPU GEMM path supports a {'int8' if int8 else weight.dtype} weight")
-    key = (in_features, out_features, epilogue, "int8" if int8 else str(weight.dtype),
+        raise ValueError(f"no CPU GEMM path supports a {precision} weight")
+    key = (in_features, out_features, epilogue, precision,
            ",".join(p.name for p in candidates), cpu_signature(), f"{torch.get_num_threads()} threads",
-           f"torch {torch.__version__}")
+           f"torch {torch.__version__}", _kernels_build())
     name = _choose(key, candidates, weight, epilogue)
     path = next(p for p in candidates if p.name == name)
     return CpuLinear(path, path.prepare(weight), in_features, out_features)
@@ -408,6 +438,16 @@ def _label(key: tuple) -> str:
 
 def _copy(weight):
     return Int8Weight(weight.q.clone(), weight.scale.clone()) if isinstance(weight, Int8Weight) else weight.clone()
+
+
+def _probe_off_main(candidates, weight, epilogue: Epilogue) -> str:
+    """_probe run in a thread of its own, as the router's thread runs the layers for generate() and
+    the server: OpenMP libraries run slower there than on the main thread (libgomp gives each calling
+    thread a pool of its own, and with more pools than cores it stops spinning between regions;
+    measured: oneDNN's decode GEMMs ~1.3x slower there, ours not), so a probe on the main thread
+    would pick paths by times that users never see."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2-engine-probe") as worker:
+        return worker.submit(_probe, candidates, weight, epilogue).result()
 
 
 @torch.inference_mode()

@@ -20,6 +20,8 @@ The GEMM on each backend (LinearBuilder picks it once; `build` prepares the weig
                                                                                picked for the shape (cpu_gemm)
     torch    none          CPU, bf16/fp16 torch_backend.ln_linear              CpuLinear: our streaming GEMM on the
                                                                                16-bit weight (activations fp32)
+    torch    w8a8          CPU, fp32      torch_backend.ln_linear              CpuLinear: our streaming GEMM on int8
+                                                                               codes, activations quantized per row
     torch    none          other          fused_linear.ln_linear_ref           W [in, out]
     torch    int8          other          int8_linear.int8_ln_linear_ref       Int8Weight
 
@@ -76,10 +78,14 @@ class LinearBuilder:
                  *, weight_dtype: torch.dtype | None = None):
         """dtype: the activations'; weight_dtype (default dtype): how unquantized CPU-path weights are
         stored (bf16 / fp16 weights with fp32 activations: torch_backend.compute_dtype)."""
-        self.device, self.eps, self.int8 = device, eps, quantization == "int8"
+        self.device, self.eps = device, eps
+        self.int8, self.w8a8 = quantization in ("int8", "w8a8"), quantization == "w8a8"
         self.weight_dtype = dtype if weight_dtype is None else weight_dtype
         self.fold = backend == "triton"
         self.cpu_paths = backend == "torch" and torch_backend.supported(device, dtype)
+        if self.w8a8 and not (self.cpu_paths and torch_backend.w8a8_available()):
+            raise ValueError(f"quantization='w8a8' runs on the CPU with the torch backend in fp32 and needs the C++ CPU "
+                             f"kernels (a C++ compiler), got backend={backend!r}, device={device}, dtype={dtype}")
         if self.cpu_paths:
             self.gemm = torch_backend.ln_linear
         elif self.fold:
@@ -107,7 +113,7 @@ class LinearBuilder:
             weight = weight_out_in.to(self.weight_dtype) if self.cpu_paths else self._in_out(weight_out_in)
         if self.cpu_paths:
             epilogue = torch_backend.Epilogue(bias=bias is not None, gelu=activation is not None, residual=residual)
-            weight = torch_backend.prepare_linear(weight, epilogue)
+            weight = torch_backend.prepare_linear(weight, epilogue, w8a8=self.w8a8)
         return Linear(gemm, weight, bias, *((ln.weight, ln.bias) if ln is not None else (None, None)), eps=self.eps,
                       activation=activation)
 

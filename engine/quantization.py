@@ -1,4 +1,15 @@
-"""Int8 weight-only quantization: symmetric, one scale per output channel, activations unquantized.
+"""Int8 quantization: "int8" (weight-only: activations unquantized) and "w8a8" (weights and activations).
+
+"int8" (every backend): the weight codes below, activations in the compute dtype; the model computes
+exactly what it would on the dequantised weights (up to the GEMM's summation order).
+
+"w8a8" (the CPU's torch backend, which runs it on our streaming GEMM, kernels/cpu/stream_gemm.cpp): the
+same weight codes, and each linear's input quantized per row at run time (dynamic, symmetric:
+xq = round(x * 127 / max|x|), one fp32 scale per row), so the dot products run on integers with int32
+accumulation: VNNI's vpdpbusd where the CPU has AVX512-VNNI or AVX-VNNI, a portable loop elsewhere.
+y = (xq @ q^T) * s * x_scale + b, as CTranslate2's and llama.cpp's int8 modes compute. It adds the
+activations' rounding to the weights' (tests/engine/test_quantization.py measures both on GPT-2 small
+shapes) and buys speed where the weight-only path is compute bound (the README's CPU results).
 
 A weight W [out, in] (nn.Linear's layout; an HF Conv1D weight [in, out] is transposed first) is
 stored as int8 codes q = round(W / s).clamp(-127, 127) with s[o] = max_i |W[o, i]| / 127 (fp32,
@@ -21,11 +32,11 @@ import torch
 
 from gpt2_engine.kernels.int8_linear import quantize_per_channel
 
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "w8a8")
 
 
 def check_quantization(quantization) -> str | None:
-    """The validated `quantization` argument (None or "int8")."""
+    """The validated `quantization` argument (None, "int8" or "w8a8")."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     return quantization

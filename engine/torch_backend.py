@@ -2,7 +2,8 @@
 
 GEMMs: every linear layer's weight is prepared at load time for the GEMM path a short timing probe
 found fastest on this CPU for its shape and epilogue (engine/cpu_gemm.py: our streaming GEMM on fp32
-or int8 weights, oneDNN packed, BLAS on [in, out] or [out, in], fbgemm's int8 paths, ...).
+or int8 weights, oneDNN packed, BLAS on [in, out] or [out, in], fbgemm's int8 paths, ...); w8a8 runs
+on our streaming GEMM's integer dot products.
 ln_linear / ln_gelu_mlp are the kernels' references with the LayerNorm, GEMM and epilogue (bias,
 GELU-tanh, residual) done by that path (the streaming GEMM fuses them all; the others take the
 LayerNorm from torch); results equal the references to fp32 rounding (accumulation order only), or
@@ -23,14 +24,14 @@ import functools
 
 import torch
 
-from gpt2_engine.cpu_gemm import CpuLinear, Epilogue, Streaming, cpu_kernel_library, prepare_linear
+from gpt2_engine.cpu_gemm import CpuLinear, Epilogue, Streaming, cpu_kernel_library, prepare_linear, w8a8_available
 from gpt2_engine.kernels.cpu import paged_attention as cpu_paged_attention
 from gpt2_engine.kernels.cpu import decode_block
 from gpt2_engine.kernels.cpu.decode_block import DecodeBlock
 from gpt2_engine.kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
 from gpt2_engine.kernels.paged_attention import gathered_decode_attention, paged_gather_index
 
-__all__ = ["CpuLinear", "Epilogue", "prepare_linear", "supported", "compute_dtype", "ln_linear", "ln_gelu_mlp",
+__all__ = ["CpuLinear", "Epilogue", "prepare_linear", "w8a8_available", "supported", "compute_dtype", "ln_linear", "ln_gelu_mlp",
            "PagedDecodeAttention", "decode_attention", "fused_decode_blocks"]
 
 

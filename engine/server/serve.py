@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="default: triton on CUDA, torch on CPU")
+    parser.add_argument("--quantization", choices=["int8", "w8a8"], default=None,
+                        help="int8: int8 weights; w8a8: int8 weights and activations, integer dot products (CPU, torch "
+                             "backend) (default: none)")
     parser.add_argument("--decode-kernel", choices=["graphs", "persistent"], default="graphs",
                         help="decode step on the triton backend: graphs (multi-launch, CUDA graphs; default) or persistent (one launch for "
                         "decode-only steps of <= 16 rows; opt-in until verified on a GPU)")

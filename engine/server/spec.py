@@ -7,7 +7,7 @@ def model_spec(args) -> dict:
     """What a process needs to build the model and app (sent to each Ray replica)."""
     return {name: getattr(args, name) for name in ("model", "random_weights", "seed", "tokenizer", "served_model_name",
                                                    "api_key", "max_num_seqs", "max_queue", "max_body_size", "device", "dtype", "backend",
-                                                   "batch_invariant", "sync_scheduling", "decode_kernel", "speculative_model",
+                                                   "quantization", "batch_invariant", "sync_scheduling", "decode_kernel", "speculative_model",
                                                    "speculative_ngram", "num_speculative_tokens")}
 
 
@@ -29,7 +29,8 @@ def build_from_spec(spec: dict):
     from gpt2_engine.api import GPT2
     from gpt2_engine.server.app import build_app
 
-    runtime = dict(device=spec["device"], dtype=spec["dtype"], backend=spec["backend"], max_num_seqs=spec["max_num_seqs"],
+    runtime = dict(device=spec["device"], dtype=spec["dtype"], backend=spec["backend"], quantization=spec["quantization"],
+                   max_num_seqs=spec["max_num_seqs"],
                    batch_invariant=spec["batch_invariant"], async_scheduling=False if spec["sync_scheduling"] else None,
                    decode_kernel=spec["decode_kernel"])
     check_spec(spec)

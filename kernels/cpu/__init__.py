@@ -1,18 +1,20 @@
 """Our C++ CPU kernels for the engine's CPU path, and their build.
 
 - stream_gemm: y = (x @ W^T) * scale + bias + residual on fp32, bf16, fp16 or int8 weights in a column-blocked
-  layout, streamed at the DRAM read rate at decode batches.
+  layout, streamed at the DRAM read rate at decode batches; int8 either weight-only or w8a8 (integer
+  dot products on the activations' int8 codes).
 - paged_attention: one query per sequence over its paged K/V cache, read in place (no gather); and
   the K/V write into the cache.
-- decode_block: a GPT-2 block's whole decode step (the above, in one parallel region).
+- decode_block: a GPT-2 block's whole decode step (the above, in one parallel call).
+- team: the kernels' thread pool (parallel(), Team::for_each, barriers).
 
 Build: the .cpp files beside this module are compiled on first use with the system's C++ compiler
-($CXX, default g++), `-O3 -march=native -fopenmp`, into one shared library, so the binary targets the
+($CXX, default g++), `-O3 -march=native -pthread`, into one shared library, so the binary targets the
 CPU it runs on (vector width and register tiles follow its ISA). The library is kept in `build_dir`
 under a name that hashes the sources, the compiler's version and the ISA macros -march=native defines
-here: a changed source, compiler or CPU builds afresh, and a later process reuses the build. It links
-libgomp by soname, which torch has already loaded (torch is imported first, here): the kernels'
-threads are torch's OpenMP pool, not a second pool competing for the cores.
+here: a changed source, compiler or CPU builds afresh, and a later process reuses the build. The
+kernels' threads are a pool of their own (team.h says why not OpenMP's), sized per call by
+torch.get_num_threads().
 """
 from __future__ import annotations
 
@@ -25,13 +27,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401  (loads torch's libgomp before the library; see above)
-
 from gpt2_engine.kernels.cpu import decode_block
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-pthread", "-std=c++17", "-shared", "-fPIC")
 
 
 class BuildError(RuntimeError):
@@ -96,5 +96,5 @@ def library(build_dir: Path | None = None, isa_flags: tuple[str, ...] = ()) -> c
     lib.stream_gemm.restype = None
     lib.gpt2_decode_block.argtypes = decode_block.argtypes()
     lib.gpt2_decode_block.restype = i64
-    lib.cpu_kernels_isa.restype = ctypes.c_char_p
+    lib.cpu_kernels_isa.restype = lib.stream_gemm_dot_isa.restype = ctypes.c_char_p
     return lib

@@ -1,4 +1,4 @@
-// One GPT-2 block's decode step, one token per sequence, in a single OpenMP parallel region:
+// One GPT-2 block's decode step, one token per sequence, in a single parallel() call (team.h):
 //
 //   qkv = LN_1(x) @ W_attn + b_attn           [B, 3C]; its K and V columns go into the pools at slot_mapping
 //   a   = paged attention of qkv's Q columns  [B, C]  (heads H, D = C / H)
@@ -12,19 +12,18 @@
 // finished writing. All inputs are validated before the region starts: on bad input nothing is written.
 #include <cmath>
 #include <vector>
-#include <omp.h>
 
 #include "kernels.h"
 
 extern "C" {
-// w_*: packed weights (stream_gemm.cpp), all four in `format` (a WeightFormat), int8 codes with their
-// s_* scales (s_* ignored otherwise). Returns 0; 1 + a sequence index whose context or block table is out of range; or
+// w_*: packed weights (stream_gemm.cpp), each in its f_* (a WeightFormat), int8 codes with their s_* scales
+// (s_* ignored otherwise). Returns 0; 1 + a sequence index whose context or block table is out of range; or
 // -(1 + a token index) whose slot is past the pools.
-int64_t gpt2_decode_block(const float* x, int64_t B, int64_t C, int64_t H, int format, float eps,
-                          const float* ln1_w, const float* ln1_b, const void* w_attn, const float* s_attn,
-                          const float* b_attn, const void* w_proj, const float* s_proj, const float* b_proj,
-                          const float* ln2_w, const float* ln2_b, const void* w_fc, const float* s_fc,
-                          const float* b_fc, const void* w_mlp, const float* s_mlp, const float* b_mlp,
+int64_t gpt2_decode_block(const float* x, int64_t B, int64_t C, int64_t H, float eps,
+                          const float* ln1_w, const float* ln1_b, const void* w_attn, int f_attn, const float* s_attn,
+                          const float* b_attn, const void* w_proj, int f_proj, const float* s_proj, const float* b_proj,
+                          const float* ln2_w, const float* ln2_b, const void* w_fc, int f_fc, const float* s_fc,
+                          const float* b_fc, const void* w_mlp, int f_mlp, const float* s_mlp, const float* b_mlp,
                           float* k_cache, float* v_cache, int64_t num_blocks, int64_t block_size,
                           const int64_t* slot_mapping, const int32_t* block_tables, int64_t table_width,
                           const int32_t* context_lens, float sm_scale, float* out, int threads) {
@@ -34,23 +33,21 @@ int64_t gpt2_decode_block(const float* x, int64_t B, int64_t C, int64_t H, int f
   AttentionWork attention(PagedAttention{qkv.data(), 3 * C, D, k_cache, v_cache, num_blocks, block_size, H, D,
                                          block_tables, table_width, context_lens, B, sm_scale, attended.data()});
   if (attention.bad_sequence()) return attention.bad_sequence();
-  const WeightFormat f = (WeightFormat)format;
-  const bool q8 = f == kInt8;
-  const Gemm attn{h.data(), B, C, w_attn, f, 3 * C, q8 ? s_attn : nullptr, b_attn, false, nullptr, qkv.data()};
-  const Gemm proj{attended.data(), B, C, w_proj, f, C, q8 ? s_proj : nullptr, b_proj, false, x, x1.data()};
-  const Gemm fc{h.data(), B, C, w_fc, f, 4 * C, q8 ? s_fc : nullptr, b_fc, true, nullptr, hidden.data()};
-  const Gemm mlp{hidden.data(), B, 4 * C, w_mlp, f, C, q8 ? s_mlp : nullptr, b_mlp, false, x1.data(), out};
-#pragma omp parallel num_threads(threads)
-  {
-    layer_norm_phase(x, B, C, ln1_w, ln1_b, eps, h.data());
-    gemm_phase(attn);
-    write_kv_phase(qkv.data() + C, 3 * C, D, qkv.data() + 2 * C, 3 * C, D, k_cache, v_cache, slot_mapping, B, H, D);
-    attention.run();
-    gemm_phase(proj);
-    layer_norm_phase(x1.data(), B, C, ln2_w, ln2_b, eps, h.data());
-    gemm_phase(fc);
-    gemm_phase(mlp);
-  }
+  RowCodes x_codes(f_attn == kInt8Dot || f_proj == kInt8Dot || f_fc == kInt8Dot || f_mlp == kInt8Dot ? B : 0, 4 * C);
+  const Gemm attn = make_gemm(h.data(), B, C, w_attn, f_attn, 3 * C, s_attn, b_attn, false, nullptr, qkv.data(), &x_codes);
+  const Gemm proj = make_gemm(attended.data(), B, C, w_proj, f_proj, C, s_proj, b_proj, false, x, x1.data(), &x_codes);
+  const Gemm fc = make_gemm(h.data(), B, C, w_fc, f_fc, 4 * C, s_fc, b_fc, true, nullptr, hidden.data(), &x_codes);
+  const Gemm mlp = make_gemm(hidden.data(), B, 4 * C, w_mlp, f_mlp, C, s_mlp, b_mlp, false, x1.data(), out, &x_codes);
+  parallel(threads, [&](Team& team) {
+    layer_norm_phase(team, x, B, C, ln1_w, ln1_b, eps, h.data());
+    gemm_phase(team, attn);
+    write_kv_phase(team, qkv.data() + C, 3 * C, D, qkv.data() + 2 * C, 3 * C, D, k_cache, v_cache, slot_mapping, B, H, D);
+    attention.run(team);
+    gemm_phase(team, proj);
+    layer_norm_phase(team, x1.data(), B, C, ln2_w, ln2_b, eps, h.data());
+    gemm_phase(team, fc);
+    gemm_phase(team, mlp);
+  });
   return 0;
 }
 }

@@ -1,5 +1,5 @@
 """A GPT-2 block's whole decode step in one call (decode_block.cpp): LayerNorms, the four linears on
-streaming-GEMM weights, the K/V write and paged attention, bitwise equal to running them one by one.
+streaming-GEMM weights (each in its own packed format), the K/V write and paged attention, bitwise equal to running them one by one.
 `lib` is a kernels.cpu.library() build."""
 from __future__ import annotations
 
@@ -40,8 +40,6 @@ class DecodeBlock:
             if (linear.weight.in_features, linear.weight.out_features) != (k, n) or linear.bias.shape != (n,):
                 raise ValueError(f"{name} must be {k} -> {n} with a bias of {n}, got {linear.weight.in_features} -> "
                                  f"{linear.weight.out_features}, bias {tuple(linear.bias.shape)}")
-        if len({linear.weight.format for linear, _, _ in shapes.values()}) != 1:
-            raise ValueError("the four linears' weights must all be stored alike (fp32, bf16, fp16 or int8)")
         if c % self.heads:
             raise ValueError(f"{self.heads} heads do not divide the width {c}")
 
@@ -50,7 +48,8 @@ class DecodeBlock:
         """The block's fixed arguments of gpt2_decode_block, in its order (the tensors never move)."""
         def linear(lin: Linear) -> tuple:
             scale = lin.weight.scale
-            return lin.weight.blocks.data_ptr(), None if scale is None else scale.data_ptr(), lin.bias.data_ptr()
+            return (lin.weight.blocks.data_ptr(), lin.weight.format, None if scale is None else scale.data_ptr(),
+                    lin.bias.data_ptr())
         return (self.ln_1[0].data_ptr(), self.ln_1[1].data_ptr(), *linear(self.attn), *linear(self.proj),
                 self.ln_2[0].data_ptr(), self.ln_2[1].data_ptr(), *linear(self.fc), *linear(self.mlp_proj))
 
@@ -70,7 +69,7 @@ class DecodeBlock:
         x, slots, tables, lens = x.contiguous(), slot_mapping.contiguous(), block_tables.contiguous(), context_lens.contiguous()
         out = torch.empty_like(x)
         bad = self.attn.weight.lib.gpt2_decode_block(
-            x.data_ptr(), batch, c, self.heads, self.attn.weight.format, self.eps, *self._parameter_addresses,
+            x.data_ptr(), batch, c, self.heads, self.eps, *self._parameter_addresses,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], slots.data_ptr(),
             tables.data_ptr(), tables.shape[1], lens.data_ptr(), 1.0 / math.sqrt(c // self.heads), out.data_ptr(),
             torch.get_num_threads())
@@ -85,6 +84,6 @@ class DecodeBlock:
 def argtypes() -> list:
     """gpt2_decode_block's C signature for ctypes."""
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    linear = [ptr, ptr, ptr]
-    return [ptr, i64, i64, i64, i32, f32, ptr, ptr, *linear, *linear, ptr, ptr, *linear, *linear,
+    linear = [ptr, i32, ptr, ptr]
+    return [ptr, i64, i64, i64, f32, ptr, ptr, *linear, *linear, ptr, ptr, *linear, *linear,
             ptr, ptr, i64, i64, ptr, ptr, i64, ptr, f32, ptr, i32]

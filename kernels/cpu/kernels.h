@@ -1,39 +1,64 @@
-// The CPU kernels' phases, for use inside an OpenMP parallel region. Each phase is an orphaned `omp for`
-// and so ends in an implicit barrier, which is also a flush: a phase's writes are complete and visible
-// before any thread starts the next phase. stream_gemm.cpp and paged_attention.cpp wrap their phases in
-// a parallel region of their own; decode_block.cpp runs a whole GPT-2 block's decode step in one.
+// The CPU kernels' phases, run by every member of a parallel() team (team.h). Each phase shares its work
+// with Team::for_each and so ends in a barrier: a phase's writes are complete and visible before any
+// thread starts the next phase. stream_gemm.cpp and paged_attention.cpp run their phases in a parallel()
+// call of their own; decode_block.cpp runs a whole GPT-2 block's decode step in one.
 #pragma once
 #include <cstdint>
 #include <vector>
 
-// How a packed weight's values are stored (stream_gemm.cpp widens each to fp32 in registers).
-enum WeightFormat : int { kF32 = 0, kInt8 = 1, kBF16 = 2, kF16 = 3 };
+#include "team.h"
+
+// How a packed weight's values are stored (stream_gemm.cpp has each layout): kF32 .. kF16 are widened
+// to fp32 in registers and multiply fp32 activations; kInt8Dot (int8 codes + 128, for integer dot
+// products) multiplies int8 codes of the activations (w8a8).
+enum WeightFormat : int { kF32 = 0, kInt8 = 1, kBF16 = 2, kF16 = 3, kInt8Dot = 4 };
+
+// A kInt8Dot GEMM's activations: gemm_phase stores x's rows here as int8 codes before its tiles run
+// (symmetric per row: code = round(x * 127 / max|x|), scale = max|x| / 127, and each row's code sum).
+// Rows of `stride` codes: K rounded up to a multiple of 4, zero past K. Sized for the largest GEMM
+// that uses it; one scratch serves GEMMs run one after another.
+struct RowCodes {
+  RowCodes(int64_t rows, int64_t max_k) : stride((max_k + 3) / 4 * 4), codes(rows * stride), scales(rows), sums(rows) {}
+  int64_t stride;
+  std::vector<int8_t> codes;
+  std::vector<float> scales;
+  std::vector<int32_t> sums;
+};
 
 struct Gemm {
   const float* x; int64_t M, K;        // x [M, K], row-major
   const void* w; WeightFormat format;  // packed blocks (layout: stream_gemm.cpp)
   int64_t N;
-  const float* scale;                  // [N] (int8 only) or null
+  const float* scale;                  // [N] (int8 formats only) or null
   const float* bias;                   // [N] or null
   bool gelu;                           // GELU (tanh form) after the bias
   const float* residual;               // [M, N] or null, added last
   float* y;                            // [M, N]
+  RowCodes* x_codes;                   // kInt8Dot only (else null): where x's rows are quantized
 };
 
+// The Gemm of a linear stored in `format`: the scale taken for int8 formats only, the codes for kInt8Dot only.
+inline Gemm make_gemm(const float* x, int64_t M, int64_t K, const void* w, int format, int64_t N, const float* scale,
+                      const float* bias, bool gelu, const float* residual, float* y, RowCodes* x_codes) {
+  const WeightFormat f = (WeightFormat)format;
+  return Gemm{x, M, K, w, f, N, f == kInt8 || f == kInt8Dot ? scale : nullptr, bias, gelu, residual, y,
+              f == kInt8Dot ? x_codes : nullptr};
+}
+
 // h[m] = LayerNorm(x[m]) * weight + bias for every row m < M (bias may be null).
-void layer_norm_phase(const float* x, int64_t M, int64_t K, const float* weight, const float* bias, float eps, float* h);
+void layer_norm_phase(Team& team, const float* x, int64_t M, int64_t K, const float* weight, const float* bias, float eps, float* h);
 // y = gelu?(x @ W * scale + bias) + residual.
-void gemm_phase(const Gemm& g);
+void gemm_phase(Team& team, const Gemm& g);
 
 // k_cache/v_cache row slot_mapping[t] = k[t], v[t] (H rows of D at the given strides); negative slots skipped.
-void write_kv_phase(const float* k, int64_t k_stride_t, int64_t k_stride_h, const float* v, int64_t v_stride_t,
+void write_kv_phase(Team& team, const float* k, int64_t k_stride_t, int64_t k_stride_h, const float* v, int64_t v_stride_t,
                     int64_t v_stride_h, float* k_cache, float* v_cache, const int64_t* slot_mapping, int64_t T,
                     int64_t H, int64_t D);
 // 0, or 1 + the first token whose slot is past num_slots.
 int64_t check_slots(const int64_t* slot_mapping, int64_t T, int64_t num_slots);
 
-// Paged decode attention (paged_attention.cpp): built outside a parallel region (validation and the work
-// list), then run() inside one by every thread.
+// Paged decode attention (paged_attention.cpp): built outside a parallel() call (validation and the work
+// list), then run() inside one by every member.
 struct PagedAttention {
   const float* q; int64_t q_stride_b, q_stride_h;    // q [B, H, D], D contiguous
   const float* k_cache; const float* v_cache;        // [num_blocks, block_size, H, D]
@@ -48,7 +73,7 @@ class AttentionWork {
  public:
   explicit AttentionWork(const PagedAttention& a);
   int64_t bad_sequence() const { return bad_; }      // 0, or 1 + the first sequence out of range
-  void run();                                        // inside a parallel region; two phases
+  void run(Team& team);                              // by every member of a team; two phases
  private:
   PagedAttention a_;
   int64_t bad_ = 0;

@@ -21,7 +21,6 @@
 // result is bitwise the same at any batch size or thread count (batch invariance).
 #include <cmath>
 #include <vector>
-#include <omp.h>
 
 #include "kernels.h"
 #include "vector.h"
@@ -96,19 +95,17 @@ AttentionWork::AttentionWork(const PagedAttention& a) : a_(a), first_item_(a.B +
   partials_.resize(first_item_[a.B] * a.H * (2 + a.D));
 }
 
-void AttentionWork::run() {
+void AttentionWork::run(Team& team) {
   const PagedAttention& a = a_;
   const int64_t H = a.H, D = a.D, stride = 2 + D, items = first_item_[a.B];
   std::vector<float> scores(H * CHUNK);   // this thread's
-#pragma omp for schedule(static)
-  for (int64_t item = 0; item < items; ++item) {
+  team.for_each(items, [&](int64_t item) {
     const int64_t b = item_sequence_[item], p0 = (item - first_item_[b]) * CHUNK;
     const int64_t n = a.context_lens[b] - p0 < CHUNK ? a.context_lens[b] - p0 : CHUNK;
     chunk(a, b, p0, n, partials_.data() + item * H * stride, scores.data());
-  }
-  // (implicit barrier: every partial is written before any merge reads it)
-#pragma omp for schedule(static)
-  for (int64_t bh = 0; bh < a.B * H; ++bh) {
+  });
+  // (the barrier: every partial is written before any merge reads it)
+  team.for_each(a.B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     float top = -INFINITY;
     for (int64_t c = first_item_[b]; c < first_item_[b + 1]; ++c) {
@@ -126,7 +123,7 @@ void AttentionWork::run() {
     }
     const float inv = 1.f / total;
     for (int64_t i = 0; i < D; ++i) o[i] *= inv;
-  }
+  });
 }
 
 int64_t check_slots(const int64_t* slot_mapping, int64_t T, int64_t num_slots) {
@@ -135,18 +132,17 @@ int64_t check_slots(const int64_t* slot_mapping, int64_t T, int64_t num_slots) {
   return 0;
 }
 
-void write_kv_phase(const float* k, int64_t k_stride_t, int64_t k_stride_h, const float* v, int64_t v_stride_t,
-                    int64_t v_stride_h, float* k_cache, float* v_cache, const int64_t* slot_mapping, int64_t T,
-                    int64_t H, int64_t D) {
-#pragma omp for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
+void write_kv_phase(Team& team, const float* k, int64_t k_stride_t, int64_t k_stride_h, const float* v,
+                    int64_t v_stride_t, int64_t v_stride_h, float* k_cache, float* v_cache, const int64_t* slot_mapping,
+                    int64_t T, int64_t H, int64_t D) {
+  team.for_each(T, [&](int64_t t) {
     const int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;
+    if (slot < 0) return;
     for (int64_t h = 0; h < H; ++h) {
       std::memcpy(k_cache + (slot * H + h) * D, k + t * k_stride_t + h * k_stride_h, D * sizeof(float));
       std::memcpy(v_cache + (slot * H + h) * D, v + t * v_stride_t + h * v_stride_h, D * sizeof(float));
     }
-  }
+  });
 }
 
 extern "C" {
@@ -159,8 +155,7 @@ int64_t paged_decode_attention_f32(const float* q, int64_t q_stride_b, int64_t q
   AttentionWork work(PagedAttention{q, q_stride_b, q_stride_h, k_cache, v_cache, num_blocks, block_size, H, D,
                                     block_tables, table_width, context_lens, B, scale, out});
   if (work.bad_sequence()) return work.bad_sequence();
-#pragma omp parallel num_threads(threads)
-  work.run();
+  parallel(threads, [&](Team& team) { work.run(team); });
   return 0;
 }
 
@@ -170,8 +165,8 @@ int64_t paged_write_kv_f32(const float* k, int64_t k_stride_t, int64_t k_stride_
                            int64_t v_stride_h, float* k_cache, float* v_cache, const int64_t* slot_mapping, int64_t T,
                            int64_t num_slots, int64_t H, int64_t D) {
   if (const int64_t bad = check_slots(slot_mapping, T, num_slots)) return bad;
-  write_kv_phase(   // outside a parallel region its `omp for` runs on this thread alone
-      k, k_stride_t, k_stride_h, v, v_stride_t, v_stride_h, k_cache, v_cache, slot_mapping, T, H, D);
+  Team alone(0, 1, nullptr);   // a copy of T rows: not worth waking the pool
+  write_kv_phase(alone, k, k_stride_t, k_stride_h, v, v_stride_t, v_stride_h, k_cache, v_cache, slot_mapping, T, H, D);
   return 0;
 }
 }

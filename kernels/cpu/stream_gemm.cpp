@@ -1,8 +1,20 @@
 // Streaming GEMM for decode-sized batches: y[M, N] = gelu?(LN?(x)[M, K] @ W[K, N] * scale + bias) + residual,
-// W in fp32, bf16, fp16 or int8 codes (weight-only int8: one scale per column). x, the accumulators and y
-// are fp32 whatever W is: a 16-bit or int8 weight is widened to fp32 in registers (exactly: every bf16,
-// fp16 and int8 value is an fp32 value), so the kernel streams half or a quarter of fp32's bytes and
-// computes what fp32 arithmetic on the stored weights gives.
+// W in fp32, bf16, fp16 or int8 codes (int8: one scale per column). Two kinds of arithmetic:
+//  - fp32 activations (kF32, kBF16, kF16, kInt8): x, the accumulators and y are fp32 whatever W is: a
+//    16-bit or int8 weight is widened to fp32 in registers (exactly: every bf16, fp16 and int8 value is
+//    an fp32 value), so the kernel streams half or a quarter of fp32's bytes and computes what fp32
+//    arithmetic on the stored weights gives.
+//  - int8 activations (kInt8Dot, "w8a8"): each row of x is quantized to int8 codes first (dynamic,
+//    symmetric, one scale per row; RowCodes in kernels.h) and the dot products run on integers with
+//    int32 accumulation: y = (sum_k xq[k] * wq[k][n]) * w_scale[n] * x_scale[m], the integer sum exact.
+//    The instruction is VNNI's vpdpbusd (AVX512-VNNI on zmm, AVX-VNNI on ymm; a portable loop where the
+//    ISA has neither): per 32-bit lane, acc += the sum of four products of an unsigned byte and a signed
+//    byte. So the weight is stored as u = wq + 128 (1..255) and the activations as signed codes, and
+//        sum_k u[k] x[k] = sum_k wq[k] x[k] + 128 * sum_k x[k],
+//    the second term one integer per row (RowCodes::sums), subtracted before the scales. Bounds: |x| <=
+//    127 and u <= 255, so a lane grows by < 2^17 per instruction: K < 2^16 keeps the int32 exact.
+//    One vpdpbusd does 4 * VL multiply-adds, where the widening int8 path needs a widening conversion and
+//    an FMA per VL, so a batch-8 step stays a weight stream instead of becoming compute bound.
 //
 // Why hand-written: at decode batches a linear layer is a weight stream (each weight is used by M <= 8
 // rows), so its speed is the DRAM read rate. The library GEMMs reachable from torch (oneDNN packed, MKL
@@ -13,6 +25,8 @@
 // Memory layout (stream_gemm.py packs it once at load): W is cut into column blocks of NB
 // output channels, and block b is stored as K contiguous rows of NB values:
 //     packed[b][k][c] = W[k][b * NB + c]      (zero where b * NB + c >= N)
+// kInt8Dot keeps four consecutive k of a column together, the four bytes one vpdpbusd lane multiplies:
+//     packed[b][g][c][j] = W[4g + j][b * NB + c] + 128      (g < ceil(K / 4); 128, a zero code, past K or N)
 // so a block is one contiguous run of K * NB values, read front to back: the hardware prefetcher sees a
 // plain sequential stream and every cache line fetched is used whole. stream_gemm.py puts the blocks in
 // transparent huge pages where the OS grants them, so the stream never crosses a 4 KiB page boundary
@@ -39,7 +53,6 @@
 // it runs on): AVX-512 has 32 vector registers (8 x 2 = 16 accumulators), AVX2 16 (6 x 2 = 12).
 #include <cmath>
 #include <vector>
-#include <omp.h>
 
 #include "kernels.h"
 #include "vector.h"
@@ -112,6 +125,35 @@ static inline vf load_weights(const void* w, int64_t offset) {
   else return load((const float*)w + offset);
 }
 
+// acc + per 32-bit lane i, sum over j < 4 of u[4i + j] (unsigned weight bytes) * x[j] (the signed activation
+// codes of one k group, the same four bytes in every lane).
+static inline vi dot4(vi acc, vi u, int32_t x_group) {
+  const vi x = (vi){} + x_group;
+#if VL == 16 && defined(__AVX512VNNI__)
+  return (vi)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)u, (__m512i)x);
+#elif VL == 8 && defined(__AVXVNNI__)
+  return (vi)_mm256_dpbusd_avx_epi32((__m256i)acc, (__m256i)u, (__m256i)x);
+#else
+  uint8_t w[4 * VL];
+  int8_t xb[4];
+  std::memcpy(w, &u, sizeof w);
+  std::memcpy(xb, &x_group, sizeof xb);
+  for (int i = 0; i < VL; ++i)
+    for (int j = 0; j < 4; ++j) acc[i] += (int32_t)w[4 * i + j] * xb[j];
+  return acc;
+#endif
+}
+
+static const char* dot_isa() {
+#if VL == 16 && defined(__AVX512VNNI__)
+  return "avx512_vnni";
+#elif VL == 8 && defined(__AVXVNNI__)
+  return "avx_vnni";
+#else
+  return "portable";
+#endif
+}
+
 // h[m] = (x[m] - mean) / sqrt(var + eps) * weight + bias over the K features of row m (two-pass moments).
 static void layer_norm_row(const float* x, int64_t K, const float* weight, const float* bias, float eps, float* h) {
   float mean = 0.f, var = 0.f;
@@ -122,10 +164,35 @@ static void layer_norm_row(const float* x, int64_t K, const float* weight, const
   for (int64_t k = 0; k < K; ++k) h[k] = (x[k] - mean) * rstd * weight[k] + (bias ? bias[k] : 0.f);
 }
 
-// Rows m0 .. m0+R-1 of y times column block b.
+// The epilogue of rows m0 .. m0+R-1 times column block b: gelu(acc * scale * row scale + bias) + residual,
+// in that order (scale: int8 formats; row scale: kInt8Dot's x_scale); the last block stores only its columns.
+template <int R>
+static inline void finish(const Gemm& p, int64_t m0, int64_t b, vf (&acc)[R][NV]) {
+  const int64_t n0 = b * NB, cols = p.N - n0 < NB ? p.N - n0 : NB;
+  float scale[NB], bias[NB];
+  for (int c = 0; c < NB; ++c) {
+    scale[c] = p.scale && c < cols ? p.scale[n0 + c] : 1.f;
+    bias[c] = p.bias && c < cols ? p.bias[n0 + c] : 0.f;
+  }
+  for (int r = 0; r < R; ++r) {
+    float out[NB];
+    for (int j = 0; j < NV; ++j) {
+      vf v = acc[r][j];
+      if (p.scale) v *= load(scale + j * VL);
+      if (p.x_codes) v *= p.x_codes->scales[m0 + r];
+      v += load(bias + j * VL);
+      if (p.gelu) v = gelu_tanh(v);
+      std::memcpy(out + j * VL, &v, sizeof v);
+    }
+    float* y = p.y + (m0 + r) * p.N + n0;
+    const float* res = p.residual ? p.residual + (m0 + r) * p.N + n0 : nullptr;
+    for (int64_t c = 0; c < cols; ++c) y[c] = res ? out[c] + res[c] : out[c];
+  }
+}
+
+// Rows m0 .. m0+R-1 of y times column block b, fp32 activations.
 template <int R, WeightFormat F>
 static inline void tile(const Gemm& p, int64_t m0, int64_t b) {
-  const int64_t n0 = b * NB, cols = p.N - n0 < NB ? p.N - n0 : NB;
   const float* x = p.x + m0 * p.K;
   vf acc[R][NV];
   for (int r = 0; r < R; ++r)
@@ -138,81 +205,122 @@ static inline void tile(const Gemm& p, int64_t m0, int64_t b) {
       for (int j = 0; j < NV; ++j) acc[r][j] += xs * w[j];
     }
   }
-  // Epilogue: gelu(acc * scale + bias) + residual, in that order; the last block stores only its `cols`.
-  float scale[NB], bias[NB];
-  for (int c = 0; c < NB; ++c) {
-    scale[c] = p.scale && c < cols ? p.scale[n0 + c] : 1.f;
-    bias[c] = p.bias && c < cols ? p.bias[n0 + c] : 0.f;
-  }
-  for (int r = 0; r < R; ++r) {
-    float out[NB];
-    for (int j = 0; j < NV; ++j) {
-      vf v = acc[r][j];
-      if (F == kInt8) v *= load(scale + j * VL);
-      v += load(bias + j * VL);
-      if (p.gelu) v = gelu_tanh(v);
-      std::memcpy(out + j * VL, &v, sizeof v);
-    }
-    float* y = p.y + (m0 + r) * p.N + n0;
-    const float* res = p.residual ? p.residual + (m0 + r) * p.N + n0 : nullptr;
-    for (int64_t c = 0; c < cols; ++c) y[c] = res ? out[c] + res[c] : out[c];
-  }
+  finish<R>(p, m0, b, acc);
 }
 
-void layer_norm_phase(const float* x, int64_t M, int64_t K, const float* weight, const float* bias, float eps, float* h) {
-#pragma omp for schedule(static)
-  for (int64_t m = 0; m < M; ++m) layer_norm_row(x + m * K, K, weight, bias, eps, h + m * K);
+// Rows m0 .. m0+R-1 of y times column block b, int8 activation codes (kInt8Dot). The R rows' codes
+// are read four at a time (one k group, one int32); the block's groups are 4 * NB contiguous bytes.
+template <int R>
+static inline void dot_tile(const Gemm& p, int64_t m0, int64_t b) {
+  const RowCodes& rows = *p.x_codes;
+  const int64_t groups = (p.K + 3) / 4;   // the weight's; rows.stride may be longer (a scratch sized for a wider GEMM)
+  const uint8_t* w = (const uint8_t*)p.w + b * groups * 4 * NB;
+  const int8_t* x = rows.codes.data() + m0 * rows.stride;
+  vi acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = (vi){};
+  for (int64_t g = 0; g < groups; ++g) {
+    vi u[NV];
+    for (int j = 0; j < NV; ++j) std::memcpy(&u[j], w + (g * NB + j * VL) * 4, sizeof u[j]);   // one vector load each
+    for (int r = 0; r < R; ++r) {
+      int32_t x_group;
+      std::memcpy(&x_group, x + r * rows.stride + 4 * g, sizeof x_group);
+      for (int j = 0; j < NV; ++j) acc[r][j] = dot4(acc[r][j], u[j], x_group);
+    }
+  }
+  vf dots[R][NV];   // sum_k wq x = sum_k u x - 128 sum_k x, exact in int32, then rounded once to fp32
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) dots[r][j] = __builtin_convertvector(acc[r][j] - 128 * rows.sums[m0 + r], vf);
+  finish<R>(p, m0, b, dots);
+}
+
+// A tile of R rows: fp32 activations times format F, or int8 codes times kInt8Dot.
+template <int R, WeightFormat F>
+static inline void any_tile(const Gemm& p, int64_t m0, int64_t b) {
+  if constexpr (F == kInt8Dot) dot_tile<R>(p, m0, b);
+  else tile<R, F>(p, m0, b);
+}
+
+void layer_norm_phase(Team& team, const float* x, int64_t M, int64_t K, const float* weight, const float* bias,
+                      float eps, float* h) {
+  team.for_each(M, [&](int64_t m) { layer_norm_row(x + m * K, K, weight, bias, eps, h + m * K); });
+}
+
+// Row m of x -> rows.codes / scales / sums (RowCodes' scheme). x * (127 / max|x|) rounds to nearest
+// even (the default rounding mode), so |code| <= 127; an all-zero row has scale 0 and codes 0. A row
+// holding an inf or NaN gets a NaN scale: its outputs are NaN, as fp32 arithmetic would make them.
+static void quantize_row(const float* x, int64_t K, RowCodes& rows, int64_t m) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    amax = std::fabs(x[k]) > amax ? std::fabs(x[k]) : amax;
+    finite &= std::isfinite(x[k]);
+  }
+  const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+  int8_t* codes = rows.codes.data() + m * rows.stride;
+  int32_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    codes[k] = (int8_t)std::nearbyint(x[k] * inv);
+    sum += codes[k];
+  }
+  for (int64_t k = K; k < (K + 3) / 4 * 4; ++k) codes[k] = 0;
+  rows.scales[m] = finite ? amax / 127.f : NAN;
+  rows.sums[m] = sum;
 }
 
 template <WeightFormat F>
-static void tiles(const Gemm& g) {
+static void tiles(Team& team, const Gemm& g) {
   const int64_t blocks = (g.N + NB - 1) / NB, groups = (g.M + MR - 1) / MR;
   // Work items are (block, row group) pairs, block-major: at decode (one group) each thread streams a
   // contiguous range of blocks; at prompt sizes a small N still gives every thread work.
-#pragma omp for schedule(static)
-  for (int64_t item = 0; item < blocks * groups; ++item) {
+  team.for_each(blocks * groups, [&](int64_t item) {
     const int64_t b = item / groups, m0 = (item % groups) * MR;
     switch (g.M - m0 < MR ? g.M - m0 : MR) {
-      case 1: tile<1, F>(g, m0, b); break;
-      case 2: tile<2, F>(g, m0, b); break;
-      case 3: tile<3, F>(g, m0, b); break;
-      case 4: tile<4, F>(g, m0, b); break;
-      case 5: tile<5, F>(g, m0, b); break;
-      case 6: tile<6, F>(g, m0, b); break;
+      case 1: any_tile<1, F>(g, m0, b); break;
+      case 2: any_tile<2, F>(g, m0, b); break;
+      case 3: any_tile<3, F>(g, m0, b); break;
+      case 4: any_tile<4, F>(g, m0, b); break;
+      case 5: any_tile<5, F>(g, m0, b); break;
+      case 6: any_tile<6, F>(g, m0, b); break;
 #if MR > 6
-      case 7: tile<7, F>(g, m0, b); break;
-      case 8: tile<8, F>(g, m0, b); break;
+      case 7: any_tile<7, F>(g, m0, b); break;
+      case 8: any_tile<8, F>(g, m0, b); break;
 #endif
     }
-  }
+  });
 }
 
-void gemm_phase(const Gemm& g) {
+void gemm_phase(Team& team, const Gemm& g) {
+  if (g.format == kInt8Dot)   // x's rows to codes first; the barrier publishes them to every tile
+    team.for_each(g.M, [&](int64_t m) { quantize_row(g.x + m * g.K, g.K, *g.x_codes, m); });
   switch (g.format) {
-    case kF32: tiles<kF32>(g); break;
-    case kInt8: tiles<kInt8>(g); break;
-    case kBF16: tiles<kBF16>(g); break;
-    case kF16: tiles<kF16>(g); break;
+    case kF32: tiles<kF32>(team, g); break;
+    case kInt8: tiles<kInt8>(team, g); break;
+    case kBF16: tiles<kBF16>(team, g); break;
+    case kF16: tiles<kF16>(team, g); break;
+    case kInt8Dot: tiles<kInt8Dot>(team, g); break;
   }
 }
 
 extern "C" {
 int stream_gemm_block_cols(void) { return NB; }
 const char* cpu_kernels_isa(void) { return ISA; }
+// How kInt8Dot's integer dot products run in this build: "avx512_vnni", "avx_vnni" or "portable".
+const char* stream_gemm_dot_isa(void) { return dot_isa(); }
 
 // y = gelu?(LN?(x) @ W * scale + bias) + residual; w: packed blocks in `format` (a WeightFormat; int8
 // codes come with their scale). Null ln_weight: no LayerNorm; null ln_bias / scale / bias / residual: absent.
+// K < 2^16 (kInt8Dot's int32 bound; stream_gemm.py checks it).
 void stream_gemm(const float* x, int64_t M, int64_t K, const void* w, int format, int64_t N, const float* scale,
                  const float* ln_weight, const float* ln_bias, float eps, const float* bias, int gelu,
                  const float* residual, float* y, int threads) {
   std::vector<float> normalized(ln_weight ? M * K : 0);
-  const WeightFormat f = (WeightFormat)format;
-  const Gemm g{ln_weight ? normalized.data() : x, M, K, w, f, N, f == kInt8 ? scale : nullptr, bias, gelu != 0,
-               residual, y};
-#pragma omp parallel num_threads(threads)
-  {
-    if (ln_weight) layer_norm_phase(x, M, K, ln_weight, ln_bias, eps, normalized.data());
-    gemm_phase(g);
-  }
+  RowCodes x_codes(format == kInt8Dot ? M : 0, K);
+  const Gemm g = make_gemm(ln_weight ? normalized.data() : x, M, K, w, format, N, scale, bias, gelu != 0, residual, y,
+                           &x_codes);
+  parallel(threads, [&](Team& team) {
+    if (ln_weight) layer_norm_phase(team, x, M, K, ln_weight, ln_bias, eps, normalized.data());
+    gemm_phase(team, g);
+  });
 }
 }

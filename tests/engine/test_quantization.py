@@ -54,19 +54,23 @@ def test_int8_model_equals_fp32_on_the_dequantised_weights(backend):
                        reference.generate(prompt, max_new_tokens=6, do_sample=False))   # paged decode too
 
 
-def test_int8_quality_on_gpt2_small_shapes():
-    """GPT-2 small shape, GPT-2's initialisation: 1,024 positions of two 512-token prompts."""
+def test_int8_and_w8a8_quality_on_gpt2_small_shapes():
+    """GPT-2 small shape, GPT-2's initialisation: 1,024 positions of two 512-token prompts, each
+    quantization against fp32 (w8a8 adds the activations' rounding to int8's)."""
     config = GPT2Config.preset("gpt2")
     state = random_state_dict(config, seed=0)
     ids = torch.randint(0, config.vocab_size, (2, 512), generator=torch.Generator().manual_seed(0))
     fp32 = GPT2(config, state, backend="torch")(ids)
-    int8 = GPT2(config, state, backend="torch", quantization="int8")(ids)
-    relative_error = float((int8 - fp32).abs().max() / fp32.abs().max())
-    top1 = float((int8.argmax(-1) == fp32.argmax(-1)).float().mean())
-    print(f"int8 vs fp32 over {ids.numel()} positions: max |logit error| / max |logit| = {relative_error:.4f}, "
-          f"greedy top-1 agreement = {top1:.4f}")
-    assert relative_error < 0.05   # measured 0.023 (seed 0) and 0.026 (seed 1)
-    assert top1 > 0.9              # measured 0.952 and 0.936: random GPT-2 logits have small top-1 margins
+    bounds = {"int8": (0.05, 0.9),    # measured 0.023 / 0.952 (seed 0) and 0.026 / 0.936 (seed 1)
+              "w8a8": (0.06, 0.88)}   # measured 0.033 / 0.932 (seed 0)
+    for quantization, (max_error, min_top1) in bounds.items():
+        logits = GPT2(config, state, backend="torch", quantization=quantization)(ids)
+        relative_error = float((logits - fp32).abs().max() / fp32.abs().max())
+        top1 = float((logits.argmax(-1) == fp32.argmax(-1)).float().mean())
+        print(f"{quantization} vs fp32 over {ids.numel()} positions: max |logit error| / max |logit| = "
+              f"{relative_error:.4f}, greedy top-1 agreement = {top1:.4f}")
+        assert relative_error < max_error, quantization
+        assert top1 > min_top1, quantization   # random GPT-2 logits have small top-1 margins
 
 
 def test_quantization_argument_is_checked():
@@ -75,4 +79,14 @@ def test_quantization_argument_is_checked():
         GPT2(TINY, state, quantization="int4")
     with pytest.raises(ValueError, match="torch or triton backend"):
         GPT2(TINY, state, backend="eager", quantization="int8")
+    with pytest.raises(ValueError, match="w8a8' runs on the CPU with the torch backend"):
+        GPT2(TINY, state, backend="triton", quantization="w8a8")
     assert GPT2.from_config(TINY, quantization="int8").quantization == "int8"
+
+
+def test_w8a8_runs_every_linear_on_integer_dot_products():
+    model = GPT2(TINY, random_state_dict(TINY, seed=0), backend="torch", quantization="w8a8")
+    paged = model.engine.runner.model
+    linears = [lin for blk in paged.h for lin in (blk.qkv, blk.attn_proj, blk.fc, blk.mlp_proj)] + [paged.lm_head]
+    assert {lin.weight.path.name for lin in linears} == {"w8a8_stream"}
+    assert paged.decode_blocks is not None

@@ -158,12 +158,12 @@ def test_without_a_compiler_the_cpu_path_falls_back_to_the_libraries(monkeypatch
         assert torch.equal(without, with_kernels)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "w8a8"])
 def test_fused_decode_blocks_equal_the_op_by_op_steps_bitwise(monkeypatch, quantization):
     """Every linear on the streaming GEMM: decode-only steps run each block as one C++ call. Its scores
     (full-vocabulary logits of every step, batch of mixed prompt lengths) equal the op-by-op path's bitwise."""
-    monkeypatch.setattr(cpu_gemm, "float_candidates", lambda dtype: [cpu_gemm.Streaming(int8=False)])
-    monkeypatch.setattr(cpu_gemm, "int8_candidates", lambda: (cpu_gemm.Streaming(int8=True),))
+    monkeypatch.setattr(cpu_gemm, "float_candidates", lambda dtype: [cpu_gemm.Streaming("float")])
+    monkeypatch.setattr(cpu_gemm, "int8_candidates", lambda: (cpu_gemm.Streaming("int8"),))
     model = GPT2.from_hf(tiny_hf_model(), backend="torch", quantization=quantization)
     paged = model.engine.runner.model
     assert paged.decode_blocks is not None and len(paged.decode_blocks) == len(paged.h)

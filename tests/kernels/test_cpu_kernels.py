@@ -1,6 +1,9 @@
-"""The C++ CPU kernels (kernels/cpu): the streaming GEMM and paged decode attention equal their torch
-references, are bitwise batch- and thread-count-invariant, and reject bad input by name; the build is
-reused across calls and fails with a clear error where no compiler runs."""
+"""The C++ CPU kernels (kernels/cpu): the streaming GEMM (every weight format, w8a8's integer dot
+products included) and paged decode attention equal their torch references, are bitwise batch- and
+thread-count-invariant (their thread pool too: concurrent callers, more threads than cores, a forked
+child), and reject bad input by name; the build is reused across calls and fails with a clear error
+where no compiler runs."""
+import concurrent.futures
 import os
 import shutil
 
@@ -43,15 +46,78 @@ def _reference(x, w, bias=None, activation=None, residual=None, layer_norm=None)
 WEIGHT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
 
 
+def _codes(w):
+    """Symmetric per-row int8 codes of w [out, in] and their scales."""
+    scale = w.abs().amax(1) / 127
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
+
+
 def _weights(n, k, dtype):
     """(the weight's exact fp32 values [out, in], pack()'s arguments) for a weight stored in `dtype`."""
     w = torch.randn(n, k) / k ** 0.5
     if dtype != torch.int8:
         stored = w.to(dtype)
         return stored.float(), (stored,)
-    scale = w.abs().amax(1) / 127
-    q = torch.round(w / scale[:, None]).to(torch.int8)
+    q, scale = _codes(w)
     return q.float() * scale[:, None], (q, scale)
+
+
+def _w8a8_reference(x, q, scale):
+    """What w8a8 computes without an epilogue, exactly: x's rows quantized as the kernel does
+    (code = round-half-even(x * (127 / max|x|)), fp32 products), the integer dot products exact (fp64
+    holds them), rounded once to fp32, then * w_scale, then * x_scale (max|x| / 127)."""
+    amax = x.abs().amax(1, keepdim=True)
+    codes = torch.round(x * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    return (codes.double() @ q.double().t()).float() * scale * (amax / 127)
+
+
+def _row_codes_error_bound(x, q, scale):
+    """|w8a8 - fp32 on the codes' weights| <= sum_k |x - x_rounded| |w| <= (max|x| / 254) * sum_k |w|, per output."""
+    return x.abs().amax(1, keepdim=True) / 254 * (q.float().abs() * scale[:, None]).sum(1)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 17])
+@pytest.mark.parametrize("k,n", [(72, 100), (130, 33), (66, 257)])
+def test_w8a8_equals_its_integer_reference(lib, m, k, n):
+    """Integer dot products (K not a multiple of 4 included): bitwise the reference without an epilogue,
+    within fp32 rounding of it with every epilogue; and within the activations' rounding of fp32."""
+    q, scale = _codes(torch.randn(n, k) / k ** 0.5)
+    packed = stream_gemm.pack(q, scale, lib=lib, int8_dot=True)
+    x, bias, residual = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
+    if m > 3:
+        x[3] = 0.0   # an all-zero row: scale 0, outputs 0 (then the epilogue's)
+    plain = stream_gemm.stream_linear(x, packed)
+    assert torch.equal(plain, _w8a8_reference(x, q, scale))
+    got = stream_gemm.stream_linear(x, packed, bias, activation="gelu_tanh", residual=residual)
+    want = F.gelu(_w8a8_reference(x, q, scale).double() + bias.double(), approximate="tanh") + residual.double()
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=2e-5)
+    dense = (x.double() @ (q.double() * scale.double()[:, None]).t()).float()
+    assert ((plain - dense).abs() <= _row_codes_error_bound(x, q, scale) * 1.0001 + 1e-6).all()
+
+
+def test_w8a8_quantizes_the_layer_normed_rows(lib):
+    """With a LayerNorm the kernel quantizes LN(x) as it computed it (read back through an fp32 identity
+    weight, which returns its input exactly)."""
+    q, scale = _codes(torch.randn(90, 64))
+    x, layer_norm = torch.randn(6, 64) * 3 + 1, (torch.randn(64), torch.randn(64), 1e-5)
+    normalized = stream_gemm.stream_linear(x, stream_gemm.pack(torch.eye(64), lib=lib), layer_norm=layer_norm)
+    got = stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=lib, int8_dot=True), layer_norm=layer_norm)
+    assert torch.equal(got, _w8a8_reference(normalized, q, scale))
+
+
+def test_w8a8_extremes_and_non_finite_rows(lib):
+    """Codes at +-127 in both operands (the largest products, K = 3072 as in GPT-2's MLP) stay exact in
+    int32; a row holding inf or NaN gives NaN outputs, as fp32 arithmetic would, and no other row changes."""
+    k = 3072
+    q = torch.tensor([[127] * k, [-127] * k, [1, -1] * (k // 2)], dtype=torch.int8)
+    scale = torch.ones(3)
+    x = torch.stack([torch.full((k,), 2.0), torch.full((k,), -2.0), torch.randn(k), torch.randn(k)])
+    x[3, 5] = float("nan")
+    got = stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=lib, int8_dot=True))
+    assert torch.equal(got[:3], _w8a8_reference(x[:3], q, scale))
+    assert got[0, 0] == 127 * 127 * k * (2 / 127) and torch.isnan(got[3]).all()
+    x[3, 5] = float("inf")
+    assert torch.isnan(stream_gemm.stream_linear(x[3:], stream_gemm.pack(q, scale, lib=lib, int8_dot=True))).all()
 
 
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
@@ -84,13 +150,20 @@ ISA_VARIANTS = {"avx2": ("-mno-avx512f",), "generic": ("-mno-avx512f", "-mno-avx
 
 @pytest.mark.parametrize("variant", sorted(ISA_VARIANTS))
 def test_narrower_isa_builds_compute_the_same(tmp_path, variant):
-    """Each ISA variant's streaming GEMM, on every weight format and both epilogue extremes, and its
-    16-bit widening at the formats' extremes (the generic build's scalar fp16 conversion included)."""
+    """Each ISA variant's streaming GEMM, on every weight format and both epilogue extremes, its
+    16-bit widening at the formats' extremes (the generic build's scalar fp16 conversion included) and
+    its integer dot products (AVX-VNNI on ymm where the CPU has it, else the portable loop)."""
     flags = ISA_VARIANTS[variant]
     if variant == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("this CPU has no AVX2")
     narrow = cpu_kernels.library(tmp_path, flags)   # its own directory: build_dir holds the native build alone
     assert narrow.cpu_kernels_isa().decode() == variant
+    avx_vnni = "avx_vnni" in open("/proc/cpuinfo").read()
+    assert narrow.stream_gemm_dot_isa().decode() == ("avx_vnni" if variant == "avx2" and avx_vnni else "portable")
+    q, scale = _codes(torch.randn(100, 70))
+    x = torch.randn(9, 70)
+    assert torch.equal(stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=narrow, int8_dot=True)),
+                       _w8a8_reference(x, q, scale))
     for dtype in WEIGHT_DTYPES:
         dense, packed_args = _weights(100, 72, dtype)
         packed = stream_gemm.pack(*packed_args, lib=narrow)
@@ -117,22 +190,41 @@ def test_16_bit_weights_widen_exactly_at_their_extremes(lib):
     _check_16_bit_extremes(lib)
 
 
-@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [*WEIGHT_DTYPES, "w8a8"], ids=str)
 def test_a_rows_result_is_bitwise_the_same_at_every_batch_size_and_thread_count(lib, dtype):
-    _, packed_args = _weights(300, 96, dtype)
-    packed = stream_gemm.pack(*packed_args, lib=lib)
+    """Thread counts up to more than the cores (the pool's workers then yield to one another)."""
+    w8a8 = dtype == "w8a8"
+    _, packed_args = _weights(300, 96, torch.int8 if w8a8 else dtype)
+    packed = stream_gemm.pack(*packed_args, lib=lib, int8_dot=w8a8)
     x, bias = torch.randn(23, 96), torch.randn(300)
     layer_norm = (torch.randn(96), torch.randn(96), 1e-5)
     alone = torch.cat([stream_gemm.stream_linear(x[i:i + 1], packed, bias, activation="gelu_tanh", layer_norm=layer_norm)
                        for i in range(23)])
     threads = torch.get_num_threads()
     try:
-        for count in sorted({1, 2, threads}):
+        for count in sorted({1, 2, threads, os.cpu_count() + 3}):
             torch.set_num_threads(count)
             batched = stream_gemm.stream_linear(x, packed, bias, activation="gelu_tanh", layer_norm=layer_norm)
             assert torch.equal(batched, alone), f"{count} threads"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_concurrent_callers_and_a_forked_child_get_the_same_results(lib):
+    """Four Python threads calling at once (ctypes drops the GIL: one gets the pool, the others run
+    alone) and a forked child (a fresh pool) compute what one caller does."""
+    q, scale = _codes(torch.randn(500, 256))
+    packed = stream_gemm.pack(q, scale, lib=lib, int8_dot=True)
+    inputs = [torch.randn(3, 256) for _ in range(16)]
+    want = [stream_gemm.stream_linear(x, packed) for x in inputs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: stream_gemm.stream_linear(x, packed), inputs))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    child = os.fork()
+    if child == 0:   # the child: exit status 0 only if its results are right
+        os._exit(0 if all(torch.equal(stream_gemm.stream_linear(x, packed), y) for x, y in zip(inputs, want)) else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_stream_linear_rejects_bad_input_by_name(lib):
@@ -150,6 +242,8 @@ def test_stream_linear_rejects_bad_input_by_name(lib):
         stream_gemm.pack(torch.zeros(4, 4, dtype=torch.int8), lib=lib)
     with pytest.raises(ValueError, match="weight must be"):
         stream_gemm.pack(torch.zeros(4, 4, dtype=torch.float64), lib=lib)
+    with pytest.raises(ValueError, match="int8_dot packs int8 codes"):
+        stream_gemm.pack(torch.zeros(4, 4), lib=lib, int8_dot=True)
 
 
 def _paged_case(lengths, heads=4, head_dim=64, block_size=16, seed=0):

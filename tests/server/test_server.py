@@ -21,6 +21,7 @@ require_modules("openai", "fastapi", "uvicorn", "pydantic")
 
 import openai  # noqa: E402
 
+from gpt2_engine import GPT2
 from gpt2_engine.bench import serve as bench_serve
 from gpt2_engine.server.choices import token_string
 from tests.server.conftest import MODEL_NAME, ServerProcess, half_sent_connection, metric
@@ -544,3 +545,15 @@ def test_metrics_and_tokenizing_leave_the_event_loop_free(model, monkeypatch):
 
     asyncio.run(asyncio.wait_for(requests(), 120))
     assert seen and all(seen)
+
+
+def test_quantization_flag_serves_the_quantized_model(checkpoint):
+    """`serve --quantization w8a8` answers what the w8a8 model generates in-process."""
+    process = ServerProcess("--model", str(checkpoint), "--quantization", "w8a8")
+    try:
+        reference = GPT2.from_pretrained(checkpoint, device="cpu", quantization="w8a8")
+        with openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", timeout=60, max_retries=0) as c:
+            answer = c.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0)
+        assert answer.choices[0].text == reference.tokenizer.decode(generated_ids(reference, PROMPTS[1], 12))
+    finally:
+        process.stop()
