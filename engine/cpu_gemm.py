@@ -7,13 +7,17 @@ have the figures). So no choice is hard-coded: `prepare_linear` times every cand
 layer's shape and epilogue (bias, GELU, residual: oneDNN fuses them as post-ops, the others run them
 as separate ops), at M = 1 and M = 8 (decode batches) and M = 64 (a guard: a path that is fast at
 decode but pathological on prompt chunks loses), and keeps the one with the least sum of times
-relative to the best at each M. Choices are cached per (shape, epilogue, dtype, candidates, CPU
+relative to the best at each M (the streaming GEMM wins ties within _FUSION_MARGIN: with it on every
+linear a block's decode step is one C++ call). Choices are cached per (shape, epilogue, dtype, candidates, CPU
 model and flags, torch threads, torch version, build of our kernels), in-process and in a JSON file
 (`cache_file()`), so a later process on the same machine skips the probe.
 
 Cold weights: a decode step streams every weight from DRAM once, so the probe must not time a
 weight that sits in the last-level cache. Each candidate is timed over enough copies of the weight
 to exceed twice the LLC (read from sysfs), visited in turn, as a step visits the layers.
+
+Before any streaming GEMM is timed: its software prefetch distance is probed the same way, once per
+machine (stream_prefetch_distance; kept with the choices).
 
 Where: the probe runs in a thread of its own (`_probe_off_main`), as the router's thread runs the layers.
 
@@ -64,6 +68,12 @@ _COLD_BATCHES = 8
 _PROBE_PASSES = 4
 _HOPELESS = 4.0   # a candidate this many times slower than the best in a pass is dropped
 _MAX_PROBE_COPIES = 64
+# The streaming GEMM is kept over a library path up to this much slower in the probe's score: the probe
+# times one layer, but with every linear of a block on the streaming GEMM the block's decode step runs
+# as one C++ call (kernels/cpu/decode_block.cpp), which saves more than that on the block's other ops
+# (on a 2-core Xeon: oneDNN won the 768x768 projection by a few percent and cost the fused blocks,
+# ~10% of a batch-1 step).
+_FUSION_MARGIN = 1.15
 _DEFAULT_LLC_BYTES = 32 * 2**20
 
 
@@ -119,6 +129,37 @@ class Streaming:
     def __call__(self, packed, h, bias, activation, residual, layer_norm=None):
         return cpu_stream_gemm.stream_linear(h, packed, bias, activation=activation, residual=residual,
                                              layer_norm=layer_norm)
+
+
+class StreamingPrefetch(Streaming):
+    """The fp32 streaming GEMM with its software prefetch `distance` bytes ahead: a candidate of the
+    prefetch probe (stream_prefetch_distance), which sets the distance for every later call."""
+
+    def __init__(self, distance: int):
+        super().__init__("float")
+        self.distance, self.name = distance, f"prefetch_{distance}"
+
+    def __call__(self, packed, h, bias, activation, residual, layer_norm=None):
+        cpu_kernel_library().stream_gemm_set_prefetch(self.distance)
+        return super().__call__(packed, h, bias, activation, residual, layer_norm)
+
+
+PREFETCH_DISTANCES = (0, 256, 512, 1024)   # bytes ahead of each weight stream; 0: the hardware prefetchers alone
+
+
+@functools.cache
+def stream_prefetch_distance() -> int:
+    """The streaming GEMM's software prefetch distance for this machine, probed once (and kept with the
+    path choices) on cold copies of a GPT-2-small c_fc weight, and set in the kernels for every call.
+    Why probed: on a 2-core Xeon (AVX-512, AMX) 512 bytes ahead read a batch-1 weight stream ~1.1x
+    faster than none, and on a 2-core EPYC every distance tried was slower (kernels/cpu/stream_gemm.cpp)."""
+    candidates = [StreamingPrefetch(d) for d in PREFETCH_DISTANCES]
+    weight, epilogue = torch.randn(3072, 768), Epilogue(bias=True, gelu=True, residual=False)
+    key = (768, 3072, epilogue, "prefetch", ",".join(p.name for p in candidates), cpu_signature(),
+           f"{torch.get_num_threads()} threads", f"torch {torch.__version__}", _kernels_build())
+    distance = next(p.distance for p in candidates if p.name == _choose(key, candidates, weight, epilogue))
+    cpu_kernel_library().stream_gemm_set_prefetch(distance)
+    return distance
 
 
 class OneDnnPacked:
@@ -416,6 +457,8 @@ def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candid
     precision = "w8a8" if w8a8 else "int8" if int8 else str(weight.dtype)
     if not candidates:
         raise ValueError(f"no CPU GEMM path supports a {precision} weight")
+    if any(isinstance(p, Streaming) for p in candidates):
+        stream_prefetch_distance()   # before any streaming GEMM is timed or run
     key = (in_features, out_features, epilogue, precision,
            ",".join(p.name for p in candidates), cpu_signature(), f"{torch.get_num_threads()} threads",
            f"torch {torch.__version__}", _kernels_build())
@@ -488,4 +531,7 @@ def _probe(candidates, weight, epilogue: Epilogue) -> str:
             times[name].append(t)
     times = {name: t for name, t in times.items() if name not in out}
     fastest = [min(t[i] for t in times.values()) for i in range(len(PROBE_BATCHES))]
-    return min(times, key=lambda name: sum(t / f for t, f in zip(times[name], fastest)))
+    score = {name: sum(t / f for t, f in zip(times[name], fastest)) for name in times}
+    best = min(score, key=score.get)
+    stream = next((name for name, (path, _) in prepared.items() if type(path) is Streaming and name in score), None)
+    return stream if stream is not None and score[stream] <= _FUSION_MARGIN * score[best] else best

@@ -31,8 +31,15 @@
 // plain sequential stream and every cache line fetched is used whole. stream_gemm.py puts the blocks in
 // transparent huge pages where the OS grants them, so the stream never crosses a 4 KiB page boundary
 // (where the prefetcher stops): on a 2-core EPYC that took the batch-1 read rate from ~0.65x to ~0.92x
-// of a torch sum over huge pages. Software prefetch (t0 / t1 / t2, 1-8 KiB ahead) was measured slower
-// on huge pages (0.62-0.86x) and is not used.
+// of a torch sum over huge pages.
+//
+// More reads in flight: one sequential stream per core leaves DRAM bandwidth unused on some CPUs (a
+// 2-core Xeon VM with AVX-512 and AMX read 26 GB/s with one stream per core, 30 with two, 36 with two
+// and a software prefetch 1 KiB ahead; a plain C++ read loop). So at decode batches each thread reads
+// two blocks side by side (tiles(): the first and second half of its range), and the software prefetch
+// distance is a run-time setting (stream_gemm_set_prefetch), chosen per machine by timing
+// (engine/cpu_gemm.py): on the 2-core EPYC software prefetch (t0 / t1 / t2, 1-8 KiB ahead) was measured
+// slower on huge pages (0.62-0.86x); on the Xeon 512 bytes ahead was ~1.1x faster than none.
 //
 // Register tile: R <= MR rows of x times one block, NV vectors of VL floats per row (NB = NV * VL
 // columns), all R * NV accumulators held in registers for the whole K loop. Per k: NV vector loads of W
@@ -51,6 +58,7 @@
 //
 // Vector width and tile come from the ISA the compiler targets (built with -march=native for the CPU
 // it runs on): AVX-512 has 32 vector registers (8 x 2 = 16 accumulators), AVX2 16 (6 x 2 = 12).
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -190,55 +198,84 @@ static inline void finish(const Gemm& p, int64_t m0, int64_t b, vf (&acc)[R][NV]
   }
 }
 
-// Rows m0 .. m0+R-1 of y times column block b, fp32 activations.
-template <int R, WeightFormat F>
-static inline void tile(const Gemm& p, int64_t m0, int64_t b) {
-  const float* x = p.x + m0 * p.K;
-  vf acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = (vf){};
-  for (int64_t k = 0; k < p.K; ++k) {
-    vf w[NV];
-    for (int j = 0; j < NV; ++j) w[j] = load_weights<F>(p.w, (b * p.K + k) * NB + j * VL);
-    for (int r = 0; r < R; ++r) {
-      const float xs = x[r * p.K + k];
-      for (int j = 0; j < NV; ++j) acc[r][j] += xs * w[j];
-    }
-  }
-  finish<R>(p, m0, b, acc);
+// Software prefetch distance in bytes ahead of each weight stream (0: none), set once per process by
+// stream_gemm_set_prefetch (engine/cpu_gemm.py times the candidates on the machine: it helps on some
+// CPUs and hurts on others, header).
+static std::atomic<int> prefetch_bytes{0};
+
+// Prefetch the cache lines `distance` bytes past the `bytes` just read at `at` (into L1: t0).
+static inline void prefetch_ahead(const void* at, int bytes, int distance) {
+  for (int offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char*)at + distance + offset, 0, 3);
 }
 
-// Rows m0 .. m0+R-1 of y times column block b, int8 activation codes (kInt8Dot). The R rows' codes
-// are read four at a time (one k group, one int32); the block's groups are 4 * NB contiguous bytes.
-template <int R>
-static inline void dot_tile(const Gemm& p, int64_t m0, int64_t b) {
+// Rows m0 .. m0+R-1 of y times the S column blocks `blocks`, fp32 activations. The S blocks are read
+// side by side (S sequential streams at once: more reads in flight than one stream keeps); each
+// output is still one accumulator summed over k in order, whatever S is.
+template <int R, int S, WeightFormat F>
+static inline void tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
+  constexpr int step = NB * (F == kF32 ? 4 : F == kInt8 ? 1 : 2);   // bytes of one k row of a block
+  const char* w[S];
+  for (int s = 0; s < S; ++s) w[s] = (const char*)p.w + blocks[s] * p.K * step;
+  const float* x = p.x + m0 * p.K;
+  const int distance = prefetch_bytes.load(std::memory_order_relaxed);
+  vf acc[S][R][NV];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) acc[s][r][j] = (vf){};
+  for (int64_t k = 0; k < p.K; ++k) {
+    for (int s = 0; s < S; ++s) {
+      if (distance) prefetch_ahead(w[s] + k * step, step, distance);
+      vf wk[NV];
+      for (int j = 0; j < NV; ++j) wk[j] = load_weights<F>(w[s], k * NB + j * VL);
+      for (int r = 0; r < R; ++r) {
+        const float xs = x[r * p.K + k];
+        for (int j = 0; j < NV; ++j) acc[s][r][j] += xs * wk[j];
+      }
+    }
+  }
+  for (int s = 0; s < S; ++s) finish<R>(p, m0, blocks[s], acc[s]);
+}
+
+// Rows m0 .. m0+R-1 of y times the S column blocks `blocks`, int8 activation codes (kInt8Dot). The R
+// rows' codes are read four at a time (one k group, one int32); a block's groups are 4 * NB contiguous bytes.
+template <int R, int S>
+static inline void dot_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
+  constexpr int step = 4 * NB;   // bytes of one k group of a block
   const RowCodes& rows = *p.x_codes;
   const int64_t groups = (p.K + 3) / 4;   // the weight's; rows.stride may be longer (a scratch sized for a wider GEMM)
-  const uint8_t* w = (const uint8_t*)p.w + b * groups * 4 * NB;
+  const uint8_t* w[S];
+  for (int s = 0; s < S; ++s) w[s] = (const uint8_t*)p.w + blocks[s] * groups * step;
   const int8_t* x = rows.codes.data() + m0 * rows.stride;
-  vi acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = (vi){};
+  const int distance = prefetch_bytes.load(std::memory_order_relaxed);
+  vi acc[S][R][NV];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) acc[s][r][j] = (vi){};
   for (int64_t g = 0; g < groups; ++g) {
-    vi u[NV];
-    for (int j = 0; j < NV; ++j) std::memcpy(&u[j], w + (g * NB + j * VL) * 4, sizeof u[j]);   // one vector load each
-    for (int r = 0; r < R; ++r) {
-      int32_t x_group;
-      std::memcpy(&x_group, x + r * rows.stride + 4 * g, sizeof x_group);
-      for (int j = 0; j < NV; ++j) acc[r][j] = dot4(acc[r][j], u[j], x_group);
+    for (int s = 0; s < S; ++s) {
+      if (distance) prefetch_ahead(w[s] + g * step, step, distance);
+      vi u[NV];
+      for (int j = 0; j < NV; ++j) std::memcpy(&u[j], w[s] + (g * NB + j * VL) * 4, sizeof u[j]);   // one vector load each
+      for (int r = 0; r < R; ++r) {
+        int32_t x_group;
+        std::memcpy(&x_group, x + r * rows.stride + 4 * g, sizeof x_group);
+        for (int j = 0; j < NV; ++j) acc[s][r][j] = dot4(acc[s][r][j], u[j], x_group);
+      }
     }
   }
-  vf dots[R][NV];   // sum_k wq x = sum_k u x - 128 sum_k x, exact in int32, then rounded once to fp32
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) dots[r][j] = __builtin_convertvector(acc[r][j] - 128 * rows.sums[m0 + r], vf);
-  finish<R>(p, m0, b, dots);
+  for (int s = 0; s < S; ++s) {
+    vf dots[R][NV];   // sum_k wq x = sum_k u x - 128 sum_k x, exact in int32, then rounded once to fp32
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) dots[r][j] = __builtin_convertvector(acc[s][r][j] - 128 * rows.sums[m0 + r], vf);
+    finish<R>(p, m0, blocks[s], dots);
+  }
 }
 
-// A tile of R rows: fp32 activations times format F, or int8 codes times kInt8Dot.
-template <int R, WeightFormat F>
-static inline void any_tile(const Gemm& p, int64_t m0, int64_t b) {
-  if constexpr (F == kInt8Dot) dot_tile<R>(p, m0, b);
-  else tile<R, F>(p, m0, b);
+// A tile of R rows times S blocks: fp32 activations times format F, or int8 codes times kInt8Dot.
+template <int R, int S, WeightFormat F>
+static inline void any_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
+  if constexpr (F == kInt8Dot) dot_tile<R, S>(p, m0, blocks);
+  else tile<R, S, F>(p, m0, blocks);
 }
 
 void layer_norm_phase(Team& team, const float* x, int64_t M, int64_t K, const float* weight, const float* bias,
@@ -268,25 +305,50 @@ static void quantize_row(const float* x, int64_t K, RowCodes& rows, int64_t m) {
   rows.sums[m] = sum;
 }
 
+// `rows` rows (<= MR) from m0 times the S blocks.
+template <int S, WeightFormat F>
+static inline void rows_tile(const Gemm& g, int64_t m0, int64_t rows, const int64_t (&blocks)[S]) {
+  switch (rows) {
+    case 1: any_tile<1, S, F>(g, m0, blocks); break;
+    case 2: any_tile<2, S, F>(g, m0, blocks); break;
+    case 3: any_tile<3, S, F>(g, m0, blocks); break;
+    case 4: any_tile<4, S, F>(g, m0, blocks); break;
+    case 5: any_tile<5, S, F>(g, m0, blocks); break;
+    case 6: any_tile<6, S, F>(g, m0, blocks); break;
+#if MR > 6
+    case 7: any_tile<7, S, F>(g, m0, blocks); break;
+    case 8: any_tile<8, S, F>(g, m0, blocks); break;
+#endif
+  }
+}
+
+// Rows per tile when two blocks are read side by side: 2 * R * NV accumulators stay within the
+// registers left beside the weights (AVX-512: 32, AVX2: 16 vector registers).
+#define PAIR_ROWS (MR / 2)
+
 template <WeightFormat F>
 static void tiles(Team& team, const Gemm& g) {
   const int64_t blocks = (g.N + NB - 1) / NB, groups = (g.M + MR - 1) / MR;
-  // Work items are (block, row group) pairs, block-major: at decode (one group) each thread streams a
-  // contiguous range of blocks; at prompt sizes a small N still gives every thread work.
+  if (groups == 1) {
+    // Decode batches (M <= MR): each thread streams its contiguous range of blocks as two streams, its
+    // first half beside its second half (block lo + i with block lo + half + i), PAIR_ROWS rows at a
+    // time: the first rows read the pair from DRAM, later rows from L2 (a pair is 2 * K * NB weights).
+    team.for_range(blocks, [&](int64_t lo, int64_t hi) {
+      const int64_t half = (hi - lo + 1) / 2;
+      for (int64_t i = 0; i < half; ++i)
+        for (int64_t m0 = 0; m0 < g.M; m0 += PAIR_ROWS) {
+          const int64_t rows = g.M - m0 < PAIR_ROWS ? g.M - m0 : PAIR_ROWS;
+          if (lo + half + i < hi) rows_tile<2, F>(g, m0, rows, {lo + i, lo + half + i});
+          else rows_tile<1, F>(g, m0, rows, {lo + i});
+        }
+    });
+    return;
+  }
+  // Prompt sizes: work items are (block, row group) pairs, block-major, so a small N still gives
+  // every thread work.
   team.for_each(blocks * groups, [&](int64_t item) {
-    const int64_t b = item / groups, m0 = (item % groups) * MR;
-    switch (g.M - m0 < MR ? g.M - m0 : MR) {
-      case 1: any_tile<1, F>(g, m0, b); break;
-      case 2: any_tile<2, F>(g, m0, b); break;
-      case 3: any_tile<3, F>(g, m0, b); break;
-      case 4: any_tile<4, F>(g, m0, b); break;
-      case 5: any_tile<5, F>(g, m0, b); break;
-      case 6: any_tile<6, F>(g, m0, b); break;
-#if MR > 6
-      case 7: any_tile<7, F>(g, m0, b); break;
-      case 8: any_tile<8, F>(g, m0, b); break;
-#endif
-    }
+    const int64_t m0 = (item % groups) * MR;
+    rows_tile<1, F>(g, m0, g.M - m0 < MR ? g.M - m0 : MR, {item / groups});
   });
 }
 
@@ -307,6 +369,41 @@ int stream_gemm_block_cols(void) { return NB; }
 const char* cpu_kernels_isa(void) { return ISA; }
 // How kInt8Dot's integer dot products run in this build: "avx512_vnni", "avx_vnni" or "portable".
 const char* stream_gemm_dot_isa(void) { return dot_isa(); }
+// The sum of x[0 .. n) read the way the GEMM streams its weights at decode batches (each thread's range
+// as two streams side by side, the prefetch setting applied): the bench's measure of the machine's
+// read bandwidth, so a roofline share compares a kernel with the fastest plain read known here.
+float stream_read_sum(const float* x, int64_t n, int threads) {
+  constexpr int64_t chunk = 2 * VL;   // 128 bytes (AVX-512) per stream and step, as a fp32 weight row of a block
+  std::vector<float> partial(threads > 0 ? threads : 1);
+  parallel(threads, [&](Team& team) {
+    team.for_range(n / chunk, [&](int64_t lo, int64_t hi) {
+      const int distance = prefetch_bytes.load(std::memory_order_relaxed);
+      const int64_t half = (hi - lo) / 2;
+      vf a = (vf){}, b = (vf){};
+      for (int64_t i = lo; i < lo + half; ++i) {
+        const float* first = x + i * chunk;
+        const float* second = x + (i + half) * chunk;
+        if (distance) {
+          prefetch_ahead(first, chunk * 4, distance);
+          prefetch_ahead(second, chunk * 4, distance);
+        }
+        a += load(first) + load(first + VL);
+        b += load(second) + load(second + VL);
+      }
+      for (int64_t i = lo + 2 * half; i < hi; ++i) a += load(x + i * chunk) + load(x + i * chunk + VL);
+      float total = 0.f;
+      for (int l = 0; l < VL; ++l) total += a[l] + b[l];
+      partial[team.index()] = total;
+    });
+  });
+  float total = 0.f;
+  for (float p : partial) total += p;
+  for (int64_t i = n / chunk * chunk; i < n; ++i) total += x[i];
+  return total;
+}
+
+// The software prefetch distance of every later call (bytes; 0: none). Set before any call runs.
+void stream_gemm_set_prefetch(int bytes) { prefetch_bytes.store(bytes, std::memory_order_relaxed); }
 
 // y = gelu?(LN?(x) @ W * scale + bias) + residual; w: packed blocks in `format` (a WeightFormat; int8
 // codes come with their scale). Null ln_weight: no LayerNorm; null ln_bias / scale / bias / residual: absent.

@@ -136,3 +136,10 @@ def stream_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
                            _address(weight.scale), _address(ln_weight), _address(ln_bias), eps, _address(bias),
                            activation is not None, _address(residual), y.data_ptr(), torch.get_num_threads())
     return y
+
+
+def stream_read_sum(x: torch.Tensor, *, lib: ctypes.CDLL) -> float:
+    """x's sum, read as the streaming GEMM reads its weights (on torch's threads): a read-bandwidth probe."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float32 CPU tensor, got {x.dtype} on {x.device}")
+    return lib.stream_read_sum(x.data_ptr(), x.numel(), torch.get_num_threads())

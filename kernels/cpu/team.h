@@ -39,6 +39,14 @@ class Team {
     barrier();
   }
 
+  // f(begin, end) once with this member's share of [0, n) (the range for_each would visit), then barrier().
+  template <class F>
+  void for_range(int64_t n, F&& f) {
+    const int64_t begin = n * index_ / size_, end = n * (index_ + 1) / size_;
+    if (begin < end) f(begin, end);
+    barrier();
+  }
+
   // Returns once every member has called it (a release by each arrival, an acquire by each departure).
   void barrier();
 

@@ -4,6 +4,7 @@ thread-count-invariant (their thread pool too: concurrent callers, more threads 
 child), and reject bad input by name; the build is reused across calls and fails with a clear error
 where no compiler runs."""
 import concurrent.futures
+import itertools
 import os
 import shutil
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from gpt2_engine.kernels import cpu as cpu_kernels
 from gpt2_engine.kernels.cpu import paged_attention as cpu_attention
+from gpt2_engine.cpu_gemm import PREFETCH_DISTANCES
 from gpt2_engine.kernels.cpu import stream_gemm
 from gpt2_engine.kernels.paged_attention import paged_decode_attention_ref, write_kv_ref
 
@@ -192,7 +194,9 @@ def test_16_bit_weights_widen_exactly_at_their_extremes(lib):
 
 @pytest.mark.parametrize("dtype", [*WEIGHT_DTYPES, "w8a8"], ids=str)
 def test_a_rows_result_is_bitwise_the_same_at_every_batch_size_and_thread_count(lib, dtype):
-    """Thread counts up to more than the cores (the pool's workers then yield to one another)."""
+    """Thread counts up to more than the cores (the pool's workers then yield to one another); batches
+    on the decode path (two blocks side by side, rows in groups) and the prompt path; every prefetch
+    distance the engine may choose."""
     w8a8 = dtype == "w8a8"
     _, packed_args = _weights(300, 96, torch.int8 if w8a8 else dtype)
     packed = stream_gemm.pack(*packed_args, lib=lib, int8_dot=w8a8)
@@ -202,12 +206,25 @@ def test_a_rows_result_is_bitwise_the_same_at_every_batch_size_and_thread_count(
                        for i in range(23)])
     threads = torch.get_num_threads()
     try:
-        for count in sorted({1, 2, threads, os.cpu_count() + 3}):
+        for count, distance in itertools.product(sorted({1, 2, threads, os.cpu_count() + 3}), PREFETCH_DISTANCES):
             torch.set_num_threads(count)
-            batched = stream_gemm.stream_linear(x, packed, bias, activation="gelu_tanh", layer_norm=layer_norm)
-            assert torch.equal(batched, alone), f"{count} threads"
+            lib.stream_gemm_set_prefetch(distance)
+            for rows in (23, 8, 5, 2):
+                batched = stream_gemm.stream_linear(x[:rows], packed, bias, activation="gelu_tanh", layer_norm=layer_norm)
+                assert torch.equal(batched, alone[:rows]), f"{rows} rows, {count} threads, prefetch {distance}"
     finally:
         torch.set_num_threads(threads)
+        lib.stream_gemm_set_prefetch(0)
+
+
+@pytest.mark.parametrize("n", [1, 31, 4096 + 77, 2**20 + 5])
+def test_stream_read_sum_reads_every_element(lib, n):
+    """Small integers: every partial sum is exact in fp32, so any element skipped or read twice shows."""
+    x = torch.randint(-3, 4, (n,)).float()
+    for distance in PREFETCH_DISTANCES:
+        lib.stream_gemm_set_prefetch(distance)
+        assert stream_gemm.stream_read_sum(x, lib=lib) == x.double().sum().item()
+    lib.stream_gemm_set_prefetch(0)
 
 
 def test_concurrent_callers_and_a_forked_child_get_the_same_results(lib):
