@@ -10,7 +10,7 @@ ARGS ?=
 PACKAGE_FILES := $(shell find engine kernels -type f -not -name '*.pyc' 2>/dev/null)
 STRICT := --config-settings editable_mode=strict
 
-.PHONY: setup bench test gpu-check
+.PHONY: setup bench test gpu-check llama-cpp
 setup: $(VENV)/.linked
 
 $(VENV)/.installed: pyproject.toml setup.py
@@ -36,3 +36,17 @@ test: setup
 OUT ?= gpu-check-results
 gpu-check:
 	python3 -m benchmarks.gpu_check --out $(OUT)
+
+# Optional benchmark peer (`gpt2-engine bench --systems ... llama.cpp`): llama-cpp-python built from
+# source for this CPU (~30 minutes on 2 cores; not part of `make test`), and llama.cpp's GGUF converter
+# from the same source, copied beside it into the environment (engine/bench/llama_cpp_peer.py).
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CPP_SRC := build/llama-cpp-python
+llama-cpp: setup
+	rm -rf $(LLAMA_CPP_SRC) && mkdir -p $(LLAMA_CPP_SRC)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_CPP_SRC) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar xzf $(LLAMA_CPP_SRC)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP_SRC)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q $(LLAMA_CPP_SRC)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz gguf
+	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp
+	cd $(LLAMA_CPP_SRC)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp && \
+		cp -r convert_hf_to_gguf.py conversion gguf-py LICENSE $(abspath $(VENV))/share/llama.cpp/

@@ -7,26 +7,22 @@ The converter reads a tokenizer from the model directory for the vocabulary only
 feeds token ids, so a synthetic GPT-2 tokenizer with one placeholder token per id (EOS at its id,
 no merges) is written beside the model: any vocabulary size works, no tokenizer files are needed.
 
-Its own process: the Generator runs in a worker process (multiprocessing, spawn) that the peer
-starts and stops. In the bench's process, CTranslate2's own OpenMP runtime and oneDNN beside
-torch's slowed the engine's decode step by ~30% for the rest of the process once CTranslate2 had
-run (measured twice; not so with CTranslate2 in another process), which would bias every ratio.
+Its own process: the Generator runs in a worker process (gpt2_engine.bench.peer_worker: why).
 
 Timing: `generate_batch(..., callback=...)` calls back once per generated token of each batch row;
-the worker stamps row 0's callbacks, which come once per decode step (like the other systems), with
-time.perf_counter (CLOCK_MONOTONIC: one clock for both processes) and returns the stamps.
+the worker stamps row 0's callbacks, which come once per decode step (like the other systems).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing
 import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import torch
+
+from gpt2_engine.bench.peer_worker import PeerWorker
 
 COMPUTE_TYPES = {"float32": {"cpu": "float32", "cuda": "float32"}, "int8": {"cpu": "int8", "cuda": "int8_float16"}}
 
@@ -65,77 +61,42 @@ class CTranslate2Peer:
             hf_logging.enable_progress_bar()
         _write_placeholder_tokenizer(hf_dir, config.vocab_size, config.eos_token_id)
         # everything that runs CTranslate2's native code (converting, loading, generating) is in the worker
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._worker = context.Process(
-            target=_serve, daemon=True, name=f"ctranslate2-{quantization}",
-            args=(child, str(hf_dir), str(out_dir), quantization, device.type, COMPUTE_TYPES[quantization][device.type],
-                  torch.get_num_threads() if device.type == "cpu" else 0))
-        self._worker.start()
-        child.close()
-        self._finalizer = weakref.finalize(self, _stop, self._conn, self._worker)
-        self._reply()   # converted and loaded
+        self._worker = PeerWorker(f"ctranslate2-{quantization}", _load, _generate,
+                                  (str(hf_dir), str(out_dir), quantization, device.type, COMPUTE_TYPES[quantization][device.type],
+                                   torch.get_num_threads() if device.type == "cpu" else 0))
         self.tokens = json.loads((out_dir / "vocabulary.json").read_text())
-
-    def _reply(self):
-        try:
-            status, value = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(f"the CTranslate2 worker exited (code {self._worker.exitcode})") from None
-        if status == "error":
-            raise RuntimeError(f"CTranslate2 worker: {value}")
-        return value
 
     def generate(self, batch: list[list[str]], new_tokens: int) -> tuple[list[list[int]], float, list[float]]:
         """(ids of each row, start time, row 0's per-step stamps) of one greedy generation."""
-        self._conn.send((batch, new_tokens))
-        return self._reply()
+        return self._worker.generate(batch, new_tokens)
 
     def close(self) -> None:
-        self._finalizer()
+        self._worker.close()
 
 
-def _stop(conn, worker) -> None:
-    try:
-        conn.send(None)
-    except OSError:
-        pass
-    worker.join(timeout=10)
-    if worker.is_alive():
-        worker.kill()
-    conn.close()
+def _load(hf_dir: str, out_dir: str, quantization: str, device: str, compute_type: str, threads: int):
+    """Worker process: convert the saved model, load the Generator."""
+    import ctranslate2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    ctranslate2.converters.TransformersConverter(hf_dir).convert(out_dir, quantization=quantization, force=True)
+    return ctranslate2.Generator(out_dir, device=device, compute_type=compute_type, intra_threads=threads)
 
 
-def _serve(conn, hf_dir: str, out_dir: str, quantization: str, device: str, compute_type: str, threads: int) -> None:
-    """Worker process: convert the saved model, load the Generator, then run each (batch,
-    new_tokens) request until None."""
-    try:
-        import ctranslate2
-        from transformers.utils import logging as hf_logging
+def _generate(generator, batch: list[list[str]], new_tokens: int) -> tuple[list[list[int]], float, list[float]]:
+    """Worker process: one greedy generation, with row 0's per-step stamps."""
+    stamps: list[float] = []
 
-        hf_logging.disable_progress_bar()
-        ctranslate2.converters.TransformersConverter(hf_dir).convert(out_dir, quantization=quantization, force=True)
-        generator = ctranslate2.Generator(out_dir, device=device, compute_type=compute_type, intra_threads=threads)
-        conn.send(("ok", None))
-    except Exception as exc:   # reported to the parent, which raises it
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    while (request := conn.recv()) is not None:
-        batch, new_tokens = request
-        stamps: list[float] = []
+    def on_step(step) -> bool:
+        if step.batch_id == 0:
+            stamps.append(time.perf_counter())
+        return False   # keep going
 
-        def on_step(step) -> bool:
-            if step.batch_id == 0:
-                stamps.append(time.perf_counter())
-            return False   # keep going
-
-        try:
-            start = time.perf_counter()
-            results = generator.generate_batch(batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
-                                                include_prompt_in_result=False, callback=on_step)
-            conn.send(("ok", ([r.sequences_ids[0] for r in results], start, stamps)))
-        except Exception as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    start = time.perf_counter()
+    results = generator.generate_batch(batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
+                                       include_prompt_in_result=False, callback=on_step)
+    return [r.sequences_ids[0] for r in results], start, stamps
 
 
 def run_ctranslate2(peer: CTranslate2Peer, prompts: torch.Tensor, new_tokens: int, clock) -> list[list[int]]:

@@ -1,12 +1,14 @@
-"""`gpt2-engine bench`: prefill and decode tokens/s of the engine (fp32/fp16 and int8 weights) against
-the eager baseline, transformers' generate and CTranslate2 (fp32 and int8, when installed: extra
-`peers`), on the same weights, with roofline columns; built to survive a noisy machine.
+"""`gpt2-engine bench`: prefill and decode tokens/s of the engine (fp32/16-bit, int8 and w8a8 weights) against
+the eager baseline, transformers' generate, CTranslate2 (fp32 and int8, when installed: extra
+`peers`) and llama.cpp (F32, F16 and Q8_0 GGUF, when built: `make llama-cpp`), on the same weights,
+with roofline columns; built to survive a noisy machine.
 
 Method. Each system generates `new_tokens` greedy tokens for a batch of random prompts of
 `prompt_len` tokens (EOS disabled, so every row decodes the full length). A timestamp is taken
 after the prefill and after every decode step (engine: around `LLMEngine.step`; eager baseline:
 its per-token callback; transformers: a logits processor, which runs once per step right after
-the forward; CTranslate2: its per-token callback of batch row 0, in the worker process it runs in). One run's decode tokens/s =
+the forward; CTranslate2: its per-token callback of batch row 0, in the worker process it runs in;
+llama.cpp: after each step's llama_decode and argmax, in its worker process). One run's decode tokens/s =
 batch / median step interval; prefill tokens/s = batch * prompt_len / prefill time. GPU work is
 synchronised before each timestamp. One warm-up run per (system, batch) is excluded.
 
@@ -23,8 +25,10 @@ weights at 1 byte each for int8 systems. The bandwidth is the machine's read ban
 right before every run as a sum over a buffer 4x the last-level cache (CPU) or 1 GiB (GPU) (median
 of 3), and each run's roofline share uses its own measurement (the table: the median share). On
 CPU that buffer is in transparent huge pages where the OS grants them, like the streaming GEMM's
-weights: a torch sum over 4 KiB pages was measured reading only ~0.6x as fast on a 2-core EPYC, which
-would flatter every system's roofline share.
+weights (a torch sum over 4 KiB pages was measured reading only ~0.6x as fast on a 2-core EPYC), and
+it is read by the C++ kernels' streaming read (two streams per thread, the probed prefetch distance:
+on a 2-core Xeon 1.2x the rate of a torch sum), else by a torch sum: a weak read would flatter every
+system's roofline share.
 """
 from __future__ import annotations
 
@@ -37,20 +41,21 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from gpt2_engine import cpu_gemm
-from gpt2_engine.bench import ctranslate2_peer
+from gpt2_engine.bench import ctranslate2_peer, llama_cpp_peer
 from gpt2_engine.api import GPT2
 from gpt2_engine.cli_args import add_device_argument, int_at_least
 from gpt2_engine.config import PRESETS, GPT2Config
 from gpt2_engine.generation import resolve_generate_options
 from gpt2_engine.sampling import SamplingParams
 from gpt2_engine.weights import load_config
-from gpt2_engine.kernels.cpu.stream_gemm import huge_page_empty
+from gpt2_engine.kernels.cpu.stream_gemm import huge_page_empty, stream_read_sum
 
 OUTPUT_FILES = ("results.json", "results.md", "decode_tokens_per_s.png")  # written into --out
 
@@ -72,6 +77,7 @@ class Measurement:
     decode_step_ms: float
     speedup_vs_transformers: float | None = None     # median of per-repeat ratios
     speedup_vs_ctranslate2: float | None = None      # vs CTranslate2 of the same precision
+    speedup_vs_llama_cpp: float | None = None        # vs llama.cpp's counterpart (F32, F16, Q8_0)
     bandwidth_runs: list[float] = field(default_factory=list)   # GB/s measured right before each run
 
 
@@ -86,6 +92,7 @@ class BenchReport:
     repeats: int
     bandwidth_gb_s: float                            # read bandwidth, median over repeats
     bandwidth_runs: list[float]                      # every run's, in run order
+    bandwidth_method: str                            # how it was read (ReadBandwidth.method)
     weight_bytes: int
     flops_per_token: int
     timestamp: str
@@ -104,6 +111,7 @@ class System:
     handle: object
     int8: bool = False
     peer_of: str | None = None    # the CTranslate2 system of the same precision
+    llama_cpp_peer_of: str | None = None   # llama.cpp's counterpart system
     dtype: torch.dtype | None = None      # its weights' (None: the run's first --dtype)
     kv_dtype: torch.dtype | None = None   # its KV cache's (None: its weights' dtype)
 
@@ -125,14 +133,26 @@ class ReadBandwidth:
             self.buffer = huge_page_empty((megabytes * 2**20 // 4,), torch.float32).fill_(1.0)
         else:
             self.buffer = torch.ones(megabytes * 2**20 // 4, device=device)
+        # CPU: the buffer read as the streaming GEMM reads weights (two streams per thread, the prefetch
+        # distance probed for this machine), where the C++ kernels build: the fastest plain read known here
+        self.lib = cpu_gemm.cpu_kernel_library() if device.type == "cpu" else None
+        if self.lib is not None:
+            cpu_gemm.stream_prefetch_distance()
+        self.method = "C++ streaming read" if self.lib is not None else "torch sum"
+
+    def _read(self) -> None:
+        if self.lib is not None:
+            stream_read_sum(self.buffer, lib=self.lib)
+        else:
+            self.buffer.sum()
 
     def measure(self, repeats: int = 3) -> float:
-        """Median over `repeats` timed sums, after one untimed."""
+        """Median over `repeats` timed reads, after one untimed."""
         times = []
         for _ in range(repeats + 1):
             _sync(self.device)
             start = time.perf_counter()
-            self.buffer.sum()
+            self._read()
             _sync(self.device)
             times.append(time.perf_counter() - start)
         return self.buffer.numel() * 4 / statistics.median(times[1:]) / 1e9
@@ -183,15 +203,22 @@ class StepClock:
 
 
 def run_engine(model: GPT2, prompts: torch.Tensor, new_tokens: int, clock: StepClock) -> None:
-    """Drive the runtime directly: one prefill step for the whole batch, then decode steps."""
+    """Drive the runtime directly: one prefill step for the whole batch, then decode steps, in a
+    thread other than the main one, as the router's thread steps it for generate() and the server
+    (OpenMP libraries run differently off the main thread: engine/cpu_gemm.py)."""
     engine = model.engine
     params = SamplingParams(max_new_tokens=new_tokens, eos_token_ids=())
-    clock.begin()
-    for row in prompts.tolist():
-        engine.add_request(row, params)
-    while engine.has_unfinished_requests():
-        engine.step()
-        clock.stamp()
+
+    def steps():
+        clock.begin()
+        for row in prompts.tolist():
+            engine.add_request(row, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+            clock.stamp()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2-engine-bench") as stepper:
+        stepper.submit(steps).result()
 
 
 def run_eager(model: GPT2, prompts: torch.Tensor, new_tokens: int, clock: StepClock) -> None:
@@ -231,9 +258,9 @@ def _engine_system(label: str, engine: GPT2, **fields) -> System:
     return System(label, run_engine, engine, dtype=model.weight_dtype, kv_dtype=model.dtype, **fields)
 
 
-def _systems(args, device, dtypes: list[torch.dtype]) -> tuple[GPT2, list[System]]:
+def _systems(args, device, dtypes: list[torch.dtype]) -> tuple[GPT2, list[System], list[str]]:
     """Every system compared in this run (the engine always runs, in each of `dtypes`; int8 and the
-    peers run in the first; peers that are not installed are skipped)."""
+    peers run in the first; peers that are not installed are skipped), and notes on how peers run."""
     engine_backend = "triton" if device.type == "cuda" else "torch"
     build = GPT2.from_config if args.model in PRESETS else GPT2.from_pretrained
     build_kwargs = {"seed": args.seed} if build is GPT2.from_config else {}
@@ -242,21 +269,34 @@ def _systems(args, device, dtypes: list[torch.dtype]) -> tuple[GPT2, list[System
     engines = {dtype: build(args.model, dtype=dtype, **runtime, **build_kwargs) for dtype in dtypes}
     engine = engines[dtypes[0]]
     ct2 = "ctranslate2" in args.systems and ctranslate2_peer.available()
-    systems = []
+    skip_llama = llama_cpp_peer.skip_reason(device, engine.config.vocab_size) if "llama.cpp" in args.systems else "not asked for"
+    llama = skip_llama is None
+    llama_types = []   # llama.cpp's counterparts of the engine's precisions in this run, in order
+
+    def llama_counterpart(gguf_type: str) -> str | None:
+        if not llama:
+            return None
+        llama_types.append(gguf_type) if gguf_type not in llama_types else None
+        return f"llama.cpp {gguf_type}"
+
+    systems, notes = [], []
     if "none" in args.quantization:
         for dtype, each in engines.items():
             precision = f" {_DTYPE_LABELS[dtype]}" if len(dtypes) > 1 else ""
             fp32_peer = "CTranslate2 fp32" if ct2 and dtype == torch.float32 else None
-            systems.append(_engine_system(f"gpt2-engine{precision} ({engine_backend})", each, peer_of=fp32_peer))
-    if "int8" in args.quantization:
-        systems.append(_engine_system(f"gpt2-engine int8 ({engine_backend})",
-                                      engine.with_backend(engine_backend, quantization="int8",
-                                                          max_num_batched_tokens=runtime["max_num_batched_tokens"]),
-                                      int8=True, peer_of="CTranslate2 int8" if ct2 else None))
+            systems.append(_engine_system(f"gpt2-engine{precision} ({engine_backend})", each, peer_of=fp32_peer,
+                                          llama_cpp_peer_of=llama_counterpart("F32" if dtype == torch.float32 else "F16")))
+    for quantization in ("int8", "w8a8"):
+        if quantization in args.quantization:
+            systems.append(_engine_system(f"gpt2-engine {quantization} ({engine_backend})",
+                                          engine.with_backend(engine_backend, quantization=quantization,
+                                                              max_num_batched_tokens=runtime["max_num_batched_tokens"]),
+                                          int8=True, peer_of="CTranslate2 int8" if ct2 else None,
+                                          llama_cpp_peer_of=llama_counterpart("Q8_0")))
     if "eager" in args.systems:
         systems.append(System("eager baseline", run_eager, engine.with_backend("eager")))
     hf = None
-    if "transformers" in args.systems or ct2:
+    if "transformers" in args.systems or ct2 or llama:
         try:
             hf = build_hf_model(engine, compiled=False)
         except ImportError:
@@ -271,7 +311,17 @@ def _systems(args, device, dtypes: list[torch.dtype]) -> tuple[GPT2, list[System
         for quantization, int8 in (("float32", False), ("int8", True)):
             peer = ctranslate2_peer.CTranslate2Peer(hf, quantization, device)
             systems.append(System(f"CTranslate2 {'int8' if int8 else 'fp32'}", ctranslate2_peer.run_ctranslate2, peer, int8=int8))
-    return engine, systems
+    if "llama.cpp" in args.systems and skip_llama:
+        print(f"{skip_llama}: skipping llama.cpp's rows")
+    if llama and hf is not None:
+        with tempfile.TemporaryDirectory(prefix="gpt2-engine-gguf-") as workdir:   # the GGUF files: loaded, then not needed
+            for gguf_type in llama_types:
+                peer = llama_cpp_peer.LlamaCppPeer(hf, gguf_type, max_batch=max(args.batch_sizes),
+                                                   max_tokens=args.prompt_len + args.new_tokens, workdir=Path(workdir))
+                systems.append(System(f"llama.cpp {gguf_type}", llama_cpp_peer.run_llama_cpp, peer, int8=gguf_type == "Q8_0",
+                                      dtype=torch.float32 if gguf_type == "F32" else torch.float16))
+                notes += [peer.note] if peer.note else []
+    return engine, systems, notes
 
 
 def _cpu_info() -> dict:
@@ -303,16 +353,17 @@ def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
     _progress(f"loading {args.model} for {', '.join(args.systems)} on {device} ({', '.join(map(str, dtypes))}); on the "
               "CPU the torch backend also times its GEMM paths per layer shape")
     read_bandwidth = ReadBandwidth(device)   # first: on a GPU the engines size their KV caches by what is left
-    engine, systems = _systems(args, device, dtypes)
+    engine, systems, notes = _systems(args, device, dtypes)
     config = engine.config
     context = args.prompt_len + args.new_tokens // 2
     report = BenchReport(
         model=args.model, weights=engine.source,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_gemm.cpu_signature()}, {torch.get_num_threads()} threads)",
         dtype=", ".join(str(d).removeprefix("torch.") for d in dtypes), prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-        bandwidth_gb_s=0.0, bandwidth_runs=[], weight_bytes=decode_bytes_per_step(config, dtype, 0, 0),
+        bandwidth_gb_s=0.0, bandwidth_runs=[], bandwidth_method=read_bandwidth.method, weight_bytes=decode_bytes_per_step(config, dtype, 0, 0),
         flops_per_token=flops_per_token(config, context), timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         cpu=_cpu_info(), threads=torch.get_num_threads(), versions=_versions(), gemm_paths=cpu_gemm.chosen_paths(),
+        warnings=notes,
     )
     clock = StepClock(device)
     prompts = {b: torch.randint(0, config.vocab_size, (b, args.prompt_len)) for b in args.batch_sizes}
@@ -348,6 +399,8 @@ def run_bench(args) -> tuple[BenchReport, GPT2Config, torch.dtype]:
                 m.speedup_vs_transformers = _paired_ratio(decode, runs[(REFERENCE, b)][1])
             if system.peer_of is not None:
                 m.speedup_vs_ctranslate2 = _paired_ratio(decode, runs[(system.peer_of, b)][1])
+            if system.llama_cpp_peer_of is not None:
+                m.speedup_vs_llama_cpp = _paired_ratio(decode, runs[(system.llama_cpp_peer_of, b)][1])
             report.results.append(m)
             if m.decode_spread > SPREAD_WARNING:
                 report.warnings.append(f"warning: {system.label} at batch {b}: decode tok/s spread {100 * m.decode_spread:.0f}% "
@@ -363,7 +416,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "triton", "transformers", "ctranslate2", "gpt2-engine"):
+    for name in ("torch", "triton", "transformers", "ctranslate2", "llama_cpp_python", "gpt2-engine"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -380,17 +433,19 @@ def format_markdown(report: BenchReport) -> str:
         f"# gpt2-engine bench: {report.model} ({report.weights})",
         "",
         f"device {report.device}, {report.dtype}, prompt {report.prompt_len}, {report.new_tokens} new tokens, "
-        f"{report.repeats} interleaved repeats (median, min-max), read bandwidth {report.bandwidth_gb_s:.1f} GB/s, "
+        f"{report.repeats} interleaved repeats (median, min-max), read bandwidth {report.bandwidth_gb_s:.1f} GB/s "
+        f"({report.bandwidth_method}), "
         f"weights {report.weight_bytes / 1e6:.0f} MB, {report.timestamp}",
         "",
         "| system | batch | prefill tok/s | decode tok/s | min-max | spread | decode step ms | % of bandwidth roofline "
-        "| vs transformers | vs CTranslate2 (same precision) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs transformers | vs CTranslate2 (same precision) | vs llama.cpp (F32 / F16 / Q8_0) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in report.results:
         lines.append(f"| {m.system} | {m.batch} | {m.prefill_tokens_per_s:,.0f} | {m.decode_tokens_per_s:,.1f} | "
                      f"{m.decode_min:,.1f}-{m.decode_max:,.1f} | {100 * m.decode_spread:.0f}% | {m.decode_step_ms:.2f} | "
-                     f"{m.decode_roofline_pct:.1f}% | {_ratio(m.speedup_vs_transformers)} | {_ratio(m.speedup_vs_ctranslate2)} |")
+                     f"{m.decode_roofline_pct:.1f}% | {_ratio(m.speedup_vs_transformers)} | {_ratio(m.speedup_vs_ctranslate2)} | "
+                     f"{_ratio(m.speedup_vs_llama_cpp)} |")
     return "\n".join(lines + [""] + report.warnings) + "\n"
 
 
@@ -434,7 +489,7 @@ def save_plot(report: BenchReport, path: Path, config: GPT2Config, dtype: torch.
     plt.close(fig)
 
 
-SYSTEMS = ("engine", "eager", "transformers", "ctranslate2")
+SYSTEMS = ("engine", "eager", "transformers", "ctranslate2", "llama.cpp")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_LABELS = {dtype: name for name, dtype in _DTYPES.items()}
 
@@ -454,8 +509,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per point (default 3)")
     parser.add_argument("--systems", nargs="+", default=None, choices=SYSTEMS,
                         help="what to compare (the engine always runs; default: all but the eager baseline on CPU, all on GPU)")
-    parser.add_argument("--quantization", nargs="+", default=["none", "int8"], choices=["none", "int8"],
-                        help="the engine's weight precisions to run: none (the compute dtype) and/or int8 (default: both)")
+    parser.add_argument("--quantization", nargs="+", default=["none", "int8"], choices=["none", "int8", "w8a8"],
+                        help="the engine's precisions to run: none (the compute dtype), int8 (weight-only) and/or w8a8 "
+                             "(int8 weights and activations; CPU) (default: none int8)")
     add_device_argument(parser)
     parser.add_argument("--dtype", nargs="+", choices=list(_DTYPES), default=None,
                         help="the engine's weight dtypes to run side by side (int8 and the peers run in the first; on "

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from gpt2_engine.bench import ctranslate2_peer
+from gpt2_engine.bench import ctranslate2_peer, llama_cpp_peer
 from gpt2_engine.bench.decode import BenchReport, Measurement, decode_bytes_per_step, flops_per_token, format_markdown
 from gpt2_engine.cli import main
 from gpt2_engine.config import GPT2Config
@@ -25,6 +25,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
         expected |= {"CTranslate2 fp32", "CTranslate2 int8"}
     assert systems == expected
     assert [r["batch"] for r in report["results"]][::len(systems)] == [1, 3]
+    assert report["bandwidth_method"] == "C++ streaming read"
     assert report["repeats"] == 3 and len(report["bandwidth_runs"]) == 3 * 2 * len(systems) and report["bandwidth_gb_s"] > 0
     for r in report["results"]:
         assert len(r["decode_runs"]) == len(r["bandwidth_runs"]) == 3 and r["decode_min"] <= r["decode_tokens_per_s"] <= r["decode_max"]
@@ -64,12 +65,13 @@ def _measurement(system, runs, **ratios):
 
 
 def test_table_shows_spread_ratios_and_warnings():
-    report = BenchReport("gpt2", "w", "cpu", "float32", 8, 5, 3, 10.0, [10.0] * 3, 1, 1, "t", {}, 2, {},
+    report = BenchReport("gpt2", "w", "cpu", "float32", 8, 5, 3, 10.0, [10.0] * 3, "torch sum", 1, 1, "t", {}, 2, {},
                          results=[_measurement("a", [10.0, 10.5, 9.8], speedup_vs_transformers=1.5),
                                   _measurement("b", [10.0, 14.0, 9.0])],
                          warnings=["warning: b at batch 1: decode tok/s spread 50%"])
     table = format_markdown(report)
-    assert "| a | 1 | 100 | 10.0 | 9.8-10.5 | 7% |" in table and "| 1.50x | - |" in table
+    assert "| a | 1 | 100 | 10.0 | 9.8-10.5 | 7% |" in table and "| 1.50x | - | - |" in table
+    assert "read bandwidth 10.0 GB/s (torch sum)" in table
     assert "| b | 1 | 100 | 10.0 | 9.0-14.0 | 50% |" in table and table.rstrip().endswith("spread 50%")
 
 
@@ -94,6 +96,36 @@ def test_ctranslate2_peer_generates_what_the_engine_generates():
     assert ids == expected.tolist() and len(clock.stamps) == 6
     workers = [p for p in multiprocessing.active_children() if p.name == "ctranslate2-float32"]
     assert len(workers) == 1 and "ctranslate2" not in sys.modules   # its native code runs in the worker only
+    peer.close()
+    assert not workers[0].is_alive()
+
+
+def test_llama_cpp_takes_gpt2_vocabulary_only(tmp_path):
+    hf = tiny_hf_model(vocab_size=211, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    with pytest.raises(ValueError, match="GPT-2's own vocabulary"):
+        llama_cpp_peer.convert(hf, tmp_path, "f32")
+    assert "vocabulary" in llama_cpp_peer.skip_reason(torch.device("cpu"), 211)
+    assert llama_cpp_peer.skip_reason(torch.device("cuda"), 50257) == "llama.cpp runs on the CPU here"
+
+
+@pytest.mark.skipif(not llama_cpp_peer.available(), reason="llama.cpp is not built (make llama-cpp)")
+@pytest.mark.parametrize("gguf_type", ["F32", "Q8_0"])
+def test_llama_cpp_peer_generates_what_the_engine_generates(gguf_type):
+    """GPT-2's shape at 2 layers (the converter takes GPT-2's vocabulary only); F32 greedy ids equal the
+    engine's; Q8_0's (weights and activations rounded) agree on most."""
+    from gpt2_engine.api import GPT2
+    from gpt2_engine.bench.decode import StepClock, build_hf_model
+
+    model = GPT2.from_config(GPT2Config(n_layer=2), seed=0, backend="torch")
+    peer = llama_cpp_peer.LlamaCppPeer(build_hf_model(model, compiled=False), gguf_type, max_batch=2, max_tokens=16)
+    prompts = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(0))
+    clock = StepClock(torch.device("cpu"))
+    ids = llama_cpp_peer.run_llama_cpp(peer, prompts, 6, clock)
+    expected = model.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=None)[:, 7:].tolist()
+    agree = sum(a == b for row, want in zip(ids, expected) for a, b in zip(row, want)) / 12
+    assert len(clock.stamps) == 6 and (ids == expected if gguf_type == "F32" else agree >= 0.5), (ids, expected)
+    workers = [p for p in multiprocessing.active_children() if p.name == f"llama.cpp-{gguf_type}"]
+    assert len(workers) == 1 and "llama_cpp" not in sys.modules   # its native code runs in the worker only
     peer.close()
     assert not workers[0].is_alive()
 
