@@ -5,7 +5,8 @@ SIGTERM (or Ctrl-C) drains: uvicorn closes the listening socket (new connections
 running requests finish (streams end with their finish_reason), for at most --shutdown-timeout
 seconds. Then the requests still running are ended: streams with an SSE error event, the others
 with a 503 in OpenAI's error JSON; connections that never finished sending their request are
-closed. The app's lifespan shuts the router down and the process exits 0. The bound address is
+closed. The app's lifespan shuts the router down and the process exits 0 (130 after Ctrl-C, as a
+shell expects of an interrupted command). The bound address is
 printed as "gpt2-engine serve: listening on http://HOST:PORT" (with --port 0 the kernel picks
 the port).
 """
@@ -72,6 +73,12 @@ def _draining_server(config, timeout: float, abort):
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        stop_signal: int | None = None      # the first signal that started the drain
+
+        def handle_exit(self, sig, frame):
+            self.stop_signal = self.stop_signal or sig
+            super().handle_exit(sig, frame)
+
         # uvicorn's drain, which its shutdown() awaits under timeout_graceful_shutdown (a private
         # method of uvicorn's Server, as of uvicorn 0.55; tests/server covers this drain)
         async def _wait_tasks_to_complete(self):
@@ -123,10 +130,14 @@ def main(args) -> int:
     app = build_from_spec(model_spec(args))
     host, port = sock.getsockname()[:2]
     print(f"gpt2-engine serve: listening on http://{host}:{port}", flush=True)
-    # uvicorn re-raises the signal that stopped it once it has drained; ignoring it then makes a
-    # SIGTERM'd server exit 0 after the graceful shutdown instead of dying by the signal (Ctrl-C's
-    # KeyboardInterrupt is caught by the CLI).
+    # While it serves, uvicorn's handler takes SIGTERM and SIGINT; once drained it restores the
+    # handlers it found and re-raises the signal. Ignored here, that re-raise is a no-op and the
+    # exit status is chosen below. (Left to Python's SIGINT handler, the re-raised Ctrl-C lands in
+    # asyncio.run's own handler, which turns it into KeyboardInterrupt only if it arrives before
+    # the main task has finished: a race that sometimes exited 0.)
+    server = _draining_server(uvicorn.Config(app, log_level="warning"), args.shutdown_timeout,
+                              app.state.server.router.shutdown)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    config = uvicorn.Config(app, log_level="warning")
-    _draining_server(config, args.shutdown_timeout, app.state.server.router.shutdown).run(sockets=[sock])
-    return 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    server.run(sockets=[sock])
+    return 130 if server.stop_signal == signal.SIGINT else 0
