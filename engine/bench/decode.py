@@ -202,10 +202,19 @@ class StepClock:
         return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
+def off_main_thread(steps):
+    """steps() run in a thread other than the main one, as the router's thread steps the engine for
+    generate() and the server; its result. OpenMP libraries run differently there (engine/cpu_gemm.py):
+    on the main thread, libgomp's workers keep spinning for milliseconds after each of torch's
+    parallel ops (a copy, a sum) and take a core from the C++ kernels' own threads (a w8a8 decode
+    step after a 50k-element copy: 5.7 ms -> 9.5 ms on 2 vCPUs), which no user of the router sees."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2-engine-bench") as stepper:
+        return stepper.submit(steps).result()
+
+
 def run_engine(model: GPT2, prompts: torch.Tensor, new_tokens: int, clock: StepClock) -> None:
-    """Drive the runtime directly: one prefill step for the whole batch, then decode steps, in a
-    thread other than the main one, as the router's thread steps it for generate() and the server
-    (OpenMP libraries run differently off the main thread: engine/cpu_gemm.py)."""
+    """Drive the runtime directly: one prefill step for the whole batch, then decode steps, off the
+    main thread (off_main_thread)."""
     engine = model.engine
     params = SamplingParams(max_new_tokens=new_tokens, eos_token_ids=())
 
@@ -217,8 +226,7 @@ def run_engine(model: GPT2, prompts: torch.Tensor, new_tokens: int, clock: StepC
             engine.step()
             clock.stamp()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2-engine-bench") as stepper:
-        stepper.submit(steps).result()
+    off_main_thread(steps)
 
 
 def run_eager(model: GPT2, prompts: torch.Tensor, new_tokens: int, clock: StepClock) -> None:
@@ -523,7 +531,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-results", help="directory for results.json, results.md, decode_tokens_per_s.png")
     parser.add_argument("--speculative", type=int_at_least(1), default=None, metavar="K",
                         help="instead: plain greedy decoding against speculative decoding drafting K tokens (int8 "
-                             "self-drafting, n-gram lookup, a separate draft model) on a preset's random weights; writes "
+                             "self-drafting, n-gram lookup, a separate draft model) on --model; writes "
                              "speculative.json and speculative.md")
     parser.add_argument("--speculative-methods", nargs="+", default=["int8", "ngram", "draft"],
                         choices=["int8", "ngram", "draft"],
@@ -565,8 +573,6 @@ def _check_out(out: Path) -> None:
 def _speculative_main(args, on_gpu: bool) -> int:
     from gpt2_engine.bench import speculative
 
-    if args.model not in PRESETS:
-        raise ValueError(f"--speculative runs on a preset's random weights ({', '.join(PRESETS)}), got {args.model!r}")
     device = torch.device(args.device or ("cuda" if on_gpu else "cpu"))
     dtypes = _dtypes(args, device)
     if len(dtypes) > 1:

@@ -2,7 +2,8 @@
 model in one run, side by side: decode tok/s, the paired speedup, acceptance rate, mean accepted
 length, and whether the tokens are identical to plain decoding's.
 
-Rows: plain decoding; self-drafting with the model's own int8 twin; n-gram prompt lookup; and a
+The model: a preset's seeded random weights (--model gpt2, the default) or a checkpoint (--model DIR
+or a hub id), where acceptance is that of the trained weights. Rows: plain decoding; self-drafting with the model's own int8 twin; n-gram prompt lookup; and a
 separate draft model (a distilgpt2-shaped random model, seed + 1). With random weights that pair
 agrees only by chance, so its row shows the cost of drafting with near-zero acceptance; the speed
 claim rests on self-drafting. Decode tok/s counts the tokens after the first (the prefill step's)
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2_engine.api import GPT2
-from gpt2_engine.config import GPT2Config
+from gpt2_engine.bench.decode import off_main_thread
+from gpt2_engine.config import PRESETS
 from gpt2_engine.model import PagedGPT2
 from gpt2_engine.sampling import SamplingParams
 from gpt2_engine.speculative import NgramProposer, Speculation
@@ -69,9 +71,12 @@ def _speculations(model: GPT2, k: int, seed: int, methods: list[str]) -> dict[st
 
 
 def _generate(model: GPT2, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], float, int]:
-    """Drive the engine: the first step prefills every prompt; returns the tokens, the decode
-    seconds after that step, and the tokens generated in them."""
-    engine = model.engine
+    """Drive the engine (off the main thread, as bench.decode does): the first step prefills every
+    prompt; returns the tokens, the decode seconds after that step, and the tokens generated in them."""
+    return off_main_thread(lambda: _steps(model.engine, prompts, params))
+
+
+def _steps(engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], float, int]:
     ids = [engine.add_request(prompt, params) for prompt in prompts]
     tokens = {i: [] for i in ids}
     for event in engine.step():
@@ -86,12 +91,14 @@ def _generate(model: GPT2, prompts: list[list[int]], params: SamplingParams) -> 
 
 def run(args, device: torch.device, dtype: torch.dtype) -> SpeculativeReport:
     k, batches = args.speculative, args.batch_sizes
-    config = GPT2Config.preset(args.model)
     block_size = 16
     # a pool sized for the run (each proposer gets as many blocks again)
     num_blocks = max(batches) * -(-(args.prompt_len + args.new_tokens + k + 1) // block_size) + 8
-    model = GPT2.from_config(args.model, seed=args.seed, device=device, dtype=dtype, block_size=block_size,
-                             num_blocks=num_blocks, max_num_batched_tokens=max(batches) * args.prompt_len)
+    runtime = dict(device=device, dtype=dtype, block_size=block_size, num_blocks=num_blocks,
+                   max_num_batched_tokens=max(batches) * args.prompt_len)
+    model = (GPT2.from_config(args.model, seed=args.seed, **runtime) if args.model in PRESETS
+             else GPT2.from_pretrained(args.model, **runtime))
+    config = model.config
     speculations = _speculations(model, k, args.seed, args.speculative_methods)
     stats = model.engine.speculative_stats
     torch.manual_seed(args.seed)

@@ -44,6 +44,25 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert "gpt2-engine bench: loading" in captured.err and "gpt2-engine bench: warming up eager baseline" in captured.err
 
 
+def test_bench_speculative_reports_every_method_beside_plain_decoding(tmp_path, capsys):
+    """--speculative: plain, int8 self-drafting and n-gram rows per batch, with acceptance and mean
+    accepted length, and greedy tokens identical to plain decoding's (checked by the run itself)."""
+    tiny_hf_model(vocab_size=211, n_embd=32, n_layer=2, n_head=2, n_positions=64).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "spec"
+    assert main(["bench", "--speculative", "2", "--model", str(tmp_path / "ckpt"), "--batch-sizes", "1", "2", "--prompt-len", "8",
+                 "--new-tokens", "6", "--repeats", "1", "--speculative-methods", "int8", "ngram", "--out", str(out)]) == 0
+    report = json.loads((out / "speculative.json").read_text())
+    assert [(r["system"], r["batch"]) for r in report["rows"]] == [
+        (system, b) for b in (1, 2) for system in ("plain", "int8 self-draft, k=2", "n-gram lookup, k=2")]
+    for row in report["rows"]:
+        assert row["decode_tok_s"] > 0 and len(row["decode_runs"]) == 1
+        if row["system"] != "plain":
+            assert row["identical"] is True and 0 <= row["acceptance"] <= 1 and row["speedup"] > 0
+            assert 1 <= row["mean_accepted_length"] <= 3
+    assert "| int8 self-draft, k=2 | 2 |" in (out / "speculative.md").read_text()
+    assert "bench --speculative: run 6/6" in capsys.readouterr().out
+
+
 def test_bench_runs_the_engine_in_every_dtype_side_by_side(tmp_path):
     """--dtype fp32 bf16 fp16: one engine row per dtype (16-bit weights streamed on CPU), int8 beside
     them, in one run; the report names every dtype."""
