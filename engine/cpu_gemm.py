@@ -109,7 +109,11 @@ def cpu_kernel_library():
 class Streaming:
     """Our streaming GEMM (kernels/cpu/stream_gemm.cpp) on fp32, bf16 or fp16 weights or int8 codes: the
     LayerNorm before it, bias, GELU and residual in its epilogue, all in one call. kind: "float" and
-    "int8" (weight-only) multiply fp32 activations; "w8a8" quantizes them to int8 (integer dot products)."""
+    "int8" (weight-only) multiply fp32 activations; "w8a8" quantizes them to int8 (integer dot products).
+    bf16 weights run as bf16 dot products (the activations rounded to bf16, as torch's bf16 matmul
+    rounds them) where the CPU has AVX512-BF16's vdpbf16ps, else widened to fp32: chosen by what the
+    CPU reports (the kernels are built for it), not by timing, so a machine's numerics do not depend
+    on a probe."""
     NAMES = {"float": "stream", "int8": "int8_stream", "w8a8": "w8a8_stream"}
 
     def __init__(self, kind: str):
@@ -122,13 +126,21 @@ class Streaming:
         return dtype in cpu_stream_gemm.WEIGHT_FORMATS and cpu_kernel_library() is not None
 
     def prepare(self, weight):
+        lib = cpu_kernel_library()
         if self.kind == "float":
-            return cpu_stream_gemm.pack(weight, lib=cpu_kernel_library())
-        return cpu_stream_gemm.pack(weight.q, weight.scale, lib=cpu_kernel_library(), int8_dot=self.kind == "w8a8")
+            return cpu_stream_gemm.pack(weight, lib=lib, dot=weight.dtype == torch.bfloat16 and bf16_dot_products())
+        return cpu_stream_gemm.pack(weight.q, weight.scale, lib=lib, dot=self.kind == "w8a8")
 
     def __call__(self, packed, h, bias, activation, residual, layer_norm=None):
         return cpu_stream_gemm.stream_linear(h, packed, bias, activation=activation, residual=residual,
                                              layer_norm=layer_norm)
+
+
+def bf16_dot_products() -> bool:
+    """Whether bf16 weights run as bf16 dot products here: the kernels were built with AVX512-BF16
+    (they are built for this CPU, -march=native)."""
+    lib = cpu_kernel_library()
+    return lib is not None and lib.stream_gemm_bf16_isa().decode() == "avx512_bf16"
 
 
 class StreamingPrefetch(Streaming):
@@ -160,6 +172,39 @@ def stream_prefetch_distance() -> int:
     distance = next(p.distance for p in candidates if p.name == _choose(key, candidates, weight, epilogue))
     cpu_kernel_library().stream_gemm_set_prefetch(distance)
     return distance
+
+
+class StreamingBF16Rows(Streaming):
+    """bf16 dot products on vdpbf16ps for tiles of at most `rows` rows and on shifts and FMAs for larger
+    ones (bitwise the same results): a candidate of the probe bf16_fused_rows, which sets it for every
+    later call."""
+
+    def __init__(self, rows: int):
+        super().__init__("float")
+        self.rows, self.name = rows, f"bf16_fused_rows_{rows}"
+
+    def __call__(self, packed, h, bias, activation, residual, layer_norm=None):
+        cpu_kernel_library().stream_gemm_set_bf16_fused_rows(self.rows)
+        return super().__call__(packed, h, bias, activation, residual, layer_norm)
+
+
+BF16_FUSED_ROWS = (0, 2, 4, 8)   # tiles of at most this many rows on vdpbf16ps; 0: FMAs always
+
+
+@functools.cache
+def bf16_fused_rows() -> int:
+    """Up to which tile height bf16 dot products run on vdpbf16ps here, probed once (and kept with the
+    path choices) on cold copies of a GPT-2-small c_fc weight, and set in the kernels for every call.
+    Why probed: on a 2-vCPU Xeon vdpbf16ps was the faster way for one-row tiles (batch 1: 3.4 ms
+    against 3.6 on FMAs for 24 c_fc weights) and the slower for four-row ones (batch 8: 6.9 against
+    6.2), as the instruction's issue ports and the core's FMA units compare (kernels/cpu/stream_gemm.cpp)."""
+    candidates = [StreamingBF16Rows(r) for r in BF16_FUSED_ROWS]
+    weight, epilogue = torch.randn(3072, 768).bfloat16(), Epilogue(bias=True, gelu=True, residual=False)
+    key = (768, 3072, epilogue, "bf16 fused rows", ",".join(p.name for p in candidates), cpu_signature(),
+           f"{torch.get_num_threads()} threads", f"torch {torch.__version__}", _kernels_build())
+    rows = next(p.rows for p in candidates if p.name == _choose(key, candidates, weight, epilogue))
+    cpu_kernel_library().stream_gemm_set_bf16_fused_rows(rows)
+    return rows
 
 
 class OneDnnPacked:
@@ -459,6 +504,8 @@ def prepare_linear(weight: torch.Tensor | Int8Weight, epilogue: Epilogue, candid
         raise ValueError(f"no CPU GEMM path supports a {precision} weight")
     if any(isinstance(p, Streaming) for p in candidates):
         stream_prefetch_distance()   # before any streaming GEMM is timed or run
+        if not int8 and weight.dtype == torch.bfloat16 and bf16_dot_products():
+            bf16_fused_rows()
     key = (in_features, out_features, epilogue, precision,
            ",".join(p.name for p in candidates), cpu_signature(), f"{torch.get_num_threads()} threads",
            f"torch {torch.__version__}", _kernels_build())

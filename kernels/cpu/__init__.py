@@ -96,7 +96,8 @@ def library(build_dir: Path | None = None, isa_flags: tuple[str, ...] = ()) -> c
     lib.stream_gemm.restype = None
     lib.gpt2_decode_block.argtypes = decode_block.argtypes()
     lib.gpt2_decode_block.restype = i64
-    lib.cpu_kernels_isa.restype = lib.stream_gemm_dot_isa.restype = ctypes.c_char_p
+    lib.cpu_kernels_isa.restype = lib.stream_gemm_dot_isa.restype = lib.stream_gemm_bf16_isa.restype = ctypes.c_char_p
     lib.stream_gemm_set_prefetch.argtypes, lib.stream_gemm_set_prefetch.restype = [i32], None
+    lib.stream_gemm_set_bf16_fused_rows.argtypes, lib.stream_gemm_set_bf16_fused_rows.restype = [i32], None
     lib.stream_read_sum.argtypes, lib.stream_read_sum.restype = [ptr, i64, i32], ctypes.c_float
     return lib

@@ -9,18 +9,24 @@
 #include "team.h"
 
 // How a packed weight's values are stored (stream_gemm.cpp has each layout): kF32 .. kF16 are widened
-// to fp32 in registers and multiply fp32 activations; kInt8Dot (int8 codes + 128, for integer dot
-// products) multiplies int8 codes of the activations (w8a8).
-enum WeightFormat : int { kF32 = 0, kInt8 = 1, kBF16 = 2, kF16 = 3, kInt8Dot = 4 };
+// to fp32 in registers and multiply fp32 activations; the dot-product formats multiply activations
+// rounded to their own type: kInt8Dot (int8 codes + 128, integer dot products) int8 codes of the
+// activations (w8a8), kBF16Dot (bf16 in k pairs, AVX512-BF16's vdpbf16ps) the activations in bf16.
+enum WeightFormat : int { kF32 = 0, kInt8 = 1, kBF16 = 2, kF16 = 3, kInt8Dot = 4, kBF16Dot = 5 };
 
-// A kInt8Dot GEMM's activations: gemm_phase stores x's rows here as int8 codes before its tiles run
-// (symmetric per row: code = round(x * 127 / max|x|), scale = max|x| / 127, and each row's code sum).
-// Rows of `stride` codes: K rounded up to a multiple of 4, zero past K. Sized for the largest GEMM
-// that uses it; one scratch serves GEMMs run one after another.
+inline bool is_dot_format(int format) { return format == kInt8Dot || format == kBF16Dot; }
+
+// A dot-product GEMM's activations: gemm_phase stores x's rows here before its tiles run. kInt8Dot:
+// int8 codes (symmetric per row: code = round(x * 127 / max|x|), scale = max|x| / 127, and each row's
+// code sum); kBF16Dot: x rounded to bf16 (to nearest even), as bit patterns. Rows of `stride` values:
+// K rounded up to a multiple of 4, zero past K. Sized for the largest GEMM that uses it; one scratch
+// serves GEMMs run one after another.
 struct RowCodes {
-  RowCodes(int64_t rows, int64_t max_k) : stride((max_k + 3) / 4 * 4), codes(rows * stride), scales(rows), sums(rows) {}
+  RowCodes(int64_t rows, int64_t max_k)
+      : stride((max_k + 3) / 4 * 4), codes(rows * stride), bf16(rows * stride), scales(rows), sums(rows) {}
   int64_t stride;
   std::vector<int8_t> codes;
+  std::vector<uint16_t> bf16;
   std::vector<float> scales;
   std::vector<int32_t> sums;
 };
@@ -34,15 +40,15 @@ struct Gemm {
   bool gelu;                           // GELU (tanh form) after the bias
   const float* residual;               // [M, N] or null, added last
   float* y;                            // [M, N]
-  RowCodes* x_codes;                   // kInt8Dot only (else null): where x's rows are quantized
+  RowCodes* x_codes;                   // dot-product formats only (else null): where x's rows are rounded
 };
 
-// The Gemm of a linear stored in `format`: the scale taken for int8 formats only, the codes for kInt8Dot only.
+// The Gemm of a linear stored in `format`: the scale taken for int8 formats only, the codes for dot formats only.
 inline Gemm make_gemm(const float* x, int64_t M, int64_t K, const void* w, int format, int64_t N, const float* scale,
                       const float* bias, bool gelu, const float* residual, float* y, RowCodes* x_codes) {
   const WeightFormat f = (WeightFormat)format;
   return Gemm{x, M, K, w, f, N, f == kInt8 || f == kInt8Dot ? scale : nullptr, bias, gelu, residual, y,
-              f == kInt8Dot ? x_codes : nullptr};
+              is_dot_format(f) ? x_codes : nullptr};
 }
 
 // h[m] = LayerNorm(x[m]) * weight + bias for every row m < M (bias may be null).

@@ -15,6 +15,14 @@
 //    127 and u <= 255, so a lane grows by < 2^17 per instruction: K < 2^16 keeps the int32 exact.
 //    One vpdpbusd does 4 * VL multiply-adds, where the widening int8 path needs a widening conversion and
 //    an FMA per VL, so a batch-8 step stays a weight stream instead of becoming compute bound.
+//  - bf16 activations (kBF16Dot, bf16 weights where the CPU has AVX512-BF16): each row of x is rounded
+//    to bf16 (to nearest even; RowCodes), and vdpbf16ps multiplies two k at once: per 32-bit lane,
+//    acc += w[k] x[k] + w[k + 1] x[k + 1], the products of bf16 values exact in fp32 and summed into the
+//    fp32 accumulator (the ISA flushes subnormal inputs and results to zero). So x carries bf16's
+//    relative rounding (<= 2^-9) as well as the weight, as torch's own bf16 matmul would, and a
+//    vector of 2 * VL weights costs one instruction where widening costs two conversions and two FMAs.
+//    The portable loop (CPUs without AVX512-BF16; only tests select it there) computes the same products
+//    and sums, in the ISA's documented order (the odd k first), subnormals kept.
 //
 // Why hand-written: at decode batches a linear layer is a weight stream (each weight is used by M <= 8
 // rows), so its speed is the DRAM read rate. The library GEMMs reachable from torch (oneDNN packed, MKL
@@ -27,6 +35,8 @@
 //     packed[b][k][c] = W[k][b * NB + c]      (zero where b * NB + c >= N)
 // kInt8Dot keeps four consecutive k of a column together, the four bytes one vpdpbusd lane multiplies:
 //     packed[b][g][c][j] = W[4g + j][b * NB + c] + 128      (g < ceil(K / 4); 128, a zero code, past K or N)
+// and kBF16Dot two, the two bf16 values one vdpbf16ps lane multiplies:
+//     packed[b][g][c][j] = W[2g + j][b * NB + c]            (g < ceil(K / 2); zero past K or N)
 // so a block is one contiguous run of K * NB values, read front to back: the hardware prefetcher sees a
 // plain sequential stream and every cache line fetched is used whole. stream_gemm.py puts the blocks in
 // transparent huge pages where the OS grants them, so the stream never crosses a 4 KiB page boundary
@@ -49,7 +59,7 @@
 // fp32, so zero-extend each 16-bit value to 32 bits and shift it up 16 (vpmovzxwd + vpslld); fp16 goes
 // through the F16C conversion (vcvtph2ps, in AVX-512F and F16C), else a scalar conversion. Both cost two
 // instructions per vector of VL weights, far below the DRAM time of its 2 * VL bytes at decode batches.
-// (AVX512-BF16's vdpbf16ps / AMX would need x rounded to bf16 as well; this kernel keeps x in fp32.) x's rows
+// (Where the CPU has AVX512-BF16, bf16 weights take kBF16Dot instead: engine/cpu_gemm.py.) x's rows
 // stay in L1/L2 across blocks; a block is re-read from L1/L2 (not DRAM) by each further group of MR rows.
 //
 // Batch invariance: every output y[m][n] is one accumulator summed over k = 0 .. K-1 in order, whatever
@@ -152,6 +162,33 @@ static inline vi dot4(vi acc, vi u, int32_t x_group) {
 #endif
 }
 
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+
+// acc + per 32-bit lane i, w[2i] * x[0] + w[2i + 1] * x[1]: the lane's two bf16 weights (a k pair of one
+// column; element 2i the low half) times the k pair of x in bf16 (x_pair: low half x[0], the same in
+// every lane). A bf16 value is the upper half of its fp32, and the product of two is exact in fp32.
+// kFused: one vdpbf16ps where the build has it; else (or where the CPU's vdpbf16ps is the slower way)
+// the same products and sums as two shifts and two FMAs, in the ISA's documented order (the odd k
+// first): bitwise vdpbf16ps's result for normal values (tests check it; the ISA flushes subnormals).
+template <bool kFused>
+static inline vf dot2(vf acc, vi w, uint32_t x_pair) {
+#if VL == 16 && defined(__AVX512BF16__)
+  if constexpr (kFused)
+    return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)(__m512i)w, (__m512bh)_mm512_set1_epi32((int)x_pair));
+#endif
+  const vu u = (vu)w, x = (vu){} + x_pair;   // x: one broadcast, split as the weights are (vector ops only)
+  acc += (vf)(u & 0xFFFF0000u) * (vf)(x & 0xFFFF0000u);
+  return acc + (vf)(u << 16) * (vf)(x << 16);
+}
+
+static const char* bf16_isa() {
+#if VL == 16 && defined(__AVX512BF16__)
+  return "avx512_bf16";
+#else
+  return "portable";
+#endif
+}
+
 static const char* dot_isa() {
 #if VL == 16 && defined(__AVX512VNNI__)
   return "avx512_vnni";
@@ -187,7 +224,7 @@ static inline void finish(const Gemm& p, int64_t m0, int64_t b, vf (&acc)[R][NV]
     for (int j = 0; j < NV; ++j) {
       vf v = acc[r][j];
       if (p.scale) v *= load(scale + j * VL);
-      if (p.x_codes) v *= p.x_codes->scales[m0 + r];
+      if (p.format == kInt8Dot) v *= p.x_codes->scales[m0 + r];
       v += load(bias + j * VL);
       if (p.gelu) v = gelu_tanh(v);
       std::memcpy(out + j * VL, &v, sizeof v);
@@ -271,10 +308,52 @@ static inline void dot_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S
   }
 }
 
-// A tile of R rows times S blocks: fp32 activations times format F, or int8 codes times kInt8Dot.
+// Tiles of at most this many rows run kBF16Dot on vdpbf16ps, larger ones on FMAs (dot2; the same
+// results). Where the instruction issues on one port and FMAs on two (as measured on a 2-vCPU Xeon:
+// a batch-8 GPT-2 step 0.93x the widening path's speed on vdpbf16ps, batch 1 1.09x), many-row tiles
+// are compute bound and go faster on FMAs; set once per process by stream_gemm_set_bf16_fused_rows
+// (engine/cpu_gemm.py times the candidates on the machine).
+static std::atomic<int> bf16_fused_rows{MR};
+
+// Rows m0 .. m0+R-1 of y times the S column blocks `blocks`, bf16 activations (kBF16Dot). The R rows'
+// bf16 values are read two at a time (one k pair, one uint32); a block's pairs are 2 * NB contiguous bf16.
+template <int R, int S, bool kFused>
+static inline void bf16_dot_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
+  constexpr int step = 4 * NB;   // bytes of one k pair of a block
+  const RowCodes& rows = *p.x_codes;
+  const int64_t pairs = (p.K + 1) / 2;
+  const char* w[S];
+  for (int s = 0; s < S; ++s) w[s] = (const char*)p.w + blocks[s] * pairs * step;
+  const uint16_t* x = rows.bf16.data() + m0 * rows.stride;
+  const int distance = prefetch_bytes.load(std::memory_order_relaxed);
+  vf acc[S][R][NV];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) acc[s][r][j] = (vf){};
+  for (int64_t g = 0; g < pairs; ++g) {
+    for (int s = 0; s < S; ++s) {
+      if (distance) prefetch_ahead(w[s] + g * step, step, distance);
+      vi u[NV];
+      for (int j = 0; j < NV; ++j) std::memcpy(&u[j], w[s] + (g * NB + j * VL) * 4, sizeof u[j]);   // one vector load each
+      for (int r = 0; r < R; ++r) {
+        uint32_t x_pair;
+        std::memcpy(&x_pair, x + r * rows.stride + 2 * g, sizeof x_pair);
+        for (int j = 0; j < NV; ++j) acc[s][r][j] = dot2<kFused>(acc[s][r][j], u[j], x_pair);
+      }
+    }
+  }
+  for (int s = 0; s < S; ++s) finish<R>(p, m0, blocks[s], acc[s]);
+}
+
+// A tile of R rows times S blocks: fp32 activations times format F, or the activations rounded as a
+// dot-product format takes them (int8 codes times kInt8Dot, bf16 times kBF16Dot).
 template <int R, int S, WeightFormat F>
 static inline void any_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
   if constexpr (F == kInt8Dot) dot_tile<R, S>(p, m0, blocks);
+  else if constexpr (F == kBF16Dot) {
+    if (R <= bf16_fused_rows.load(std::memory_order_relaxed)) bf16_dot_tile<R, S, true>(p, m0, blocks);
+    else bf16_dot_tile<R, S, false>(p, m0, blocks);
+  }
   else tile<R, S, F>(p, m0, blocks);
 }
 
@@ -303,6 +382,19 @@ static void quantize_row(const float* x, int64_t K, RowCodes& rows, int64_t m) {
   for (int64_t k = K; k < (K + 3) / 4 * 4; ++k) codes[k] = 0;
   rows.scales[m] = finite ? amax / 127.f : NAN;
   rows.sums[m] = sum;
+}
+
+// Row m of x -> rows.bf16: each value rounded to bf16 to nearest even (as torch's .to(torch.bfloat16));
+// a NaN stays a (quiet) NaN, values past bf16's largest round to infinity; zero past K.
+static void round_row_bf16(const float* x, int64_t K, RowCodes& rows, int64_t m) {
+  uint16_t* out = rows.bf16.data() + m * rows.stride;
+  for (int64_t k = 0; k < K; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, x + k, sizeof bits);
+    out[k] = (bits & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((bits >> 16) | 0x40u)
+                                                  : (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+  for (int64_t k = K; k < (K + 3) / 4 * 4; ++k) out[k] = 0;
 }
 
 // `rows` rows (<= MR) from m0 times the S blocks.
@@ -353,14 +445,16 @@ static void tiles(Team& team, const Gemm& g) {
 }
 
 void gemm_phase(Team& team, const Gemm& g) {
-  if (g.format == kInt8Dot)   // x's rows to codes first; the barrier publishes them to every tile
-    team.for_each(g.M, [&](int64_t m) { quantize_row(g.x + m * g.K, g.K, *g.x_codes, m); });
+  // x's rows to the dot format's values first; the barrier publishes them to every tile
+  if (g.format == kInt8Dot) team.for_each(g.M, [&](int64_t m) { quantize_row(g.x + m * g.K, g.K, *g.x_codes, m); });
+  if (g.format == kBF16Dot) team.for_each(g.M, [&](int64_t m) { round_row_bf16(g.x + m * g.K, g.K, *g.x_codes, m); });
   switch (g.format) {
     case kF32: tiles<kF32>(team, g); break;
     case kInt8: tiles<kInt8>(team, g); break;
     case kBF16: tiles<kBF16>(team, g); break;
     case kF16: tiles<kF16>(team, g); break;
     case kInt8Dot: tiles<kInt8Dot>(team, g); break;
+    case kBF16Dot: tiles<kBF16Dot>(team, g); break;
   }
 }
 
@@ -369,6 +463,8 @@ int stream_gemm_block_cols(void) { return NB; }
 const char* cpu_kernels_isa(void) { return ISA; }
 // How kInt8Dot's integer dot products run in this build: "avx512_vnni", "avx_vnni" or "portable".
 const char* stream_gemm_dot_isa(void) { return dot_isa(); }
+// How kBF16Dot's bf16 dot products run in this build: "avx512_bf16" (vdpbf16ps) or "portable".
+const char* stream_gemm_bf16_isa(void) { return bf16_isa(); }
 // The sum of x[0 .. n) read the way the GEMM streams its weights at decode batches (each thread's range
 // as two streams side by side, the prefetch setting applied): the bench's measure of the machine's
 // read bandwidth, so a roofline share compares a kernel with the fastest plain read known here.
@@ -402,6 +498,9 @@ float stream_read_sum(const float* x, int64_t n, int threads) {
   return total;
 }
 
+// kBF16Dot's tiles of at most `rows` rows run on vdpbf16ps, larger ones on FMAs (the same results).
+void stream_gemm_set_bf16_fused_rows(int rows) { bf16_fused_rows.store(rows, std::memory_order_relaxed); }
+
 // The software prefetch distance of every later call (bytes; 0: none). Set before any call runs.
 void stream_gemm_set_prefetch(int bytes) { prefetch_bytes.store(bytes, std::memory_order_relaxed); }
 
@@ -412,7 +511,7 @@ void stream_gemm(const float* x, int64_t M, int64_t K, const void* w, int format
                  const float* ln_weight, const float* ln_bias, float eps, const float* bias, int gelu,
                  const float* residual, float* y, int threads) {
   std::vector<float> normalized(ln_weight ? M * K : 0);
-  RowCodes x_codes(format == kInt8Dot ? M : 0, K);
+  RowCodes x_codes(is_dot_format(format) ? M : 0, K);
   const Gemm g = make_gemm(ln_weight ? normalized.data() : x, M, K, w, format, N, scale, bias, gelu != 0, residual, y,
                            &x_codes);
   parallel(threads, [&](Team& team) {

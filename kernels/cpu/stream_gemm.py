@@ -2,10 +2,12 @@
 
 y = act(LN(x) @ W^T * scale + bias) + residual for an fp32, bf16, fp16 or int8 (per-output-channel
 scale) weight, x and y in fp32, LayerNorm and GELU optional, in a column-blocked layout streamed front
-to back (the .cpp file has the layouts, the tiles and why the kernel exists). Int8 codes are packed
-for one of two kinds of arithmetic: weight-only (widened to fp32, `pack(q, scale)`) or w8a8
-(`pack(q, scale, int8_dot=True)`: the kernel quantizes x's rows to int8 and runs integer dot
-products, VNNI where the CPU has it; `lib.stream_gemm_dot_isa()` says which instruction).
+to back (the .cpp file has the layouts, the tiles and why the kernel exists). Int8 codes and bf16
+weights are packed for one of two kinds of arithmetic: widened to fp32 and multiplied with fp32
+activations (`pack(q, scale)`, `pack(w_bf16)`), or dot products on activations rounded to the
+weight's type (`dot=True`): int8 codes (w8a8: integer dot products, VNNI where the CPU has it;
+`lib.stream_gemm_dot_isa()` says which instruction) or bf16 (vdpbf16ps where the CPU has
+AVX512-BF16; `lib.stream_gemm_bf16_isa()`).
 It is a candidate path for the engine's CPU linears, chosen by their timing probe like the library
 paths (engine/cpu_gemm.py). `lib` is a kernels.cpu.library() build.
 """
@@ -20,10 +22,11 @@ import torch
 
 
 _HUGE_PAGE = 2 << 20
-# The kernel's WeightFormat (kernels.h) of each packed dtype: uint8 holds int8 codes + 128 for the
-# integer dot products (kInt8Dot).
-WEIGHT_FORMATS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4}
-_DOT_GROUP = 4      # kInt8Dot keeps 4 consecutive k of a column together (one vpdpbusd lane)
+# The kernel's WeightFormat (kernels.h) of each weight dtype, widened (dot=False) or in dot products (dot=True).
+WEIGHT_FORMATS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2, torch.float16: 3}
+DOT_FORMATS = {torch.int8: 4, torch.bfloat16: 5}
+# k values of a column kept together in the dot layouts: one vpdpbusd lane's 4 bytes, one vdpbf16ps lane's 2 bf16
+_DOT_GROUP = {torch.int8: 4, torch.bfloat16: 2}
 _MAX_DOT_K = 2**16  # kInt8Dot's int32 accumulators stay exact below this K
 
 
@@ -47,26 +50,22 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 @dataclass(frozen=True)
 class PackedWeight:
     """A weight in the kernel's column-blocked layout: blocks [ceil(N / NB), K, NB] (fp32, bf16, fp16 or int8
-    codes) or, for the integer dot products, uint8 [ceil(N / NB), ceil(K / 4), NB * 4] (codes + 128), with
-    the int8 codes' per-output-channel scale (fp32 [N]; None for floating point), and the library built
-    for that NB."""
+    codes) or, for the dot products, [ceil(N / NB), ceil(K / G), NB * G] (G = 4: uint8 codes + 128; G = 2:
+    bf16), with the kernel's WeightFormat code, the int8 codes' per-output-channel scale (fp32 [N]; None
+    for floating point), and the library built for that NB."""
     blocks: torch.Tensor
     in_features: int
     out_features: int
     scale: torch.Tensor | None
     lib: ctypes.CDLL
-
-    @property
-    def format(self) -> int:
-        """The kernel's WeightFormat code of the stored values."""
-        return WEIGHT_FORMATS[self.blocks.dtype]
+    format: int
 
 
 def pack(weight_out_in: torch.Tensor, scale: torch.Tensor | None = None, *, lib: ctypes.CDLL,
-         int8_dot: bool = False) -> PackedWeight:
+         dot: bool = False) -> PackedWeight:
     """W [out, in] (fp32, bf16, fp16, or int8 codes with their fp32 scale [out]) in the blocked layout
-    of `lib` (a library() build), in W's own dtype; int8_dot: int8 codes in the integer dot products'
-    layout (stream_linear then quantizes x to int8 too)."""
+    of `lib` (a library() build), in W's own dtype; dot: int8 codes or bf16 in the dot products' layout
+    (stream_linear then rounds x to int8 codes or to bf16 too)."""
     int8 = weight_out_in.dtype == torch.int8
     if weight_out_in.dim() != 2 or weight_out_in.dtype not in WEIGHT_FORMATS:
         raise ValueError(f"weight must be a 2-D float32, bfloat16, float16 or int8 [out, in] tensor, got "
@@ -76,24 +75,28 @@ def pack(weight_out_in: torch.Tensor, scale: torch.Tensor | None = None, *, lib:
     n, k = weight_out_in.shape
     if scale is not None and (scale.dtype != torch.float32 or scale.shape != (n,)):
         raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} of shape {tuple(scale.shape)}")
-    if int8_dot and not int8:
-        raise ValueError(f"int8_dot packs int8 codes, got a {weight_out_in.dtype} weight")
-    if int8_dot and k >= _MAX_DOT_K:
-        raise ValueError(f"int8_dot takes fewer than {_MAX_DOT_K} input features (int32 accumulators), got {k}")
+    if dot and weight_out_in.dtype not in DOT_FORMATS:
+        raise ValueError(f"dot packs int8 codes or bfloat16, got a {weight_out_in.dtype} weight")
+    if dot and int8 and k >= _MAX_DOT_K:
+        raise ValueError(f"int8 dot products take fewer than {_MAX_DOT_K} input features (int32 accumulators), got {k}")
     nb = lib.stream_gemm_block_cols()
     blocks = -(-n // nb)
-    if int8_dot:   # packed[b][g][c][j] = q[b * NB + c][4g + j] + 128; 128 (a zero code) past N and K
-        groups = -(-k // _DOT_GROUP)
-        padded = torch.full((blocks * nb, groups * _DOT_GROUP), 128, dtype=torch.uint8)
-        padded[:n, :k] = (weight_out_in.to(torch.int16) + 128).to(torch.uint8)
-        packed = huge_page_empty((blocks, groups, nb * _DOT_GROUP), torch.uint8)
-        packed.view(blocks, groups, nb, _DOT_GROUP).copy_(padded.view(blocks, nb, groups, _DOT_GROUP).transpose(1, 2))
-    else:
+    scale = None if scale is None else scale.contiguous()
+    if not dot:
         padded = torch.zeros(blocks * nb, k, dtype=weight_out_in.dtype)
         padded[:n] = weight_out_in
         packed = huge_page_empty((blocks, k, nb), weight_out_in.dtype)
         packed.copy_(padded.view(blocks, nb, k).transpose(1, 2))
-    return PackedWeight(packed, k, n, None if scale is None else scale.contiguous(), lib)
+        return PackedWeight(packed, k, n, scale, lib, WEIGHT_FORMATS[weight_out_in.dtype])
+    # packed[b][g][c][j] = W[b * NB + c][G g + j]: int8 as codes + 128 (128, a zero code, past N and K), bf16 zero there
+    group = _DOT_GROUP[weight_out_in.dtype]
+    groups = -(-k // group)
+    values = (weight_out_in.to(torch.int16) + 128).to(torch.uint8) if int8 else weight_out_in
+    padded = torch.full((blocks * nb, groups * group), 128 if int8 else 0, dtype=values.dtype)
+    padded[:n, :k] = values
+    packed = huge_page_empty((blocks, groups, nb * group), values.dtype)
+    packed.view(blocks, groups, nb, group).copy_(padded.view(blocks, nb, groups, group).transpose(1, 2))
+    return PackedWeight(packed, k, n, scale, lib, DOT_FORMATS[weight_out_in.dtype])
 
 
 def _contiguous_f32(t: torch.Tensor | None, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:

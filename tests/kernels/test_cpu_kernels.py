@@ -1,5 +1,5 @@
 """The C++ CPU kernels (kernels/cpu): the streaming GEMM (every weight format, w8a8's integer dot
-products included) and paged decode attention equal their torch references, are bitwise batch- and
+products and bf16 dot products included) and paged decode attention equal their torch references, are bitwise batch- and
 thread-count-invariant (their thread pool too: concurrent callers, more threads than cores, a forked
 child), and reject bad input by name; the build is reused across calls and fails with a clear error
 where no compiler runs."""
@@ -84,7 +84,7 @@ def test_w8a8_equals_its_integer_reference(lib, m, k, n):
     """Integer dot products (K not a multiple of 4 included): bitwise the reference without an epilogue,
     within fp32 rounding of it with every epilogue; and within the activations' rounding of fp32."""
     q, scale = _codes(torch.randn(n, k) / k ** 0.5)
-    packed = stream_gemm.pack(q, scale, lib=lib, int8_dot=True)
+    packed = stream_gemm.pack(q, scale, lib=lib, dot=True)
     x, bias, residual = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
     if m > 3:
         x[3] = 0.0   # an all-zero row: scale 0, outputs 0 (then the epilogue's)
@@ -103,7 +103,7 @@ def test_w8a8_quantizes_the_layer_normed_rows(lib):
     q, scale = _codes(torch.randn(90, 64))
     x, layer_norm = torch.randn(6, 64) * 3 + 1, (torch.randn(64), torch.randn(64), 1e-5)
     normalized = stream_gemm.stream_linear(x, stream_gemm.pack(torch.eye(64), lib=lib), layer_norm=layer_norm)
-    got = stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=lib, int8_dot=True), layer_norm=layer_norm)
+    got = stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=lib, dot=True), layer_norm=layer_norm)
     assert torch.equal(got, _w8a8_reference(normalized, q, scale))
 
 
@@ -115,11 +115,11 @@ def test_w8a8_extremes_and_non_finite_rows(lib):
     scale = torch.ones(3)
     x = torch.stack([torch.full((k,), 2.0), torch.full((k,), -2.0), torch.randn(k), torch.randn(k)])
     x[3, 5] = float("nan")
-    got = stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=lib, int8_dot=True))
+    got = stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=lib, dot=True))
     assert torch.equal(got[:3], _w8a8_reference(x[:3], q, scale))
     assert got[0, 0] == 127 * 127 * k * (2 / 127) and torch.isnan(got[3]).all()
     x[3, 5] = float("inf")
-    assert torch.isnan(stream_gemm.stream_linear(x[3:], stream_gemm.pack(q, scale, lib=lib, int8_dot=True))).all()
+    assert torch.isnan(stream_gemm.stream_linear(x[3:], stream_gemm.pack(q, scale, lib=lib, dot=True))).all()
 
 
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
@@ -136,6 +136,59 @@ def test_stream_linear_equals_the_reference(lib, dtype, m, k, n):
                    {"bias": bias, "residual": residual}, {"layer_norm": layer_norm, "residual": residual}):
         got = stream_gemm.stream_linear(x, packed, **kwargs)
         torch.testing.assert_close(got, _reference(x, dense, **kwargs), rtol=1e-5, atol=2e-5, msg=str(kwargs.keys()))
+
+
+def _bf16_fused_rows(lib, rows):
+    """Every later bf16 dot product on vdpbf16ps for tiles of at most `rows` rows (0: on FMAs)."""
+    lib.stream_gemm_set_bf16_fused_rows(rows)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 17])
+@pytest.mark.parametrize("k,n", [(72, 100), (131, 33), (64, 257)])
+def test_bf16_dot_products_equal_their_reference(lib, m, k, n):
+    """bf16 weights in the dot layout (K odd included): x rounded to bf16 (as torch rounds it) times the
+    weight, against fp64 on those values, with every epilogue; the same bits on vdpbf16ps and on FMAs;
+    and within the activations' rounding (relative <= 2^-9) of fp32 activations."""
+    w = (torch.randn(n, k) / k ** 0.5).bfloat16()
+    packed = stream_gemm.pack(w, lib=lib, dot=True)
+    x, bias, residual = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
+    layer_norm = (torch.randn(k), torch.randn(k), 1e-5)
+    rounded = x.bfloat16().float()
+    try:
+        for kwargs in ({}, {"bias": bias, "activation": "gelu_tanh"}, {"bias": bias, "residual": residual}):
+            results = []
+            for rows in (8, 0):
+                _bf16_fused_rows(lib, rows)
+                results.append(stream_gemm.stream_linear(x, packed, **kwargs))
+            assert torch.equal(results[0], results[1]), str(kwargs.keys())
+            torch.testing.assert_close(results[0], _reference(rounded, w.float(), **kwargs), rtol=1e-5, atol=2e-5)
+        # with a LayerNorm, the kernel rounds LN(x) as it computed it (read back through an identity weight)
+        normalized = stream_gemm.stream_linear(x, stream_gemm.pack(torch.eye(k), lib=lib), layer_norm=layer_norm)
+        torch.testing.assert_close(stream_gemm.stream_linear(x, packed, layer_norm=layer_norm),
+                                   _reference(normalized.bfloat16().float(), w.float()), rtol=1e-5, atol=2e-5)
+    finally:
+        _bf16_fused_rows(lib, 8)
+    plain = stream_gemm.stream_linear(x, packed)
+    bound = 2.0 ** -9 * (x.abs().double() @ w.double().abs().t())
+    assert ((plain.double() - x.double() @ w.double().t()).abs() <= bound * 1.001 + 1e-5).all()
+
+
+def test_bf16_dot_products_round_and_propagate_like_torch(lib):
+    """Activations at bf16's rounding ties, past its largest value (inf) and NaN: rounded as torch's
+    .to(torch.bfloat16); a NaN row gives NaN outputs and no other row changes."""
+    w = torch.tensor([[1.0, 1.0], [1.0, -1.0], [2.0, 0.5]], dtype=torch.bfloat16)
+    x = torch.tensor([[1 + 2 ** -8, 1 + 3 * 2 ** -8], [3.4e38, 1.0], [float("nan"), 1.0], [-2.5, 1e-3]])
+    got = stream_gemm.stream_linear(x, stream_gemm.pack(w, lib=lib, dot=True))
+    want = x.bfloat16().float() @ w.float().t()
+    assert torch.equal(got[[0, 3]], want[[0, 3]]) and torch.isinf(got[1, 0]) and torch.isnan(got[2]).all()
+
+
+def test_bf16_dot_products_run_on_vdpbf16ps_where_the_cpu_has_it(lib):
+    from gpt2_engine import cpu_gemm
+
+    has = "avx512_bf16" in open("/proc/cpuinfo").read()
+    assert lib.stream_gemm_bf16_isa().decode() == ("avx512_bf16" if has else "portable")
+    assert cpu_gemm.bf16_dot_products() == has
 
 
 def test_fused_gelu_is_accurate_over_the_whole_range(lib):
@@ -162,9 +215,13 @@ def test_narrower_isa_builds_compute_the_same(tmp_path, variant):
     assert narrow.cpu_kernels_isa().decode() == variant
     avx_vnni = "avx_vnni" in open("/proc/cpuinfo").read()
     assert narrow.stream_gemm_dot_isa().decode() == ("avx_vnni" if variant == "avx2" and avx_vnni else "portable")
+    assert narrow.stream_gemm_bf16_isa().decode() == "portable"
+    w, x = (torch.randn(100, 71) / 8).bfloat16(), torch.randn(9, 71)
+    torch.testing.assert_close(stream_gemm.stream_linear(x, stream_gemm.pack(w, lib=narrow, dot=True)),
+                               _reference(x.bfloat16().float(), w.float()), rtol=1e-5, atol=2e-5)
     q, scale = _codes(torch.randn(100, 70))
     x = torch.randn(9, 70)
-    assert torch.equal(stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=narrow, int8_dot=True)),
+    assert torch.equal(stream_gemm.stream_linear(x, stream_gemm.pack(q, scale, lib=narrow, dot=True)),
                        _w8a8_reference(x, q, scale))
     for dtype in WEIGHT_DTYPES:
         dense, packed_args = _weights(100, 72, dtype)
@@ -192,14 +249,15 @@ def test_16_bit_weights_widen_exactly_at_their_extremes(lib):
     _check_16_bit_extremes(lib)
 
 
-@pytest.mark.parametrize("dtype", [*WEIGHT_DTYPES, "w8a8"], ids=str)
+@pytest.mark.parametrize("dtype", [*WEIGHT_DTYPES, "w8a8", "bf16_dot"], ids=str)
 def test_a_rows_result_is_bitwise_the_same_at_every_batch_size_and_thread_count(lib, dtype):
     """Thread counts up to more than the cores (the pool's workers then yield to one another); batches
     on the decode path (two blocks side by side, rows in groups) and the prompt path; every prefetch
-    distance the engine may choose."""
-    w8a8 = dtype == "w8a8"
-    _, packed_args = _weights(300, 96, torch.int8 if w8a8 else dtype)
-    packed = stream_gemm.pack(*packed_args, lib=lib, int8_dot=w8a8)
+    distance the engine may choose (and for bf16 dot products, vdpbf16ps's tile height: fused or FMAs
+    at each row count)."""
+    stored = {"w8a8": torch.int8, "bf16_dot": torch.bfloat16}.get(dtype, dtype)
+    _, packed_args = _weights(300, 96, stored)
+    packed = stream_gemm.pack(*packed_args, lib=lib, dot=dtype in ("w8a8", "bf16_dot"))
     x, bias = torch.randn(23, 96), torch.randn(300)
     layer_norm = (torch.randn(96), torch.randn(96), 1e-5)
     alone = torch.cat([stream_gemm.stream_linear(x[i:i + 1], packed, bias, activation="gelu_tanh", layer_norm=layer_norm)
@@ -209,12 +267,14 @@ def test_a_rows_result_is_bitwise_the_same_at_every_batch_size_and_thread_count(
         for count, distance in itertools.product(sorted({1, 2, threads, os.cpu_count() + 3}), PREFETCH_DISTANCES):
             torch.set_num_threads(count)
             lib.stream_gemm_set_prefetch(distance)
+            lib.stream_gemm_set_bf16_fused_rows(distance // 128)   # 0, 2, 4, 8 rows
             for rows in (23, 8, 5, 2):
                 batched = stream_gemm.stream_linear(x[:rows], packed, bias, activation="gelu_tanh", layer_norm=layer_norm)
                 assert torch.equal(batched, alone[:rows]), f"{rows} rows, {count} threads, prefetch {distance}"
     finally:
         torch.set_num_threads(threads)
         lib.stream_gemm_set_prefetch(0)
+        lib.stream_gemm_set_bf16_fused_rows(8)
 
 
 @pytest.mark.parametrize("n", [1, 31, 4096 + 77, 2**20 + 5])
@@ -231,7 +291,7 @@ def test_concurrent_callers_and_a_forked_child_get_the_same_results(lib):
     """Four Python threads calling at once (ctypes drops the GIL: one gets the pool, the others run
     alone) and a forked child (a fresh pool) compute what one caller does."""
     q, scale = _codes(torch.randn(500, 256))
-    packed = stream_gemm.pack(q, scale, lib=lib, int8_dot=True)
+    packed = stream_gemm.pack(q, scale, lib=lib, dot=True)
     inputs = [torch.randn(3, 256) for _ in range(16)]
     want = [stream_gemm.stream_linear(x, packed) for x in inputs]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -259,8 +319,8 @@ def test_stream_linear_rejects_bad_input_by_name(lib):
         stream_gemm.pack(torch.zeros(4, 4, dtype=torch.int8), lib=lib)
     with pytest.raises(ValueError, match="weight must be"):
         stream_gemm.pack(torch.zeros(4, 4, dtype=torch.float64), lib=lib)
-    with pytest.raises(ValueError, match="int8_dot packs int8 codes"):
-        stream_gemm.pack(torch.zeros(4, 4), lib=lib, int8_dot=True)
+    with pytest.raises(ValueError, match="dot packs int8 codes or bfloat16"):
+        stream_gemm.pack(torch.zeros(4, 4), lib=lib, dot=True)
 
 
 def _paged_case(lengths, heads=4, head_dim=64, block_size=16, seed=0):
