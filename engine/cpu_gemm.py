@@ -143,17 +143,30 @@ def bf16_dot_products() -> bool:
     return lib is not None and lib.stream_gemm_bf16_isa().decode() == "avx512_bf16"
 
 
-class StreamingPrefetch(Streaming):
-    """The fp32 streaming GEMM with its software prefetch `distance` bytes ahead: a candidate of the
-    prefetch probe (stream_prefetch_distance), which sets the distance for every later call."""
+class StreamingWithSetting(Streaming):
+    """The streaming GEMM with one of the kernels' run-time settings (`setter`, a function of the C++
+    library, and its value) applied before each call: a candidate of _probed_setting."""
 
-    def __init__(self, distance: int):
+    def __init__(self, setter: str, value: int):
         super().__init__("float")
-        self.distance, self.name = distance, f"prefetch_{distance}"
+        self.setter, self.value = setter, value
+        self.name = f"{setter.removeprefix('stream_gemm_set_')}_{value}"
 
     def __call__(self, packed, h, bias, activation, residual, layer_norm=None):
-        cpu_kernel_library().stream_gemm_set_prefetch(self.distance)
+        getattr(cpu_kernel_library(), self.setter)(self.value)
         return super().__call__(packed, h, bias, activation, residual, layer_norm)
+
+
+def _probed_setting(setter: str, values: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The fastest of `values` for a kernel setting on this machine, probed once (and kept with the path
+    choices) on cold copies of a GPT-2-small c_fc weight stored in `dtype`, then set for every call."""
+    candidates = [StreamingWithSetting(setter, value) for value in values]
+    weight, epilogue = torch.randn(3072, 768).to(dtype), Epilogue(bias=True, gelu=True, residual=False)
+    key = (768, 3072, epilogue, setter, ",".join(p.name for p in candidates), cpu_signature(),
+           f"{torch.get_num_threads()} threads", f"torch {torch.__version__}", _kernels_build())
+    value = next(p.value for p in candidates if p.name == _choose(key, candidates, weight, epilogue))
+    getattr(cpu_kernel_library(), setter)(value)
+    return value
 
 
 PREFETCH_DISTANCES = (0, 256, 512, 1024)   # bytes ahead of each weight stream; 0: the hardware prefetchers alone
@@ -161,31 +174,10 @@ PREFETCH_DISTANCES = (0, 256, 512, 1024)   # bytes ahead of each weight stream; 
 
 @functools.cache
 def stream_prefetch_distance() -> int:
-    """The streaming GEMM's software prefetch distance for this machine, probed once (and kept with the
-    path choices) on cold copies of a GPT-2-small c_fc weight, and set in the kernels for every call.
-    Why probed: on a 2-core Xeon (AVX-512, AMX) 512 bytes ahead read a batch-1 weight stream ~1.1x
-    faster than none, and on a 2-core EPYC every distance tried was slower (kernels/cpu/stream_gemm.cpp)."""
-    candidates = [StreamingPrefetch(d) for d in PREFETCH_DISTANCES]
-    weight, epilogue = torch.randn(3072, 768), Epilogue(bias=True, gelu=True, residual=False)
-    key = (768, 3072, epilogue, "prefetch", ",".join(p.name for p in candidates), cpu_signature(),
-           f"{torch.get_num_threads()} threads", f"torch {torch.__version__}", _kernels_build())
-    distance = next(p.distance for p in candidates if p.name == _choose(key, candidates, weight, epilogue))
-    cpu_kernel_library().stream_gemm_set_prefetch(distance)
-    return distance
-
-
-class StreamingBF16Rows(Streaming):
-    """bf16 dot products on vdpbf16ps for tiles of at most `rows` rows and on shifts and FMAs for larger
-    ones (bitwise the same results): a candidate of the probe bf16_fused_rows, which sets it for every
-    later call."""
-
-    def __init__(self, rows: int):
-        super().__init__("float")
-        self.rows, self.name = rows, f"bf16_fused_rows_{rows}"
-
-    def __call__(self, packed, h, bias, activation, residual, layer_norm=None):
-        cpu_kernel_library().stream_gemm_set_bf16_fused_rows(self.rows)
-        return super().__call__(packed, h, bias, activation, residual, layer_norm)
+    """The streaming GEMM's software prefetch distance for this machine (_probed_setting). Why probed:
+    on a 2-core Xeon (AVX-512, AMX) 512 bytes ahead read a batch-1 weight stream ~1.1x faster than
+    none, and on a 2-core EPYC every distance tried was slower (kernels/cpu/stream_gemm.cpp)."""
+    return _probed_setting("stream_gemm_set_prefetch", PREFETCH_DISTANCES, torch.float32)
 
 
 BF16_FUSED_ROWS = (0, 2, 4, 8)   # tiles of at most this many rows on vdpbf16ps; 0: FMAs always
@@ -193,18 +185,12 @@ BF16_FUSED_ROWS = (0, 2, 4, 8)   # tiles of at most this many rows on vdpbf16ps;
 
 @functools.cache
 def bf16_fused_rows() -> int:
-    """Up to which tile height bf16 dot products run on vdpbf16ps here, probed once (and kept with the
-    path choices) on cold copies of a GPT-2-small c_fc weight, and set in the kernels for every call.
-    Why probed: on a 2-vCPU Xeon vdpbf16ps was the faster way for one-row tiles (batch 1: 3.4 ms
-    against 3.6 on FMAs for 24 c_fc weights) and the slower for four-row ones (batch 8: 6.9 against
-    6.2), as the instruction's issue ports and the core's FMA units compare (kernels/cpu/stream_gemm.cpp)."""
-    candidates = [StreamingBF16Rows(r) for r in BF16_FUSED_ROWS]
-    weight, epilogue = torch.randn(3072, 768).bfloat16(), Epilogue(bias=True, gelu=True, residual=False)
-    key = (768, 3072, epilogue, "bf16 fused rows", ",".join(p.name for p in candidates), cpu_signature(),
-           f"{torch.get_num_threads()} threads", f"torch {torch.__version__}", _kernels_build())
-    rows = next(p.rows for p in candidates if p.name == _choose(key, candidates, weight, epilogue))
-    cpu_kernel_library().stream_gemm_set_bf16_fused_rows(rows)
-    return rows
+    """Up to which tile height bf16 dot products run on vdpbf16ps here, the larger tiles on shifts and
+    FMAs with the same results (_probed_setting). Why probed: on a 2-vCPU Xeon vdpbf16ps was the
+    faster way for one-row tiles (batch 1: 3.4 ms against 3.6 on FMAs for 24 c_fc weights) and the
+    slower for four-row ones (batch 8: 6.9 against 6.2), as the instruction's issue ports and the
+    core's FMA units compare (kernels/cpu/stream_gemm.cpp)."""
+    return _probed_setting("stream_gemm_set_bf16_fused_rows", BF16_FUSED_ROWS, torch.bfloat16)
 
 
 class OneDnnPacked:

@@ -69,6 +69,7 @@
 // Vector width and tile come from the ISA the compiler targets (built with -march=native for the CPU
 // it runs on): AVX-512 has 32 vector registers (8 x 2 = 16 accumulators), AVX2 16 (6 x 2 = 12).
 #include <atomic>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -273,41 +274,6 @@ static inline void tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
   for (int s = 0; s < S; ++s) finish<R>(p, m0, blocks[s], acc[s]);
 }
 
-// Rows m0 .. m0+R-1 of y times the S column blocks `blocks`, int8 activation codes (kInt8Dot). The R
-// rows' codes are read four at a time (one k group, one int32); a block's groups are 4 * NB contiguous bytes.
-template <int R, int S>
-static inline void dot_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
-  constexpr int step = 4 * NB;   // bytes of one k group of a block
-  const RowCodes& rows = *p.x_codes;
-  const int64_t groups = (p.K + 3) / 4;   // the weight's; rows.stride may be longer (a scratch sized for a wider GEMM)
-  const uint8_t* w[S];
-  for (int s = 0; s < S; ++s) w[s] = (const uint8_t*)p.w + blocks[s] * groups * step;
-  const int8_t* x = rows.codes.data() + m0 * rows.stride;
-  const int distance = prefetch_bytes.load(std::memory_order_relaxed);
-  vi acc[S][R][NV];
-  for (int s = 0; s < S; ++s)
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NV; ++j) acc[s][r][j] = (vi){};
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int s = 0; s < S; ++s) {
-      if (distance) prefetch_ahead(w[s] + g * step, step, distance);
-      vi u[NV];
-      for (int j = 0; j < NV; ++j) std::memcpy(&u[j], w[s] + (g * NB + j * VL) * 4, sizeof u[j]);   // one vector load each
-      for (int r = 0; r < R; ++r) {
-        int32_t x_group;
-        std::memcpy(&x_group, x + r * rows.stride + 4 * g, sizeof x_group);
-        for (int j = 0; j < NV; ++j) acc[s][r][j] = dot4(acc[s][r][j], u[j], x_group);
-      }
-    }
-  }
-  for (int s = 0; s < S; ++s) {
-    vf dots[R][NV];   // sum_k wq x = sum_k u x - 128 sum_k x, exact in int32, then rounded once to fp32
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NV; ++j) dots[r][j] = __builtin_convertvector(acc[s][r][j] - 128 * rows.sums[m0 + r], vf);
-    finish<R>(p, m0, blocks[s], dots);
-  }
-}
-
 // Tiles of at most this many rows run kBF16Dot on vdpbf16ps, larger ones on FMAs (dot2; the same
 // results). Where the instruction issues on one port and FMAs on two (as measured on a 2-vCPU Xeon:
 // a batch-8 GPT-2 step 0.93x the widening path's speed on vdpbf16ps, batch 1 1.09x), many-row tiles
@@ -315,44 +281,61 @@ static inline void dot_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S
 // (engine/cpu_gemm.py times the candidates on the machine).
 static std::atomic<int> bf16_fused_rows{MR};
 
-// Rows m0 .. m0+R-1 of y times the S column blocks `blocks`, bf16 activations (kBF16Dot). The R rows'
-// bf16 values are read two at a time (one k pair, one uint32); a block's pairs are 2 * NB contiguous bf16.
-template <int R, int S, bool kFused>
-static inline void bf16_dot_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
-  constexpr int step = 4 * NB;   // bytes of one k pair of a block
+// Rows m0 .. m0+R-1 of y times the S column blocks `blocks` in a dot-product format F: x's rows as
+// RowCodes holds them, one k group of a row in 4 bytes (kInt8Dot: 4 int8 codes; kBF16Dot: 2 bf16),
+// and a block's groups 4 * NB contiguous bytes. kInt8Dot accumulates in int32 (dot4), kBF16Dot in
+// fp32 (dot2: on vdpbf16ps where kFused).
+template <int R, int S, WeightFormat F, bool kFused>
+static inline void dot_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
+  constexpr bool int8 = F == kInt8Dot;
+  using Acc = std::conditional_t<int8, vi, vf>;
+  constexpr int step = 4 * NB;   // bytes of one k group of a block
   const RowCodes& rows = *p.x_codes;
-  const int64_t pairs = (p.K + 1) / 2;
-  const char* w[S];
-  for (int s = 0; s < S; ++s) w[s] = (const char*)p.w + blocks[s] * pairs * step;
-  const uint16_t* x = rows.bf16.data() + m0 * rows.stride;
+  const int64_t groups = int8 ? (p.K + 3) / 4 : (p.K + 1) / 2;   // the weight's; rows.stride may be longer
+  const uint8_t* w[S];
+  for (int s = 0; s < S; ++s) w[s] = (const uint8_t*)p.w + blocks[s] * groups * step;
+  const int64_t row_bytes = rows.stride * (int8 ? 1 : 2);
+  const char* x = int8 ? (const char*)rows.codes.data() : (const char*)rows.bf16.data();
+  x += m0 * row_bytes;
   const int distance = prefetch_bytes.load(std::memory_order_relaxed);
-  vf acc[S][R][NV];
+  Acc acc[S][R][NV];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NV; ++j) acc[s][r][j] = (vf){};
-  for (int64_t g = 0; g < pairs; ++g) {
+      for (int j = 0; j < NV; ++j) acc[s][r][j] = (Acc){};
+  for (int64_t g = 0; g < groups; ++g) {
     for (int s = 0; s < S; ++s) {
       if (distance) prefetch_ahead(w[s] + g * step, step, distance);
       vi u[NV];
       for (int j = 0; j < NV; ++j) std::memcpy(&u[j], w[s] + (g * NB + j * VL) * 4, sizeof u[j]);   // one vector load each
       for (int r = 0; r < R; ++r) {
-        uint32_t x_pair;
-        std::memcpy(&x_pair, x + r * rows.stride + 2 * g, sizeof x_pair);
-        for (int j = 0; j < NV; ++j) acc[s][r][j] = dot2<kFused>(acc[s][r][j], u[j], x_pair);
+        uint32_t x_group;
+        std::memcpy(&x_group, x + r * row_bytes + 4 * g, sizeof x_group);
+        for (int j = 0; j < NV; ++j) {
+          if constexpr (int8) acc[s][r][j] = dot4(acc[s][r][j], u[j], (int32_t)x_group);
+          else acc[s][r][j] = dot2<kFused>(acc[s][r][j], u[j], x_group);
+        }
       }
     }
   }
-  for (int s = 0; s < S; ++s) finish<R>(p, m0, blocks[s], acc[s]);
+  for (int s = 0; s < S; ++s) {
+    if constexpr (int8) {
+      vf dots[R][NV];   // sum_k wq x = sum_k u x - 128 sum_k x, exact in int32, then rounded once to fp32
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) dots[r][j] = __builtin_convertvector(acc[s][r][j] - 128 * rows.sums[m0 + r], vf);
+      finish<R>(p, m0, blocks[s], dots);
+    } else {
+      finish<R>(p, m0, blocks[s], acc[s]);
+    }
+  }
 }
-
 // A tile of R rows times S blocks: fp32 activations times format F, or the activations rounded as a
 // dot-product format takes them (int8 codes times kInt8Dot, bf16 times kBF16Dot).
 template <int R, int S, WeightFormat F>
 static inline void any_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
-  if constexpr (F == kInt8Dot) dot_tile<R, S>(p, m0, blocks);
+  if constexpr (F == kInt8Dot) dot_tile<R, S, F, true>(p, m0, blocks);
   else if constexpr (F == kBF16Dot) {
-    if (R <= bf16_fused_rows.load(std::memory_order_relaxed)) bf16_dot_tile<R, S, true>(p, m0, blocks);
-    else bf16_dot_tile<R, S, false>(p, m0, blocks);
+    if (R <= bf16_fused_rows.load(std::memory_order_relaxed)) dot_tile<R, S, F, true>(p, m0, blocks);
+    else dot_tile<R, S, F, false>(p, m0, blocks);
   }
   else tile<R, S, F>(p, m0, blocks);
 }
