@@ -21,8 +21,9 @@
 //    fp32 accumulator (the ISA flushes subnormal inputs and results to zero). So x carries bf16's
 //    relative rounding (<= 2^-9) as well as the weight, as torch's own bf16 matmul would, and a
 //    vector of 2 * VL weights costs one instruction where widening costs two conversions and two FMAs.
-//    The portable loop (CPUs without AVX512-BF16; only tests select it there) computes the same products
-//    and sums, in the ISA's documented order (the odd k first), subnormals kept.
+//    The same products and sums also run on shifts and FMAs (dot2), in the ISA's documented order (the
+//    odd k first), bitwise vdpbf16ps's result for normal values: for tiles of many rows where that is
+//    faster (a probed setting, below), and in builds without AVX512-BF16 (only tests select kBF16Dot there).
 //
 // Why hand-written: at decode batches a linear layer is a weight stream (each weight is used by M <= 8
 // rows), so its speed is the DRAM read rate. The library GEMMs reachable from torch (oneDNN packed, MKL
