@@ -41,7 +41,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import torch
 
 from gpt2_engine import cpu_gemm
 from gpt2_engine.bench import ctranslate2_peer, llama_cpp_peer
+from gpt2_engine.bench.stepping import off_main_thread
 from gpt2_engine.api import GPT2
 from gpt2_engine.cli_args import add_device_argument, int_at_least
 from gpt2_engine.config import PRESETS, GPT2Config
@@ -202,19 +202,9 @@ class StepClock:
         return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
-def off_main_thread(steps):
-    """steps() run in a thread other than the main one, as the router's thread steps the engine for
-    generate() and the server; its result. OpenMP libraries run differently there (engine/cpu_gemm.py):
-    on the main thread, libgomp's workers keep spinning for milliseconds after each of torch's
-    parallel ops (a copy, a sum) and take a core from the C++ kernels' own threads (a w8a8 decode
-    step after a 50k-element copy: 5.7 ms -> 9.5 ms on 2 vCPUs), which no user of the router sees."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2-engine-bench") as stepper:
-        return stepper.submit(steps).result()
-
-
 def run_engine(model: GPT2, prompts: torch.Tensor, new_tokens: int, clock: StepClock) -> None:
     """Drive the runtime directly: one prefill step for the whole batch, then decode steps, off the
-    main thread (off_main_thread)."""
+    main thread (bench.stepping)."""
     engine = model.engine
     params = SamplingParams(max_new_tokens=new_tokens, eos_token_ids=())
 

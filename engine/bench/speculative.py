@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2_engine.api import GPT2
-from gpt2_engine.bench.decode import off_main_thread
+from gpt2_engine.bench.stepping import off_main_thread
 from gpt2_engine.config import PRESETS
 from gpt2_engine.model import PagedGPT2
 from gpt2_engine.sampling import SamplingParams
@@ -71,7 +71,7 @@ def _speculations(model: GPT2, k: int, seed: int, methods: list[str]) -> dict[st
 
 
 def _generate(model: GPT2, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], float, int]:
-    """Drive the engine (off the main thread, as bench.decode does): the first step prefills every
+    """Drive the engine (off the main thread: bench.stepping): the first step prefills every
     prompt; returns the tokens, the decode seconds after that step, and the tokens generated in them."""
     return off_main_thread(lambda: _steps(model.engine, prompts, params))
 
