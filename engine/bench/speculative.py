@@ -3,8 +3,9 @@ model in one run, side by side: decode tok/s, the paired speedup, acceptance rat
 length, and whether the tokens are identical to plain decoding's.
 
 The model: a preset's seeded random weights (--model gpt2, the default) or a checkpoint (--model DIR
-or a hub id), where acceptance is that of the trained weights. Rows: plain decoding; self-drafting with the model's own int8 twin; n-gram prompt lookup; and a
-separate draft model (a distilgpt2-shaped random model, seed + 1). With random weights that pair
+or a hub id), where acceptance is that of the trained weights. Rows: plain decoding; self-drafting
+with the model's own int8 twin; n-gram prompt lookup; and a separate draft model (a
+distilgpt2-shaped random model, seed + 1). With random weights that pair
 agrees only by chance, so its row shows the cost of drafting with near-zero acceptance; the speed
 claim rests on self-drafting. Decode tok/s counts the tokens after the first (the prefill step's)
 over the time from the end of the prefill step to the last token; repeats are interleaved and the

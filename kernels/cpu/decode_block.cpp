@@ -33,8 +33,8 @@ int64_t gpt2_decode_block(const float* x, int64_t B, int64_t C, int64_t H, float
   AttentionWork attention(PagedAttention{qkv.data(), 3 * C, D, k_cache, v_cache, num_blocks, block_size, H, D,
                                          block_tables, table_width, context_lens, B, sm_scale, attended.data()});
   if (attention.bad_sequence()) return attention.bad_sequence();
-  RowCodes x_codes(is_dot_format(f_attn) || is_dot_format(f_proj) || is_dot_format(f_fc) || is_dot_format(f_mlp) ? B : 0,
-                   4 * C);
+  auto any_in = [&](int format) { return f_attn == format || f_proj == format || f_fc == format || f_mlp == format; };
+  RowCodes x_codes(B, 4 * C, any_in(kInt8Dot), any_in(kBF16Dot));
   const Gemm attn = make_gemm(h.data(), B, C, w_attn, f_attn, 3 * C, s_attn, b_attn, false, nullptr, qkv.data(), &x_codes);
   const Gemm proj = make_gemm(attended.data(), B, C, w_proj, f_proj, C, s_proj, b_proj, false, x, x1.data(), &x_codes);
   const Gemm fc = make_gemm(h.data(), B, C, w_fc, f_fc, 4 * C, s_fc, b_fc, true, nullptr, hidden.data(), &x_codes);

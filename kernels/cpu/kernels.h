@@ -19,11 +19,12 @@ inline bool is_dot_format(int format) { return format == kInt8Dot || format == k
 // A dot-product GEMM's activations: gemm_phase stores x's rows here before its tiles run. kInt8Dot:
 // int8 codes (symmetric per row: code = round(x * 127 / max|x|), scale = max|x| / 127, and each row's
 // code sum); kBF16Dot: x rounded to bf16 (to nearest even), as bit patterns. Rows of `stride` values:
-// K rounded up to a multiple of 4, zero past K. Sized for the largest GEMM that uses it; one scratch
-// serves GEMMs run one after another.
+// K rounded up to a multiple of 4, zero past K. Sized for the largest GEMM that uses it, holding only
+// what its formats need (int8 codes, bf16 values); one scratch serves GEMMs run one after another.
 struct RowCodes {
-  RowCodes(int64_t rows, int64_t max_k)
-      : stride((max_k + 3) / 4 * 4), codes(rows * stride), bf16(rows * stride), scales(rows), sums(rows) {}
+  RowCodes(int64_t rows, int64_t max_k, bool int8, bool bf16)
+      : stride((max_k + 3) / 4 * 4), codes(int8 ? rows * stride : 0), bf16(bf16 ? rows * stride : 0),
+        scales(int8 ? rows : 0), sums(int8 ? rows : 0) {}
   int64_t stride;
   std::vector<int8_t> codes;
   std::vector<uint16_t> bf16;

@@ -495,7 +495,7 @@ void stream_gemm(const float* x, int64_t M, int64_t K, const void* w, int format
                  const float* ln_weight, const float* ln_bias, float eps, const float* bias, int gelu,
                  const float* residual, float* y, int threads) {
   std::vector<float> normalized(ln_weight ? M * K : 0);
-  RowCodes x_codes(is_dot_format(format) ? M : 0, K);
+  RowCodes x_codes(M, K, format == kInt8Dot, format == kBF16Dot);
   const Gemm g = make_gemm(ln_weight ? normalized.data() : x, M, K, w, format, N, scale, bias, gelu != 0, residual, y,
                            &x_codes);
   parallel(threads, [&](Team& team) {
