@@ -36,7 +36,7 @@ from gpt2_engine.router import RouterClosed
 from gpt2_engine.server.choices import Choice
 from gpt2_engine.server.metrics import ServerMetrics
 from gpt2_engine.server.protocol import (APIError, CompletionRequest, Prompt, bad_request, for_prompts, prompts_of,
-                                         sampling_params)
+                                         read_body, sampling_params)
 
 _DONE = object()          # a pump's end marker in the streaming queue
 DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
@@ -89,20 +89,6 @@ class CompletionServer:
         if name != self.name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
-
-    async def read_body(self, request: Request) -> bytes:
-        """The body, or 413 as soon as it is known to exceed max_body_size (by Content-Length, or by
-        what has arrived)."""
-        too_large = APIError(413, f"the request body exceeds {self.max_body_size} bytes", code="request_too_large")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_size:
-            raise too_large
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body_size:
-                raise too_large
-        return bytes(body)
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -331,7 +317,7 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
         server.check_auth(request)
         if server.draining:
             raise APIError(503, "the server is shutting down")
-        body = await server.read_body(request)
+        body = await read_body(request, server.max_body_size)
         watcher = asyncio.ensure_future(_until_disconnect(request))
         gone = threading.Event()
         streams = []

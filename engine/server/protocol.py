@@ -1,5 +1,5 @@
 """The /v1/completions request: its JSON shape (pydantic), its conversion into token prompts and
-SamplingParams, and OpenAI's error JSON.
+SamplingParams, OpenAI's error JSON, and reading a body within its size limit.
 
 Mapping onto the engine (vLLM's conventions):
     temperature 0      -> greedy (do_sample=False); any other temperature samples (do_sample=True)
@@ -46,6 +46,21 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
+
+
+async def read_body(request, max_body_size: int) -> bytes:
+    """A starlette Request's body, or a 413 APIError as soon as it is known to exceed max_body_size
+    (by Content-Length, or by what has arrived): a client cannot make the server buffer more."""
+    too_large = APIError(413, f"the request body exceeds {max_body_size} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_body_size:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_size:
+            raise too_large
+    return bytes(body)
 
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
