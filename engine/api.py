@@ -7,7 +7,7 @@ so concurrent `stream()` iterators and `generate()` calls (from one thread or se
 together.
 
     GPT2 / server -> RequestRouter (thread, per-request queues, abort) -> LLMEngine.step():
-    Scheduler.schedule() -> ModelRunner.run(batch) -> Scheduler.postprocess(batch, tokens)
+    Scheduler.schedule() -> ModelRunner.launch(batch) -> Scheduler.postprocess(batch, tokens)
 """
 from __future__ import annotations
 

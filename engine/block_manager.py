@@ -81,14 +81,16 @@ class BlockManager:
                      for n, tokens in zip(lengths, token_lists))
         return needed <= self.num_free_blocks
 
-    def allocate(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
+    def allocate(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None, *, reuse: bool = True) -> int:
         """Blocks for positions 0 .. num_tokens-1 of a new sequence: with prefix caching and its
-        token_ids, the cached blocks of its longest cached prefix, then private ones. Returns the
-        number of tokens whose K/V are already in the cache."""
-        assert seq_id not in self.block_tables and self.can_allocate(num_tokens, token_ids)
+        token_ids, the cached blocks of its longest cached prefix (unless reuse=False: its full blocks
+        are still indexed once computed), then private ones. Returns the number of tokens whose K/V
+        are already in the cache."""
+        assert seq_id not in self.block_tables and self.can_allocate(num_tokens, token_ids if reuse else None)
         cached, hashes = [], []
         if self.prefix_cache is not None and token_ids is not None:
-            cached, hashes = self.prefix_cache.lookup(token_ids)
+            if reuse:
+                cached, hashes = self.prefix_cache.lookup(token_ids)
             self.prefix_cache.start(seq_id, hashes)
         for block in cached:
             self._share(block)

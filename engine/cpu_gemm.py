@@ -13,8 +13,11 @@ model and flags, torch threads, torch version, build of our kernels), in-process
 (`cache_file()`), so a later process on the same machine skips the probe.
 
 Cold weights: a decode step streams every weight from DRAM once, so the probe must not time a
-weight that sits in the last-level cache. Each candidate is timed over enough copies of the weight
-to exceed twice the LLC (read from sysfs), visited in turn, as a step visits the layers.
+weight that sits in the last-level cache. Each candidate is timed over copies of the weight, visited
+in turn, as a step visits the layers; between two visits of one copy the probe reads every copy of
+every candidate, so all the candidates' copies together exceed twice the LLC (read from sysfs). So
+the probe's memory is about twice the LLC whatever the number of candidates (~1 GB where a VM
+reports a 480 MB LLC: two replicas probing at once must not exhaust a host).
 
 Before any streaming GEMM is timed: its software prefetch distance is probed the same way, once per
 machine (stream_prefetch_distance; kept with the choices).
@@ -535,7 +538,7 @@ def _probe(candidates, weight, epilogue: Epilogue) -> str:
     best after a pass is dropped: a slow candidate costs the probe a warm-up and one pass."""
     out_features, in_features = weight.q.shape if isinstance(weight, Int8Weight) else weight.shape
     nbytes = weight.q.numel() if isinstance(weight, Int8Weight) else weight.numel() * weight.element_size()
-    copies = max(1, min(_MAX_PROBE_COPIES, math.ceil(2 * llc_bytes() / nbytes)))
+    copies = max(1, min(_MAX_PROBE_COPIES, math.ceil(2 * llc_bytes() / (nbytes * len(candidates)))))
     sources = [weight] + [_copy(weight) for _ in range(copies - 1)]
     prepared = {path.name: (path, [path.prepare(w) for w in sources]) for path in candidates}
     bias = torch.zeros(out_features) if epilogue.bias else None

@@ -1,6 +1,6 @@
 """The engine: requests in, one token event per sampled token out.
 
-    step() = scheduler.schedule() -> ModelRunner.run(batch) -> scheduler.postprocess(batch, tokens)
+    step() = scheduler.schedule() -> ModelRunner.launch(batch) -> scheduler.postprocess(batch, tokens)
 
 A decode-only step of sequences that speculate (gpt2_engine.speculative) drafts, verifies and commits
 runs of tokens instead: schedule() -> speculative_step -> scheduler.commit_runs, synchronously.
@@ -196,18 +196,17 @@ class LLMEngine:
                 runs = speculative_step(self.runner, current.batch, self.speculative_stats)
                 if runs is not None:
                     return self.scheduler.commit_runs(current.batch, runs)
-            if not self.async_scheduling:
-                return self.scheduler.postprocess(current.batch, self.runner.run(current.batch))
             if current.launched is None:
                 current.launched = self.runner.launch(current.batch)
-            if not self.scheduler.can_schedule_ahead(current.batch):
-                return self.scheduler.postprocess(current.batch, current.launched.outcomes())
+            if not (self.async_scheduling and self.scheduler.can_schedule_ahead(current.batch)):
+                return self.scheduler.postprocess(current.batch, current.launched.outcomes(),
+                                                  current.launched.prompt_scores)
             self.scheduler.advance(current.batch)
             batch = self.scheduler.schedule(preempt=False)     # None: commit first, then preempt
             if batch is not None and batch.seqs:
                 uncommitted.append(_Step(batch))
                 uncommitted[1].launched = self.runner.launch(batch, previous=current.launched)
-            events = self.scheduler.commit(current.batch, current.launched.outcomes())
+            events = self.scheduler.commit(current.batch, current.launched.outcomes(), current.launched.prompt_scores)
         except BaseException as exc:
             for step in reversed(uncommitted):
                 restore_generators(step.snapshot)

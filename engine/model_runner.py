@@ -1,16 +1,16 @@
 """Runs one scheduled batch on the model: owns the KV cache, applies copy-on-write block copies,
 packs the step's tokens, replays CUDA graphs for decode-only steps, and samples.
 
-    run(batch): block copies -> pack (prefill chunks first, then one-token decode rows) ->
-                forward (or graph replay) -> logits of the sampling rows -> one token per drawing
-                sequence (a request's first sample draws for all its return sequences), and one
-                proposed BeamStep per beam group from its members' rows (gpt2_engine.beam_search)
+    launch(batch): block copies -> pack (prefill chunks first, then one-token decode rows) ->
+                   forward (or graph replay) -> logits of the sampling rows -> one token per drawing
+                   sequence (a request's first sample draws for all its return sequences), one
+                   proposed BeamStep per beam group from its members' rows (gpt2_engine.beam_search),
+                   and the prompt logprobs its prefill chunks score (gpt2_engine.prompt_logprobs)
 
-run(batch) is launch(batch).outcomes(). `launch` only enqueues work on the device (on CUDA its
-inputs go up through pinned buffers without waiting, and its tokens' readback is enqueued behind
-the sampling; beam proposals excepted, which read back), so the engine can launch the next step
-before reading this one's tokens: that step's pending tokens are then gathered on the device
-from this step's token tensor (pack_step's pending_*).
+`launch` only enqueues work on the device (on CUDA its inputs go up through pinned buffers without
+waiting, and its tokens' readback is enqueued behind the sampling; beam proposals excepted, which
+read back), so the engine can launch the next step before reading this one's tokens: that step's
+pending tokens are then gathered on the device from this step's token tensor (pack_step's pending_*).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from gpt2_engine.host_staging import staging_for, upload
 from gpt2_engine.kv_cache import allocate_kv_cache, copy_blocks
 from gpt2_engine.model import PagedGPT2, StepInputs, pack_step
 from gpt2_engine.persistent_decode import check_decode_kernel
+from gpt2_engine.prompt_logprobs import PromptScores, ScoredChunk
 from gpt2_engine.sampling import SampledToken, SampledTokens, draw_tokens
 from gpt2_engine.scheduler import ScheduledBatch
 from gpt2_engine.sequence import Sequence
@@ -41,8 +42,9 @@ class LaunchedStep:
     groups' excepted), the draw of sequence s in row `token_rows[s.seq_id]`."""
 
     def __init__(self, batch: ScheduledBatch, sampled: SampledTokens | None, token_draws: list[int],
-                 beam_steps: dict[int, BeamStep]):
+                 beam_steps: dict[int, BeamStep], prompt_scores: PromptScores | None = None):
         self.num_draws, self.token_draws, self.beam_steps = len(batch.draws), token_draws, beam_steps
+        self.prompt_scores = prompt_scores      # the prompt logprobs its chunks score, if any
         self._sampled = sampled
         self.tokens = sampled.tokens if sampled is not None else None
         self.token_rows = {batch.draws[i].seq_id: row for row, i in enumerate(token_draws)}
@@ -87,16 +89,12 @@ class ModelRunner:
         """Triton launches on the current CUDA device: make it the model's (e.g. cuda:1)."""
         return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
 
-    def run(self, batch: ScheduledBatch) -> list[SampledToken | BeamStep]:
-        """One outcome for each of batch.draws: a token for a sequence, a BeamStep for a beam group."""
-        return self.launch(batch).outcomes()
-
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Enqueue the step; `previous` is the launched step whose tokens are pending in this one."""
         with self.on_device():
             copy_blocks(self.kv_cache, batch.block_copies)
-            step, sampler_rows = self.prepare_step(batch, previous)
+            step, sampler_rows, scoring = self.prepare_step(batch, previous)
             if self.persistent is not None and self.persistent.covers(step):
                 logits = self.persistent.run(step)
             elif self.graphs is not None and step.num_prefill_tokens == 0 and step.logits_indices is None:
@@ -118,19 +116,22 @@ class ModelRunner:
                 sampled = draw_tokens(picked, [batch.draws[i] for i in token_draws])
             beam_steps = {i: draw.propose(logits[[sampler_rows[r] for r in batch.draw_rows[i]]])
                           for i, draw in enumerate(batch.draws) if not isinstance(draw, Sequence)}
-            return LaunchedStep(batch, sampled, token_draws, beam_steps)
+            return LaunchedStep(batch, sampled, token_draws, beam_steps,
+                                PromptScores(logits, *scoring) if scoring is not None else None)
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         with self.on_device():
             return self.model.prompt_logits(prompts)
 
-    def prepare_step(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> tuple[StepInputs, list[int]]:
+    def prepare_step(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) \
+            -> tuple[StepInputs, list[int], tuple[list[int], list[int], list[ScoredChunk]] | None]:
         """The step's device inputs, prefill chunks (> 1 token) first, then the one-token rows, which
-        read their context through the block table (decode attention); and, for each of
-        batch.row_seqs, its row in the logits. In batch-invariant mode every sequence's tokens are
-        prefill rows (one attention path for all). A sequence's last token may be pending: drawn in
-        `previous`, it is read from there on the device."""
+        read their context through the block table (decode attention); for each of batch.row_seqs,
+        its row in the logits; and the prompt logprobs its chunks score (their logits rows after the
+        sampling rows, the tokens they score, the chunks), or None. In batch-invariant mode every
+        sequence's tokens are prefill rows (one attention path for all). A sequence's last token
+        may be pending: drawn in `previous`, it is read from there on the device."""
         bm = self.block_manager
         as_prefill = [n > 1 or self.batch_invariant for n in batch.num_tokens]
         order = sorted(range(len(batch.seqs)), key=lambda i: not as_prefill[i])
@@ -139,9 +140,15 @@ class ModelRunner:
         cu_q, cu_k, prefill_seqs, tables, context_lens = [0], [0], [], [], []
         has_prefix, num_prefill = False, 0
         pending_rows, pending_index = [], []
+        score_indices, score_targets, scored = [], [], []
         for i in order:
             seq, num_tokens = batch.seqs[i], batch.num_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
+            to_score = seq.prompt_positions_to_score(start, end)     # prompt positions: their tokens are on the host
+            if to_score:
+                score_indices += [len(ids) + p - start for p in to_score]
+                score_targets += seq.token_ids[to_score.start + 1:to_score.stop + 1]
+                scored.append(ScoredChunk(seq, to_score.start + 1, len(to_score)))
             ids += seq.token_ids[start:end]
             if end > len(seq.token_ids):   # its pending token: taken on the device from `previous`'s draws
                 ids.append(PENDING_TOKEN)
@@ -161,6 +168,10 @@ class ModelRunner:
             if end == seq.num_tokens:
                 logits_row[seq.seq_id] = len(logits_indices)
                 logits_indices.append(len(ids) - 1)
+        scoring = None
+        if scored:
+            scoring = (list(range(len(logits_indices), len(logits_indices) + len(score_indices))), score_targets, scored)
+            logits_indices += score_indices
         # keys of every prefill sequence read back from the cache: needed only when a chunk has a prefix
         key_slots = [bm.slot(seq_id, p) for seq_id, end in prefill_seqs for p in range(end)] if has_prefix else None
         step = pack_step(self.model.config.vocab_size, self.model.device, token_ids=ids, positions=positions,
@@ -168,7 +179,7 @@ class ModelRunner:
                          cu_seqlens_q=cu_q if num_prefill else None,
                          cu_seqlens_k=cu_k if has_prefix else None, key_slots=key_slots,
                          block_tables=tables or None, context_lens=context_lens or None,
-                         logits_indices=None if len(logits_indices) == len(ids) else logits_indices,
+                         logits_indices=None if logits_indices == list(range(len(ids))) else logits_indices,
                          staging=self.staging, pending_tokens=previous.tokens if pending_rows else None,
                          pending_rows=pending_rows, pending_index=pending_index)
-        return step, [logits_row[seq.seq_id] for seq in batch.row_seqs]
+        return step, [logits_row[seq.seq_id] for seq in batch.row_seqs], scoring

@@ -42,6 +42,9 @@ class SamplingParams:
     seed: int | None = None    # None: drawn from torch's global RNG when the request is made
     output_scores: bool = False
     logprobs: int | None = None   # also return the sampled token's log-probability and this many top ones
+    # also return each prompt token's log-probability given the tokens before it, and this many top
+    # ones (computed in the prefill's chunks: PromptLogprobs events before the first token)
+    prompt_logprobs: int | None = None
     no_repeat_ngram_size: int = 0  # 0 = off
     # beam search (gpt2_engine.beam_search) when num_beams > 1, with transformers' meaning of these
     num_beams: int = 1
@@ -65,6 +68,9 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or isinstance(
+                self.prompt_logprobs, bool) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
         if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 1:
@@ -77,6 +83,8 @@ class SamplingParams:
             raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; use do_sample=False")
         if self.num_beams > 1 and self.logprobs is not None:
             raise ValueError("logprobs are not reported for beam search (num_beams > 1)")
+        if self.num_beams > 1 and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs are not reported for beam search (num_beams > 1)")
         if self.num_beams > 1 and self.speculation is not None:
             raise ValueError("speculative decoding (assistant_model, prompt_lookup_num_tokens) does not combine with "
                              "beam search (num_beams > 1), as in transformers")

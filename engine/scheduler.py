@@ -1,5 +1,7 @@
 """Continuous-batching scheduler: waiting and running queues, admission by free blocks, running
 slots and a token budget per step, chunked prefill, and preemption by recompute when the KV pool runs dry.
+A step also scores at most SCORED_ROWS_PER_STEP prompt positions (gpt2_engine.prompt_logprobs): a
+sequence that asks for prompt logprobs gets no larger chunks than that allows.
 
 `schedule()` picks, for some sequences, the next `num_tokens` of their token_ids starting at
 num_computed_tokens: one token for a running sequence in decode, a chunk of the prompt (or of
@@ -27,8 +29,9 @@ from dataclasses import dataclass, field
 
 from gpt2_engine.beam_search import BeamGroup, BeamStep
 from gpt2_engine.block_manager import BlockManager
+from gpt2_engine.prompt_logprobs import SCORED_ROWS_PER_STEP, PromptScores
 from gpt2_engine.sampling import SampledToken
-from gpt2_engine.sequence import Sequence, SequenceStatus, TokenEvent
+from gpt2_engine.sequence import PromptLogprobs, Sequence, SequenceStatus, TokenEvent
 
 
 @dataclass
@@ -58,6 +61,26 @@ class ScheduledBatch:
             self.row_seqs.append(seq)
 
 
+@dataclass
+class _StepBudget:
+    """What the step being scheduled may still take: tokens (max_num_batched_tokens), and positions
+    whose prompt logprobs it scores (each costs an LM-head row and a log-softmax over the vocabulary)."""
+    tokens: int
+    scored_rows: int = SCORED_ROWS_PER_STEP
+
+    def take_chunk(self, seq: Sequence, remaining: int) -> int:
+        """The size of seq's next prefill chunk (up to `remaining` tokens) that fits, taken from the budget."""
+        start = seq.num_computed_tokens
+        size = min(remaining, self.tokens)
+        scored = seq.prompt_positions_to_score(start, start + size)
+        if len(scored) > self.scored_rows:
+            size = scored.start + self.scored_rows - start
+            scored = range(scored.start, scored.start + self.scored_rows)
+        self.tokens -= size
+        self.scored_rows -= len(scored)
+        return size
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.block_manager = block_manager
@@ -79,7 +102,7 @@ class Scheduler:
         With preempt=False (a step is in flight), None instead when the pool may be too dry for the
         decode slots: a preemption victim could be a sequence of the step in flight."""
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
+        budget = _StepBudget(self.max_num_batched_tokens)
         # 1. decode slots for running sequences (a beam group's active members all together),
         #    preempting the most recently admitted when the pool is dry
         decoding = [unit for unit in self._running_units()
@@ -90,7 +113,7 @@ class Scheduler:
         if not (room or preempt):
             return None
         for unit, needing in zip(decoding, slot_needs):
-            if unit[0].status is not SequenceStatus.RUNNING or budget < len(unit):     # (preempted meanwhile)
+            if unit[0].status is not SequenceStatus.RUNNING or budget.tokens < len(unit):     # (preempted meanwhile)
                 continue
             while not room and unit[0].status is SequenceStatus.RUNNING and not self.block_manager.can_append_all(needing):
                 self.preempt(self._newest_unscheduled(batch))
@@ -100,32 +123,41 @@ class Scheduler:
                 batch.block_copies += self.block_manager.append(seq_id)
             for seq in unit:
                 batch.add(seq, 1)
-            budget -= len(unit)
+            budget.tokens -= len(unit)
         # 2. running sequences in the middle of a chunked prefill (or a beam's recompute)
         for seq in self.running:
             remaining = seq.prefill_target - seq.num_computed_tokens
-            if remaining > 0 and seq.num_uncomputed > 1 and budget > 0:
-                batch.add(seq, min(remaining, budget))
-                budget -= batch.num_tokens[-1]
+            if remaining > 0 and seq.num_uncomputed > 1 and budget.tokens > 0:
+                self._add_chunk(batch, seq, budget.take_chunk(seq, remaining))
         # 3. admit waiting sequences (or beam groups, all members at once) first come, first served
-        while self.waiting and budget > 0:
+        while self.waiting and budget.tokens > 0:
             seq = self.waiting[0]
             members = seq.unit
             if self._running_slots() + seq.running_slots > self.max_num_seqs or not self.block_manager.can_allocate_all(
-                    [len(m.token_ids) for m in members], [m.token_ids for m in members]):
+                    [len(m.token_ids) for m in members], [m.token_ids if self._may_reuse(m) else None for m in members]):
                 break
             self.waiting.popleft()
             for member in members:
                 # a cached prefix (prefix caching) is computed already; the rest goes through prefill
                 member.num_computed_tokens = self.block_manager.allocate(member.seq_id, len(member.token_ids),
-                                                                         member.token_ids)
+                                                                         member.token_ids, reuse=self._may_reuse(member))
                 member.status = SequenceStatus.RUNNING
                 self.running.append(member)
                 remaining = member.prefill_target - member.num_computed_tokens
-                if budget > 0 and remaining > 0:
-                    batch.add(member, min(remaining, budget))
-                    budget -= batch.num_tokens[-1]
+                if budget.tokens > 0 and remaining > 0:
+                    self._add_chunk(batch, member, budget.take_chunk(member, remaining))
         return batch
+
+    @staticmethod
+    def _add_chunk(batch: ScheduledBatch, seq: Sequence, size: int) -> None:
+        if size > 0:       # (none when the step may score no more of its prompt)
+            batch.add(seq, size)
+
+    @staticmethod
+    def _may_reuse(seq: Sequence) -> bool:
+        """Whether the sequence may skip a cached prefix: not while it has prompt tokens to score,
+        whose logits only its own prefill gives (gpt2_engine.prompt_logprobs)."""
+        return not seq.prompt_positions_to_score(0, seq.num_tokens)
 
     def _needing_slots(self, unit: list[Sequence]) -> list[int]:
         """The unit's sequences whose next token needs a slot (a prompt's last token got one at admission)."""
@@ -150,12 +182,13 @@ class Scheduler:
     def _running_slots(self) -> int:
         return sum(unit[0].running_slots for unit in self._running_units())
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
+    def postprocess(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep],
+                    prompt_scores: PromptScores | None = None) -> list[TokenEvent | PromptLogprobs]:
         """Commit a step: its tokens' K/V are now cached, first-sampled requests fork their return
         sequences (copy-on-write), every drawing sequence gets its token, beam groups take their
         step (and, when done, deliver their hypotheses), finished ones are freed."""
         self.advance(batch)
-        return self.commit(batch, sampled)
+        return self.commit(batch, sampled, prompt_scores)
 
     def can_schedule_ahead(self, batch: ScheduledBatch) -> bool:
         """Whether the next step may be scheduled after advance(batch), before its tokens are known:
@@ -178,16 +211,22 @@ class Scheduler:
             if running:
                 draw.add_pending()
 
-    def commit(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep]) -> list[TokenEvent]:
+    def commit(self, batch: ScheduledBatch, sampled: list[SampledToken | BeamStep],
+               prompt_scores: PromptScores | None = None) -> list[TokenEvent | PromptLogprobs]:
         """The rest of postprocess once the step's outcomes are known (after advance). The events are
         built before anything is written, and the writes cannot fail, so a step is either committed
         with all its events or not at all (then the engine rolls it back). A draw whose sequence
-        ended since the step was launched is dropped."""
+        ended since the step was launched is dropped. The prompt logprobs its chunks scored come
+        first (they precede any token of their sequence)."""
         if len(sampled) != len(batch.draws):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(batch.draws)} drawing sequences")
         running = self._running_draws(batch)
+        scored = [(chunk.seq, event) for chunk, event in zip(prompt_scores.chunks, prompt_scores.events())
+                  if chunk.seq.status is SequenceStatus.RUNNING] if prompt_scores is not None else []
         # per draw: its events (a beam group has none until it is done, then all its hypotheses')
         draw_events = [draw.events_for(outcome) if runs else [] for draw, outcome, runs in zip(batch.draws, sampled, running)]
+        for seq, event in scored:
+            seq.num_prompt_logprobs = event.first_token + len(event.logprobs) - 1
         for seq in batch.row_seqs:
             if seq.status is SequenceStatus.RUNNING:
                 for child in seq.forks:
@@ -202,7 +241,7 @@ class Scheduler:
             if reason is not None:
                 for seq in list(draw.unit):
                     self._finish(seq, reason)
-        return [event for events in draw_events for event in events]
+        return [event for _, event in scored] + [event for events in draw_events for event in events]
 
     def commit_runs(self, batch: ScheduledBatch, runs: list[list[SampledToken]]) -> list[TokenEvent]:
         """Commit a speculative step (gpt2_engine.speculative) instead of postprocess: each sequence
@@ -263,6 +302,7 @@ class Scheduler:
         """A return sequence sharing its parent's blocks (copy-on-write), running right away."""
         self.block_manager.fork(parent.seq_id, child.seq_id)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.num_prompt_logprobs = parent.num_prompt_logprobs     # the prompt's were delivered once, as the parent's
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 

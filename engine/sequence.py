@@ -13,6 +13,7 @@ Scheduler writes it, each field in these places:
     num_pending,         advance (one per draw), commit (the token appended, the pending one gone),
     num_generated        rollback (the pending one dropped); BeamGroup.commit (the beams' tokens)
     token_ids            commit; BeamGroup.commit
+    num_prompt_logprobs  commit (a step's PromptLogprobs), _admit_fork (its parent's)
     forks                commit (forked off at the first sample)
 
 With async scheduling (gpt2_engine.llm_engine) a step is scheduled before the previous step's tokens are
@@ -52,6 +53,7 @@ class Sequence:
     num_computed_tokens: int = 0      # tokens whose K/V are in the cache
     num_pending: int = 0              # tokens drawn on the device, not read back yet (0 or 1), after token_ids
     num_generated: int = 0
+    num_prompt_logprobs: int = 0      # prompt tokens 1 .. this whose logprobs were delivered (params.prompt_logprobs)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" (eos), "length" or "abort"
     group: BeamGroup | None = None    # the beam search this sequence is a beam of (gpt2_engine.beam_search)
@@ -134,6 +136,17 @@ class Sequence:
         return len(self.token_ids) + self.num_pending
 
     @property
+    def num_prompt_tokens(self) -> int:
+        return self.num_tokens - self.num_generated
+
+    def prompt_positions_to_score(self, start: int, end: int) -> range:
+        """The positions p of a chunk [start, end) whose logits give a prompt token's logprob (token
+        p + 1's) not delivered yet, when the request asks for prompt logprobs; else none."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, self.num_prompt_logprobs), min(end, self.num_prompt_tokens - 1))
+
+    @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
@@ -172,3 +185,17 @@ class TokenEvent:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens first_token .. first_token + len(logprobs) - 1, each under the model's
+    raw logits given the tokens before it (params.prompt_logprobs; token 0 has none). A request's
+    events hold each such token once, in order, before its first TokenEvent."""
+    request_id: int
+    index: int                          # which return sequence of the request (its first: it is the prompt's)
+    first_token: int
+    logprobs: tuple[float, ...]
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]   # the top params.prompt_logprobs of each
+
+    finished = False                    # it never ends a sequence (TokenEvent.finished)

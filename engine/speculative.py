@@ -146,7 +146,7 @@ class DraftModelProposer:
                 batch.add(shadow, shadow.num_uncomputed)
             last.append(len(batch.row_seqs) - 1)
         with self.runner.on_device(), torch.inference_mode():
-            step, rows = self.runner.prepare_step(batch)
+            step, rows, _ = self.runner.prepare_step(batch)
             logits = self.runner.model.forward(step, self.runner.kv_cache)
         for shadow in shadows:
             shadow.num_computed_tokens = len(shadow.token_ids)
@@ -160,8 +160,9 @@ class DraftModelProposer:
             if not bm.can_allocate(len(seq.token_ids)):
                 return 0
             bm.allocate(seq.seq_id, len(seq.token_ids))
-            shadow = Sequence(seq.seq_id, seq.request_id, seq.index, [], seq.params, seq.generator,
-                              status=SequenceStatus.RUNNING)
+            # the draft model's own prefill scores nothing (the target's chunks give the prompt logprobs)
+            params = dataclasses.replace(seq.params, prompt_logprobs=None)
+            shadow = Sequence(seq.seq_id, seq.request_id, seq.index, [], params, seq.generator, status=SequenceStatus.RUNNING)
             self.shadows[seq.seq_id] = seq, shadow
         else:
             shadow = entry[1]
@@ -293,7 +294,7 @@ def speculative_step(runner: ModelRunner, batch: ScheduledBatch,
         add_position_rows(rows, seq, seq.token_ids + draft, seq.num_computed_tokens)
     with runner.on_device(), torch.inference_mode():
         copy_blocks(runner.kv_cache, copies)
-        step, _ = runner.prepare_step(rows)
+        step, _, _ = runner.prepare_step(rows)
         logits = runner.model.forward(step, runner.kv_cache)
         runs = verify(list(logits.split([1 + len(draft) for draft in drafts])), seqs, drafts, draft_probs)
     stats.add(drafts, runs)

@@ -116,7 +116,7 @@ def count_decode_step(config: GPT2Config, *, batch_size: int = 2, prompt_len: in
     engine.step()                                                     # prefill
     batch = engine.scheduler.schedule()
     assert batch.block_copies == [] and all(n == 1 for n in batch.num_tokens)
-    step, _ = engine.runner.prepare_step(batch)
+    step, _, _ = engine.runner.prepare_step(batch)
     kv_cache = engine.runner.kv_cache
     block_size = kv_cache.shape[3]
     num_splits = attention_splits(step.block_tables.shape[1] * block_size, block_size)

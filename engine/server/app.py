@@ -8,9 +8,11 @@ prompt * n + sequence, as OpenAI orders them). A streaming client that disconnec
 cut at a stop string, closes its router stream, which frees the KV blocks before it returns.
 
 The event loop only moves bytes: parsing the body, tokenizing, the engine's checks, queueing the
-router requests, prompt logprobs and /metrics run in worker threads, so one request's size cannot
-stall the streams of the others. A client that leaves while its request is still being prepared or
-queued aborts it there (the prompts queued so far are closed). A request asks for at most
+router requests and /metrics run in worker threads, so one request's size cannot stall the streams
+of the others. Echo with logprobs asks the engine for prompt logprobs, which its steps compute chunk
+by chunk of the prefill (gpt2_engine.prompt_logprobs): admitted and bounded like any prompt. A
+client that leaves while its request is still being prepared or queued aborts it there (the
+prompts queued so far are closed). A request asks for at most
 max_num_seqs sequences (prompts x n): more could never run at once (so they would never fit,
 whatever max_queue), and one request must not fill the waiting queue ahead of everybody else.
 """
@@ -25,7 +27,6 @@ import threading
 import time
 import uuid
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from gpt2_engine.llm_engine import CheckedRequest
 from gpt2_engine.router import RouterClosed
+from gpt2_engine.sequence import PromptLogprobs
 from gpt2_engine.server.choices import Choice
 from gpt2_engine.server.metrics import ServerMetrics
 from gpt2_engine.server.protocol import (APIError, CompletionRequest, Prompt, bad_request, for_prompts, prompts_of,
@@ -40,7 +42,6 @@ from gpt2_engine.server.protocol import (APIError, CompletionRequest, Prompt, ba
 
 _DONE = object()          # a pump's end marker in the streaming queue
 DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
-PROMPT_LOGPROBS_ROWS = 256    # prompt positions whose log-softmax is computed at once (echo + logprobs)
 
 
 class ClientGone(Exception):
@@ -64,9 +65,6 @@ class CompletionServer:
         self.metrics = ServerMetrics(self.router.stats)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self._admission = asyncio.Lock()
-        # Prompt logprobs need the whole prompt's logits (~200 MB for 1,023 GPT-2 tokens): one request
-        # computes them at a time, so their memory is bounded whatever the concurrency.
-        self._prompt_scoring = asyncio.Semaphore(1)
         self._scrape: asyncio.Future | None = None
         self.draining = False      # set by a Ray Serve replica's drain: new completions get a 503
         self.created = int(time.time())
@@ -151,41 +149,32 @@ class CompletionServer:
                    for prompt, p in zip(prompts, params) for _ in range(request.n)]
         return request, prompts, checked, choices
 
-    async def score_prompts(self, request: CompletionRequest, prompts: list[Prompt], choices: list[Choice],
-                            gone: threading.Event) -> None:
-        """Echo with logprobs: each choice starts with its prompt's logprobs."""
-        for r, prompt in enumerate(prompts):
-            async with self._prompt_scoring:
-                if gone.is_set():
-                    raise ClientGone
-                entries = await asyncio.to_thread(self.prompt_logprobs, prompt.token_ids, request.logprobs)
-            for choice in choices[r * request.n:(r + 1) * request.n]:
-                choice.add_prompt_logprobs(prompt.token_ids, *entries)
-
-    def prompt_logprobs(self, token_ids: list[int], k: int):
-        """Each prompt token's logprob under the model given the tokens before it (None for the first),
-        and its top k; the log-softmax is taken PROMPT_LOGPROBS_ROWS positions at a time."""
-        logits = self.model(torch.tensor([token_ids]))[0]
-        chosen, top = [], []
-        for start in range(0, len(token_ids) - 1, PROMPT_LOGPROBS_ROWS):
-            rows = slice(start, min(start + PROMPT_LOGPROBS_ROWS, len(token_ids) - 1))
-            log_probs = torch.log_softmax(logits[rows].float(), dim=-1)
-            targets = torch.tensor(token_ids[rows.start + 1:rows.stop + 1], dtype=torch.long, device=log_probs.device)
-            chosen += log_probs.gather(1, targets[:, None])[:, 0].tolist()
-            if k:
-                values, ids = log_probs.topk(k, dim=-1)
-                top += [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-            else:
-                top += [()] * (rows.stop - rows.start)
-            del log_probs
-        return [None, *chosen], [None, *top]
-
-    async def pump(self, r: int, stream, n: int, choices: list[Choice], arrival: float, emit) -> None:
+    async def pump(self, r: int, stream, request: CompletionRequest, prompt: Prompt, choices: list[Choice],
+                   arrival: float, emit) -> None:
         """Feed one router request's events into its choices; per token emit(choice index, text delta,
-        finish_reason, new logprobs entries or None).
+        finish_reason, new logprobs entries or None). Echo with logprobs: the prompt's logprobs come
+        first (PromptLogprobs events) and go into its choices before the first token; a score-only
+        request (max_tokens 0) ends there, its echoed prompt emitted whole.
         Ends (closing the stream) when all its choices are finished, stop strings included."""
-        last = {}
+        n, last = request.n, {}
+        own = range(r * n, (r + 1) * n)
+        # each prompt token's logprob and top ones (OpenAI gives the first token none)
+        prompt_entries = ([None], [None]) if request.echo and request.logprobs is not None else None
         async for event in stream:
+            if isinstance(event, PromptLogprobs):
+                prompt_entries[0].extend(event.logprobs)
+                prompt_entries[1].extend(event.top_logprobs)
+                continue
+            if prompt_entries is not None:       # the first token: the prompt's entries are all in
+                for index in own:
+                    choices[index].add_prompt_logprobs(prompt.token_ids, *prompt_entries)
+                prompt_entries = None
+            if request.score_only:
+                for index in own:
+                    choices[index].finish_reason = "length"
+                    emit(index, choices[index].text, "length", choices[index].take_logprobs())
+                stream.close()
+                return
             now = time.perf_counter()
             index = r * n + event.index
             if index in last:
@@ -198,7 +187,7 @@ class CompletionServer:
                 continue
             delta = choice.push(event.token_id, event.finish_reason, event.logprob, event.top_logprobs)
             emit(index, delta, choice.finish_reason, choice.take_logprobs())
-            if all(c.finished for c in choices[r * n:(r + 1) * n]):
+            if all(choices[index].finished for index in own):
                 stream.close()
                 return
 
@@ -323,9 +312,7 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
         streams = []
         try:
             req, prompts, checked, choices = await _unless_gone(asyncio.to_thread(server.prepare, body), watcher, gone)
-            if req.echo and req.logprobs is not None:
-                await _unless_gone(server.score_prompts(req, prompts, choices, gone), watcher, gone)
-            if not req.score_only:
+            if not (req.score_only and req.logprobs is None):      # else the echoed prompt alone is the answer
                 streams = await _unless_gone(server.admit(checked, gone), watcher, gone, _close_all)
         except ClientGone:
             watcher.cancel()
@@ -336,14 +323,15 @@ def build_app(model, *, served_model_name: str | None = None, api_key: str | Non
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.name}
         server.metrics.requests.labels("200").inc()
-        if req.score_only:
+        if req.score_only and not streams:
             for choice in choices:
                 choice.finish_reason = "length"
         if req.stream:
             return StreamingResponse(_sse(server, watcher, req, head, prompts, streams, choices, arrival),
                                      media_type="text/event-stream")
         emit = lambda *event: None  # noqa: E731 (the choices keep the text)
-        pumps = [asyncio.ensure_future(server.pump(r, s, req.n, choices, arrival, emit)) for r, s in enumerate(streams)]
+        pumps = [asyncio.ensure_future(server.pump(r, s, req, prompts[r], choices, arrival, emit))
+                 for r, s in enumerate(streams)]
         try:
             pending = set(pumps)
             while pending and not watcher.done():
@@ -378,12 +366,12 @@ async def _sse(server: CompletionServer, watcher: asyncio.Future, req: Completio
 
     async def run(r, stream):
         try:
-            await server.pump(r, stream, req.n, choices, arrival, lambda *event: queue.put_nowait(event))
+            await server.pump(r, stream, req, prompts[r], choices, arrival, lambda *event: queue.put_nowait(event))
             queue.put_nowait(_DONE)
         except Exception as exc:     # the request's error (e.g. the engine shut down): the client sees it
             queue.put_nowait(exc)
 
-    for index, choice in enumerate(choices if req.score_only else ()):      # the echoed prompt is the answer
+    for index, choice in enumerate(choices if req.score_only and not streams else ()):   # the echoed prompt alone
         queue.put_nowait((index, choice.text, choice.finish_reason, choice.take_logprobs()))
     tasks = [asyncio.ensure_future(run(r, s)) for r, s in enumerate(streams)]
     watcher.add_done_callback(lambda _: queue.put_nowait(None))

@@ -183,7 +183,7 @@ def sampling_params(request: CompletionRequest, prompt: Prompt, n_positions: int
     temperature = 1.0 if request.temperature is None else request.temperature
     top_k = request.top_k if request.top_k not in (None, -1) else 0
     max_tokens = request.max_tokens if request.max_tokens is not None else max(1, n_positions - len(prompt.token_ids))
-    if request.score_only:     # nothing is generated; the other values are still checked
+    if request.score_only:     # the prompt only: its one sampled token is dropped; the other values are still checked
         max_tokens = 1
     try:
         return SamplingParams(
@@ -192,7 +192,7 @@ def sampling_params(request: CompletionRequest, prompt: Prompt, n_positions: int
             top_p=1.0 if request.top_p is None else request.top_p,
             repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
             eos_token_ids=() if request.ignore_eos else (eos_token_id,), seed=request.seed,
-            logprobs=request.logprobs)
+            logprobs=request.logprobs, prompt_logprobs=request.logprobs if request.echo else None)
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 

@@ -19,12 +19,12 @@ MODEL = PagedGPT2(CONFIG, random_state_dict(CONFIG, seed=0), backend="torch")
 
 def computed_tokens(llm: LLMEngine) -> list[int]:
     """Record the tokens each step computes (sum of the scheduled chunk lengths)."""
-    counts, run = [], llm.runner.run
+    counts, launch = [], llm.runner.launch
 
-    def counting_run(batch):
+    def counting_launch(batch, previous=None):
         counts.append(sum(batch.num_tokens))
-        return run(batch)
-    llm.runner.run = counting_run
+        return launch(batch, previous)
+    llm.runner.launch = counting_launch
     return counts
 
 

@@ -110,11 +110,11 @@ def test_an_exception_between_sampling_and_delivery_loses_no_token(monkeypatch):
     real_postprocess = scheduler_module.Scheduler.postprocess
     calls = {"n": 0}
 
-    def failing_postprocess(self, batch, sampled):
+    def failing_postprocess(self, batch, sampled, prompt_scores=None):
         calls["n"] += 1
         if calls["n"] in (3, 5):         # after the tokens were drawn, before anything is delivered
             raise KeyboardInterrupt("injected")
-        return real_postprocess(self, batch, sampled)
+        return real_postprocess(self, batch, sampled, prompt_scores)
 
     params = SamplingParams(max_new_tokens=8, do_sample=True, top_k=20, seed=11)
     streams = [model.router.add(p, params) for p in prompts]
@@ -174,7 +174,7 @@ def test_a_step_that_keeps_failing_ends_its_requests_with_the_error(monkeypatch)
     model = _model()
     ok = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
 
-    def always_fails(self, batch, sampled):
+    def always_fails(self, batch, sampled, prompt_scores=None):
         raise RuntimeError("broken step")
 
     monkeypatch.setattr(scheduler_module.Scheduler, "postprocess", always_fails)

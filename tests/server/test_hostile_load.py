@@ -1,5 +1,5 @@
 """One hostile client beside 32 normal streams (issue 22): a request with more prompts than the
-server takes, a request of 64 long prompts with echo + logprobs abandoned while it is prepared, a
+server takes, a request of 64 long prompts with echo + logprobs abandoned while they are scored, a
 10 MB body, a half-sent body held open, and 16 /metrics scrapers. Every normal stream must equal its
 solo run, and SIGTERM must still drain and exit 0 with the half-sent body open.
 

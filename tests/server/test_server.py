@@ -445,26 +445,13 @@ def test_ctrl_c_drains_and_exits_without_a_traceback(checkpoint):
         process.stop()
 
 
-def test_prompt_logprobs_are_scored_one_request_at_a_time(model):
-    """Echo + logprobs holds a whole prompt's logits (~200 MB for 1,023 GPT-2 tokens): concurrent
-    requests take turns, so that memory is bounded whatever the concurrency (in-process app)."""
+def test_concurrent_prompt_scoring_requests_each_get_their_own_logprobs(model):
+    """Echo + logprobs is computed in the engine's steps (tests/engine/test_prompt_logprobs.py), so
+    concurrent scoring requests are batched like any prompts (in-process app): each answer is its
+    own prompt's."""
     from gpt2_engine.server.app import build_app
 
     app = build_app(model, served_model_name=MODEL_NAME)    # its lifespan (router shutdown) never runs here
-    server = app.state.server
-    active, most = [0], [0]
-    score = server.prompt_logprobs
-
-    def counted(*args):
-        active[0] += 1
-        most[0] = max(most[0], active[0])
-        time.sleep(0.05)           # long enough for the other requests to arrive meanwhile
-        try:
-            return score(*args)
-        finally:
-            active[0] -= 1
-
-    server.prompt_logprobs = counted
 
     async def requests():
         transport = httpx.ASGITransport(app=app)
@@ -473,21 +460,19 @@ def test_prompt_logprobs_are_scored_one_request_at_a_time(model):
             return await asyncio.gather(*(http.post("/v1/completions", json=body | {"prompt": p}) for p in PROMPTS))
 
     responses = asyncio.run(asyncio.wait_for(requests(), 120))
-    assert most[0] == 1
     for prompt, response in zip(PROMPTS, responses):
         logprobs = SimpleNamespace(**response.json()["choices"][0]["logprobs"])
         _check_logprobs(model, logprobs, model.tokenizer.encode(prompt), 0, 1, prompt)
 
 
-def test_a_client_leaving_while_its_prompts_are_prepared_gets_nothing_queued(model):
-    """A request of 64 prompts with echo + logprobs is still being scored when its client leaves: none of
+def test_a_client_leaving_while_its_prompts_are_prepared_gets_nothing_queued(model, monkeypatch):
+    """A request of 64 prompts is still being prepared (each checked) when its client leaves: none of
     its prompts may be queued (in-process app, driven through ASGI with a client that disconnects)."""
     from gpt2_engine.server.app import build_app
 
     app = build_app(model, served_model_name=MODEL_NAME)    # its lifespan (router shutdown) never runs here
-    server = app.state.server
-    score = server.prompt_logprobs
-    server.prompt_logprobs = lambda *args: (time.sleep(0.05), score(*args))[1]     # ~3 s for the 64
+    check = model.router.check
+    monkeypatch.setattr(model.router, "check", lambda *args: (time.sleep(0.05), check(*args))[1])  # ~3 s for the 64
     body = json.dumps({"model": MODEL_NAME, "prompt": [[464, 2068 + i] for i in range(64)], "max_tokens": 50,
                        "echo": True, "logprobs": 1}).encode()
     messages = [{"type": "http.request", "body": body, "more_body": False}]
@@ -496,7 +481,7 @@ def test_a_client_leaving_while_its_prompts_are_prepared_gets_nothing_queued(mod
     async def receive():
         if messages:
             return messages.pop()
-        await asyncio.sleep(0.3)           # the client leaves while the prompts are scored
+        await asyncio.sleep(0.3)           # the client leaves while the prompts are checked
         return {"type": "http.disconnect"}
 
     async def send(message):
