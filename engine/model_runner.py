@@ -179,7 +179,7 @@ class ModelRunner:
                          cu_seqlens_q=cu_q if num_prefill else None,
                          cu_seqlens_k=cu_k if has_prefix else None, key_slots=key_slots,
                          block_tables=tables or None, context_lens=context_lens or None,
-                         logits_indices=None if logits_indices == list(range(len(ids))) else logits_indices,
+                         logits_indices=None if not scored and len(logits_indices) == len(ids) else logits_indices,
                          staging=self.staging, pending_tokens=previous.tokens if pending_rows else None,
                          pending_rows=pending_rows, pending_index=pending_index)
         return step, [logits_row[seq.seq_id] for seq in batch.row_seqs], scoring

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2_engine.host_staging import Readback, upload
+from gpt2_engine.sampling import logprob_parts, read_logprobs
 from gpt2_engine.sequence import PromptLogprobs, Sequence
 
 SCORED_ROWS_PER_STEP = 64
@@ -39,25 +40,19 @@ class PromptScores:
     def __init__(self, logits: torch.Tensor, rows: list[int], targets: list[int], chunks: list[ScoredChunk]):
         self.chunks = chunks
         self._width = max(chunk.seq.params.prompt_logprobs for chunk in chunks)
+        self._num_rows = len(rows)
         log_probs = torch.log_softmax(logits[upload(rows, torch.int64, logits.device)].float(), dim=-1)
-        parts = [log_probs.gather(1, upload(targets, torch.int64, logits.device)[:, None])[:, 0]]
-        if self._width:
-            values, ids = log_probs.topk(self._width, dim=-1)
-            parts += [values.flatten(), ids.flatten()]
+        parts = logprob_parts(log_probs, upload(targets, torch.int64, logits.device), self._width)
         # one float64 vector: fp32 log-probabilities and token ids are exact in it
         self._readback = Readback(torch.cat([part.double() for part in parts]))
 
     def events(self) -> list[PromptLogprobs]:
         """One event per chunk (waits for this step's readback only)."""
-        values, w = self._readback.values(), self._width
-        n = sum(chunk.count for chunk in self.chunks)
-        chosen, top_values, top_ids = values[:n], values[n:n + n * w], values[n + n * w:]
+        chosen, tops = read_logprobs(self._readback.values(), self._num_rows, self._width)
         events, row = [], 0
         for chunk in self.chunks:
-            k = chunk.seq.params.prompt_logprobs
-            tops = tuple(tuple((int(t), v) for t, v in zip(top_ids[r * w:r * w + k], top_values[r * w:r * w + k]))
-                         for r in range(row, row + chunk.count))
+            k, end = chunk.seq.params.prompt_logprobs, row + chunk.count
             events.append(PromptLogprobs(chunk.seq.request_id, chunk.seq.index, chunk.first_token,
-                                         tuple(chosen[row:row + chunk.count]), tops))
-            row += chunk.count
+                                         tuple(chosen[row:end]), tuple(top[:k] for top in tops[row:end])))
+            row = end
         return events

@@ -244,6 +244,26 @@ def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> 
     return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1, keepdim=True)
 
 
+def logprob_parts(log_probs: torch.Tensor, targets: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """For log_probs [R, V] and targets [R] on the device: each row's target's log-probability [R],
+    then (width > 0) its top `width` values and token ids, flattened [R * width] each: the parts of a
+    readback that `read_logprobs` splits again."""
+    parts = [log_probs.gather(1, targets[:, None])[:, 0]]
+    if width:
+        values, ids = log_probs.topk(width, dim=-1)
+        parts += [values.flatten(), ids.flatten()]
+    return parts
+
+
+def read_logprobs(values: list[float], rows: int, width: int) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
+    """logprob_parts of `rows` rows, read back as one list: each row's target's log-probability, and
+    its top `width` (token id, log-probability) pairs."""
+    chosen, top_values, top_ids = values[:rows], values[rows:rows + rows * width], values[rows + rows * width:]
+    tops = [tuple((int(t), v) for t, v in zip(top_ids[r * width:(r + 1) * width], top_values[r * width:(r + 1) * width]))
+            for r in range(rows)]
+    return chosen, tops
+
+
 class SampledTokens:
     """A step's drawn tokens on the device (`tokens` int64 [N]: async scheduling feeds them to the
     next step there), with one readback of them and of the asked-for logprobs already enqueued
@@ -258,19 +278,14 @@ class SampledTokens:
         if self._logprob_rows:
             index = upload(self._logprob_rows, torch.int64, logits.device)
             log_probs = torch.log_softmax(logits[index].float(), dim=-1)
-            parts.append(log_probs.gather(1, tokens[index][:, None])[:, 0])
-            if self._width:
-                values, ids = log_probs.topk(self._width, dim=-1)
-                parts += [values.flatten(), ids.flatten()]
+            parts += logprob_parts(log_probs, tokens[index], self._width)
         self._readback = Readback(torch.cat([part.double() for part in parts]))
 
     def result(self) -> list[SampledToken]:
         """One SampledToken per state; waits for this step's readback only."""
-        values, n, r, w = self._readback.values(), len(self._states), len(self._logprob_rows), self._width
-        chosen, top_values, top_ids = values[n:n + r], values[n + r:n + r + r * w], values[n + r + r * w:]
-        logprobs = {row: (chosen[i], tuple((int(t), v) for t, v in zip(top_ids[i * w:(i + 1) * w],
-                                                                        top_values[i * w:(i + 1) * w]))
-                          [:self._states[row].params.logprobs])
+        values, n = self._readback.values(), len(self._states)
+        chosen, tops = read_logprobs(values[n:], len(self._logprob_rows), self._width)
+        logprobs = {row: (chosen[i], tops[i][:self._states[row].params.logprobs])
                     for i, row in enumerate(self._logprob_rows)}
         return [SampledToken(int(token), *logprobs.get(row, (None, None)),
                              scores=self._scores[row] if state.params.output_scores else None)
