@@ -112,8 +112,8 @@ class PagedGPT2:
                         conv1d(f"h.{i}.mlp.c_fc", layer_norm(f"h.{i}.ln_2"), activation="gelu_tanh"),
                         conv1d(f"h.{i}.mlp.c_proj", residual=True))
                   for i in range(config.n_layer)]
-        # CPU, every linear on the streaming GEMM: decode-only steps run each block as one C++ call
-        self.decode_blocks = (torch_backend.fused_decode_blocks(self.h, config.n_head, config.layer_norm_epsilon)
+        # CPU, every linear on the streaming GEMM: decode-only steps run all blocks as one C++ call
+        self.decode_layers = (torch_backend.fused_decode_layers(self.h, config.n_head, config.layer_norm_epsilon)
                               if linears.cpu_paths else None)
         # The LM head from a [V, C] weight: lm_head.weight where given, else tied to wte: int8, wte's codes
         # (where ln_f is not folded in); else a view of the embedding table's rows (no second copy)
@@ -128,15 +128,21 @@ class PagedGPT2:
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """fp32 logits [N, V] for the rows in step.logits_indices (all rows when None)."""
-        cfg = self.config
         x = self._embed(step)                                                                    # [T, C]
-        num_tokens = x.shape[0]
-        fused = self.decode_blocks is not None and step.num_prefill_tokens == 0 and kv_cache is not None
+        if self.decode_layers is not None and step.num_prefill_tokens == 0 and kv_cache is not None:
+            # every block in one call, bitwise equal to the ops below
+            x = self.decode_layers(x, kv_cache, step.slot_mapping, step.block_tables, step.context_lens)
+        else:
+            x = self._blocks(x, kv_cache, step)
+        if step.logits_indices is not None:
+            x = x[step.logits_indices]
+        return self.lm_head(x).float()
+
+    def _blocks(self, x: torch.Tensor, kv_cache: torch.Tensor | None, step: StepInputs) -> torch.Tensor:
+        """The blocks op by op: [T, C] -> [T, C]."""
+        cfg, num_tokens = self.config, x.shape[0]
         for i, blk in enumerate(self.h):
             k_cache, v_cache = (kv_cache[i, 0], kv_cache[i, 1]) if kv_cache is not None else (None, None)
-            if fused:   # the whole block in one call, bitwise equal to the ops below
-                x = self.decode_blocks[i](x, k_cache, v_cache, step.slot_mapping, step.block_tables, step.context_lens)
-                continue
             # the QKV GEMM's epilogue also stores this step's K/V rows into the pools (before attention reads them)
             kv_write = (k_cache, v_cache, step.slot_mapping) if step.slot_mapping is not None else None
             qkv = blk.qkv(x, kv_cache=kv_write)
@@ -145,9 +151,7 @@ class PagedGPT2:
             a = self._attention(q, k, v, k_cache, v_cache, step)
             x = blk.attn_proj(a.view(num_tokens, cfg.n_embd), residual=x)
             x = blk.mlp_proj(blk.fc(x), residual=x)
-        if step.logits_indices is not None:
-            x = x[step.logits_indices]
-        return self.lm_head(x).float()
+        return x
 
     def _embed(self, step: StepInputs) -> torch.Tensor:
         if isinstance(self.embedding, Int8Weight):

@@ -9,8 +9,8 @@ GELU-tanh, residual) done by that path (the streaming GEMM fuses them all; the o
 LayerNorm from torch); results equal the references to fp32 rounding (accumulation order only), or
 for int8 weights equal the int8 reference (gpt2_engine.kernels.int8_linear.int8_ln_linear_ref).
 
-Decode-only steps (fused_decode_blocks): where every linear of every block runs on our streaming GEMM,
-each block's decode step is one C++ call (kernels/cpu/decode_block.cpp), bitwise equal to the
+Decode-only steps (fused_decode_layers): where every linear of every block runs on our streaming GEMM,
+all blocks' decode step is one C++ call (kernels/cpu/decode_block.cpp), bitwise equal to the
 op-by-op path; steps with prompt tokens run op by op.
 
 Paged decode attention (decode_attention): on CPU in fp32 our C++ kernel, which reads K and V in place
@@ -27,12 +27,12 @@ import torch
 from gpt2_engine.cpu_gemm import CpuLinear, Epilogue, Streaming, cpu_kernel_library, prepare_linear, w8a8_available
 from gpt2_engine.kernels.cpu import paged_attention as cpu_paged_attention
 from gpt2_engine.kernels.cpu import decode_block
-from gpt2_engine.kernels.cpu.decode_block import DecodeBlock
+from gpt2_engine.kernels.cpu.decode_block import DecodeBlock, DecodeLayers
 from gpt2_engine.kernels.fused_linear import ln_linear_ref, write_kv_columns_ref
 from gpt2_engine.kernels.paged_attention import gathered_decode_attention, paged_gather_index
 
 __all__ = ["CpuLinear", "Epilogue", "prepare_linear", "w8a8_available", "supported", "compute_dtype", "ln_linear", "ln_gelu_mlp",
-           "PagedDecodeAttention", "decode_attention", "fused_decode_blocks"]
+           "PagedDecodeAttention", "decode_attention", "fused_decode_layers"]
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -110,9 +110,9 @@ class PagedDecodeAttention:
         return gathered_decode_attention(q, k_cache, v_cache, self._index, sm_scale=sm_scale, out=out)
 
 
-def fused_decode_blocks(blocks, heads: int, eps: float) -> list[DecodeBlock] | None:
-    """The model's blocks (gpt2_engine.model.Block, Linears on CpuLinear weights) as DecodeBlocks, or None
-    unless every linear's probed path is the streaming GEMM (a fused block has no other GEMM inside)."""
+def fused_decode_layers(blocks, heads: int, eps: float) -> DecodeLayers | None:
+    """The model's blocks (gpt2_engine.model.Block, Linears on CpuLinear weights) as one DecodeLayers call,
+    or None unless every linear's probed path is the streaming GEMM (a fused block has no other GEMM inside)."""
     linears = [lin for blk in blocks for lin in (blk.qkv, blk.attn_proj, blk.fc, blk.mlp_proj)]
     if not all(isinstance(lin.weight, CpuLinear) and isinstance(lin.weight.path, Streaming) for lin in linears):
         return None
@@ -120,6 +120,6 @@ def fused_decode_blocks(blocks, heads: int, eps: float) -> list[DecodeBlock] | N
     def packed(linear) -> decode_block.Linear:
         return decode_block.Linear(linear.weight.weight, linear.bias)
 
-    return [DecodeBlock((blk.qkv.ln_weight, blk.qkv.ln_bias), packed(blk.qkv), packed(blk.attn_proj),
-                        (blk.fc.ln_weight, blk.fc.ln_bias), packed(blk.fc), packed(blk.mlp_proj), heads, eps)
-            for blk in blocks]
+    return DecodeLayers([DecodeBlock((blk.qkv.ln_weight, blk.qkv.ln_bias), packed(blk.qkv), packed(blk.attn_proj),
+                                     (blk.fc.ln_weight, blk.fc.ln_bias), packed(blk.fc), packed(blk.mlp_proj))
+                         for blk in blocks], heads, eps)

@@ -5,7 +5,7 @@
   dot products on the activations' int8 codes).
 - paged_attention: one query per sequence over its paged K/V cache, read in place (no gather); and
   the K/V write into the cache.
-- decode_block: a GPT-2 block's whole decode step (the above, in one parallel call).
+- decode_block: a GPT-2 model's decode step through all its blocks (the above, in one parallel call).
 - team: the kernels' thread pool (parallel(), Team::for_each, barriers).
 
 Build: the .cpp files beside this module are compiled on first use with the system's C++ compiler
@@ -94,8 +94,8 @@ def library(build_dir: Path | None = None, isa_flags: tuple[str, ...] = ()) -> c
     lib.paged_write_kv_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.paged_decode_attention_f32.restype = lib.paged_write_kv_f32.restype = i64
     lib.stream_gemm.restype = None
-    lib.gpt2_decode_block.argtypes = decode_block.argtypes()
-    lib.gpt2_decode_block.restype = i64
+    lib.gpt2_decode_layers.argtypes = decode_block.argtypes()
+    lib.gpt2_decode_layers.restype = i64
     lib.cpu_kernels_isa.restype = lib.stream_gemm_dot_isa.restype = lib.stream_gemm_bf16_isa.restype = ctypes.c_char_p
     lib.stream_gemm_set_prefetch.argtypes, lib.stream_gemm_set_prefetch.restype = [i32], None
     lib.stream_gemm_set_bf16_fused_rows.argtypes, lib.stream_gemm_set_bf16_fused_rows.restype = [i32], None

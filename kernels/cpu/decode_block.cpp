@@ -1,53 +1,88 @@
-// One GPT-2 block's decode step, one token per sequence, in a single parallel() call (team.h):
+// A GPT-2 model's decode step through all its blocks, one token per sequence, in a single parallel() call
+// (team.h). Per block:
 //
 //   qkv = LN_1(x) @ W_attn + b_attn           [B, 3C]; its K and V columns go into the pools at slot_mapping
 //   a   = paged attention of qkv's Q columns  [B, C]  (heads H, D = C / H)
 //   x1  = a @ W_proj + b_proj + x
-//   out = gelu(LN_2(x1) @ W_fc + b_fc) @ W_mlp + b_mlp + x1
+//   x   = gelu(LN_2(x1) @ W_fc + b_fc) @ W_mlp + b_mlp + x1
 //
-// Why: at batch 1 a GPT-2-small block is ~1 ms of weight streaming, and issuing its seven phases as
-// separate calls from Python cost ~0.1 ms per block in call overhead and thread fork/joins. The phases
-// are the same functions the separate calls run (kernels.h), in the same order, so the result is bitwise
-// the one of the op-by-op path; each phase ends in a barrier, so each reads only what the previous ones
-// finished writing. All inputs are validated before the region starts: on bad input nothing is written.
+// Why one call for every block: at batch 1 a GPT-2-small block is ~1 ms of weight streaming, and any
+// host code between two blocks runs right after a weight stream has flushed the caches and the TLB: on
+// a 2-vCPU Xeon VM three trivial tensor ops took ~3 us cold-started and 150-300 us after a 160 MB
+// stream, so a call per block (its argument checks, the cache views, the ctypes call) cost ~1.5 ms of
+// a ~25 ms step. The phases are the same functions the op-by-op calls run (kernels.h), in the same
+// order, so the result is bitwise the one of the op-by-op path; each phase ends in a barrier, so each
+// reads only what the previous ones finished writing. All inputs are validated before the region
+// starts: on bad input nothing is written.
 #include <cmath>
 #include <vector>
 
 #include "kernels.h"
 
+// One linear of a block as the layer table stores it: packed weight (stream_gemm.cpp), its WeightFormat,
+// the int8 codes' scales (null otherwise) and the bias.
+struct TableLinear {
+  const void* w;
+  int64_t format;
+  const float* scale;
+  const float* bias;
+};
+
+// One block: a row of the layer table (decode_block.py builds it once from tensors that never move), 8
+// bytes a field in this order.
+struct TableBlock {
+  const float* ln1_w;
+  const float* ln1_b;
+  TableLinear attn, proj;
+  const float* ln2_w;
+  const float* ln2_b;
+  TableLinear fc, mlp;
+};
+static_assert(sizeof(TableBlock) == 20 * sizeof(int64_t), "decode_block.py's TABLE_FIELDS");
+
 extern "C" {
-// w_*: packed weights (stream_gemm.cpp), each in its f_* (a WeightFormat), int8 codes with their s_* scales
-// (s_* ignored otherwise). Returns 0; 1 + a sequence index whose context or block table is out of range; or
-// -(1 + a token index) whose slot is past the pools.
-int64_t gpt2_decode_block(const float* x, int64_t B, int64_t C, int64_t H, float eps,
-                          const float* ln1_w, const float* ln1_b, const void* w_attn, int f_attn, const float* s_attn,
-                          const float* b_attn, const void* w_proj, int f_proj, const float* s_proj, const float* b_proj,
-                          const float* ln2_w, const float* ln2_b, const void* w_fc, int f_fc, const float* s_fc,
-                          const float* b_fc, const void* w_mlp, int f_mlp, const float* s_mlp, const float* b_mlp,
-                          float* k_cache, float* v_cache, int64_t num_blocks, int64_t block_size,
-                          const int64_t* slot_mapping, const int32_t* block_tables, int64_t table_width,
-                          const int32_t* context_lens, float sm_scale, float* out, int threads) {
-  const int64_t D = C / H;
+// x [B, C] in, out [B, C] (may not alias x); layers [L] (TableBlock rows); kv [L, 2, num_blocks, block_size,
+// H, D]: layer i's K pool is kv[i][0], its V pool kv[i][1]. Returns 0; 1 + a sequence index whose context or
+// block table is out of range; or -(1 + a token index) whose slot is past the pools.
+int64_t gpt2_decode_layers(const float* x, int64_t B, int64_t C, int64_t H, float eps, int64_t L,
+                           const TableBlock* layers, float* kv, int64_t num_blocks, int64_t block_size,
+                           const int64_t* slot_mapping, const int32_t* block_tables, int64_t table_width,
+                           const int32_t* context_lens, float sm_scale, float* out, int threads) {
+  const int64_t D = C / H, pool = num_blocks * block_size * C;
   if (const int64_t bad = check_slots(slot_mapping, B, num_blocks * block_size)) return -bad;
   std::vector<float> h(B * C), qkv(B * 3 * C), attended(B * C), x1(B * C), hidden(B * 4 * C);
-  AttentionWork attention(PagedAttention{qkv.data(), 3 * C, D, k_cache, v_cache, num_blocks, block_size, H, D,
-                                         block_tables, table_width, context_lens, B, sm_scale, attended.data()});
+  AttentionWork attention(PagedAttention{qkv.data(), 3 * C, D, num_blocks, block_size, H, D, block_tables,
+                                         table_width, context_lens, B, sm_scale, attended.data()});
   if (attention.bad_sequence()) return attention.bad_sequence();
-  auto any_in = [&](int format) { return f_attn == format || f_proj == format || f_fc == format || f_mlp == format; };
-  RowCodes x_codes(B, 4 * C, any_in(kInt8Dot), any_in(kBF16Dot));
-  const Gemm attn = make_gemm(h.data(), B, C, w_attn, f_attn, 3 * C, s_attn, b_attn, false, nullptr, qkv.data(), &x_codes);
-  const Gemm proj = make_gemm(attended.data(), B, C, w_proj, f_proj, C, s_proj, b_proj, false, x, x1.data(), &x_codes);
-  const Gemm fc = make_gemm(h.data(), B, C, w_fc, f_fc, 4 * C, s_fc, b_fc, true, nullptr, hidden.data(), &x_codes);
-  const Gemm mlp = make_gemm(hidden.data(), B, 4 * C, w_mlp, f_mlp, C, s_mlp, b_mlp, false, x1.data(), out, &x_codes);
+  bool int8_rows = false, bf16_rows = false;   // whether any linear takes x's rows as int8 codes / bf16
+  for (int64_t i = 0; i < L; ++i)
+    for (const TableLinear* lin : {&layers[i].attn, &layers[i].proj, &layers[i].fc, &layers[i].mlp}) {
+      int8_rows |= lin->format == kInt8Dot;
+      bf16_rows |= lin->format == kBF16Dot;
+    }
+  RowCodes x_codes(B, 4 * C, int8_rows, bf16_rows);
+  auto gemm = [&](const TableLinear& lin, const float* in, int64_t K, int64_t N, bool gelu, const float* residual,
+                  float* y) {
+    return make_gemm(in, B, K, lin.w, (int)lin.format, N, lin.scale, lin.bias, gelu, residual, y, &x_codes);
+  };
   parallel(threads, [&](Team& team) {
-    layer_norm_phase(team, x, B, C, ln1_w, ln1_b, eps, h.data());
-    gemm_phase(team, attn);
-    write_kv_phase(team, qkv.data() + C, 3 * C, D, qkv.data() + 2 * C, 3 * C, D, k_cache, v_cache, slot_mapping, B, H, D);
-    attention.run(team);
-    gemm_phase(team, proj);
-    layer_norm_phase(team, x1.data(), B, C, ln2_w, ln2_b, eps, h.data());
-    gemm_phase(team, fc);
-    gemm_phase(team, mlp);
+    for (int64_t i = 0; i < L; ++i) {
+      // layer 0 reads x; every layer writes out, which the next one reads (the MLP's write of out comes
+      // after the projection's read of it as the residual: a barrier apart)
+      const TableBlock& p = layers[i];
+      const float* in = i == 0 ? x : out;
+      float* k_cache = kv + 2 * i * pool;
+      float* v_cache = k_cache + pool;
+      layer_norm_phase(team, in, B, C, p.ln1_w, p.ln1_b, eps, h.data());
+      gemm_phase(team, gemm(p.attn, h.data(), C, 3 * C, false, nullptr, qkv.data()));
+      write_kv_phase(team, qkv.data() + C, 3 * C, D, qkv.data() + 2 * C, 3 * C, D, k_cache, v_cache, slot_mapping,
+                     B, H, D);
+      attention.run(team, k_cache, v_cache);
+      gemm_phase(team, gemm(p.proj, attended.data(), C, C, false, in, x1.data()));
+      layer_norm_phase(team, x1.data(), B, C, p.ln2_w, p.ln2_b, eps, h.data());
+      gemm_phase(team, gemm(p.fc, h.data(), C, 4 * C, true, nullptr, hidden.data()));
+      gemm_phase(team, gemm(p.mlp, hidden.data(), 4 * C, C, false, x1.data(), out));
+    }
   });
   return 0;
 }

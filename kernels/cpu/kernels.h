@@ -65,10 +65,10 @@ void write_kv_phase(Team& team, const float* k, int64_t k_stride_t, int64_t k_st
 int64_t check_slots(const int64_t* slot_mapping, int64_t T, int64_t num_slots);
 
 // Paged decode attention (paged_attention.cpp): built outside a parallel() call (validation and the work
-// list), then run() inside one by every member.
+// list), then run() inside one by every member, over pools of num_blocks x block_size rows: the same
+// work for every layer of a step (each layer's pools passed to run()).
 struct PagedAttention {
   const float* q; int64_t q_stride_b, q_stride_h;    // q [B, H, D], D contiguous
-  const float* k_cache; const float* v_cache;        // [num_blocks, block_size, H, D]
   int64_t num_blocks, block_size, H, D;
   const int32_t* block_tables; int64_t table_width;  // [B, table_width]
   const int32_t* context_lens; int64_t B;
@@ -80,7 +80,8 @@ class AttentionWork {
  public:
   explicit AttentionWork(const PagedAttention& a);
   int64_t bad_sequence() const { return bad_; }      // 0, or 1 + the first sequence out of range
-  void run(Team& team);                              // by every member of a team; two phases
+  // by every member of a team, two phases; pools [num_blocks, block_size, H, D]
+  void run(Team& team, const float* k_cache, const float* v_cache);
  private:
   PagedAttention a_;
   int64_t bad_ = 0;

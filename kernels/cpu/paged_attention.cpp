@@ -53,10 +53,11 @@ static inline int64_t slot_of(const PagedAttention& a, int64_t b, int64_t p) {
 }
 
 // Positions p0 .. p0+n-1 of sequence b, every head: partial[h] = {m, l, acc[D]}.
-static void chunk(const PagedAttention& a, int64_t b, int64_t p0, int64_t n, float* partial, float* scores) {
+static void chunk(const PagedAttention& a, const float* k_cache, const float* v_cache, int64_t b, int64_t p0, int64_t n,
+                  float* partial, float* scores) {
   const int64_t H = a.H, D = a.D, row = H * D, stride = 2 + D;
   for (int64_t i = 0; i < n; ++i) {
-    const float* keys = a.k_cache + slot_of(a, b, p0 + i) * row;
+    const float* keys = k_cache + slot_of(a, b, p0 + i) * row;
     for (int64_t h = 0; h < H; ++h)
       scores[h * CHUNK + i] = a.scale * dot(a.q + b * a.q_stride_b + h * a.q_stride_h, keys + h * D, D);
   }
@@ -70,7 +71,7 @@ static void chunk(const PagedAttention& a, int64_t b, int64_t p0, int64_t n, flo
     std::memset(part + 2, 0, D * sizeof(float));
   }
   for (int64_t i = 0; i < n; ++i) {
-    const float* values = a.v_cache + slot_of(a, b, p0 + i) * row;
+    const float* values = v_cache + slot_of(a, b, p0 + i) * row;
     for (int64_t h = 0; h < H; ++h) axpy(partial + h * stride + 2, scores[h * CHUNK + i], values + h * D, D);
   }
 }
@@ -95,14 +96,14 @@ AttentionWork::AttentionWork(const PagedAttention& a) : a_(a), first_item_(a.B +
   partials_.resize(first_item_[a.B] * a.H * (2 + a.D));
 }
 
-void AttentionWork::run(Team& team) {
+void AttentionWork::run(Team& team, const float* k_cache, const float* v_cache) {
   const PagedAttention& a = a_;
   const int64_t H = a.H, D = a.D, stride = 2 + D, items = first_item_[a.B];
   std::vector<float> scores(H * CHUNK);   // this thread's
   team.for_each(items, [&](int64_t item) {
     const int64_t b = item_sequence_[item], p0 = (item - first_item_[b]) * CHUNK;
     const int64_t n = a.context_lens[b] - p0 < CHUNK ? a.context_lens[b] - p0 : CHUNK;
-    chunk(a, b, p0, n, partials_.data() + item * H * stride, scores.data());
+    chunk(a, k_cache, v_cache, b, p0, n, partials_.data() + item * H * stride, scores.data());
   });
   // (the barrier: every partial is written before any merge reads it)
   team.for_each(a.B * H, [&](int64_t bh) {
@@ -152,10 +153,10 @@ int64_t paged_decode_attention_f32(const float* q, int64_t q_stride_b, int64_t q
                                    const float* v_cache, int64_t num_blocks, int64_t block_size, int64_t H,
                                    const int32_t* block_tables, int64_t table_width, const int32_t* context_lens,
                                    int64_t B, float scale, float* out, int64_t D, int threads) {
-  AttentionWork work(PagedAttention{q, q_stride_b, q_stride_h, k_cache, v_cache, num_blocks, block_size, H, D,
+  AttentionWork work(PagedAttention{q, q_stride_b, q_stride_h, num_blocks, block_size, H, D,
                                     block_tables, table_width, context_lens, B, scale, out});
   if (work.bad_sequence()) return work.bad_sequence();
-  parallel(threads, [&](Team& team) { work.run(team); });
+  parallel(threads, [&](Team& team) { work.run(team, k_cache, v_cache); });
   return 0;
 }
 

@@ -50,7 +50,7 @@ def test_16_bit_weights_stream_with_fp32_activations(hf, name):
                for linear in linears)
     dot = name == "bf16" and cpu_gemm.bf16_dot_products()    # bf16 dot products where the CPU has AVX512-BF16
     assert {linear.weight.weight.format for linear in linears} == {5 if dot else 2 if name == "bf16" else 3}
-    assert paged.decode_blocks is not None     # every linear streams: decode steps run each block in one call
+    assert paged.decode_layers is not None     # every linear streams: decode steps run all blocks in one call
 
 
 @pytest.mark.parametrize("name", sorted(DTYPES))

@@ -89,4 +89,4 @@ def test_w8a8_runs_every_linear_on_integer_dot_products():
     paged = model.engine.runner.model
     linears = [lin for blk in paged.h for lin in (blk.qkv, blk.attn_proj, blk.fc, blk.mlp_proj)] + [paged.lm_head]
     assert {lin.weight.path.name for lin in linears} == {"w8a8_stream"}
-    assert paged.decode_blocks is not None
+    assert paged.decode_layers is not None

@@ -159,14 +159,14 @@ def test_without_a_compiler_the_cpu_path_falls_back_to_the_libraries(monkeypatch
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "w8a8"])
-def test_fused_decode_blocks_equal_the_op_by_op_steps_bitwise(monkeypatch, quantization):
-    """Every linear on the streaming GEMM: decode-only steps run each block as one C++ call. Its scores
+def test_fused_decode_layers_equal_the_op_by_op_steps_bitwise(monkeypatch, quantization):
+    """Every linear on the streaming GEMM: decode-only steps run all blocks as one C++ call. Its scores
     (full-vocabulary logits of every step, batch of mixed prompt lengths) equal the op-by-op path's bitwise."""
     monkeypatch.setattr(cpu_gemm, "float_candidates", lambda dtype: [cpu_gemm.Streaming("float")])
     monkeypatch.setattr(cpu_gemm, "int8_candidates", lambda: (cpu_gemm.Streaming("int8"),))
     model = GPT2.from_hf(tiny_hf_model(), backend="torch", quantization=quantization)
     paged = model.engine.runner.model
-    assert paged.decode_blocks is not None and len(paged.decode_blocks) == len(paged.h)
+    assert paged.decode_layers is not None and len(paged.decode_layers.blocks) == len(paged.h)
     prompts = torch.tensor([[5, 7, 11, 13, 17, 19], [0, 0, 0, 23, 29, 31]])
     mask = (prompts != 0).long()
 
@@ -176,13 +176,15 @@ def test_fused_decode_blocks_equal_the_op_by_op_steps_bitwise(monkeypatch, quant
         return out.sequences, torch.stack(out.scores)
 
     fused_tokens, fused_scores = scores()
-    fused_blocks, paged.decode_blocks = paged.decode_blocks, None
+    fused, paged.decode_layers = paged.decode_layers, None
     tokens, op_scores = scores()
     assert torch.equal(fused_tokens, tokens) and torch.equal(fused_scores, op_scores)
-    k_cache = torch.zeros(4, 16, 3, 16)
-    step_inputs = (torch.randn(1, 48), k_cache, k_cache.clone(), torch.tensor([0]), torch.tensor([[0]], dtype=torch.int32))
+    kv_cache = torch.zeros(len(paged.h), 2, 4, 16, 3, 16)
+    step_inputs = (torch.randn(1, 48), kv_cache, torch.tensor([0]), torch.tensor([[0]], dtype=torch.int32))
     with pytest.raises(ValueError, match="sequence 0"):
-        fused_blocks[0](*step_inputs, torch.tensor([17], dtype=torch.int32))
+        fused(*step_inputs, torch.tensor([17], dtype=torch.int32))
     with pytest.raises(ValueError, match="slot_mapping"):
-        fused_blocks[0](*step_inputs[:3], torch.tensor([64]), step_inputs[4], torch.tensor([1], dtype=torch.int32))
-    assert torch.equal(k_cache, torch.zeros_like(k_cache))     # bad input: nothing written
+        fused(*step_inputs[:2], torch.tensor([64]), step_inputs[3], torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_cache must be contiguous"):
+        fused(step_inputs[0], kv_cache[:1], *step_inputs[2:], torch.tensor([1], dtype=torch.int32))
+    assert torch.equal(kv_cache, torch.zeros_like(kv_cache))     # bad input: nothing written
