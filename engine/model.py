@@ -112,9 +112,6 @@ class PagedGPT2:
                         conv1d(f"h.{i}.mlp.c_fc", layer_norm(f"h.{i}.ln_2"), activation="gelu_tanh"),
                         conv1d(f"h.{i}.mlp.c_proj", residual=True))
                   for i in range(config.n_layer)]
-        # CPU, every linear on the streaming GEMM: decode-only steps run all blocks as one C++ call
-        self.decode_layers = (torch_backend.fused_decode_layers(self.h, config.n_head, config.layer_norm_epsilon)
-                              if linears.cpu_paths else None)
         # The LM head from a [V, C] weight: lm_head.weight where given, else tied to wte: int8, wte's codes
         # (where ln_f is not folded in); else a view of the embedding table's rows (no second copy)
         if "lm_head.weight" in state_dict:
@@ -124,14 +121,21 @@ class PagedGPT2:
         else:
             head, codes = self.embedding[:config.vocab_size], None
         self.lm_head = linears.build(head, None, layer_norm("ln_f"), codes=codes)
+        # CPU, every linear on the streaming GEMM: decode-only steps run all blocks (and the LM head where
+        # it streams too) as one C++ call
+        self.decode_layers = (torch_backend.fused_decode_layers(self.h, config.n_head, config.layer_norm_epsilon,
+                                                                self.lm_head) if linears.cpu_paths else None)
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """fp32 logits [N, V] for the rows in step.logits_indices (all rows when None)."""
         x = self._embed(step)                                                                    # [T, C]
         if self.decode_layers is not None and step.num_prefill_tokens == 0 and kv_cache is not None:
-            # every block in one call, bitwise equal to the ops below
-            x = self.decode_layers(x, kv_cache, step.slot_mapping, step.block_tables, step.context_lens)
+            # every block (and the LM head where it is in the call) in one call, bitwise equal to the ops below
+            out = self.decode_layers(x, kv_cache, step.slot_mapping, step.block_tables, step.context_lens)
+            if self.decode_layers.lm_head is not None:   # the logits of every row
+                return out if step.logits_indices is None else out[step.logits_indices]
+            x = out
         else:
             x = self._blocks(x, kv_cache, step)
         if step.logits_indices is not None:

@@ -267,7 +267,7 @@ def read_logprobs(values: list[float], rows: int, width: int) -> tuple[list[floa
 class SampledTokens:
     """A step's drawn tokens on the device (`tokens` int64 [N]: async scheduling feeds them to the
     next step there), with one readback of them and of the asked-for logprobs already enqueued
-    (a single float64 vector: token ids and fp32 log-probabilities are exact in it)."""
+    (where logprobs are asked, a single float64 vector: token ids and fp32 log-probabilities are exact in it)."""
 
     def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor,
                  states: Sequence[SamplingState]):
@@ -279,7 +279,8 @@ class SampledTokens:
             index = upload(self._logprob_rows, torch.int64, logits.device)
             log_probs = torch.log_softmax(logits[index].float(), dim=-1)
             parts += logprob_parts(log_probs, tokens[index], self._width)
-        self._readback = Readback(torch.cat([part.double() for part in parts]))
+        # tokens alone (no logprobs asked) are read back as they are: two tensor ops fewer on every step
+        self._readback = Readback(torch.cat([part.double() for part in parts]) if len(parts) > 1 else tokens)
 
     def result(self) -> list[SampledToken]:
         """One SampledToken per state; waits for this step's readback only."""

@@ -10,8 +10,8 @@ LayerNorm from torch); results equal the references to fp32 rounding (accumulati
 for int8 weights equal the int8 reference (gpt2_engine.kernels.int8_linear.int8_ln_linear_ref).
 
 Decode-only steps (fused_decode_layers): where every linear of every block runs on our streaming GEMM,
-all blocks' decode step is one C++ call (kernels/cpu/decode_block.cpp), bitwise equal to the
-op-by-op path; steps with prompt tokens run op by op.
+all blocks' decode step, and the LM head's where it streams too, is one C++ call
+(kernels/cpu/decode_block.cpp), bitwise equal to the op-by-op path; steps with prompt tokens run op by op.
 
 Paged decode attention (decode_attention): on CPU in fp32 our C++ kernel, which reads K and V in place
 from the pools (kernels/cpu/paged_attention.cpp); elsewhere, or where it cannot be built, the reference
@@ -110,16 +110,25 @@ class PagedDecodeAttention:
         return gathered_decode_attention(q, k_cache, v_cache, self._index, sm_scale=sm_scale, out=out)
 
 
-def fused_decode_layers(blocks, heads: int, eps: float) -> DecodeLayers | None:
+def fused_decode_layers(blocks, heads: int, eps: float, lm_head=None) -> DecodeLayers | None:
     """The model's blocks (gpt2_engine.model.Block, Linears on CpuLinear weights) as one DecodeLayers call,
-    or None unless every linear's probed path is the streaming GEMM (a fused block has no other GEMM inside)."""
+    or None unless every linear's probed path is the streaming GEMM (a fused block has no other GEMM
+    inside). The LM head (a Linear: LayerNorm, no bias) joins the call where it streams too."""
     linears = [lin for blk in blocks for lin in (blk.qkv, blk.attn_proj, blk.fc, blk.mlp_proj)]
-    if not all(isinstance(lin.weight, CpuLinear) and isinstance(lin.weight.path, Streaming) for lin in linears):
+    if not all(_streams(lin) for lin in linears):
         return None
 
     def packed(linear) -> decode_block.Linear:
         return decode_block.Linear(linear.weight.weight, linear.bias)
 
+    head = None
+    if lm_head is not None and _streams(lm_head) and lm_head.ln_weight is not None and lm_head.bias is None \
+            and lm_head.activation is None and lm_head.eps == eps:
+        head = ((lm_head.ln_weight, lm_head.ln_bias), lm_head.weight.weight)
     return DecodeLayers([DecodeBlock((blk.qkv.ln_weight, blk.qkv.ln_bias), packed(blk.qkv), packed(blk.attn_proj),
                                      (blk.fc.ln_weight, blk.fc.ln_bias), packed(blk.fc), packed(blk.mlp_proj))
-                         for blk in blocks], heads, eps)
+                         for blk in blocks], heads, eps, head)
+
+
+def _streams(linear) -> bool:
+    return isinstance(linear.weight, CpuLinear) and isinstance(linear.weight.path, Streaming)

@@ -6,7 +6,9 @@
 //   x1  = a @ W_proj + b_proj + x
 //   x   = gelu(LN_2(x1) @ W_fc + b_fc) @ W_mlp + b_mlp + x1
 //
-// Why one call for every block: at batch 1 a GPT-2-small block is ~1 ms of weight streaming, and any
+// and, where the LM head is given, logits = LN_f(x) @ W_head [B, V] after the last block.
+//
+// Why one call for every block (and the head): at batch 1 a GPT-2-small block is ~1 ms of weight streaming, and any
 // host code between two blocks runs right after a weight stream has flushed the caches and the TLB: on
 // a 2-vCPU Xeon VM three trivial tensor ops took ~3 us cold-started and 150-300 us after a 160 MB
 // stream, so a call per block (its argument checks, the cache views, the ctypes call) cost ~1.5 ms of
@@ -41,47 +43,59 @@ struct TableBlock {
 static_assert(sizeof(TableBlock) == 20 * sizeof(int64_t), "decode_block.py's TABLE_FIELDS");
 
 extern "C" {
-// x [B, C] in, out [B, C] (may not alias x); layers [L] (TableBlock rows); kv [L, 2, num_blocks, block_size,
-// H, D]: layer i's K pool is kv[i][0], its V pool kv[i][1]. Returns 0; 1 + a sequence index whose context or
-// block table is out of range; or -(1 + a token index) whose slot is past the pools.
+// x [B, C] in; layers [L] (TableBlock rows); kv [L, 2, num_blocks, block_size, H, D]: layer i's K pool is
+// kv[i][0], its V pool kv[i][1]. Without a head (null), out [B, C] gets the last block's output; with
+// one (the final LayerNorm's lnf_w, lnf_b and the head's weight, V outputs, no bias), out [B, V] gets the
+// logits. out may not alias x. Returns 0; 1 + a sequence index whose context or block table is out of
+// range; or -(1 + a token index) whose slot is past the pools.
 int64_t gpt2_decode_layers(const float* x, int64_t B, int64_t C, int64_t H, float eps, int64_t L,
-                           const TableBlock* layers, float* kv, int64_t num_blocks, int64_t block_size,
-                           const int64_t* slot_mapping, const int32_t* block_tables, int64_t table_width,
-                           const int32_t* context_lens, float sm_scale, float* out, int threads) {
+                           const TableBlock* layers, const float* lnf_w, const float* lnf_b, const TableLinear* head,
+                           int64_t V, float* kv, int64_t num_blocks, int64_t block_size, const int64_t* slot_mapping,
+                           const int32_t* block_tables, int64_t table_width, const int32_t* context_lens,
+                           float sm_scale, float* out, int threads) {
   const int64_t D = C / H, pool = num_blocks * block_size * C;
   if (const int64_t bad = check_slots(slot_mapping, B, num_blocks * block_size)) return -bad;
-  std::vector<float> h(B * C), qkv(B * 3 * C), attended(B * C), x1(B * C), hidden(B * 4 * C);
+  std::vector<float> h(B * C), qkv(B * 3 * C), attended(B * C), x1(B * C), hidden(B * 4 * C), last(head ? B * C : 0);
+  float* y = head ? last.data() : out;   // the blocks' output
   AttentionWork attention(PagedAttention{qkv.data(), 3 * C, D, num_blocks, block_size, H, D, block_tables,
                                          table_width, context_lens, B, sm_scale, attended.data()});
   if (attention.bad_sequence()) return attention.bad_sequence();
   bool int8_rows = false, bf16_rows = false;   // whether any linear takes x's rows as int8 codes / bf16
+  auto note_rows = [&](const TableLinear& lin) {
+    int8_rows |= lin.format == kInt8Dot;
+    bf16_rows |= lin.format == kBF16Dot;
+  };
   for (int64_t i = 0; i < L; ++i)
-    for (const TableLinear* lin : {&layers[i].attn, &layers[i].proj, &layers[i].fc, &layers[i].mlp}) {
-      int8_rows |= lin->format == kInt8Dot;
-      bf16_rows |= lin->format == kBF16Dot;
-    }
+    for (const TableLinear* lin : {&layers[i].attn, &layers[i].proj, &layers[i].fc, &layers[i].mlp}) note_rows(*lin);
+  if (head) note_rows(*head);
   RowCodes x_codes(B, 4 * C, int8_rows, bf16_rows);
   auto gemm = [&](const TableLinear& lin, const float* in, int64_t K, int64_t N, bool gelu, const float* residual,
                   float* y) {
     return make_gemm(in, B, K, lin.w, (int)lin.format, N, lin.scale, lin.bias, gelu, residual, y, &x_codes);
   };
+  std::vector<BlockQueue> queues(4 * L + 1);   // one per GEMM phase, in order
   parallel(threads, [&](Team& team) {
     for (int64_t i = 0; i < L; ++i) {
-      // layer 0 reads x; every layer writes out, which the next one reads (the MLP's write of out comes
+      BlockQueue* q = &queues[4 * i];   // this block's four GEMMs' queues
+      // layer 0 reads x; every layer writes y, which the next one reads (the MLP's write of y comes
       // after the projection's read of it as the residual: a barrier apart)
       const TableBlock& p = layers[i];
-      const float* in = i == 0 ? x : out;
+      const float* in = i == 0 ? x : y;
       float* k_cache = kv + 2 * i * pool;
       float* v_cache = k_cache + pool;
       layer_norm_phase(team, in, B, C, p.ln1_w, p.ln1_b, eps, h.data());
-      gemm_phase(team, gemm(p.attn, h.data(), C, 3 * C, false, nullptr, qkv.data()));
+      gemm_phase(team, gemm(p.attn, h.data(), C, 3 * C, false, nullptr, qkv.data()), q[0]);
       write_kv_phase(team, qkv.data() + C, 3 * C, D, qkv.data() + 2 * C, 3 * C, D, k_cache, v_cache, slot_mapping,
                      B, H, D);
       attention.run(team, k_cache, v_cache);
-      gemm_phase(team, gemm(p.proj, attended.data(), C, C, false, in, x1.data()));
+      gemm_phase(team, gemm(p.proj, attended.data(), C, C, false, in, x1.data()), q[1]);
       layer_norm_phase(team, x1.data(), B, C, p.ln2_w, p.ln2_b, eps, h.data());
-      gemm_phase(team, gemm(p.fc, h.data(), C, 4 * C, true, nullptr, hidden.data()));
-      gemm_phase(team, gemm(p.mlp, hidden.data(), 4 * C, C, false, x1.data(), out));
+      gemm_phase(team, gemm(p.fc, h.data(), C, 4 * C, true, nullptr, hidden.data()), q[2]);
+      gemm_phase(team, gemm(p.mlp, hidden.data(), 4 * C, C, false, x1.data(), y), q[3]);
+    }
+    if (head) {
+      layer_norm_phase(team, y, B, C, lnf_w, lnf_b, eps, h.data());
+      gemm_phase(team, gemm(*head, h.data(), C, V, false, nullptr, out), queues[4 * L]);
     }
   });
   return 0;

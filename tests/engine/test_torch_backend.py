@@ -12,6 +12,7 @@ import torch
 from gpt2_engine import cpu_gemm, torch_backend
 from gpt2_engine.api import GPT2
 from gpt2_engine.quantization import Int8Weight
+from gpt2_engine.kernels.cpu.decode_block import DecodeLayers
 from gpt2_engine.kernels.fused_linear import ln_gelu_mlp_ref, ln_linear_ref
 from gpt2_engine.kernels.int8_linear import int8_ln_linear_ref
 from gpt2_engine.kernels.paged_attention import paged_decode_attention_ref
@@ -160,13 +161,15 @@ def test_without_a_compiler_the_cpu_path_falls_back_to_the_libraries(monkeypatch
 
 @pytest.mark.parametrize("quantization", [None, "int8", "w8a8"])
 def test_fused_decode_layers_equal_the_op_by_op_steps_bitwise(monkeypatch, quantization):
-    """Every linear on the streaming GEMM: decode-only steps run all blocks as one C++ call. Its scores
-    (full-vocabulary logits of every step, batch of mixed prompt lengths) equal the op-by-op path's bitwise."""
+    """Every linear on the streaming GEMM: decode-only steps run all blocks and the LM head as one C++ call.
+    Its scores (full-vocabulary logits of every step, batch of mixed prompt lengths) equal the op-by-op
+    path's bitwise."""
     monkeypatch.setattr(cpu_gemm, "float_candidates", lambda dtype: [cpu_gemm.Streaming("float")])
     monkeypatch.setattr(cpu_gemm, "int8_candidates", lambda: (cpu_gemm.Streaming("int8"),))
     model = GPT2.from_hf(tiny_hf_model(), backend="torch", quantization=quantization)
     paged = model.engine.runner.model
     assert paged.decode_layers is not None and len(paged.decode_layers.blocks) == len(paged.h)
+    assert paged.decode_layers.lm_head is not None
     prompts = torch.tensor([[5, 7, 11, 13, 17, 19], [0, 0, 0, 23, 29, 31]])
     mask = (prompts != 0).long()
 
@@ -176,9 +179,13 @@ def test_fused_decode_layers_equal_the_op_by_op_steps_bitwise(monkeypatch, quant
         return out.sequences, torch.stack(out.scores)
 
     fused_tokens, fused_scores = scores()
-    fused, paged.decode_layers = paged.decode_layers, None
+    fused = paged.decode_layers
+    paged.decode_layers = DecodeLayers(fused.blocks, fused.heads, fused.eps)    # the blocks only, the head op by op
+    blocks_tokens, blocks_scores = scores()
+    paged.decode_layers = None
     tokens, op_scores = scores()
     assert torch.equal(fused_tokens, tokens) and torch.equal(fused_scores, op_scores)
+    assert torch.equal(blocks_tokens, tokens) and torch.equal(blocks_scores, op_scores)
     kv_cache = torch.zeros(len(paged.h), 2, 4, 16, 3, 16)
     step_inputs = (torch.randn(1, 48), kv_cache, torch.tensor([0]), torch.tensor([[0]], dtype=torch.int32))
     with pytest.raises(ValueError, match="sequence 0"):
