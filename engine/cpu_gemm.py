@@ -8,7 +8,7 @@ layer's shape and epilogue (bias, GELU, residual: oneDNN fuses them as post-ops,
 as separate ops), at M = 1 and M = 8 (decode batches) and M = 64 (a guard: a path that is fast at
 decode but pathological on prompt chunks loses), and keeps the one with the least sum of times
 relative to the best at each M (the streaming GEMM wins ties within _FUSION_MARGIN: with it on every
-linear a block's decode step is one C++ call). Choices are cached per (shape, epilogue, dtype, candidates, CPU
+linear a decode step's blocks are one C++ call). Choices are cached per (shape, epilogue, dtype, candidates, CPU
 model and flags, torch threads, torch version, build of our kernels), in-process and in a JSON file
 (`cache_file()`), so a later process on the same machine skips the probe.
 
@@ -72,8 +72,8 @@ _PROBE_PASSES = 4
 _HOPELESS = 4.0   # a candidate this many times slower than the best in a pass is dropped
 _MAX_PROBE_COPIES = 64
 # The streaming GEMM is kept over a library path up to this much slower in the probe's score: the probe
-# times one layer, but with every linear of a block on the streaming GEMM the block's decode step runs
-# as one C++ call (kernels/cpu/decode_block.cpp), which saves more than that on the block's other ops
+# times one layer, but with every linear on the streaming GEMM a decode step's blocks run as one C++
+# call (kernels/cpu/decode_block.cpp), which saves more than that on the blocks' other ops
 # (on a 2-core Xeon: oneDNN won the 768x768 projection by a few percent and cost the fused blocks,
 # ~10% of a batch-1 step).
 _FUSION_MARGIN = 1.15

@@ -44,7 +44,7 @@ def allocate_kv_cache(config: GPT2Config, num_blocks: int, block_size: int, dtyp
     prefetcher stops at every page (a GPT-2-small batch-1 step's attention took ~60 us a layer instead of
     100-150 on a 2-vCPU Xeon VM)."""
     shape = (config.n_layer, 2, num_blocks, block_size, config.n_head, config.head_dim)
-    if device.type == "cpu":
+    if torch.device(device).type == "cpu":
         return huge_page_empty(shape, dtype).zero_()
     return torch.zeros(shape, dtype=dtype, device=device)
 

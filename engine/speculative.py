@@ -193,7 +193,7 @@ def add_position_rows(batch: ScheduledBatch, seq: Sequence, tokens: list[int], s
     """tokens[start:] of a sequence as one-token rows of the batch, row p a view of the sequence
     ending at position p. They run as decode rows: each row's K/V are written before any row's
     attention reads the cache, so row p attends positions 0..p, as a causal chunk would, while the
-    step keeps the decode path (on CPU one fused call per block, no gather of the cached keys). Each
+    step keeps the decode path (on CPU one fused call for all blocks, no gather of the cached keys). Each
     row samples, so the step returns logits at every position."""
     for p in range(start, len(tokens)):
         batch.add(dataclasses.replace(seq, token_ids=tokens[:p + 1], num_computed_tokens=p), 1)
