@@ -73,10 +73,8 @@ int64_t gpt2_decode_layers(const float* x, int64_t B, int64_t C, int64_t H, floa
                   float* y) {
     return make_gemm(in, B, K, lin.w, (int)lin.format, N, lin.scale, lin.bias, gelu, residual, y, &x_codes);
   };
-  std::vector<BlockQueue> queues(4 * L + 1);   // one per GEMM phase, in order
   parallel(threads, [&](Team& team) {
     for (int64_t i = 0; i < L; ++i) {
-      BlockQueue* q = &queues[4 * i];   // this block's four GEMMs' queues
       // layer 0 reads x; every layer writes y, which the next one reads (the MLP's write of y comes
       // after the projection's read of it as the residual: a barrier apart)
       const TableBlock& p = layers[i];
@@ -84,18 +82,18 @@ int64_t gpt2_decode_layers(const float* x, int64_t B, int64_t C, int64_t H, floa
       float* k_cache = kv + 2 * i * pool;
       float* v_cache = k_cache + pool;
       layer_norm_phase(team, in, B, C, p.ln1_w, p.ln1_b, eps, h.data());
-      gemm_phase(team, gemm(p.attn, h.data(), C, 3 * C, false, nullptr, qkv.data()), q[0]);
+      gemm_phase(team, gemm(p.attn, h.data(), C, 3 * C, false, nullptr, qkv.data()));
       write_kv_phase(team, qkv.data() + C, 3 * C, D, qkv.data() + 2 * C, 3 * C, D, k_cache, v_cache, slot_mapping,
                      B, H, D);
       attention.run(team, k_cache, v_cache);
-      gemm_phase(team, gemm(p.proj, attended.data(), C, C, false, in, x1.data()), q[1]);
+      gemm_phase(team, gemm(p.proj, attended.data(), C, C, false, in, x1.data()));
       layer_norm_phase(team, x1.data(), B, C, p.ln2_w, p.ln2_b, eps, h.data());
-      gemm_phase(team, gemm(p.fc, h.data(), C, 4 * C, true, nullptr, hidden.data()), q[2]);
-      gemm_phase(team, gemm(p.mlp, hidden.data(), 4 * C, C, false, x1.data(), y), q[3]);
+      gemm_phase(team, gemm(p.fc, h.data(), C, 4 * C, true, nullptr, hidden.data()));
+      gemm_phase(team, gemm(p.mlp, hidden.data(), 4 * C, C, false, x1.data(), y));
     }
     if (head) {
       layer_norm_phase(team, y, B, C, lnf_w, lnf_b, eps, h.data());
-      gemm_phase(team, gemm(*head, h.data(), C, V, false, nullptr, out), queues[4 * L]);
+      gemm_phase(team, gemm(*head, h.data(), C, V, false, nullptr, out));
     }
   });
   return 0;

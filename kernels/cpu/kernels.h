@@ -3,7 +3,6 @@
 // thread starts the next phase. stream_gemm.cpp and paged_attention.cpp run their phases in a parallel()
 // call of their own; decode_block.cpp runs a whole GPT-2 block's decode step in one.
 #pragma once
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -56,12 +55,7 @@ inline Gemm make_gemm(const float* x, int64_t M, int64_t K, const void* w, int f
 // h[m] = LayerNorm(x[m]) * weight + bias for every row m < M (bias may be null).
 void layer_norm_phase(Team& team, const float* x, int64_t M, int64_t K, const float* weight, const float* bias, float eps, float* h);
 // y = gelu?(x @ W * scale + bias) + residual.
-// Column blocks of one GEMM handed out to a team's members at decode batches (stream_gemm.cpp's tiles()):
-// made (zero) before parallel(), one per GEMM phase of the call, shared by the members.
-struct BlockQueue {
-  std::atomic<int64_t> next{0};
-};
-void gemm_phase(Team& team, const Gemm& g, BlockQueue& queue);
+void gemm_phase(Team& team, const Gemm& g);
 
 // k_cache/v_cache row slot_mapping[t] = k[t], v[t] (H rows of D at the given strides); negative slots skipped.
 void write_kv_phase(Team& team, const float* k, int64_t k_stride_t, int64_t k_stride_h, const float* v, int64_t v_stride_t,

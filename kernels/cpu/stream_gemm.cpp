@@ -47,7 +47,7 @@
 // More reads in flight: one sequential stream per core leaves DRAM bandwidth unused on some CPUs (a
 // 2-core Xeon VM with AVX-512 and AMX read 26 GB/s with one stream per core, 30 with two, 36 with two
 // and a software prefetch 1 KiB ahead; a plain C++ read loop). So at decode batches each thread reads
-// two blocks side by side (tiles(): the first and second half of each run of blocks it takes), and the software prefetch
+// two blocks side by side (tiles(): the first and second half of its range), and the software prefetch
 // distance is a run-time setting (stream_gemm_set_prefetch), chosen per machine by timing
 // (engine/cpu_gemm.py): on the 2-core EPYC software prefetch (t0 / t1 / t2, 1-8 KiB ahead) was measured
 // slower on huge pages (0.62-0.86x); on the Xeon 512 bytes ahead was ~1.1x faster than none.
@@ -69,7 +69,6 @@
 //
 // Vector width and tile come from the ISA the compiler targets (built with -march=native for the CPU
 // it runs on): AVX-512 has 32 vector registers (8 x 2 = 16 accumulators), AVX2 16 (6 x 2 = 12).
-#include <algorithm>
 #include <atomic>
 #include <type_traits>
 #include <cmath>
@@ -403,32 +402,14 @@ static inline void rows_tile(const Gemm& g, int64_t m0, int64_t rows, const int6
 // registers left beside the weights (AVX-512: 32, AVX2: 16 vector registers).
 #define PAIR_ROWS (MR / 2)
 
-// The next run of column blocks [lo, hi) of `blocks` for a member: 1 / (2 * members) of what is left
-// (guided self-scheduling: long runs first, so the streams stay long; single blocks last, so the members
-// finish together whichever of them the machine slowed: on a 2-vCPU Xeon VM a GPT-2-small batch-1 step's
-// GEMMs waited ~0.7 ms at their barriers with fixed halves, and the step took 1.5% less with this queue).
-// Relaxed: the claim needs only the CAS's atomicity (each block claimed once); the blocks' outputs are
-// published by the phase's closing barrier.
-static bool claim(BlockQueue& queue, int64_t blocks, int members, int64_t& lo, int64_t& hi) {
-  int64_t next = queue.next.load(std::memory_order_relaxed);
-  for (;;) {
-    if (next >= blocks) return false;
-    const int64_t run = std::max<int64_t>(1, (blocks - next) / (2 * members));
-    if (queue.next.compare_exchange_weak(next, next + run, std::memory_order_relaxed)) {
-      lo = next, hi = next + run;
-      return true;
-    }
-  }
-}
-
 template <WeightFormat F>
-static void tiles(Team& team, const Gemm& g, BlockQueue& queue) {
+static void tiles(Team& team, const Gemm& g) {
   const int64_t blocks = (g.N + NB - 1) / NB, groups = (g.M + MR - 1) / MR;
   if (groups == 1) {
-    // Decode batches (M <= MR): a run of blocks [lo, hi) is streamed as two streams, its first half beside
-    // its second half (block lo + i with block lo + half + i), PAIR_ROWS rows at a time: the first rows read
-    // the pair from DRAM, later rows from L2 (a pair is 2 * K * NB weights).
-    auto stream = [&](int64_t lo, int64_t hi) {
+    // Decode batches (M <= MR): each thread streams its contiguous range of blocks as two streams, its
+    // first half beside its second half (block lo + i with block lo + half + i), PAIR_ROWS rows at a
+    // time: the first rows read the pair from DRAM, later rows from L2 (a pair is 2 * K * NB weights).
+    team.for_range(blocks, [&](int64_t lo, int64_t hi) {
       const int64_t half = (hi - lo + 1) / 2;
       for (int64_t i = 0; i < half; ++i)
         for (int64_t m0 = 0; m0 < g.M; m0 += PAIR_ROWS) {
@@ -436,9 +417,7 @@ static void tiles(Team& team, const Gemm& g, BlockQueue& queue) {
           if (lo + half + i < hi) rows_tile<2, F>(g, m0, rows, {lo + i, lo + half + i});
           else rows_tile<1, F>(g, m0, rows, {lo + i});
         }
-    };
-    for (int64_t lo, hi; claim(queue, blocks, team.size(), lo, hi);) stream(lo, hi);
-    team.barrier();
+    });
     return;
   }
   // Prompt sizes: work items are (block, row group) pairs, block-major, so a small N still gives
@@ -449,17 +428,17 @@ static void tiles(Team& team, const Gemm& g, BlockQueue& queue) {
   });
 }
 
-void gemm_phase(Team& team, const Gemm& g, BlockQueue& queue) {
+void gemm_phase(Team& team, const Gemm& g) {
   // x's rows to the dot format's values first; the barrier publishes them to every tile
   if (g.format == kInt8Dot) team.for_each(g.M, [&](int64_t m) { quantize_row(g.x + m * g.K, g.K, *g.x_codes, m); });
   if (g.format == kBF16Dot) team.for_each(g.M, [&](int64_t m) { round_row_bf16(g.x + m * g.K, g.K, *g.x_codes, m); });
   switch (g.format) {
-    case kF32: tiles<kF32>(team, g, queue); break;
-    case kInt8: tiles<kInt8>(team, g, queue); break;
-    case kBF16: tiles<kBF16>(team, g, queue); break;
-    case kF16: tiles<kF16>(team, g, queue); break;
-    case kInt8Dot: tiles<kInt8Dot>(team, g, queue); break;
-    case kBF16Dot: tiles<kBF16Dot>(team, g, queue); break;
+    case kF32: tiles<kF32>(team, g); break;
+    case kInt8: tiles<kInt8>(team, g); break;
+    case kBF16: tiles<kBF16>(team, g); break;
+    case kF16: tiles<kF16>(team, g); break;
+    case kInt8Dot: tiles<kInt8Dot>(team, g); break;
+    case kBF16Dot: tiles<kBF16Dot>(team, g); break;
   }
 }
 
@@ -519,10 +498,9 @@ void stream_gemm(const float* x, int64_t M, int64_t K, const void* w, int format
   RowCodes x_codes(M, K, format == kInt8Dot, format == kBF16Dot);
   const Gemm g = make_gemm(ln_weight ? normalized.data() : x, M, K, w, format, N, scale, bias, gelu != 0, residual, y,
                            &x_codes);
-  BlockQueue queue;
   parallel(threads, [&](Team& team) {
     if (ln_weight) layer_norm_phase(team, x, M, K, ln_weight, ln_bias, eps, normalized.data());
-    gemm_phase(team, g, queue);
+    gemm_phase(team, g);
   });
 }
 }
