@@ -8,11 +8,11 @@
 //
 // and, where the LM head is given, logits = LN_f(x) @ W_head [B, V] after the last block.
 //
-// Why one call for every block (and the head): at batch 1 a GPT-2-small block is ~1 ms of weight streaming, and any
-// host code between two blocks runs right after a weight stream has flushed the caches and the TLB: on
-// a 2-vCPU Xeon VM three trivial tensor ops took ~3 us cold-started and 150-300 us after a 160 MB
-// stream, so a call per block (its argument checks, the cache views, the ctypes call) cost ~1.5 ms of
-// a ~25 ms step. The phases are the same functions the op-by-op calls run (kernels.h), in the same
+// Why one call for every block (and the head): at batch 1 a GPT-2-small block is ~1 ms of weight
+// streaming, and any host code between two blocks runs right after a weight stream has flushed the
+// caches and the TLB: on a 2-vCPU Xeon VM three trivial tensor ops took ~3 us back to back and 150-300 us
+// after a 160 MB stream, so a call per block and one for the head (argument checks, the cache views,
+// the ctypes calls) cost ~1-2 ms of a ~22 ms step. The phases are the same functions the op-by-op calls run (kernels.h), in the same
 // order, so the result is bitwise the one of the op-by-op path; each phase ends in a barrier, so each
 // reads only what the previous ones finished writing. All inputs are validated before the region
 // starts: on bad input nothing is written.
@@ -40,7 +40,7 @@ struct TableBlock {
   const float* ln2_b;
   TableLinear fc, mlp;
 };
-static_assert(sizeof(TableBlock) == 20 * sizeof(int64_t), "decode_block.py's TABLE_FIELDS");
+static_assert(sizeof(TableBlock) == 20 * sizeof(int64_t), "decode_block.py's table_row() writes 20 fields");
 
 extern "C" {
 // x [B, C] in; layers [L] (TableBlock rows); kv [L, 2, num_blocks, block_size, H, D]: layer i's K pool is

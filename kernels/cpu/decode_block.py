@@ -14,8 +14,6 @@ import torch
 from gpt2_engine.kernels.cpu.paged_attention import check_cpu_tensor
 from gpt2_engine.kernels.cpu.stream_gemm import PackedWeight
 
-TABLE_FIELDS = 20   # a block's row of the layer table: decode_block.cpp's TableBlock, 8 bytes a field
-
 
 @dataclass(frozen=True)
 class Linear:
@@ -47,7 +45,8 @@ class DecodeBlock:
         return self.attn.weight.in_features
 
     def table_row(self) -> list[int]:
-        """The block's row of the layer table, in TableBlock's order (the tensors never move)."""
+        """The block's row of the layer table: decode_block.cpp's TableBlock, its 20 fields in order, 8 bytes
+        each (the tensors never move)."""
         return [self.ln_1[0].data_ptr(), self.ln_1[1].data_ptr(), *_table_linear(self.attn.weight, self.attn.bias),
                 *_table_linear(self.proj.weight, self.proj.bias), self.ln_2[0].data_ptr(), self.ln_2[1].data_ptr(),
                 *_table_linear(self.fc.weight, self.fc.bias), *_table_linear(self.mlp_proj.weight, self.mlp_proj.bias)]
@@ -75,9 +74,7 @@ class DecodeLayers:
         if self.width % heads:
             raise ValueError(f"{heads} heads do not divide the width {self.width}")
         self.lib = blocks[0].attn.weight.lib
-        self._table = torch.tensor([block.table_row() for block in blocks], dtype=torch.int64)
-        if self._table.shape[1] != TABLE_FIELDS:
-            raise AssertionError(f"a layer table row has {self._table.shape[1]} fields, TableBlock {TABLE_FIELDS}")
+        self._table = torch.tensor([block.table_row() for block in blocks], dtype=torch.int64)   # [L, 20]
         self.lm_head = lm_head
         self._head = None
         if lm_head is not None:
