@@ -70,30 +70,44 @@ int64_t gpt2_decode_layers(const float* x, int64_t B, int64_t C, int64_t H, floa
   if (head) note_rows(*head);
   RowCodes x_codes(B, 4 * C, int8_rows, bf16_rows);
   auto gemm = [&](const TableLinear& lin, const float* in, int64_t K, int64_t N, bool gelu, const float* residual,
-                  float* y) {
-    return make_gemm(in, B, K, lin.w, (int)lin.format, N, lin.scale, lin.bias, gelu, residual, y, &x_codes);
+                  float* dst) {
+    return make_gemm(in, B, K, lin.w, (int)lin.format, N, lin.scale, lin.bias, gelu, residual, dst, &x_codes);
+  };
+  // Every GEMM of the call in order, four a block and then the head. Layer 0 reads x; every layer writes
+  // y, which the next one reads (the MLP's write of y comes after the projection's read of it as the
+  // residual: a barrier apart).
+  std::vector<Gemm> gemms;
+  for (int64_t i = 0; i < L; ++i) {
+    const TableBlock& p = layers[i];
+    const float* in = i == 0 ? x : y;
+    gemms.push_back(gemm(p.attn, h.data(), C, 3 * C, false, nullptr, qkv.data()));
+    gemms.push_back(gemm(p.proj, attended.data(), C, C, false, in, x1.data()));
+    gemms.push_back(gemm(p.fc, h.data(), C, 4 * C, true, nullptr, hidden.data()));
+    gemms.push_back(gemm(p.mlp, hidden.data(), 4 * C, C, false, x1.data(), y));
+  }
+  if (head) gemms.push_back(gemm(*head, h.data(), C, V, false, nullptr, out));
+  // each GEMM phase names the next GEMM, whose weights a member done early prefetches (gemm_phase)
+  auto gemm_step = [&](Team& team, size_t k) {
+    gemm_phase(team, gemms[k], k + 1 < gemms.size() ? &gemms[k + 1] : nullptr);
   };
   parallel(threads, [&](Team& team) {
     for (int64_t i = 0; i < L; ++i) {
-      // layer 0 reads x; every layer writes y, which the next one reads (the MLP's write of y comes
-      // after the projection's read of it as the residual: a barrier apart)
       const TableBlock& p = layers[i];
-      const float* in = i == 0 ? x : y;
       float* k_cache = kv + 2 * i * pool;
       float* v_cache = k_cache + pool;
-      layer_norm_phase(team, in, B, C, p.ln1_w, p.ln1_b, eps, h.data());
-      gemm_phase(team, gemm(p.attn, h.data(), C, 3 * C, false, nullptr, qkv.data()));
+      layer_norm_phase(team, i == 0 ? x : y, B, C, p.ln1_w, p.ln1_b, eps, h.data());
+      gemm_step(team, 4 * i);
       write_kv_phase(team, qkv.data() + C, 3 * C, D, qkv.data() + 2 * C, 3 * C, D, k_cache, v_cache, slot_mapping,
                      B, H, D);
       attention.run(team, k_cache, v_cache);
-      gemm_phase(team, gemm(p.proj, attended.data(), C, C, false, in, x1.data()));
+      gemm_step(team, 4 * i + 1);
       layer_norm_phase(team, x1.data(), B, C, p.ln2_w, p.ln2_b, eps, h.data());
-      gemm_phase(team, gemm(p.fc, h.data(), C, 4 * C, true, nullptr, hidden.data()));
-      gemm_phase(team, gemm(p.mlp, hidden.data(), 4 * C, C, false, x1.data(), y));
+      gemm_step(team, 4 * i + 2);
+      gemm_step(team, 4 * i + 3);
     }
     if (head) {
       layer_norm_phase(team, y, B, C, lnf_w, lnf_b, eps, h.data());
-      gemm_phase(team, gemm(*head, h.data(), C, V, false, nullptr, out));
+      gemm_step(team, 4 * L);
     }
   });
   return 0;

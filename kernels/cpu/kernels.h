@@ -54,8 +54,9 @@ inline Gemm make_gemm(const float* x, int64_t M, int64_t K, const void* w, int f
 
 // h[m] = LayerNorm(x[m]) * weight + bias for every row m < M (bias may be null).
 void layer_norm_phase(Team& team, const float* x, int64_t M, int64_t K, const float* weight, const float* bias, float eps, float* h);
-// y = gelu?(x @ W * scale + bias) + residual.
-void gemm_phase(Team& team, const Gemm& g);
+// y = gelu?(x @ W * scale + bias) + residual. next: the GEMM that follows (null: none or unknown), whose
+// weights a member that finishes its share early prefetches while it waits for the others.
+void gemm_phase(Team& team, const Gemm& g, const Gemm* next = nullptr);
 
 // k_cache/v_cache row slot_mapping[t] = k[t], v[t] (H rows of D at the given strides); negative slots skipped.
 void write_kv_phase(Team& team, const float* k, int64_t k_stride_t, int64_t k_stride_h, const float* v, int64_t v_stride_t,

@@ -69,6 +69,7 @@
 //
 // Vector width and tile come from the ISA the compiler targets (built with -march=native for the CPU
 // it runs on): AVX-512 has 32 vector registers (8 x 2 = 16 accumulators), AVX2 16 (6 x 2 = 12).
+#include <algorithm>
 #include <atomic>
 #include <type_traits>
 #include <cmath>
@@ -398,26 +399,87 @@ static inline void rows_tile(const Gemm& g, int64_t m0, int64_t rows, const int6
   }
 }
 
+// A member's blocks [lo, hi) of `blocks` at decode batches (Team::for_range's split) and its first
+// stream's length: its second stream starts at lo + half.
+struct Share {
+  int64_t lo, hi, half;
+};
+static Share share(const Team& team, int64_t blocks) {
+  const int64_t lo = blocks * team.index() / team.size(), hi = blocks * (team.index() + 1) / team.size();
+  return {lo, hi, (hi - lo + 1) / 2};
+}
+
 // Rows per tile when two blocks are read side by side: 2 * R * NV accumulators stay within the
 // registers left beside the weights (AVX-512: 32, AVX2: 16 vector registers).
 #define PAIR_ROWS (MR / 2)
 
+// Bytes of one column block of g's packed weight (the layouts above).
+static int64_t block_bytes(const Gemm& g) {
+  switch (g.format) {
+    case kF32: return g.K * NB * 4;
+    case kInt8: return g.K * NB;
+    case kBF16: case kF16: return g.K * NB * 2;
+    case kInt8Dot: return (g.K + 3) / 4 * 4 * NB;
+    case kBF16Dot: return (g.K + 1) / 2 * 4 * NB;
+  }
+  return 0;
+}
+
+// Weights never wait on activations: a member that finishes its share of a decode-batch GEMM before the
+// others would idle at the closing barrier while DRAM has nothing to do (the members' shares are equal
+// in bytes, but the machine slows one or the other: a batch-1 GPT-2-small step's GEMMs waited ~0.7 ms
+// in all at their barriers on a 2-vCPU Xeon VM). Instead it prefetches, into L2, the start of both
+// streams of its share of the next GEMM (the weights are known; only the activations are not), up to
+// kWarmBytes each, kWarmStep bytes per spin of the barrier; the next GEMM then begins on L2 hits while
+// the hardware prefetcher takes over the stream. Measured there, 80 interleaved rounds: a fp32 batch-1
+// step 2.6% faster, bf16 0.6-1%, w8a8 and fp32 batch 8 unchanged. kWarmBytes: two streams' worth stays
+// a small part of any recent x86 core's L2 (1-2 MB), so the lines are still there when read (128 KB and
+// 512 KB measured the same).
+constexpr int64_t kWarmBytes = 128 << 10, kWarmStep = 256;
+
+struct WarmShare {
+  const char* first;    // this member's two streams of the next GEMM (second: null when it has one block)
+  const char* second;
+  int64_t done, bytes;  // prefetched so far, and the most to prefetch per stream
+};
+
+// One spin's worth of a WarmShare (Team::barrier's idle hook); false once it is all requested.
+static bool warm_step(void* arg) {
+  WarmShare& w = *static_cast<WarmShare*>(arg);
+  if (w.done >= w.bytes) return false;
+  for (int64_t offset = w.done; offset < w.done + kWarmStep; offset += 64) {
+    __builtin_prefetch(w.first + offset, 0, 2);   // prefetcht1: into L2 (and L3), not L1
+    if (w.second) __builtin_prefetch(w.second + offset, 0, 2);
+  }
+  w.done += kWarmStep;
+  return true;
+}
+
 template <WeightFormat F>
-static void tiles(Team& team, const Gemm& g) {
+static void tiles(Team& team, const Gemm& g, const Gemm* next) {
   const int64_t blocks = (g.N + NB - 1) / NB, groups = (g.M + MR - 1) / MR;
   if (groups == 1) {
-    // Decode batches (M <= MR): each thread streams its contiguous range of blocks as two streams, its
-    // first half beside its second half (block lo + i with block lo + half + i), PAIR_ROWS rows at a
-    // time: the first rows read the pair from DRAM, later rows from L2 (a pair is 2 * K * NB weights).
-    team.for_range(blocks, [&](int64_t lo, int64_t hi) {
-      const int64_t half = (hi - lo + 1) / 2;
-      for (int64_t i = 0; i < half; ++i)
-        for (int64_t m0 = 0; m0 < g.M; m0 += PAIR_ROWS) {
-          const int64_t rows = g.M - m0 < PAIR_ROWS ? g.M - m0 : PAIR_ROWS;
-          if (lo + half + i < hi) rows_tile<2, F>(g, m0, rows, {lo + i, lo + half + i});
-          else rows_tile<1, F>(g, m0, rows, {lo + i});
-        }
-    });
+    // Decode batches (M <= MR): each thread streams its contiguous range of blocks (share()) as two
+    // streams, its first half beside its second half (block lo + i with block lo + half + i), PAIR_ROWS
+    // rows at a time: the first rows read the pair from DRAM, later rows from L2 (a pair is 2 * K * NB
+    // weights). Then it warms its share of the next GEMM while it waits for the others (WarmShare).
+    const auto [lo, hi, half] = share(team, blocks);
+    for (int64_t i = 0; i < half; ++i)
+      for (int64_t m0 = 0; m0 < g.M; m0 += PAIR_ROWS) {
+        const int64_t rows = g.M - m0 < PAIR_ROWS ? g.M - m0 : PAIR_ROWS;
+        if (lo + half + i < hi) rows_tile<2, F>(g, m0, rows, {lo + i, lo + half + i});
+        else rows_tile<1, F>(g, m0, rows, {lo + i});
+      }
+    if (next == nullptr) {
+      team.barrier();
+      return;
+    }
+    const auto [next_lo, next_hi, next_half] = share(team, (next->N + NB - 1) / NB);
+    const int64_t bytes = block_bytes(*next);
+    WarmShare warm{(const char*)next->w + next_lo * bytes,
+                   next_lo + next_half < next_hi ? (const char*)next->w + (next_lo + next_half) * bytes : nullptr,
+                   0, std::min(kWarmBytes, next_half * bytes)};
+    team.barrier(warm_step, &warm);
     return;
   }
   // Prompt sizes: work items are (block, row group) pairs, block-major, so a small N still gives
@@ -428,17 +490,17 @@ static void tiles(Team& team, const Gemm& g) {
   });
 }
 
-void gemm_phase(Team& team, const Gemm& g) {
+void gemm_phase(Team& team, const Gemm& g, const Gemm* next) {
   // x's rows to the dot format's values first; the barrier publishes them to every tile
   if (g.format == kInt8Dot) team.for_each(g.M, [&](int64_t m) { quantize_row(g.x + m * g.K, g.K, *g.x_codes, m); });
   if (g.format == kBF16Dot) team.for_each(g.M, [&](int64_t m) { round_row_bf16(g.x + m * g.K, g.K, *g.x_codes, m); });
   switch (g.format) {
-    case kF32: tiles<kF32>(team, g); break;
-    case kInt8: tiles<kInt8>(team, g); break;
-    case kBF16: tiles<kBF16>(team, g); break;
-    case kF16: tiles<kF16>(team, g); break;
-    case kInt8Dot: tiles<kInt8Dot>(team, g); break;
-    case kBF16Dot: tiles<kBF16Dot>(team, g); break;
+    case kF32: tiles<kF32>(team, g, next); break;
+    case kInt8: tiles<kInt8>(team, g, next); break;
+    case kBF16: tiles<kBF16>(team, g, next); break;
+    case kF16: tiles<kF16>(team, g, next); break;
+    case kInt8Dot: tiles<kInt8Dot>(team, g, next); break;
+    case kBF16Dot: tiles<kBF16Dot>(team, g, next); break;
   }
 }
 

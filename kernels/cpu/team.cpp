@@ -107,14 +107,19 @@ const int registered_fork_handler = pthread_atfork(nullptr, nullptr, reset_in_ch
 
 }  // namespace
 
-void Team::barrier() {
+void Team::barrier(bool (*idle)(void*), void* arg) {
   if (size_ == 1) return;
   const uint64_t phase = state_->phase.load(std::memory_order_acquire);
   if (state_->arrived.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
     state_->arrived.store(0, std::memory_order_relaxed);
     state_->phase.store(phase + 1, std::memory_order_release);
   } else {
-    spin_until([&] { return state_->phase.load(std::memory_order_acquire) != phase; }, false);
+    bool busy = idle != nullptr;
+    spin_until([&] {
+      if (state_->phase.load(std::memory_order_acquire) != phase) return true;
+      if (busy) busy = idle(arg);
+      return false;
+    }, false);
   }
 }
 

@@ -48,7 +48,10 @@ class Team {
   }
 
   // Returns once every member has called it (a release by each arrival, an acquire by each departure).
-  void barrier();
+  // While it waits it calls idle(arg), if given, until idle returns false (nothing left to do): a member
+  // that finished its share early does useful work in the meantime (stream_gemm.cpp: it prefetches the
+  // weights of its share of the next GEMM).
+  void barrier(bool (*idle)(void*) = nullptr, void* arg = nullptr);
 
  private:
   int index_, size_;
