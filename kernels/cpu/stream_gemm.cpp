@@ -438,18 +438,19 @@ static int64_t block_bytes(const Gemm& g) {
 constexpr int64_t kWarmBytes = 128 << 10, kWarmStep = 256;
 
 struct WarmShare {
-  const char* first;    // this member's two streams of the next GEMM (second: null when it has one block)
+  const char* first;               // the starts of this member's two streams of the next GEMM
   const char* second;
-  int64_t done, bytes;  // prefetched so far, and the most to prefetch per stream
+  int64_t first_bytes, second_bytes;   // how much of each to prefetch (at most kWarmBytes; 0: none)
+  int64_t done;                    // prefetched so far, per stream
 };
 
 // One spin's worth of a WarmShare (Team::barrier's idle hook); false once it is all requested.
 static bool warm_step(void* arg) {
   WarmShare& w = *static_cast<WarmShare*>(arg);
-  if (w.done >= w.bytes) return false;
+  if (w.done >= w.first_bytes) return false;   // the first stream is never the shorter one
   for (int64_t offset = w.done; offset < w.done + kWarmStep; offset += 64) {
     __builtin_prefetch(w.first + offset, 0, 2);   // prefetcht1: into L2 (and L3), not L1
-    if (w.second) __builtin_prefetch(w.second + offset, 0, 2);
+    if (offset < w.second_bytes) __builtin_prefetch(w.second + offset, 0, 2);
   }
   w.done += kWarmStep;
   return true;
@@ -475,10 +476,10 @@ static void tiles(Team& team, const Gemm& g, const Gemm* next) {
       return;
     }
     const auto [next_lo, next_hi, next_half] = share(team, (next->N + NB - 1) / NB);
-    const int64_t bytes = block_bytes(*next);
-    WarmShare warm{(const char*)next->w + next_lo * bytes,
-                   next_lo + next_half < next_hi ? (const char*)next->w + (next_lo + next_half) * bytes : nullptr,
-                   0, std::min(kWarmBytes, next_half * bytes)};
+    const int64_t bytes = block_bytes(*next);   // the streams: blocks [lo, lo + half) and [lo + half, hi)
+    WarmShare warm{(const char*)next->w + next_lo * bytes, (const char*)next->w + (next_lo + next_half) * bytes,
+                   std::min(kWarmBytes, next_half * bytes), std::min(kWarmBytes, (next_hi - next_lo - next_half) * bytes),
+                   0};
     team.barrier(warm_step, &warm);
     return;
   }
