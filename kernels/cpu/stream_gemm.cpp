@@ -238,6 +238,18 @@ static inline void finish(const Gemm& p, int64_t m0, int64_t b, vf (&acc)[R][NV]
   }
 }
 
+// Bytes of one column block of g's packed weight (the layouts above).
+static int64_t block_bytes(const Gemm& g) {
+  switch (g.format) {
+    case kF32: return g.K * NB * 4;
+    case kInt8: return g.K * NB;
+    case kBF16: case kF16: return g.K * NB * 2;
+    case kInt8Dot: return (g.K + 3) / 4 * 4 * NB;
+    case kBF16Dot: return (g.K + 1) / 2 * 4 * NB;
+  }
+  return 0;
+}
+
 // Software prefetch distance in bytes ahead of each weight stream (0: none), set once per process by
 // stream_gemm_set_prefetch (engine/cpu_gemm.py times the candidates on the machine: it helps on some
 // CPUs and hurts on others, header).
@@ -255,7 +267,7 @@ template <int R, int S, WeightFormat F>
 static inline void tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S]) {
   constexpr int step = NB * (F == kF32 ? 4 : F == kInt8 ? 1 : 2);   // bytes of one k row of a block
   const char* w[S];
-  for (int s = 0; s < S; ++s) w[s] = (const char*)p.w + blocks[s] * p.K * step;
+  for (int s = 0; s < S; ++s) w[s] = (const char*)p.w + blocks[s] * block_bytes(p);
   const float* x = p.x + m0 * p.K;
   const int distance = prefetch_bytes.load(std::memory_order_relaxed);
   vf acc[S][R][NV];
@@ -295,7 +307,7 @@ static inline void dot_tile(const Gemm& p, int64_t m0, const int64_t (&blocks)[S
   const RowCodes& rows = *p.x_codes;
   const int64_t groups = int8 ? (p.K + 3) / 4 : (p.K + 1) / 2;   // the weight's; rows.stride may be longer
   const uint8_t* w[S];
-  for (int s = 0; s < S; ++s) w[s] = (const uint8_t*)p.w + blocks[s] * groups * step;
+  for (int s = 0; s < S; ++s) w[s] = (const uint8_t*)p.w + blocks[s] * block_bytes(p);
   const int64_t row_bytes = rows.stride * (int8 ? 1 : 2);
   const char* x = int8 ? (const char*)rows.codes.data() : (const char*)rows.bf16.data();
   x += m0 * row_bytes;
@@ -399,31 +411,19 @@ static inline void rows_tile(const Gemm& g, int64_t m0, int64_t rows, const int6
   }
 }
 
-// A member's blocks [lo, hi) of `blocks` at decode batches (Team::for_range's split) and its first
-// stream's length: its second stream starts at lo + half.
-struct Share {
+// A member's blocks [lo, hi) of `blocks` at decode batches (Team::share) as two streams: [lo, lo + half)
+// and [lo + half, hi).
+struct Streams {
   int64_t lo, hi, half;
 };
-static Share share(const Team& team, int64_t blocks) {
-  const int64_t lo = blocks * team.index() / team.size(), hi = blocks * (team.index() + 1) / team.size();
+static Streams streams(const Team& team, int64_t blocks) {
+  const auto [lo, hi] = team.share(blocks);
   return {lo, hi, (hi - lo + 1) / 2};
 }
 
 // Rows per tile when two blocks are read side by side: 2 * R * NV accumulators stay within the
 // registers left beside the weights (AVX-512: 32, AVX2: 16 vector registers).
 #define PAIR_ROWS (MR / 2)
-
-// Bytes of one column block of g's packed weight (the layouts above).
-static int64_t block_bytes(const Gemm& g) {
-  switch (g.format) {
-    case kF32: return g.K * NB * 4;
-    case kInt8: return g.K * NB;
-    case kBF16: case kF16: return g.K * NB * 2;
-    case kInt8Dot: return (g.K + 3) / 4 * 4 * NB;
-    case kBF16Dot: return (g.K + 1) / 2 * 4 * NB;
-  }
-  return 0;
-}
 
 // Weights never wait on activations: a member that finishes its share of a decode-batch GEMM before the
 // others would idle at the closing barrier while DRAM has nothing to do (the members' shares are equal
@@ -460,11 +460,11 @@ template <WeightFormat F>
 static void tiles(Team& team, const Gemm& g, const Gemm* next) {
   const int64_t blocks = (g.N + NB - 1) / NB, groups = (g.M + MR - 1) / MR;
   if (groups == 1) {
-    // Decode batches (M <= MR): each thread streams its contiguous range of blocks (share()) as two
+    // Decode batches (M <= MR): each thread streams its contiguous range of blocks (streams()) as two
     // streams, its first half beside its second half (block lo + i with block lo + half + i), PAIR_ROWS
     // rows at a time: the first rows read the pair from DRAM, later rows from L2 (a pair is 2 * K * NB
     // weights). Then it warms its share of the next GEMM while it waits for the others (WarmShare).
-    const auto [lo, hi, half] = share(team, blocks);
+    const auto [lo, hi, half] = streams(team, blocks);
     for (int64_t i = 0; i < half; ++i)
       for (int64_t m0 = 0; m0 < g.M; m0 += PAIR_ROWS) {
         const int64_t rows = g.M - m0 < PAIR_ROWS ? g.M - m0 : PAIR_ROWS;
@@ -475,7 +475,7 @@ static void tiles(Team& team, const Gemm& g, const Gemm* next) {
       team.barrier();
       return;
     }
-    const auto [next_lo, next_hi, next_half] = share(team, (next->N + NB - 1) / NB);
+    const auto [next_lo, next_hi, next_half] = streams(team, (next->N + NB - 1) / NB);
     const int64_t bytes = block_bytes(*next);   // the streams: blocks [lo, lo + half) and [lo + half, hi)
     WarmShare warm{(const char*)next->w + next_lo * bytes, (const char*)next->w + (next_lo + next_half) * bytes,
                    std::min(kWarmBytes, next_half * bytes), std::min(kWarmBytes, (next_hi - next_lo - next_half) * bytes),

@@ -20,6 +20,7 @@
 // changes the speed only.
 #pragma once
 #include <cstdint>
+#include <utility>
 
 struct TeamState;
 
@@ -30,19 +31,22 @@ class Team {
   int index() const { return index_; }
   int size() const { return size_; }
 
-  // f(i) for this member's share of i in [0, n), a contiguous range (member t: [t n / size, (t + 1) n / size),
-  // as OpenMP's schedule(static)), then barrier(): every member's f calls are done, and their writes
-  // visible, before any member returns.
+  // This member's share [begin, end) of [0, n), a contiguous range: member t gets [t n / size, (t + 1) n / size),
+  // as OpenMP's schedule(static).
+  std::pair<int64_t, int64_t> share(int64_t n) const { return {n * index_ / size_, n * (index_ + 1) / size_}; }
+
+  // f(i) for each i of this member's share of [0, n), then barrier(): every member's f calls are done,
+  // and their writes visible, before any member returns.
   template <class F>
   void for_each(int64_t n, F&& f) {
-    for (int64_t i = n * index_ / size_, end = n * (index_ + 1) / size_; i < end; ++i) f(i);
+    for (auto [i, end] = share(n); i < end; ++i) f(i);
     barrier();
   }
 
-  // f(begin, end) once with this member's share of [0, n) (the range for_each would visit), then barrier().
+  // f(begin, end) once with this member's share of [0, n), then barrier().
   template <class F>
   void for_range(int64_t n, F&& f) {
-    const int64_t begin = n * index_ / size_, end = n * (index_ + 1) / size_;
+    const auto [begin, end] = share(n);
     if (begin < end) f(begin, end);
     barrier();
   }
