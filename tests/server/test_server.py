@@ -259,10 +259,11 @@ def test_full_queue_is_429(guarded_server):
 
 def _refused(url: str) -> bool:
     """No new request is served: the connection is refused, or (in the moment the listener closes) the
-    kernel had already accepted it and the server closes it without a response."""
+    kernel had already accepted it and the server closes it without a response (a clean close, or a
+    reset when the backlog's socket is dropped)."""
     try:
         httpx.get(f"{url}/health", timeout=5)
-    except (httpx.ConnectError, httpx.RemoteProtocolError):
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
         return True
     return False
 
